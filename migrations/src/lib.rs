@@ -1,0 +1,25 @@
+//! artifactd's schema, forward only. Each migration is plain SQL per backend (Postgres and
+//! SQLite) written against the schema as it was, never against the live entities, so old
+//! migrations keep meaning what they meant.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261122_000001_core;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261122_000001_core::Migration)]
+    }
+}
+
+/// Runs each statement of a `;`-separated script (no `;` inside statements).
+pub(crate) async fn run_script(manager: &SchemaManager<'_>, script: &str) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    for statement in script.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        db.execute_unprepared(statement).await?;
+    }
+    Ok(())
+}

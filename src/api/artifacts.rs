@@ -1,0 +1,175 @@
+//! `artifactd.v1.ArtifactService`.
+
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert;
+use crate::domain::{Error, scope::parse_prefix};
+use crate::pb::v1::{self as pb, artifact_service_server, pull_response, push_request};
+use crate::service::{self, PullSpec};
+
+/// Largest chunk a Push message may carry. Pull sends at most this much too.
+pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct ArtifactApi {
+    artifacts: service::ArtifactService,
+}
+
+impl ArtifactApi {
+    pub fn new(artifacts: service::ArtifactService) -> Self {
+        Self { artifacts }
+    }
+}
+
+type PullResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PullResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl artifact_service_server::ArtifactService for ArtifactApi {
+    async fn push(
+        &self,
+        request: Request<Streaming<pb::PushRequest>>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        let mut messages = request.into_inner();
+        let header = match messages.message().await? {
+            None => {
+                return Err(Error::invalid(
+                    "header",
+                    "missing: the stream ended before a PushHeader was sent",
+                )
+                .into());
+            }
+            Some(pb::PushRequest {
+                msg: Some(push_request::Msg::Header(header)),
+            }) => header,
+            Some(pb::PushRequest {
+                msg: Some(push_request::Msg::Chunk(_)),
+            }) => {
+                return Err(Error::invalid(
+                    "header",
+                    "missing: the first message must be a PushHeader, not a chunk",
+                )
+                .into());
+            }
+            Some(pb::PushRequest { msg: None }) => {
+                return Err(Error::invalid("msg", "empty message: set header or chunk").into());
+            }
+        };
+        let spec = convert::push_spec(header)?;
+        let chunks = messages.map(|message| match message {
+            Ok(pb::PushRequest {
+                msg: Some(push_request::Msg::Chunk(chunk)),
+            }) if chunk.len() > MAX_CHUNK_BYTES => Err(Error::invalid(
+                "chunk",
+                format!(
+                    "{} bytes is larger than the {MAX_CHUNK_BYTES}-byte chunk limit",
+                    chunk.len()
+                ),
+            )),
+            Ok(pb::PushRequest {
+                msg: Some(push_request::Msg::Chunk(chunk)),
+            }) => Ok(chunk),
+            Ok(pb::PushRequest {
+                msg: Some(push_request::Msg::Header(_)),
+            }) => Err(Error::invalid(
+                "header",
+                "sent twice: only the first message may be a PushHeader",
+            )),
+            Ok(pb::PushRequest { msg: None }) => {
+                Err(Error::invalid("msg", "empty message: set header or chunk"))
+            }
+            Err(status) => Err(crate::error::from_client_stream(&status)),
+        });
+        let outcome = self.artifacts.push(spec, chunks).await?;
+        Ok(Response::new(pb::PushResponse {
+            artifact: Some(convert::artifact(&outcome.artifact)),
+            deduplicated: outcome.deduplicated,
+        }))
+    }
+
+    type PullStream = PullResponseStream;
+
+    async fn pull(
+        &self,
+        request: Request<pb::PullRequest>,
+    ) -> Result<Response<Self::PullStream>, Status> {
+        let request = request.into_inner();
+        let spec = PullSpec {
+            target: convert::scoped_path("", request.scope.as_ref(), &request.path)?,
+            offset: request.offset,
+            length: request.length,
+        };
+        let pull = self.artifacts.pull(spec).await?;
+        let head = futures::stream::once(futures::future::ready(Ok(pb::PullResponse {
+            msg: Some(pull_response::Msg::Artifact(convert::artifact(
+                &pull.artifact,
+            ))),
+        })));
+        let body = pull.chunks.map(|chunk: Result<Bytes, Error>| {
+            chunk
+                .map(|chunk| pb::PullResponse {
+                    msg: Some(pull_response::Msg::Chunk(chunk)),
+                })
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(head.chain(body))))
+    }
+
+    async fn stat(
+        &self,
+        request: Request<pb::StatRequest>,
+    ) -> Result<Response<pb::Artifact>, Status> {
+        let request = request.into_inner();
+        let target = convert::scoped_path("", request.scope.as_ref(), &request.path)?;
+        let artifact = self.artifacts.stat(&target.scope, &target.path).await?;
+        Ok(Response::new(convert::artifact(&artifact)))
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let request = request.into_inner();
+        let scope = convert::scope("scope", request.scope.as_ref())?;
+        let prefix = parse_prefix("prefix", &request.prefix)?;
+        let page_size = u32::try_from(request.page_size)
+            .map_err(|_| Error::invalid("page_size", "must not be negative"))?;
+        let after = convert::decode_page_token(&request.page_token, &prefix)?;
+        let page = self
+            .artifacts
+            .list(&scope, &prefix, after.as_deref(), page_size)
+            .await?;
+        Ok(Response::new(pb::ListResponse {
+            artifacts: page.artifacts.iter().map(convert::artifact).collect(),
+            next_page_token: page
+                .next_after
+                .as_deref()
+                .map(convert::encode_page_token)
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let request = request.into_inner();
+        // A folder may be named with a trailing slash ("dist/") when deleting recursively.
+        let path = match request.path.strip_suffix('/') {
+            Some(folder) if request.recursive => folder,
+            _ => request.path.as_str(),
+        };
+        let target = convert::scoped_path("", request.scope.as_ref(), path)?;
+        let (deleted_count, deleted_bytes) = self
+            .artifacts
+            .delete(&target.scope, &target.path, request.recursive)
+            .await?;
+        Ok(Response::new(pb::DeleteResponse {
+            deleted_count,
+            deleted_bytes,
+        }))
+    }
+}

@@ -1,0 +1,191 @@
+//! proto ⇄ domain conversion. Every proto field is checked here (parse at the edge): what
+//! passes becomes a domain type that cannot hold an invalid value, and what does not becomes
+//! INVALID_ARGUMENT naming the field.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use crate::domain::artifact::parse_mode;
+use crate::domain::{
+    Artifact, ArtifactPath, Error, Scope, ScopeKind, ScopedPath, Sha256, Timestamp,
+};
+use crate::pb::v1 as pb;
+use crate::service::PushSpec;
+
+/// Longest idempotency key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+
+pub fn scope(field: &str, scope: Option<&pb::Scope>) -> Result<Scope, Error> {
+    let scope = scope.ok_or_else(|| Error::invalid(field, "is required"))?;
+    let kind = match pb::ScopeKind::try_from(scope.kind) {
+        Ok(pb::ScopeKind::Job) => ScopeKind::Job,
+        Ok(pb::ScopeKind::Workflow) => ScopeKind::Workflow,
+        Ok(pb::ScopeKind::Project) => ScopeKind::Project,
+        Ok(pb::ScopeKind::Unspecified) => {
+            return Err(Error::invalid(
+                format!("{field}.kind"),
+                "must be JOB, WORKFLOW or PROJECT",
+            ));
+        }
+        Err(_) => {
+            return Err(Error::invalid(
+                format!("{field}.kind"),
+                format!(
+                    "unknown value {}; must be JOB, WORKFLOW or PROJECT",
+                    scope.kind
+                ),
+            ));
+        }
+    };
+    Scope::parse(field, &scope.project_id, kind, &scope.id)
+}
+
+pub fn scoped_path(
+    prefix: &str,
+    scope_msg: Option<&pb::Scope>,
+    path: &str,
+) -> Result<ScopedPath, Error> {
+    Ok(ScopedPath {
+        scope: scope(&field(prefix, "scope"), scope_msg)?,
+        path: ArtifactPath::parse(&field(prefix, "path"), path)?,
+    })
+}
+
+fn field(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+pub fn push_spec(header: pb::PushHeader) -> Result<PushSpec, Error> {
+    let target = scoped_path("header", header.scope.as_ref(), &header.path)?;
+    let mode = parse_mode("header.mode", header.mode)?;
+    if let Some(size) = header.expected_size
+        && size < 0
+    {
+        return Err(Error::invalid(
+            "header.expected_size",
+            "must not be negative",
+        ));
+    }
+    let expected_sha256 = match header.expected_sha256.as_str() {
+        "" => None,
+        hex => Some(Sha256::parse("header.expected_sha256", hex)?),
+    };
+    let expire_in_micros = header
+        .expire_in
+        .map(|d| duration_micros("header.expire_in", d))
+        .transpose()?;
+    let idempotency_key = match header.idempotency_key.as_str() {
+        "" => None,
+        key if key.len() > MAX_IDEMPOTENCY_KEY_BYTES => {
+            return Err(Error::invalid(
+                "header.idempotency_key",
+                format!("longer than {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
+            ));
+        }
+        key if key.chars().any(char::is_control) => {
+            return Err(Error::invalid(
+                "header.idempotency_key",
+                "contains control characters",
+            ));
+        }
+        key => Some(key.to_owned()),
+    };
+    Ok(PushSpec {
+        target,
+        mode,
+        force: header.force,
+        expected_size: header.expected_size,
+        expected_sha256,
+        expire_in_micros,
+        idempotency_key,
+    })
+}
+
+fn duration_micros(field: &str, d: prost_types::Duration) -> Result<i64, Error> {
+    if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) {
+        return Err(Error::invalid(field, "must be positive"));
+    }
+    if d.nanos >= 1_000_000_000 {
+        return Err(Error::invalid(field, "nanos must be below 1e9"));
+    }
+    d.seconds
+        .checked_mul(1_000_000)
+        .and_then(|us| us.checked_add(i64::from(d.nanos / 1_000)))
+        .ok_or_else(|| Error::invalid(field, "is too long"))
+}
+
+pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
+    let (seconds, nanos) = t.to_seconds_nanos();
+    prost_types::Timestamp { seconds, nanos }
+}
+
+pub fn artifact(a: &Artifact) -> pb::Artifact {
+    let kind = match a.scope.kind() {
+        ScopeKind::Job => pb::ScopeKind::Job,
+        ScopeKind::Workflow => pb::ScopeKind::Workflow,
+        ScopeKind::Project => pb::ScopeKind::Project,
+    };
+    pb::Artifact {
+        scope: Some(pb::Scope {
+            project_id: a.scope.project().as_str().to_owned(),
+            kind: kind as i32,
+            id: a.scope.id().to_owned(),
+        }),
+        path: a.path.as_str().to_owned(),
+        size: a.size,
+        sha256: a.sha256.as_str().to_owned(),
+        mode: a.mode,
+        created_at: Some(timestamp(a.created_at)),
+        expires_at: a.expires_at.map(timestamp),
+        keep: a.keep,
+    }
+}
+
+/// List page tokens are the last path of the previous page, base64url-encoded. Opaque to
+/// clients; decoding checks they belong to the listing they are used with.
+pub fn encode_page_token(after: &str) -> String {
+    URL_SAFE_NO_PAD.encode(after.as_bytes())
+}
+
+pub fn decode_page_token(token: &str, prefix: &str) -> Result<Option<String>, Error> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || Error::invalid("page_token", "is not a token this listing returned");
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let after = String::from_utf8(bytes).map_err(|_| bad())?;
+    if !after.starts_with(prefix) {
+        return Err(bad());
+    }
+    Ok(Some(after))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_are_checked() {
+        let token = encode_page_token("logs/a b.txt");
+        assert_eq!(
+            decode_page_token(&token, "logs/").unwrap().as_deref(),
+            Some("logs/a b.txt")
+        );
+        assert!(decode_page_token(&token, "other/").is_err());
+        assert!(decode_page_token("!!!", "").is_err());
+        assert_eq!(decode_page_token("", "x").unwrap(), None);
+    }
+
+    #[test]
+    fn durations_must_be_positive() {
+        let d = |seconds, nanos| prost_types::Duration { seconds, nanos };
+        assert_eq!(duration_micros("f", d(2, 500_000)).unwrap(), 2_000_500);
+        assert!(duration_micros("f", d(0, 0)).is_err());
+        assert!(duration_micros("f", d(-1, 0)).is_err());
+        assert!(duration_micros("f", d(i64::MAX, 0)).is_err());
+    }
+}

@@ -1,0 +1,5 @@
+//! gRPC adapters: each RPC converts its request into domain types, makes one service call
+//! and converts the answer back. No SQL, object-store or Redis calls here.
+
+pub mod artifacts;
+pub mod convert;

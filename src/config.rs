@@ -1,0 +1,110 @@
+//! Command line and environment configuration. Every flag has an environment variable and a
+//! documented default; `artifactd --help` lists them all. Values that may hold credentials
+//! (the database URL) are never echoed back.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+pub const GIB: i64 = 1024 * 1024 * 1024;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "artifactd",
+    version,
+    about = "Stores CI build artifacts and meters their use per project"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Serve the gRPC and HTTP APIs (the default).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address the gRPC API listens on.
+    #[arg(long, env = "ARTIFACTD_GRPC_LISTEN", default_value = "0.0.0.0:50051")]
+    pub grpc_listen: SocketAddr,
+
+    /// Address the HTTP side (/healthz, /readyz) listens on.
+    #[arg(long, env = "ARTIFACTD_HTTP_LISTEN", default_value = "0.0.0.0:9090")]
+    pub http_listen: SocketAddr,
+
+    /// Metadata database: `postgres://user:pass@host/db` or `sqlite://<file>`.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://./data/artifactd.db",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// Blob store: `file://<dir>`, `s3://bucket/prefix` (AWS_* variables for credentials and
+    /// endpoint) or `memory://` (lost on exit; for tests).
+    #[arg(
+        long,
+        env = "ARTIFACTD_BLOB_URL",
+        default_value = "file://./data/blobs"
+    )]
+    pub blob_url: String,
+
+    /// fsync uploaded blobs before their artifact is committed (local directory only).
+    #[arg(long, env = "ARTIFACTD_BLOB_FSYNC", default_value_t = true, action = ArgAction::Set)]
+    pub blob_fsync: bool,
+
+    /// Largest artifact accepted, in bytes (default 5 GiB).
+    #[arg(
+        long,
+        env = "ARTIFACTD_MAX_ARTIFACT_BYTES",
+        default_value_t = 5 * GIB,
+        value_parser = clap::value_parser!(i64).range(0..)
+    )]
+    pub max_artifact_bytes: i64,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before the server
+    /// exits anyway (e.g. `30s`, `2m`).
+    #[arg(long, env = "ARTIFACTD_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Apply pending migrations at start-up (under a lock on Postgres).
+    #[arg(long, env = "ARTIFACTD_MIGRATE_ON_START", default_value_t = true, action = ArgAction::Set)]
+    pub migrate_on_start: bool,
+}
+
+impl Config {
+    /// The defaults, as if no flag or variable were set, for a database and blob store;
+    /// listeners are bound by the caller. Used by tests and the benchmark.
+    pub fn with_stores(database_url: &str, blob_url: &str) -> Self {
+        Self {
+            grpc_listen: ([127, 0, 0, 1], 0).into(),
+            http_listen: ([127, 0, 0, 1], 0).into(),
+            database_url: database_url.to_owned(),
+            blob_url: blob_url.to_owned(),
+            blob_fsync: true,
+            max_artifact_bytes: 5 * GIB,
+            drain_timeout: Duration::from_secs(30),
+            migrate_on_start: true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

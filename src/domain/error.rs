@@ -1,0 +1,53 @@
+//! The one error taxonomy of the service. Messages of user-facing variants are sent to clients
+//! as they are, so they name the field or the limit; `Internal` and `Unavailable` causes are
+//! logged by the API edge and clients see a generic text.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request itself is wrong; `field` names the offending field (e.g. `header.path`).
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A size, quota or spend limit; the message carries the limit and the current figure.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    /// The client went away or gave up; nothing was stored.
+    #[error("{0}")]
+    Cancelled(String),
+    /// A dependency (database, blob store) failed in a way worth retrying.
+    #[error("{what} unavailable: {cause}")]
+    Unavailable { what: &'static str, cause: String },
+    /// A bug or broken invariant; logged with its cause, never sent to the client.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn database(cause: impl std::fmt::Display) -> Self {
+        Self::Unavailable {
+            what: "database",
+            cause: cause.to_string(),
+        }
+    }
+
+    pub fn blob_store(cause: impl std::fmt::Display) -> Self {
+        Self::Unavailable {
+            what: "blob store",
+            cause: cause.to_string(),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,12 @@
+//! Pure rules with no I/O: scopes, paths, ids, timestamps, and the clock every timestamp comes
+//! from. Nothing here imports tonic, sea-orm or object_store.
+
+pub mod artifact;
+pub mod clock;
+pub mod error;
+pub mod scope;
+
+pub use artifact::{Artifact, Sha256};
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use error::{Error, Result};
+pub use scope::{ArtifactPath, ProjectId, Scope, ScopeKind, ScopedPath};

@@ -1,0 +1,373 @@
+//! Where an artifact lives, and the validated names that address it. Every constructor here
+//! is the edge check: a value of these types is valid by construction, so nothing deeper in
+//! the service re-checks it (parse, don't validate).
+
+use std::fmt;
+
+use super::error::{Error, Result};
+
+/// Longest project, workflow or job id accepted, in bytes.
+pub const MAX_ID_BYTES: usize = 128;
+/// Longest artifact path accepted, in bytes.
+pub const MAX_PATH_BYTES: usize = 1024;
+
+/// Checks an id: non-empty, at most 128 bytes, only `[A-Za-z0-9._-]`.
+pub fn validate_id(field: &str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.len() > MAX_ID_BYTES {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "is {} bytes, longer than the {MAX_ID_BYTES}-byte limit",
+                value.len()
+            ),
+        ));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(Error::invalid(
+            field,
+            format!("contains {bad:?}; only letters, digits, '.', '_' and '-' are allowed"),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProjectId(String);
+
+impl ProjectId {
+    pub fn parse(field: &str, value: &str) -> Result<Self> {
+        validate_id(field, value)?;
+        Ok(Self(value.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ProjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScopeKind {
+    Job,
+    Workflow,
+    Project,
+}
+
+impl ScopeKind {
+    /// The name stored in the database and shown in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Job => "job",
+            Self::Workflow => "workflow",
+            Self::Project => "project",
+        }
+    }
+
+    pub fn from_db(value: &str) -> Option<Self> {
+        match value {
+            "job" => Some(Self::Job),
+            "workflow" => Some(Self::Workflow),
+            "project" => Some(Self::Project),
+            _ => None,
+        }
+    }
+}
+
+/// A project, or one workflow or job of it. `id` is empty exactly when `kind` is `Project`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Scope {
+    project: ProjectId,
+    kind: ScopeKind,
+    id: String,
+}
+
+impl Scope {
+    /// Validates a scope; `field` is the scope's field name in the request (e.g.
+    /// `header.scope`), used to name the sub-field that is wrong.
+    pub fn parse(field: &str, project_id: &str, kind: ScopeKind, id: &str) -> Result<Self> {
+        let project = ProjectId::parse(&format!("{field}.project_id"), project_id)?;
+        let id_field = format!("{field}.id");
+        match kind {
+            ScopeKind::Project if !id.is_empty() => {
+                return Err(Error::invalid(
+                    id_field,
+                    "must be empty for a PROJECT scope",
+                ));
+            }
+            ScopeKind::Project => {}
+            ScopeKind::Job | ScopeKind::Workflow if id.is_empty() => {
+                return Err(Error::invalid(
+                    id_field,
+                    format!(
+                        "is required for a {} scope",
+                        kind.as_str().to_ascii_uppercase()
+                    ),
+                ));
+            }
+            ScopeKind::Job | ScopeKind::Workflow => validate_id(&id_field, id)?,
+        }
+        Ok(Self {
+            project,
+            kind,
+            id: id.to_owned(),
+        })
+    }
+
+    pub fn project(&self) -> &ProjectId {
+        &self.project
+    }
+
+    pub fn kind(&self) -> ScopeKind {
+        self.kind
+    }
+
+    /// The job or workflow id; empty for a project scope.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            ScopeKind::Project => write!(f, "project {}", self.project),
+            kind => write!(
+                f,
+                "{} {} of project {}",
+                kind.as_str(),
+                self.id,
+                self.project
+            ),
+        }
+    }
+}
+
+/// A relative, `/`-separated, already-normal file path: no empty, `.` or `..` segments, no
+/// leading or trailing `/`, no backslash, NUL or control characters, at most 1024 bytes.
+/// Because nothing is rewritten, an accepted path is its own normal form and cannot climb
+/// out of its scope.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ArtifactPath(String);
+
+impl ArtifactPath {
+    pub fn parse(field: &str, value: &str) -> Result<Self> {
+        check_path_text(field, value)?;
+        if value.starts_with('/') {
+            return Err(Error::invalid(
+                field,
+                "must be relative, not start with '/'",
+            ));
+        }
+        for segment in value.split('/') {
+            match segment {
+                "" => {
+                    return Err(Error::invalid(
+                        field,
+                        "has an empty segment ('//' or a trailing '/')",
+                    ));
+                }
+                "." | ".." => {
+                    return Err(Error::invalid(
+                        field,
+                        format!("has a '{segment}' segment; paths must be normalised"),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Every path strictly under this one as a folder lies in `[self + "/", self + "0")`:
+    /// `'0'` is the byte after `'/'`, so the range is exact in byte order.
+    pub fn folder_range(&self) -> (String, String) {
+        (format!("{}/", self.0), format!("{}0", self.0))
+    }
+}
+
+impl fmt::Display for ArtifactPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A List prefix: any leading part of a path (it may end in `/` or mid-segment). Empty means
+/// everything in the scope.
+pub fn parse_prefix(field: &str, value: &str) -> Result<String> {
+    if value.is_empty() {
+        return Ok(String::new());
+    }
+    check_path_text(field, value)?;
+    if value.starts_with('/') {
+        return Err(Error::invalid(
+            field,
+            "must be relative, not start with '/'",
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+/// The smallest string greater than every string that starts with `prefix`, in byte order
+/// (UTF-8 byte order equals code point order), or `None` when there is none.
+pub fn prefix_upper_bound(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let mut next = last as u32 + 1;
+        if (0xD800..=0xDFFF).contains(&next) {
+            next = 0xE000;
+        }
+        if let Some(c) = char::from_u32(next) {
+            chars.push(c);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+fn check_path_text(field: &str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.len() > MAX_PATH_BYTES {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "is {} bytes, longer than the {MAX_PATH_BYTES}-byte limit",
+                value.len()
+            ),
+        ));
+    }
+    if value.contains('\\') {
+        return Err(Error::invalid(
+            field,
+            "contains a backslash; use '/' to separate segments",
+        ));
+    }
+    if let Some(bad) = value.chars().find(|c| c.is_control()) {
+        return Err(Error::invalid(
+            field,
+            format!("contains the control character U+{:04X}", bad as u32),
+        ));
+    }
+    Ok(())
+}
+
+/// A path inside a scope: the full address of one artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ScopedPath {
+    pub scope: Scope,
+    pub path: ArtifactPath,
+}
+
+impl fmt::Display for ScopedPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} in {}", self.path.as_str(), self.scope)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_paths_are_their_own_normal_form() {
+        for ok in [
+            "a",
+            "a/b.txt",
+            "dir/sub/file.tar.gz",
+            "…/ünï",
+            "a..b/c.",
+            ".hidden/x",
+        ] {
+            let path = ArtifactPath::parse("path", ok).expect(ok);
+            assert_eq!(path.as_str(), ok);
+        }
+    }
+
+    #[test]
+    fn rejected_paths_name_the_field() {
+        let too_long = "a".repeat(1025);
+        for bad in [
+            "",
+            "/abs",
+            "a//b",
+            "a/",
+            "./a",
+            "a/./b",
+            "../a",
+            "a/..",
+            "a\\b",
+            "a\0b",
+            "a\nb",
+            "a\u{7f}",
+            too_long.as_str(),
+        ] {
+            let err = ArtifactPath::parse("header.path", bad).expect_err(bad);
+            assert!(
+                err.to_string().starts_with("header.path: "),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn folder_range_brackets_exactly_the_children() {
+        let (lo, hi) = ArtifactPath::parse("p", "dir").unwrap().folder_range();
+        for inside in ["dir/a", "dir/z/zz", "dir/\u{10FFFF}"] {
+            assert!(lo.as_str() <= inside && inside < hi.as_str(), "{inside}");
+        }
+        for outside in ["dir", "dir.txt", "dir-2/a", "dir0", "dirz/a", "di"] {
+            assert!(
+                !(lo.as_str() <= outside && outside < hi.as_str()),
+                "{outside}"
+            );
+        }
+    }
+
+    #[test]
+    fn prefix_upper_bound_is_tight() {
+        assert_eq!(prefix_upper_bound("ab").as_deref(), Some("ac"));
+        assert_eq!(
+            prefix_upper_bound("a\u{D7FF}").as_deref(),
+            Some("a\u{E000}")
+        );
+        assert_eq!(prefix_upper_bound("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(prefix_upper_bound("\u{10FFFF}"), None);
+        let hi = prefix_upper_bound("logs/").unwrap();
+        assert!("logs/\u{10FFFF}\u{10FFFF}" < hi.as_str());
+        assert!("logs0" >= hi.as_str());
+    }
+
+    #[test]
+    fn scope_rules() {
+        assert!(Scope::parse("scope", "p", ScopeKind::Project, "").is_ok());
+        let err = Scope::parse("scope", "p", ScopeKind::Project, "j1").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "scope.id: must be empty for a PROJECT scope"
+        );
+        let err = Scope::parse("scope", "p", ScopeKind::Job, "").unwrap_err();
+        assert_eq!(err.to_string(), "scope.id: is required for a JOB scope");
+        let err = Scope::parse("scope", "p q", ScopeKind::Job, "j").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("scope.project_id: contains ' '"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,166 @@
+//! Wiring: builds the concrete stores from config and serves gRPC and HTTP until told to
+//! stop. The server is a function of its config, two bound listeners and a shutdown future,
+//! so tests bind port 0 and stop it with a oneshot.
+//!
+//! Shutdown order: health goes NOT_SERVING and `/readyz` fails; both listeners stop
+//! accepting and in-flight requests drain until the drain deadline; then the database pool
+//! closes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+
+use crate::api::artifacts::ArtifactApi;
+use crate::blob::BlobStore;
+use crate::config::Config;
+use crate::domain::{Clock, Error};
+use crate::pb::v1::artifact_service_server::ArtifactServiceServer;
+use crate::service::ArtifactService;
+use crate::store::Store;
+
+/// Largest gRPC message accepted or sent: a 1 MiB chunk plus framing, well under tonic's
+/// 4 MiB default, which we keep.
+const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Everything a running server holds.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub store: Store,
+    pub artifacts: ArtifactService,
+    drain_timeout: Duration,
+}
+
+impl App {
+    /// Connects the database (migrating it first if configured) and opens the blob store.
+    pub async fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Self, Error> {
+        if config.migrate_on_start {
+            Store::migrate(&config.database_url).await?;
+        }
+        let store = Store::connect(&config.database_url).await?;
+        let blobs = BlobStore::open(&config.blob_url, config.blob_fsync)?;
+        let artifacts =
+            ArtifactService::new(store.clone(), blobs, clock, config.max_artifact_bytes);
+        Ok(Self {
+            store,
+            artifacts,
+            drain_timeout: config.drain_timeout,
+        })
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    ready: Arc<AtomicBool>,
+    store: Store,
+}
+
+/// Serves until `shutdown` resolves, then drains and returns.
+pub async fn serve(
+    app: App,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let grpc_addr = local_addr(&grpc_listener)?;
+    let http_addr = local_addr(&http_listener)?;
+    let stopping = CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(true));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ArtifactServiceServer<ArtifactApi>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+
+    let artifact_service = ArtifactServiceServer::new(ArtifactApi::new(app.artifacts.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(artifact_service)
+        .serve_with_incoming_shutdown(incoming, stopping.clone().cancelled_owned());
+
+    let router = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(HttpState {
+            ready: ready.clone(),
+            store: app.store.clone(),
+        });
+    let http = axum::serve(http_listener, router)
+        .with_graceful_shutdown(stopping.clone().cancelled_owned())
+        .into_future();
+
+    tracing::info!(%grpc_addr, %http_addr, "artifactd serving");
+    let grpc = tokio::spawn(grpc);
+    let http = tokio::spawn(http);
+
+    shutdown.await;
+    tracing::info!(drain_timeout = ?app.drain_timeout, "shutting down: draining in-flight requests");
+    ready.store(false, Ordering::SeqCst);
+    health
+        .set_not_serving::<ArtifactServiceServer<ArtifactApi>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    stopping.cancel();
+
+    let drained = tokio::time::timeout(app.drain_timeout, async {
+        let grpc_result = grpc.await;
+        let http_result = http.await;
+        (grpc_result, http_result)
+    })
+    .await;
+    match drained {
+        Ok((Ok(Ok(())), Ok(Ok(())))) => tracing::info!("drained"),
+        Ok((grpc_result, http_result)) => {
+            tracing::warn!(
+                ?grpc_result,
+                ?http_result,
+                "a listener stopped with an error"
+            )
+        }
+        Err(_) => tracing::warn!("drain deadline passed; exiting with requests in flight"),
+    }
+    app.store.close().await;
+    Ok(())
+}
+
+async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
+    if !state.ready.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n"),
+    }
+}
+
+fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
+    listener
+        .local_addr()
+        .map_err(|e| Error::Internal(format!("listener has no address: {e}")))
+}

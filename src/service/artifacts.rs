@@ -1,0 +1,369 @@
+//! Push, Pull, Stat, List and Delete.
+//!
+//! Push follows the crash-safe order of DESIGN.md: the header is checked before any byte is
+//! read; bytes stream into a temporary upload while a separate blocking task hashes them;
+//! size and digest are verified; the upload is promoted to its content address; and only
+//! then one transaction writes the artifact row. The database therefore never references a
+//! missing blob, and a push that fails at any step leaves no visible artifact.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::{BoxStream, Stream, StreamExt};
+use sha2::Digest;
+use tokio::sync::mpsc;
+
+use crate::blob::BlobStore;
+use crate::domain::{Artifact, ArtifactPath, Clock, Error, Scope, ScopedPath, Sha256, Timestamp};
+use crate::store::{NewArtifact, PushCommit, Store};
+
+/// Chunks queued for the hashing task, per push.
+const HASH_QUEUE_CHUNKS: usize = 2;
+/// List page size when the client sends 0, and the largest it may ask for.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// A validated Push header.
+#[derive(Debug, Clone)]
+pub struct PushSpec {
+    pub target: ScopedPath,
+    pub mode: u32,
+    pub force: bool,
+    pub expected_size: Option<i64>,
+    pub expected_sha256: Option<Sha256>,
+    /// Lifetime from creation, in microseconds.
+    pub expire_in_micros: Option<i64>,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PushOutcome {
+    pub artifact: Artifact,
+    pub deduplicated: bool,
+}
+
+/// A validated Pull request.
+#[derive(Debug, Clone)]
+pub struct PullSpec {
+    pub target: ScopedPath,
+    pub offset: i64,
+    /// 0 means to the end.
+    pub length: i64,
+}
+
+pub struct PullStream {
+    pub artifact: Artifact,
+    pub chunks: BoxStream<'static, Result<Bytes, Error>>,
+}
+
+pub struct ListPage {
+    pub artifacts: Vec<Artifact>,
+    /// The last path of this page when more may follow.
+    pub next_after: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ArtifactService {
+    store: Store,
+    blobs: BlobStore,
+    clock: Arc<dyn Clock>,
+    max_artifact_bytes: i64,
+}
+
+impl ArtifactService {
+    pub fn new(
+        store: Store,
+        blobs: BlobStore,
+        clock: Arc<dyn Clock>,
+        max_artifact_bytes: i64,
+    ) -> Self {
+        Self {
+            store,
+            blobs,
+            clock,
+            max_artifact_bytes,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    /// Stores one file from `chunks`. Checks that need no bytes happen first, so a push that
+    /// cannot succeed is refused before the client sends its content.
+    pub async fn push<S>(&self, spec: PushSpec, chunks: S) -> Result<PushOutcome, Error>
+    where
+        S: Stream<Item = Result<Bytes, Error>> + Send + Unpin,
+    {
+        let project = spec.target.scope.project();
+        if let Some(key) = &spec.idempotency_key
+            && let Some((artifact, deduplicated)) = self.store.find_idempotent(project, key).await?
+        {
+            return replay(&spec, artifact, deduplicated);
+        }
+        if let Some(expected) = spec.expected_size {
+            self.check_size_limit(expected)?;
+        }
+        if !spec.force
+            && self
+                .store
+                .find_live(&spec.target.scope, &spec.target.path)
+                .await?
+                .is_some()
+        {
+            return Err(crate::store::already_exists(
+                &spec.target.scope,
+                &spec.target.path,
+            ));
+        }
+
+        let upload_id = uuid::Uuid::new_v4().simple().to_string();
+        let (size, sha256, temp) = self.receive(&spec, &upload_id, chunks).await?;
+        let deduplicated = self.blobs.promote(temp, &sha256).await?;
+
+        let new = NewArtifact {
+            scope: spec.target.scope.clone(),
+            path: spec.target.path.clone(),
+            size,
+            sha256,
+            mode: spec.mode,
+            created_at: self.clock.now(),
+            expires_at: None,
+            upload_id,
+        };
+        let new = NewArtifact {
+            expires_at: spec
+                .expire_in_micros
+                .map(|ttl| new.created_at.saturating_add_micros(ttl)),
+            ..new
+        };
+        match self
+            .store
+            .commit_push(
+                &new,
+                spec.force,
+                spec.idempotency_key.as_deref(),
+                deduplicated,
+            )
+            .await?
+        {
+            PushCommit::Created { artifact, replaced } => {
+                tracing::info!(
+                    project = %artifact.scope.project(),
+                    scope = artifact.scope.kind().as_str(),
+                    size = artifact.size,
+                    deduplicated,
+                    replaced,
+                    "artifact pushed"
+                );
+                Ok(PushOutcome {
+                    artifact,
+                    deduplicated,
+                })
+            }
+            PushCommit::Replayed {
+                artifact,
+                deduplicated,
+            } => replay(&spec, artifact, deduplicated),
+        }
+    }
+
+    /// Streams the content into a temporary upload, hashing on a blocking task alongside.
+    /// Returns the size, the digest and the finished upload, verified against the header.
+    async fn receive<S>(
+        &self,
+        spec: &PushSpec,
+        upload_id: &str,
+        mut chunks: S,
+    ) -> Result<(i64, Sha256, crate::blob::TempBlob), Error>
+    where
+        S: Stream<Item = Result<Bytes, Error>> + Send + Unpin,
+    {
+        let mut upload = self.blobs.begin_upload(upload_id).await?;
+        let (hash_queue, mut to_hash) = mpsc::channel::<Bytes>(HASH_QUEUE_CHUNKS);
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut hasher = sha2::Sha256::new();
+            while let Some(chunk) = to_hash.blocking_recv() {
+                hasher.update(&chunk);
+            }
+            <[u8; 32]>::from(hasher.finalize())
+        });
+
+        let mut size: i64 = 0;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            size += chunk.len() as i64;
+            self.check_size_limit(size)?;
+            if let Some(expected) = spec.expected_size
+                && size > expected
+            {
+                return Err(Error::invalid(
+                    "header.expected_size",
+                    format!("{expected} bytes expected, but more were sent"),
+                ));
+            }
+            if chunk.is_empty() {
+                continue;
+            }
+            hash_queue
+                .send(chunk.clone())
+                .await
+                .map_err(|_| Error::Internal("hashing task stopped".into()))?;
+            upload.write(chunk).await?;
+        }
+        drop(hash_queue);
+        let digest = hasher
+            .await
+            .map_err(|e| Error::Internal(format!("hashing task failed: {e}")))?;
+        let sha256 = Sha256::from_digest(&digest);
+
+        if let Some(expected) = spec.expected_size
+            && size != expected
+        {
+            return Err(Error::invalid(
+                "header.expected_size",
+                format!("{expected} bytes expected, {size} received; nothing was stored"),
+            ));
+        }
+        if let Some(expected) = &spec.expected_sha256
+            && *expected != sha256
+        {
+            return Err(Error::invalid(
+                "header.expected_sha256",
+                format!("{expected} expected, content hashes to {sha256}; nothing was stored"),
+            ));
+        }
+        let temp = upload.finish().await?;
+        Ok((size, sha256, temp))
+    }
+
+    fn check_size_limit(&self, size: i64) -> Result<(), Error> {
+        if size > self.max_artifact_bytes {
+            return Err(Error::ResourceExhausted(format!(
+                "artifact size {size} bytes exceeds the server's limit of {} bytes \
+                 (ARTIFACTD_MAX_ARTIFACT_BYTES)",
+                self.max_artifact_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Metadata first, then the requested range in chunks.
+    pub async fn pull(&self, spec: PullSpec) -> Result<PullStream, Error> {
+        if spec.offset < 0 {
+            return Err(Error::invalid("offset", "must not be negative"));
+        }
+        if spec.length < 0 {
+            return Err(Error::invalid(
+                "length",
+                "must not be negative (0 means to the end)",
+            ));
+        }
+        let artifact = self.stat(&spec.target.scope, &spec.target.path).await?;
+        if spec.offset > artifact.size {
+            return Err(Error::OutOfRange(format!(
+                "offset {} is past the end of {:?} ({} bytes)",
+                spec.offset,
+                artifact.path.as_str(),
+                artifact.size
+            )));
+        }
+        let end = match spec.length {
+            0 => artifact.size,
+            length => spec.offset.saturating_add(length).min(artifact.size),
+        };
+        let chunks = self
+            .blobs
+            .read(&artifact.sha256, spec.offset as u64..end as u64)
+            .await?;
+        Ok(PullStream { artifact, chunks })
+    }
+
+    pub async fn stat(&self, scope: &Scope, path: &ArtifactPath) -> Result<Artifact, Error> {
+        self.store
+            .find_live(scope, path)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no artifact {:?} in {scope}", path.as_str())))
+    }
+
+    /// One page of a listing; `after` is the previous page's last path.
+    pub async fn list(
+        &self,
+        scope: &Scope,
+        prefix: &str,
+        after: Option<&str>,
+        page_size: u32,
+    ) -> Result<ListPage, Error> {
+        let page_size = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        // One extra row tells whether another page follows without a second query.
+        let mut artifacts = self
+            .store
+            .list_live(scope, prefix, after, u64::from(page_size) + 1)
+            .await?;
+        let next_after = if artifacts.len() > page_size as usize {
+            artifacts.truncate(page_size as usize);
+            artifacts.last().map(|a| a.path.as_str().to_owned())
+        } else {
+            None
+        };
+        Ok(ListPage {
+            artifacts,
+            next_after,
+        })
+    }
+
+    /// Ends one artifact, or a folder's worth with `recursive`. NOT_FOUND when nothing ended.
+    pub async fn delete(
+        &self,
+        scope: &Scope,
+        path: &ArtifactPath,
+        recursive: bool,
+    ) -> Result<(i64, i64), Error> {
+        let (count, bytes) = self
+            .store
+            .end_live(scope, path, recursive, self.clock.now())
+            .await?;
+        if count == 0 {
+            let hint = if recursive {
+                ""
+            } else {
+                " (to delete a folder, set recursive)"
+            };
+            return Err(Error::NotFound(format!(
+                "no artifact {:?} in {scope}{hint}",
+                path.as_str()
+            )));
+        }
+        tracing::info!(project = %scope.project(), scope = scope.kind().as_str(), count, bytes, "artifacts deleted");
+        Ok((count, bytes))
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+}
+
+/// A retried push returns the first result, provided it is the same push.
+fn replay(spec: &PushSpec, artifact: Artifact, deduplicated: bool) -> Result<PushOutcome, Error> {
+    if artifact.scope != spec.target.scope || artifact.path != spec.target.path {
+        return Err(Error::invalid(
+            "header.idempotency_key",
+            format!(
+                "already used for {:?} in {}; use a new key for a different push",
+                artifact.path.as_str(),
+                artifact.scope
+            ),
+        ));
+    }
+    Ok(PushOutcome {
+        artifact,
+        deduplicated,
+    })
+}

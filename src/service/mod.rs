@@ -1,0 +1,6 @@
+//! Use cases: each public method is one thing a client asks for, carried out over the store,
+//! the blob store and the clock. No gRPC types come in or go out.
+
+pub mod artifacts;
+
+pub use artifacts::{ArtifactService, ListPage, PullSpec, PullStream, PushOutcome, PushSpec};

@@ -1,0 +1,321 @@
+//! The artifact log: inserting pushes (with overwrite and idempotency), reading live
+//! artifacts, and ending them. "Live" means `deleted_at IS NULL`; a partial unique index
+//! keeps at most one live artifact per (project, scope, path), which is what makes
+//! concurrent pushes to one path race safely.
+
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{
+    ActiveValue::{NotSet, Set},
+    ColumnTrait, DbErr, EntityTrait, ExprTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr,
+    TransactionTrait,
+};
+
+use super::entities::{artifact, blob, push_idempotency};
+use super::{Store, db_error};
+use crate::domain::{
+    Artifact, ArtifactPath, Error, ProjectId, Scope, ScopeKind, Sha256, Timestamp,
+    scope::prefix_upper_bound,
+};
+
+/// Everything the push transaction writes about a new artifact.
+#[derive(Debug, Clone)]
+pub struct NewArtifact {
+    pub scope: Scope,
+    pub path: ArtifactPath,
+    pub size: i64,
+    pub sha256: Sha256,
+    pub mode: u32,
+    pub created_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+    pub upload_id: String,
+}
+
+/// How a push transaction ended.
+#[derive(Debug)]
+pub enum PushCommit {
+    /// The artifact is live; `replaced` tells whether a live one was overwritten (`force`).
+    Created { artifact: Artifact, replaced: bool },
+    /// The idempotency key was already used; this is the first push's result.
+    Replayed {
+        artifact: Artifact,
+        deduplicated: bool,
+    },
+}
+
+impl Store {
+    /// Writes the blob row, ends the live artifact at the path when `force`, inserts the new
+    /// artifact and records the idempotency key, all in one transaction. Every statement is
+    /// a write, so SQLite takes its write lock at the first one and waits for it instead of
+    /// failing a read-to-write upgrade.
+    pub async fn commit_push(
+        &self,
+        new: &NewArtifact,
+        force: bool,
+        idempotency_key: Option<&str>,
+        deduplicated: bool,
+    ) -> Result<PushCommit, Error> {
+        // A concurrent forced push can end the row we were about to end and insert its own;
+        // our insert then conflicts and a retry ends theirs. A few rounds settle any race.
+        const FORCE_ATTEMPTS: usize = 5;
+        for attempt in 1..=FORCE_ATTEMPTS {
+            match self
+                .try_commit_push(new, force, idempotency_key, deduplicated)
+                .await
+            {
+                Ok(commit) => return Ok(commit),
+                Err(err) if is_unique_violation(&err) => {
+                    if let Some(key) = idempotency_key
+                        && let Some((artifact, deduplicated)) =
+                            self.find_idempotent(new.scope.project(), key).await?
+                    {
+                        return Ok(PushCommit::Replayed {
+                            artifact,
+                            deduplicated,
+                        });
+                    }
+                    if !force || attempt == FORCE_ATTEMPTS {
+                        return Err(already_exists(&new.scope, &new.path));
+                    }
+                }
+                Err(err) => return Err(db_error(err)),
+            }
+        }
+        Err(already_exists(&new.scope, &new.path))
+    }
+
+    async fn try_commit_push(
+        &self,
+        new: &NewArtifact,
+        force: bool,
+        idempotency_key: Option<&str>,
+        deduplicated: bool,
+    ) -> Result<PushCommit, DbErr> {
+        let now = new.created_at.as_micros();
+        let txn = self.db.begin().await?;
+
+        blob::Entity::insert(blob::ActiveModel {
+            sha256: Set(new.sha256.as_str().to_owned()),
+            size: Set(new.size),
+            created_at: Set(now),
+        })
+        .on_conflict(
+            OnConflict::column(blob::Column::Sha256)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(&txn)
+        .await?;
+
+        let mut replaced = false;
+        if force {
+            let ended = live_at(&new.scope, &new.path)
+                .col_expr(artifact::Column::DeletedAt, Expr::value(now))
+                .col_expr(artifact::Column::EndReason, Expr::value("overwritten"))
+                .exec(&txn)
+                .await?;
+            replaced = ended.rows_affected > 0;
+        }
+
+        let inserted = artifact::Entity::insert(artifact::ActiveModel {
+            id: NotSet,
+            project_id: Set(new.scope.project().as_str().to_owned()),
+            scope_kind: Set(new.scope.kind().as_str().to_owned()),
+            scope_id: Set(new.scope.id().to_owned()),
+            path: Set(new.path.as_str().to_owned()),
+            size: Set(new.size),
+            sha256: Set(new.sha256.as_str().to_owned()),
+            mode: Set(new.mode as i32),
+            created_at: Set(now),
+            expires_at: Set(new.expires_at.map(Timestamp::as_micros)),
+            keep: Set(false),
+            deleted_at: Set(None),
+            end_reason: Set(None),
+            upload_id: Set(new.upload_id.clone()),
+        })
+        .exec(&txn)
+        .await?;
+        let id = inserted.last_insert_id;
+
+        if let Some(key) = idempotency_key {
+            push_idempotency::Entity::insert(push_idempotency::ActiveModel {
+                project_id: Set(new.scope.project().as_str().to_owned()),
+                idempotency_key: Set(key.to_owned()),
+                artifact_id: Set(id),
+                deduplicated: Set(deduplicated),
+                created_at: Set(now),
+            })
+            .exec_without_returning(&txn)
+            .await?;
+        }
+        txn.commit().await?;
+
+        Ok(PushCommit::Created {
+            artifact: Artifact {
+                id,
+                scope: new.scope.clone(),
+                path: new.path.clone(),
+                size: new.size,
+                sha256: new.sha256.clone(),
+                mode: new.mode,
+                created_at: new.created_at,
+                expires_at: new.expires_at,
+                keep: false,
+            },
+            replaced,
+        })
+    }
+
+    /// The result recorded for an idempotency key: the artifact it created (even if it has
+    /// ended since) and whether its content was deduplicated.
+    pub async fn find_idempotent(
+        &self,
+        project: &ProjectId,
+        key: &str,
+    ) -> Result<Option<(Artifact, bool)>, Error> {
+        let Some(record) =
+            push_idempotency::Entity::find_by_id((project.as_str().to_owned(), key.to_owned()))
+                .one(&self.db)
+                .await
+                .map_err(db_error)?
+        else {
+            return Ok(None);
+        };
+        let model = artifact::Entity::find_by_id(record.artifact_id)
+            .one(&self.db)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "idempotency record points at missing artifact {}",
+                    record.artifact_id
+                ))
+            })?;
+        Ok(Some((to_domain(model)?, record.deduplicated)))
+    }
+
+    /// The live artifact at a path, if any.
+    pub async fn find_live(
+        &self,
+        scope: &Scope,
+        path: &ArtifactPath,
+    ) -> Result<Option<Artifact>, Error> {
+        artifact::Entity::find()
+            .filter(in_scope(scope))
+            .filter(artifact::Column::Path.eq(path.as_str()))
+            .filter(artifact::Column::DeletedAt.is_null())
+            .one(&self.db)
+            .await
+            .map_err(db_error)?
+            .map(to_domain)
+            .transpose()
+    }
+
+    /// Up to `limit` live artifacts whose path starts with `prefix` and sorts after `after`,
+    /// in path (byte) order. Keyset paging: rows added or removed elsewhere in the listing
+    /// never shift a page boundary, so pages have no duplicates and no gaps.
+    pub async fn list_live(
+        &self,
+        scope: &Scope,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<Artifact>, Error> {
+        let mut query = artifact::Entity::find()
+            .filter(in_scope(scope))
+            .filter(artifact::Column::DeletedAt.is_null());
+        if !prefix.is_empty() {
+            query = query.filter(artifact::Column::Path.gte(prefix));
+            if let Some(upper) = prefix_upper_bound(prefix) {
+                query = query.filter(artifact::Column::Path.lt(upper));
+            }
+        }
+        if let Some(after) = after {
+            query = query.filter(artifact::Column::Path.gt(after));
+        }
+        query
+            .order_by_asc(artifact::Column::Path)
+            .limit(limit)
+            .all(&self.db)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .map(to_domain)
+            .collect()
+    }
+
+    /// Ends the live artifact at `path` and, with `recursive`, every live artifact under it
+    /// as a folder. Returns how many ended and their total size.
+    pub async fn end_live(
+        &self,
+        scope: &Scope,
+        path: &ArtifactPath,
+        recursive: bool,
+        now: Timestamp,
+    ) -> Result<(i64, i64), Error> {
+        let mut matching = artifact::Column::Path.eq(path.as_str());
+        if recursive {
+            let (low, high) = path.folder_range();
+            matching = matching.or(artifact::Column::Path
+                .gte(low)
+                .and(artifact::Column::Path.lt(high)));
+        }
+        let ended = artifact::Entity::update_many()
+            .col_expr(artifact::Column::DeletedAt, Expr::value(now.as_micros()))
+            .col_expr(artifact::Column::EndReason, Expr::value("deleted"))
+            .filter(in_scope(scope))
+            .filter(artifact::Column::DeletedAt.is_null())
+            .filter(matching)
+            .exec_with_returning(&self.db)
+            .await
+            .map_err(db_error)?;
+        let bytes = ended.iter().map(|a| a.size).sum();
+        Ok((ended.len() as i64, bytes))
+    }
+}
+
+fn in_scope(scope: &Scope) -> sea_orm::Condition {
+    sea_orm::Condition::all()
+        .add(artifact::Column::ProjectId.eq(scope.project().as_str()))
+        .add(artifact::Column::ScopeKind.eq(scope.kind().as_str()))
+        .add(artifact::Column::ScopeId.eq(scope.id()))
+}
+
+fn live_at(scope: &Scope, path: &ArtifactPath) -> sea_orm::UpdateMany<artifact::Entity> {
+    artifact::Entity::update_many()
+        .filter(in_scope(scope))
+        .filter(artifact::Column::Path.eq(path.as_str()))
+        .filter(artifact::Column::DeletedAt.is_null())
+}
+
+fn is_unique_violation(err: &DbErr) -> bool {
+    matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+}
+
+pub fn already_exists(scope: &Scope, path: &ArtifactPath) -> Error {
+    Error::AlreadyExists(format!(
+        "{:?} already exists in {scope}; push with force to replace it",
+        path.as_str()
+    ))
+}
+
+/// Rows were validated on the way in; a row that fails here means the database was edited
+/// by hand, which is an internal error rather than the client's.
+fn to_domain(model: artifact::Model) -> Result<Artifact, Error> {
+    let corrupt = |what: &str| Error::Internal(format!("artifact row {} has {what}", model.id));
+    let kind = ScopeKind::from_db(&model.scope_kind).ok_or_else(|| corrupt("a bad scope_kind"))?;
+    let scope = Scope::parse("scope", &model.project_id, kind, &model.scope_id)
+        .map_err(|_| corrupt("a bad scope"))?;
+    let path = ArtifactPath::parse("path", &model.path).map_err(|_| corrupt("a bad path"))?;
+    let sha256 = Sha256::parse("sha256", &model.sha256).map_err(|_| corrupt("a bad sha256"))?;
+    Ok(Artifact {
+        id: model.id,
+        scope,
+        path,
+        size: model.size,
+        sha256,
+        mode: u32::try_from(model.mode).map_err(|_| corrupt("a bad mode"))?,
+        created_at: Timestamp::from_micros(model.created_at),
+        expires_at: model.expires_at.map(Timestamp::from_micros),
+        keep: model.keep,
+    })
+}

@@ -1,0 +1,396 @@
+//! Test harness: a real server on 127.0.0.1:0 over a real database (a fresh SQLite file, or a
+//! freshly created Postgres database that is dropped afterwards) and a real blob directory.
+//!
+//! Postgres comes from `TEST_DATABASE_URL` (an admin URL such as
+//! `postgres://postgres@127.0.0.1:5432/postgres`), else from testcontainers when Docker is
+//! reachable. Without either, Postgres tests print why and skip, unless
+//! `ARTIFACTD_REQUIRE_POSTGRES=1`, which turns that into a failure.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use artifactd::config::Config;
+use artifactd::domain::{ManualClock, Timestamp};
+use artifactd::pb::v1::artifact_service_client::ArtifactServiceClient;
+use artifactd::pb::v1::{self as pb, PushHeader, PushRequest, pull_response, push_request};
+use artifactd::server::{self, App};
+use sea_orm::{ConnectionTrait, Database};
+use tokio::sync::{OnceCell, oneshot};
+use tonic::transport::Channel;
+
+/// 2026-11-01T00:00:00Z, where every test clock starts.
+pub const TEST_EPOCH_SECONDS: i64 = 1_793_491_200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// One test's own database.
+pub struct TestDb {
+    pub url: String,
+    postgres: Option<(String, String)>, // (admin URL, database name) to drop
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    pub async fn create(backend: Backend) -> Option<Self> {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("artifactd.db").display());
+                Some(Self {
+                    url,
+                    postgres: None,
+                    _dir: Some(dir),
+                })
+            }
+            Backend::Postgres => {
+                let admin = postgres_admin_url().await?;
+                let name = format!("artifactd_test_{}", uuid::Uuid::new_v4().simple());
+                let db = Database::connect(admin.as_str())
+                    .await
+                    .expect("connect to the Postgres admin database");
+                db.execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+                    .await
+                    .expect("create the test database");
+                let _ = db.close().await;
+                let base = admin.split('?').next().unwrap_or(&admin);
+                let base = &base[..base.rfind('/').expect("admin URL has a database path")];
+                Some(Self {
+                    url: format!("{base}/{name}"),
+                    postgres: Some((admin, name)),
+                    _dir: None,
+                })
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.postgres.take() else {
+            return;
+        };
+        // Drop runs outside async; a thread with its own runtime can still await.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                if let Ok(db) = Database::connect(admin.as_str()).await {
+                    let _ = db
+                        .execute_unprepared(&format!(
+                            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                        ))
+                        .await;
+                    let _ = db.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+static POSTGRES: OnceCell<Option<String>> = OnceCell::const_new();
+
+async fn postgres_admin_url() -> Option<String> {
+    POSTGRES
+        .get_or_init(|| async {
+            let required = std::env::var("ARTIFACTD_REQUIRE_POSTGRES").as_deref() == Ok("1");
+            if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
+                return Some(url);
+            }
+            match start_postgres_container().await {
+                Ok(url) => Some(url),
+                Err(why) if required => {
+                    panic!("ARTIFACTD_REQUIRE_POSTGRES=1 but no Postgres: {why}")
+                }
+                Err(why) => {
+                    eprintln!(
+                        "skipping Postgres tests: TEST_DATABASE_URL is unset and testcontainers \
+                         could not start Postgres ({why})"
+                    );
+                    None
+                }
+            }
+        })
+        .await
+        .clone()
+}
+
+async fn start_postgres_container() -> Result<String, String> {
+    use testcontainers::core::{IntoContainerPort, WaitFor};
+    use testcontainers::runners::AsyncRunner;
+    use testcontainers::{GenericImage, ImageExt};
+
+    let container = GenericImage::new("postgres", "16-alpine")
+        .with_exposed_port(5432.tcp())
+        .with_wait_for(WaitFor::message_on_stderr(
+            "database system is ready to accept connections",
+        ))
+        .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
+        .start()
+        .await
+        .map_err(|e| e.to_string())?;
+    let port = container
+        .get_host_port_ipv4(5432)
+        .await
+        .map_err(|e| e.to_string())?;
+    // The container lives as long as the test binary; testcontainers' reaper removes it.
+    std::mem::forget(container);
+    Ok(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+}
+
+/// A running server and what it stands on.
+pub struct TestServer {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub clock: ManualClock,
+    pub app: App,
+    pub blob_dir: tempfile::TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub db: TestDb,
+}
+
+impl TestServer {
+    /// Starts a server on `backend`, or returns `None` (after saying why) when that backend
+    /// is not available here.
+    pub async fn start(backend: Backend) -> Option<Self> {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Option<Self> {
+        let db = TestDb::create(backend).await?;
+        let blob_dir = tempfile::tempdir().expect("blob dir");
+        let mut config =
+            Config::with_stores(&db.url, &format!("file://{}", blob_dir.path().display()));
+        // Durability is not under test here, and fsync per blob slows thousands of pushes.
+        config.blob_fsync = false;
+        tweak(&mut config);
+        let clock = ManualClock::new(Timestamp::from_seconds(TEST_EPOCH_SECONDS));
+        let app = App::build(&config, Arc::new(clock.clone()))
+            .await
+            .expect("build the app");
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let grpc_addr = grpc.local_addr().expect("addr");
+        let http_addr = http.local_addr().expect("addr");
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let served = app.clone();
+        let task = tokio::spawn(async move {
+            server::serve(served, grpc, http, async {
+                let _ = stop.await;
+            })
+            .await
+            .expect("serve");
+        });
+        Some(Self {
+            grpc_addr,
+            http_addr,
+            clock,
+            app,
+            blob_dir,
+            shutdown: Some(shutdown),
+            task: Some(task),
+            db,
+        })
+    }
+
+    pub async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc_addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn client(&self) -> ArtifactServiceClient<Channel> {
+        ArtifactServiceClient::new(self.channel().await)
+    }
+
+    /// Stops the server and waits for it to drain.
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task");
+        }
+    }
+
+    /// Files left under the blob store's temporary-upload prefix.
+    pub async fn leftover_uploads(&self) -> Vec<String> {
+        self.app
+            .artifacts
+            .blobs()
+            .list_uploads()
+            .await
+            .expect("list uploads")
+    }
+}
+
+pub fn job(project: &str, job: &str) -> pb::Scope {
+    pb::Scope {
+        project_id: project.into(),
+        kind: pb::ScopeKind::Job as i32,
+        id: job.into(),
+    }
+}
+
+pub fn workflow(project: &str, workflow: &str) -> pb::Scope {
+    pb::Scope {
+        project_id: project.into(),
+        kind: pb::ScopeKind::Workflow as i32,
+        id: workflow.into(),
+    }
+}
+
+pub fn project(project: &str) -> pb::Scope {
+    pb::Scope {
+        project_id: project.into(),
+        kind: pb::ScopeKind::Project as i32,
+        id: String::new(),
+    }
+}
+
+pub fn header(scope: pb::Scope, path: &str) -> PushHeader {
+    PushHeader {
+        scope: Some(scope),
+        path: path.into(),
+        ..Default::default()
+    }
+}
+
+/// The messages of a push: the header, then `data` in `chunk`-byte chunks.
+pub fn push_messages(header: PushHeader, data: &[u8], chunk: usize) -> Vec<PushRequest> {
+    let mut messages = vec![PushRequest {
+        msg: Some(push_request::Msg::Header(header)),
+    }];
+    messages.extend(data.chunks(chunk.max(1)).map(|c| PushRequest {
+        msg: Some(push_request::Msg::Chunk(bytes::Bytes::copy_from_slice(c))),
+    }));
+    messages
+}
+
+pub async fn push(
+    client: &mut ArtifactServiceClient<Channel>,
+    header: PushHeader,
+    data: &[u8],
+) -> Result<pb::PushResponse, tonic::Status> {
+    let messages = push_messages(header, data, 256 * 1024);
+    client
+        .push(tokio_stream::iter(messages))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+pub struct Pulled {
+    pub artifact: pb::Artifact,
+    pub data: Vec<u8>,
+    pub chunk_sizes: Vec<usize>,
+}
+
+pub async fn pull(
+    client: &mut ArtifactServiceClient<Channel>,
+    scope: pb::Scope,
+    path: &str,
+    offset: i64,
+    length: i64,
+) -> Result<Pulled, tonic::Status> {
+    let mut stream = client
+        .pull(pb::PullRequest {
+            scope: Some(scope),
+            path: path.into(),
+            offset,
+            length,
+        })
+        .await?
+        .into_inner();
+    let first = stream.message().await?.expect("a first message");
+    let Some(pull_response::Msg::Artifact(artifact)) = first.msg else {
+        panic!("the first Pull message must be the artifact, got {first:?}");
+    };
+    let mut data = Vec::new();
+    let mut chunk_sizes = Vec::new();
+    while let Some(message) = stream.message().await? {
+        match message.msg {
+            Some(pull_response::Msg::Chunk(chunk)) => {
+                chunk_sizes.push(chunk.len());
+                data.extend_from_slice(&chunk);
+            }
+            other => panic!("expected a chunk, got {other:?}"),
+        }
+    }
+    Ok(Pulled {
+        artifact,
+        data,
+        chunk_sizes,
+    })
+}
+
+pub async fn stat(
+    client: &mut ArtifactServiceClient<Channel>,
+    scope: pb::Scope,
+    path: &str,
+) -> Result<pb::Artifact, tonic::Status> {
+    client
+        .stat(pb::StatRequest {
+            scope: Some(scope),
+            path: path.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per seed.
+pub fn content(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Runs each named scenario once on SQLite and once on Postgres, as `sqlite::name` and
+/// `postgres::name`. A scenario is `async fn name(backend: Backend)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
