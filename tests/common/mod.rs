@@ -218,11 +218,16 @@ impl TestServer {
         ArtifactServiceClient::new(self.channel().await)
     }
 
-    /// Stops the server and waits for it to drain.
-    pub async fn stop(mut self) {
+    /// Tells the server to shut down (as SIGTERM would) without waiting for it.
+    pub fn trigger_shutdown(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
+    }
+
+    /// Stops the server and waits for it to drain.
+    pub async fn stop(mut self) {
+        self.trigger_shutdown();
         if let Some(task) = self.task.take() {
             task.await.expect("server task");
         }

@@ -1,0 +1,116 @@
+#![allow(clippy::unwrap_used)]
+//! The server as operators see it: health, readiness, reflection and an orderly shutdown
+//! that lets an in-flight push finish.
+
+mod common;
+
+use artifactd::pb::v1::{PushRequest, push_request};
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_reflection() {
+    let server = TestServer::start(Backend::Sqlite).await.unwrap();
+    assert_eq!(http_get(server.http_addr, "/healthz").await, (200, "ok\n".into()));
+    assert_eq!(http_get(server.http_addr, "/readyz").await, (200, "ready\n".into()));
+
+    let mut health = HealthClient::new(server.channel().await);
+    for service in ["", "artifactd.v1.ArtifactService"] {
+        let status = health
+            .check(HealthCheckRequest { service: service.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in ["artifactd.v1.ArtifactService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.contains("bench")), "the bench service is not exposed");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_an_in_flight_push() {
+    let mut server = TestServer::start(Backend::Sqlite).await.unwrap();
+    let mut client = server.client().await;
+    let mut health = HealthClient::new(server.channel().await);
+    let (tx, rx) = tokio::sync::mpsc::channel::<PushRequest>(4);
+    let call = tokio::spawn(async move {
+        client.push(tokio_stream::wrappers::ReceiverStream::new(rx)).await
+    });
+    let data = content(3 * 1024 * 1024, 5);
+    tx.send(PushRequest {
+        msg: Some(push_request::Msg::Header(header(job("p", "j"), "late.bin"))),
+    })
+    .await
+    .unwrap();
+    tx.send(PushRequest {
+        msg: Some(push_request::Msg::Chunk(data[..1024 * 1024].to_vec().into())),
+    })
+    .await
+    .unwrap();
+
+    // Shut down while the push is in flight: health watchers hear NOT_SERVING, and the
+    // push that already started is allowed to finish within the drain deadline.
+    let mut watch = health
+        .watch(HealthCheckRequest { service: "artifactd.v1.ArtifactService".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap().status;
+    assert_eq!(first, ServingStatus::Serving as i32);
+    server.trigger_shutdown();
+    let next = watch.message().await.unwrap().unwrap().status;
+    assert_eq!(next, ServingStatus::NotServing as i32);
+    drop(watch);
+
+    for part in data[1024 * 1024..].chunks(512 * 1024) {
+        tx.send(PushRequest {
+            msg: Some(push_request::Msg::Chunk(part.to_vec().into())),
+        })
+        .await
+        .unwrap();
+    }
+    drop(tx);
+    let pushed = call.await.unwrap().expect("the in-flight push completes during the drain");
+    assert_eq!(pushed.into_inner().artifact.unwrap().size, data.len() as i64);
+    server.stop().await;
+}
