@@ -76,6 +76,16 @@ pub struct Config {
     #[arg(long, env = "ARTIFACTD_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Plan given to a project the first time it is seen (`free`, `team`, `enterprise` or
+    /// one created with PlanService).
+    #[arg(long, env = "ARTIFACTD_DEFAULT_PLAN", default_value = "free")]
+    pub default_plan: String,
+
+    /// Redis for hot quota figures shared by replicas (`redis://host:6379/0`); unset keeps
+    /// them in process. The database stays the ledger either way.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
     /// Apply pending migrations at start-up (under a lock on Postgres).
     #[arg(long, env = "ARTIFACTD_MIGRATE_ON_START", default_value_t = true, action = ArgAction::Set)]
     pub migrate_on_start: bool,
@@ -93,6 +103,8 @@ impl Config {
             blob_fsync: true,
             max_artifact_bytes: 5 * GIB,
             drain_timeout: Duration::from_secs(30),
+            default_plan: "free".to_owned(),
+            redis_url: None,
             migrate_on_start: true,
         }
     }

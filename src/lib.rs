@@ -14,6 +14,7 @@
 pub mod api;
 pub mod blob;
 pub mod config;
+pub mod coord;
 pub mod domain;
 pub mod error;
 pub mod server;

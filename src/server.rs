@@ -22,9 +22,10 @@ use tonic::transport::server::TcpIncoming;
 use crate::api::artifacts::ArtifactApi;
 use crate::blob::BlobStore;
 use crate::config::Config;
+use crate::coord::Counters;
 use crate::domain::{Clock, Error};
 use crate::pb::v1::artifact_service_server::ArtifactServiceServer;
-use crate::service::ArtifactService;
+use crate::service::{ArtifactService, Metering};
 use crate::store::Store;
 
 /// Largest gRPC message accepted or sent: a 1 MiB chunk plus framing, well under tonic's
@@ -36,6 +37,7 @@ const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 pub struct App {
     pub store: Store,
     pub artifacts: ArtifactService,
+    pub metering: Metering,
     drain_timeout: Duration,
 }
 
@@ -47,11 +49,33 @@ impl App {
         }
         let store = Store::connect(&config.database_url).await?;
         let blobs = BlobStore::open(&config.blob_url, config.blob_fsync)?;
-        let artifacts =
-            ArtifactService::new(store.clone(), blobs, clock, config.max_artifact_bytes);
+        if store.get_plan(&config.default_plan).await?.is_none() {
+            return Err(Error::invalid(
+                "ARTIFACTD_DEFAULT_PLAN",
+                format!("no plan {:?} exists", config.default_plan),
+            ));
+        }
+        let counters = match &config.redis_url {
+            Some(url) => Counters::redis(url, "")?,
+            None => Counters::in_process(),
+        };
+        let metering = Metering::new(
+            store.clone(),
+            counters,
+            clock.clone(),
+            config.default_plan.clone(),
+        );
+        let artifacts = ArtifactService::new(
+            store.clone(),
+            blobs,
+            clock,
+            metering.clone(),
+            config.max_artifact_bytes,
+        );
         Ok(Self {
             store,
             artifacts,
+            metering,
             drain_timeout: config.drain_timeout,
         })
     }

@@ -19,20 +19,32 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     let status = response[9..12].parse().unwrap();
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
     (status, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_and_reflection() {
     let server = TestServer::start(Backend::Sqlite).await.unwrap();
-    assert_eq!(http_get(server.http_addr, "/healthz").await, (200, "ok\n".into()));
-    assert_eq!(http_get(server.http_addr, "/readyz").await, (200, "ready\n".into()));
+    assert_eq!(
+        http_get(server.http_addr, "/healthz").await,
+        (200, "ok\n".into())
+    );
+    assert_eq!(
+        http_get(server.http_addr, "/readyz").await,
+        (200, "ready\n".into())
+    );
 
     let mut health = HealthClient::new(server.channel().await);
     for service in ["", "artifactd.v1.ArtifactService"] {
         let status = health
-            .check(HealthCheckRequest { service: service.into() })
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -40,10 +52,10 @@ async fn health_readiness_and_reflection() {
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
     }
 
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
     let mut reflection = ServerReflectionClient::new(server.channel().await);
     let request = ServerReflectionRequest {
         host: String::new(),
@@ -61,9 +73,15 @@ async fn health_readiness_and_reflection() {
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
     for expected in ["artifactd.v1.ArtifactService", "grpc.health.v1.Health"] {
-        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
     }
-    assert!(!names.iter().any(|n| n.contains("bench")), "the bench service is not exposed");
+    assert!(
+        !names.iter().any(|n| n.contains("bench")),
+        "the bench service is not exposed"
+    );
     server.stop().await;
 }
 
@@ -74,7 +92,9 @@ async fn shutdown_drains_an_in_flight_push() {
     let mut health = HealthClient::new(server.channel().await);
     let (tx, rx) = tokio::sync::mpsc::channel::<PushRequest>(4);
     let call = tokio::spawn(async move {
-        client.push(tokio_stream::wrappers::ReceiverStream::new(rx)).await
+        client
+            .push(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
     });
     let data = content(3 * 1024 * 1024, 5);
     tx.send(PushRequest {
@@ -83,7 +103,9 @@ async fn shutdown_drains_an_in_flight_push() {
     .await
     .unwrap();
     tx.send(PushRequest {
-        msg: Some(push_request::Msg::Chunk(data[..1024 * 1024].to_vec().into())),
+        msg: Some(push_request::Msg::Chunk(
+            data[..1024 * 1024].to_vec().into(),
+        )),
     })
     .await
     .unwrap();
@@ -91,7 +113,9 @@ async fn shutdown_drains_an_in_flight_push() {
     // Shut down while the push is in flight: health watchers hear NOT_SERVING, and the
     // push that already started is allowed to finish within the drain deadline.
     let mut watch = health
-        .watch(HealthCheckRequest { service: "artifactd.v1.ArtifactService".into() })
+        .watch(HealthCheckRequest {
+            service: "artifactd.v1.ArtifactService".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -110,7 +134,13 @@ async fn shutdown_drains_an_in_flight_push() {
         .unwrap();
     }
     drop(tx);
-    let pushed = call.await.unwrap().expect("the in-flight push completes during the drain");
-    assert_eq!(pushed.into_inner().artifact.unwrap().size, data.len() as i64);
+    let pushed = call
+        .await
+        .unwrap()
+        .expect("the in-flight push completes during the drain");
+    assert_eq!(
+        pushed.into_inner().artifact.unwrap().size,
+        data.len() as i64
+    );
     server.stop().await;
 }

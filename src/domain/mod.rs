@@ -4,9 +4,12 @@
 pub mod artifact;
 pub mod clock;
 pub mod error;
+pub mod metering;
+pub mod plan;
 pub mod scope;
 
 pub use artifact::{Artifact, Sha256};
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{Error, Result};
+pub use plan::{OveragePolicy, Plan, UsageControls};
 pub use scope::{ArtifactPath, ProjectId, Scope, ScopeKind, ScopedPath};

@@ -14,7 +14,9 @@ use sha2::Digest;
 use tokio::sync::mpsc;
 
 use crate::blob::BlobStore;
+use crate::domain::metering::DAY_MICROS;
 use crate::domain::{Artifact, ArtifactPath, Clock, Error, Scope, ScopedPath, Sha256, Timestamp};
+use crate::service::metering::{Metering, Reservation};
 use crate::store::{NewArtifact, PushCommit, Store};
 
 /// Chunks queued for the hashing task, per push.
@@ -67,6 +69,7 @@ pub struct ArtifactService {
     store: Store,
     blobs: BlobStore,
     clock: Arc<dyn Clock>,
+    metering: Metering,
     max_artifact_bytes: i64,
 }
 
@@ -75,14 +78,20 @@ impl ArtifactService {
         store: Store,
         blobs: BlobStore,
         clock: Arc<dyn Clock>,
+        metering: Metering,
         max_artifact_bytes: i64,
     ) -> Self {
         Self {
             store,
             blobs,
             clock,
+            metering,
             max_artifact_bytes,
         }
+    }
+
+    pub fn metering(&self) -> &Metering {
+        &self.metering
     }
 
     pub fn store(&self) -> &Store {
@@ -105,9 +114,26 @@ impl ArtifactService {
         {
             return replay(&spec, artifact, deduplicated);
         }
-        if let Some(expected) = spec.expected_size {
-            self.check_size_limit(expected)?;
-        }
+        let record = self.metering.project(project).await?;
+        let retention_micros = match spec.expire_in_micros {
+            Some(ttl) => {
+                let max = i64::from(record.plan.max_retention_days) * DAY_MICROS;
+                if ttl > max {
+                    return Err(Error::invalid(
+                        "header.expire_in",
+                        format!(
+                            "is longer than the {} plan's maximum retention of {} days",
+                            record.plan.id, record.plan.max_retention_days
+                        ),
+                    ));
+                }
+                Some(ttl)
+            }
+            None => record
+                .controls
+                .retention_days(spec.target.scope.kind())
+                .map(|days| i64::from(days) * DAY_MICROS),
+        };
         if !spec.force
             && self
                 .store
@@ -120,9 +146,15 @@ impl ArtifactService {
                 &spec.target.path,
             ));
         }
+        let mut reservation = self
+            .metering
+            .admit_push(&record, self.max_artifact_bytes, spec.expected_size)
+            .await?;
 
         let upload_id = uuid::Uuid::new_v4().simple().to_string();
-        let (size, sha256, temp) = self.receive(&spec, &upload_id, chunks).await?;
+        let (size, sha256, temp) = self
+            .receive(&spec, &upload_id, &mut reservation, chunks)
+            .await?;
         let deduplicated = self.blobs.promote(temp, &sha256).await?;
 
         let new = NewArtifact {
@@ -136,9 +168,7 @@ impl ArtifactService {
             upload_id,
         };
         let new = NewArtifact {
-            expires_at: spec
-                .expire_in_micros
-                .map(|ttl| new.created_at.saturating_add_micros(ttl)),
+            expires_at: retention_micros.map(|ttl| new.created_at.saturating_add_micros(ttl)),
             ..new
         };
         match self
@@ -152,6 +182,7 @@ impl ArtifactService {
             .await?
         {
             PushCommit::Created { artifact, replaced } => {
+                reservation.settle(artifact.size).await;
                 tracing::info!(
                     project = %artifact.scope.project(),
                     scope = artifact.scope.kind().as_str(),
@@ -178,6 +209,7 @@ impl ArtifactService {
         &self,
         spec: &PushSpec,
         upload_id: &str,
+        reservation: &mut Reservation,
         mut chunks: S,
     ) -> Result<(i64, Sha256, crate::blob::TempBlob), Error>
     where
@@ -197,7 +229,7 @@ impl ArtifactService {
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
             size += chunk.len() as i64;
-            self.check_size_limit(size)?;
+            reservation.received(size).await?;
             if let Some(expected) = spec.expected_size
                 && size > expected
             {
@@ -241,17 +273,6 @@ impl ArtifactService {
         Ok((size, sha256, temp))
     }
 
-    fn check_size_limit(&self, size: i64) -> Result<(), Error> {
-        if size > self.max_artifact_bytes {
-            return Err(Error::ResourceExhausted(format!(
-                "artifact size {size} bytes exceeds the server's limit of {} bytes \
-                 (ARTIFACTD_MAX_ARTIFACT_BYTES)",
-                self.max_artifact_bytes
-            )));
-        }
-        Ok(())
-    }
-
     /// Metadata first, then the requested range in chunks.
     pub async fn pull(&self, spec: PullSpec) -> Result<PullStream, Error> {
         if spec.offset < 0 {
@@ -276,10 +297,13 @@ impl ArtifactService {
             0 => artifact.size,
             length => spec.offset.saturating_add(length).min(artifact.size),
         };
+        let record = self.metering.project(artifact.scope.project()).await?;
+        self.metering.admit_pull(&record, end - spec.offset).await?;
         let chunks = self
             .blobs
             .read(&artifact.sha256, spec.offset as u64..end as u64)
             .await?;
+        let chunks = self.metering.meter_pull(artifact.scope.project(), chunks);
         Ok(PullStream { artifact, chunks })
     }
 
@@ -341,6 +365,7 @@ impl ArtifactService {
                 path.as_str()
             )));
         }
+        self.metering.on_deleted(scope.project(), bytes).await;
         tracing::info!(project = %scope.project(), scope = scope.kind().as_str(), count, bytes, "artifacts deleted");
         Ok((count, bytes))
     }

@@ -2,5 +2,7 @@
 //! the blob store and the clock. No gRPC types come in or go out.
 
 pub mod artifacts;
+pub mod metering;
 
 pub use artifacts::{ArtifactService, ListPage, PullSpec, PullStream, PushOutcome, PushSpec};
+pub use metering::{Bill, DailyUsage, Metering, UsageReport};

@@ -10,7 +10,7 @@ use sea_orm::{
     TransactionTrait,
 };
 
-use super::entities::{artifact, blob, push_idempotency};
+use super::entities::{artifact, blob, push_idempotency, usage_event};
 use super::{Store, db_error};
 use crate::domain::{
     Artifact, ArtifactPath, Error, ProjectId, Scope, ScopeKind, Sha256, Timestamp,
@@ -111,6 +111,7 @@ impl Store {
             let ended = live_at(&new.scope, &new.path)
                 .col_expr(artifact::Column::DeletedAt, Expr::value(now))
                 .col_expr(artifact::Column::EndReason, Expr::value("overwritten"))
+                .col_expr(artifact::Column::BillingEnd, billing_end_at(now))
                 .exec(&txn)
                 .await?;
             replaced = ended.rows_affected > 0;
@@ -131,10 +132,23 @@ impl Store {
             deleted_at: Set(None),
             end_reason: Set(None),
             upload_id: Set(new.upload_id.clone()),
+            billing_end: Set(new.expires_at.map(Timestamp::as_micros)),
         })
         .exec(&txn)
         .await?;
         let id = inserted.last_insert_id;
+
+        // Ingress is the bytes of a successful push, recorded with it; the id is the
+        // upload's, so the row exists exactly when the artifact does.
+        usage_event::Entity::insert(usage_event::ActiveModel {
+            id: Set(format!("push:{}", new.upload_id)),
+            project_id: Set(new.scope.project().as_str().to_owned()),
+            meter: Set("ingress".to_owned()),
+            bytes: Set(new.size),
+            occurred_at: Set(now),
+        })
+        .exec_without_returning(&txn)
+        .await?;
 
         if let Some(key) = idempotency_key {
             push_idempotency::Entity::insert(push_idempotency::ActiveModel {
@@ -262,6 +276,10 @@ impl Store {
         let ended = artifact::Entity::update_many()
             .col_expr(artifact::Column::DeletedAt, Expr::value(now.as_micros()))
             .col_expr(artifact::Column::EndReason, Expr::value("deleted"))
+            .col_expr(
+                artifact::Column::BillingEnd,
+                billing_end_at(now.as_micros()),
+            )
             .filter(in_scope(scope))
             .filter(artifact::Column::DeletedAt.is_null())
             .filter(matching)
@@ -287,7 +305,18 @@ fn live_at(scope: &Scope, path: &ArtifactPath) -> sea_orm::UpdateMany<artifact::
         .filter(artifact::Column::DeletedAt.is_null())
 }
 
-fn is_unique_violation(err: &DbErr) -> bool {
+/// `billing_end` for a live artifact ending at `now`: unchanged when it already stopped
+/// costing earlier (it expired before being deleted), else `now`.
+fn billing_end_at(now: i64) -> sea_orm::sea_query::SimpleExpr {
+    Expr::case(
+        artifact::Column::BillingEnd.lt(now),
+        Expr::col(artifact::Column::BillingEnd),
+    )
+    .finally(now)
+    .into()
+}
+
+pub(crate) fn is_unique_violation(err: &DbErr) -> bool {
     matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 

@@ -22,6 +22,8 @@ pub mod artifact {
         pub deleted_at: Option<i64>,
         pub end_reason: Option<String>,
         pub upload_id: String,
+        /// When the artifact stops costing storage: min(deleted_at, expires_at unless kept).
+        pub billing_end: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -61,6 +63,106 @@ pub mod push_idempotency {
         pub artifact_id: i64,
         pub deduplicated: bool,
         pub created_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod plan {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "plans")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub name: String,
+        pub currency: String,
+        pub included_storage_gib_months: i64,
+        pub included_egress_gib: i64,
+        pub storage_price_micros: i64,
+        pub egress_price_micros: i64,
+        pub ingress_price_micros: i64,
+        pub storage_limit_bytes: Option<i64>,
+        pub max_artifact_bytes: i64,
+        pub max_retention_days: i32,
+        pub overage_policy: String,
+        pub created_at: i64,
+        pub updated_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod project {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "projects")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub project_id: String,
+        pub plan_id: String,
+        pub retention_job_days: Option<i32>,
+        pub retention_workflow_days: Option<i32>,
+        pub retention_project_days: Option<i32>,
+        pub spend_cap_micros: Option<i64>,
+        pub storage_cap_bytes: Option<i64>,
+        pub alert_thresholds: String,
+        pub created_at: i64,
+        pub updated_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod usage_event {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "usage_events")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub project_id: String,
+        pub meter: String,
+        pub bytes: i64,
+        pub occurred_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod usage_alert {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "usage_alerts")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub project_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub period: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub meter: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub threshold: i32,
+        pub basis: String,
+        pub figure: String,
+        pub limit_value: String,
+        pub crossed_at: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -3,6 +3,8 @@
 
 mod artifacts;
 pub mod entities;
+mod plans;
+mod usage;
 
 use std::time::Duration;
 
@@ -12,6 +14,8 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbB
 use crate::domain::Error;
 
 pub use artifacts::{NewArtifact, PushCommit, already_exists};
+pub use plans::ProjectRecord;
+pub use usage::UsageAlert;
 
 /// Arbitrary but fixed key of the Postgres advisory lock that serialises migrations across
 /// replicas starting at once.

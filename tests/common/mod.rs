@@ -166,6 +166,14 @@ impl TestServer {
     }
 
     pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Option<Self> {
+        // Server logs go to the test's captured output (shown when it fails).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "artifactd=info".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let db = TestDb::create(backend).await?;
         let blob_dir = tempfile::tempdir().expect("blob dir");
         let mut config =

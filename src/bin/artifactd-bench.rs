@@ -1,0 +1,1014 @@
+//! `artifactd-bench`: how much of the gRPC transport's throughput artifactd keeps, and how
+//! much memory it needs under many concurrent uploads.
+//!
+//! `artifactd-bench throughput` starts two child processes on 127.0.0.1:
+//!
+//! - the real `artifactd` binary (built next to this one) over a fresh SQLite database and a
+//!   local blob directory in a scratch directory under the system temp dir (`TMPDIR`);
+//! - a *bare* stream server (this binary's hidden `serve-bare` subcommand) that speaks
+//!   `artifactd.bench.v1.BareStream`: the same tonic server setup and the same chunked
+//!   streaming, but no database, no hashing and no disk — it counts bytes and drops them, or
+//!   sends one preallocated chunk over and over.
+//!
+//! It then measures, with identical chunking, interleaved over several rounds and keeping the
+//! best of each:
+//!
+//! - **bare push** (`Sink`) against **Push**: artifactd streams to a temporary upload,
+//!   hashes on the side, fsyncs (unless `--fsync false`), promotes and commits a row;
+//! - **bare pull** (`Source`) against **Pull**: artifactd reads the blob from disk (usually
+//!   from the page cache, as it was just written).
+//!
+//! The ratios say how close the service is to what the transport itself can carry on this
+//! machine; the targets are Push ≥ 0.80× and Pull ≥ 0.90× of bare. Running both sides in
+//! separate processes on the same machine keeps the comparison fair: each measurement pays
+//! for the same client, the same loopback TCP and the same HTTP/2 framing.
+//!
+//! Finally it pushes many large files at once (64 × 256 MiB by default, one connection each,
+//! like 64 CI jobs uploading together) while sampling the server's resident memory from
+//! `/proc/<pid>/status`, to check that memory per upload stays a few chunks however large
+//! the file (target: peak RSS ≤ 200 MiB). This part needs Linux.
+//!
+//! Upload content comes from a pool of 16 distinct pseudo-random chunks, so the client spends
+//! no time generating data; each upload starts at its own place in the pool and has its own
+//! first chunk, so every upload has a distinct digest and none is deduplicated.
+//!
+//! Build both binaries first, in release mode:
+//! `cargo build --release --bins && target/release/artifactd-bench throughput`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail, ensure};
+use artifactd::pb::bench::bare_stream_client::BareStreamClient;
+use artifactd::pb::bench::bare_stream_server::{BareStream, BareStreamServer};
+use artifactd::pb::bench::{Chunk, SinkResult, SourceRequest};
+use artifactd::pb::v1::artifact_service_client::ArtifactServiceClient;
+use artifactd::pb::v1::{
+    PullRequest, PushHeader, PushRequest, Scope, ScopeKind, pull_response, push_request,
+};
+use bytes::Bytes;
+use clap::{ArgAction, Args, Parser, Subcommand};
+use futures::stream::{self, BoxStream, StreamExt};
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+/// Largest gRPC message either side sends or accepts: tonic's default, as in the server.
+const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Largest chunk artifactd accepts in a Push.
+const MAX_CHUNK_KIB: usize = 1024;
+/// What the artifactd child is configured to accept (10 GiB).
+const MAX_ARTIFACT_BYTES: u64 = 10 * GIB;
+/// Distinct chunks uploads are assembled from.
+const POOL_CHUNKS: usize = 16;
+/// Targets, as fractions of the bare stream's throughput.
+const PUSH_TARGET: f64 = 0.80;
+const PULL_TARGET: f64 = 0.90;
+/// Target for the server's peak resident memory during the concurrent pushes.
+const RSS_TARGET_MIB: f64 = 200.0;
+/// How often the memory sampler reads `/proc/<pid>/status`.
+const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(20);
+/// Free disk space wanted before the memory phase, relative to what it writes.
+const DISK_HEADROOM: f64 = 1.25;
+/// How long a child server may take to become ready.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+const PROJECT: &str = "bench";
+const JOB: &str = "j1";
+const THROUGHPUT_PATH: &str = "throughput/1gib.bin";
+
+/// Appended to `--help`: how to build and run, and where scratch data goes.
+const USAGE_NOTE: &str = "Both binaries must be built, in release mode; `cargo run --bin \
+    artifactd-bench` builds only this one, so use:
+
+    cargo build --release --bins && target/release/artifactd-bench throughput
+
+Scratch data (up to ~20 GiB for the memory phase) goes under the system temp directory; set \
+TMPDIR to put it on the disk you want to measure.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "artifactd-bench",
+    about = "Measures artifactd's Push/Pull throughput against a bare gRPC stream, and its \
+             memory under concurrent pushes",
+    after_help = USAGE_NOTE
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Push/Pull throughput against the bare stream, then peak memory under concurrent pushes.
+    #[command(after_help = USAGE_NOTE)]
+    Throughput(ThroughputArgs),
+    /// Serve the bare `artifactd.bench.v1.BareStream` baseline (started by `throughput`).
+    #[command(hide = true)]
+    ServeBare {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+struct ThroughputArgs {
+    /// Bytes per throughput measurement, in MiB.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=10240))]
+    total_mib: u64,
+
+    /// Chunk size of every stream, in KiB (artifactd accepts at most 1024).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    chunk_kib: u64,
+
+    /// Rounds of the four throughput measurements; the best of each is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+
+    /// Have artifactd fsync each upload before committing it (ARTIFACTD_BLOB_FSYNC).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    fsync: bool,
+
+    /// Size of each file of the concurrent-push memory phase, in MiB.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10240))]
+    mem_file_mib: u64,
+
+    /// Concurrent pushes in the memory phase, each over its own connection; 0 skips it.
+    #[arg(long, default_value_t = 64)]
+    mem_pushes: u32,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        BenchCommand::Throughput(args) => throughput(&args),
+        BenchCommand::ServeBare { listen } => serve_bare(listen),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("artifactd-bench: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole run
+// ---------------------------------------------------------------------------------------------
+
+fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "warning: this is a debug build; numbers mean little. Use `cargo build --release \
+             --bins && target/release/artifactd-bench throughput`."
+        );
+    }
+    let total = args.total_mib * MIB;
+    let chunk_size = usize::try_from(args.chunk_kib * KIB).context("chunk size")?;
+    let server_exe = artifactd_exe()?;
+
+    // Declared first so it is removed last, after both children are gone.
+    let scratch = ScratchDir::create()?;
+    eprintln!("scratch data in {}", scratch.path().display());
+
+    let grpc_port = free_port()?;
+    let http_port = free_port()?;
+    let bare_port = free_port()?;
+
+    let mut server = spawn_artifactd(
+        &server_exe,
+        scratch.path(),
+        grpc_port,
+        http_port,
+        args.fsync,
+    )?;
+    let mut bare = spawn_bare(bare_port)?;
+    wait_ready_http(&mut server, http_port)?;
+    wait_ready_tcp(&mut bare, bare_port)?;
+
+    let pool = ChunkPool::new(chunk_size);
+    let runtime = runtime()?;
+    let best = runtime.block_on(measure_throughput(args, &pool, total, grpc_port, bare_port))?;
+    print_throughput(args, &best);
+
+    if args.mem_pushes > 0 {
+        let file_bytes = memory_file_size(args, scratch.path())?;
+        let memory = runtime.block_on(measure_memory(
+            &pool,
+            args.mem_pushes,
+            file_bytes,
+            u64::from(args.rounds),
+            grpc_port,
+            server.pid(),
+        ))?;
+        print_memory(args.mem_pushes, file_bytes, &memory);
+    }
+
+    drop(runtime);
+    drop(bare);
+    drop(server);
+    drop(scratch);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+// ---------------------------------------------------------------------------------------------
+
+/// The `artifactd` binary built alongside this one.
+fn artifactd_exe() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe().context("locating this executable")?;
+    let dir = me
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent directory", me.display()))?;
+    let exe = dir.join(format!("artifactd{}", std::env::consts::EXE_SUFFIX));
+    if !exe.is_file() {
+        bail!(
+            "the artifactd server binary is missing: {} does not exist.\n\
+             `cargo run --bin artifactd-bench` builds only the benchmark; build both with\n\n    \
+             cargo build --release --bins && target/release/artifactd-bench throughput\n",
+            exe.display()
+        );
+    }
+    // A server binary much older than this one was probably not rebuilt with it.
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    if let (Some(server), Some(bench)) = (modified(&exe), modified(&me))
+        && bench
+            .duration_since(server)
+            .is_ok_and(|age| age > Duration::from_secs(60))
+    {
+        eprintln!(
+            "warning: {} is older than this benchmark and may be stale; \
+             `cargo build --release --bins` rebuilds both",
+            exe.display()
+        );
+    }
+    Ok(exe)
+}
+
+/// A port that was free a moment ago: bound to 127.0.0.1:0, read, released.
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr().context("finding a free port")?.port())
+}
+
+/// A child process that is killed (and reaped) when this guard is dropped, on success and on
+/// every error path alike.
+struct ChildGuard {
+    name: &'static str,
+    child: Child,
+}
+
+impl ChildGuard {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails if the child has already exited.
+    fn check_running(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => bail!("{} exited early ({status}); see its log above", self.name),
+            Err(e) => Err(e).with_context(|| format!("checking on {}", self.name)),
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_artifactd(
+    exe: &Path,
+    scratch: &Path,
+    grpc_port: u16,
+    http_port: u16,
+    fsync: bool,
+) -> anyhow::Result<ChildGuard> {
+    let child = Command::new(exe)
+        .env("ARTIFACTD_GRPC_LISTEN", format!("127.0.0.1:{grpc_port}"))
+        .env("ARTIFACTD_HTTP_LISTEN", format!("127.0.0.1:{http_port}"))
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}", scratch.join("artifactd.db").display()),
+        )
+        .env(
+            "ARTIFACTD_BLOB_URL",
+            format!("file://{}", scratch.join("blobs").display()),
+        )
+        .env(
+            "ARTIFACTD_MAX_ARTIFACT_BYTES",
+            MAX_ARTIFACT_BYTES.to_string(),
+        )
+        .env("ARTIFACTD_BLOB_FSYNC", fsync.to_string())
+        // The bench moves tens of GiB: the enterprise plan's limits let it, `free` would not.
+        .env("ARTIFACTD_DEFAULT_PLAN", "enterprise")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    Ok(ChildGuard {
+        name: "artifactd",
+        child,
+    })
+}
+
+fn spawn_bare(port: u16) -> anyhow::Result<ChildGuard> {
+    let me = std::env::current_exe().context("locating this executable")?;
+    let child = Command::new(&me)
+        .args(["serve-bare", "--listen", &format!("127.0.0.1:{port}")])
+        // Held open by the guard: the bare server exits when it sees EOF, so it does not
+        // outlive this process even if this one is killed outright.
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {} serve-bare", me.display()))?;
+    Ok(ChildGuard {
+        name: "the bare stream server",
+        child,
+    })
+}
+
+/// Polls `GET /readyz` (plain HTTP/1.0 over a TcpStream) until it answers 200.
+fn wait_ready_http(child: &mut ChildGuard, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        child.check_running()?;
+        if readyz(port).unwrap_or(false) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{} was not ready after {STARTUP_TIMEOUT:?} (http://127.0.0.1:{port}/readyz)",
+            child.name
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn readyz(port: u16) -> std::io::Result<bool> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    // "HTTP/1.x 200 OK": the status is the second word of the first line.
+    let status = response
+        .split(|&b| b == b' ')
+        .nth(1)
+        .unwrap_or_default()
+        .to_vec();
+    Ok(status == b"200")
+}
+
+/// Waits until something accepts connections on `port`.
+fn wait_ready_tcp(child: &mut ChildGuard, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    loop {
+        child.check_running()?;
+        if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{} was not listening on {addr} after {STARTUP_TIMEOUT:?}",
+            child.name
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A fresh directory under the system temp dir, removed with everything in it on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn create() -> anyhow::Result<Self> {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let path =
+            std::env::temp_dir().join(format!("artifactd-bench-{}-{nanos:09}", std::process::id()));
+        // `create_dir`, not `create_dir_all`: fails rather than reuse an existing directory.
+        std::fs::create_dir(&path)
+            .with_context(|| format!("creating scratch directory {}", path.display()))?;
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            eprintln!(
+                "warning: could not remove scratch directory {}: {e}",
+                self.0.display()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upload content
+// ---------------------------------------------------------------------------------------------
+
+/// A few distinct pseudo-random chunks, shared (never copied) by every upload.
+#[derive(Clone)]
+struct ChunkPool {
+    chunks: Arc<[Bytes]>,
+    chunk_size: usize,
+}
+
+impl ChunkPool {
+    fn new(chunk_size: usize) -> Self {
+        let chunks = (0..POOL_CHUNKS)
+            .map(|seed| Bytes::from(pseudo_random(chunk_size, seed as u64 + 1)))
+            .collect();
+        Self { chunks, chunk_size }
+    }
+
+    /// The `total` bytes of upload `variant`, lazily, chunk by chunk: the pool cycled from
+    /// its own starting chunk, after a first chunk stamped with `variant` (the one chunk
+    /// copied), so that no two variants share a digest.
+    fn upload(&self, variant: u64, total: u64) -> impl Iterator<Item = Bytes> + Send + 'static {
+        let chunks = self.chunks.clone();
+        let start = variant as usize;
+        chunk_lengths(total, self.chunk_size)
+            .enumerate()
+            .map(move |(i, len)| {
+                let chunk = chunks[(start + i) % chunks.len()].slice(..len);
+                if i > 0 {
+                    return chunk;
+                }
+                let mut first = chunk.to_vec();
+                for (byte, stamp) in first.iter_mut().zip(variant.to_le_bytes()) {
+                    *byte ^= stamp;
+                }
+                Bytes::from(first)
+            })
+    }
+}
+
+/// Lengths of the chunks `total` bytes are sent in: full chunks, then the remainder.
+fn chunk_lengths(total: u64, chunk_size: usize) -> impl Iterator<Item = usize> + Send + 'static {
+    let chunk = chunk_size as u64;
+    // Each length is at most `chunk_size`, so it fits a usize.
+    (0..total.div_ceil(chunk)).map(move |i| (total - i * chunk).min(chunk) as usize)
+}
+
+/// Deterministic bytes (xorshift64), different per seed.
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throughput
+// ---------------------------------------------------------------------------------------------
+
+/// Best MB/s of each measurement.
+#[derive(Debug, Default)]
+struct Best {
+    bare_push: f64,
+    push: f64,
+    bare_pull: f64,
+    pull: f64,
+}
+
+async fn connect(port: u16) -> anyhow::Result<Channel> {
+    let url = format!("http://127.0.0.1:{port}");
+    Endpoint::from_shared(url.clone())
+        .with_context(|| format!("endpoint {url}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))
+}
+
+fn artifact_client(channel: Channel) -> ArtifactServiceClient<Channel> {
+    ArtifactServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+fn bench_scope() -> Scope {
+    Scope {
+        project_id: PROJECT.into(),
+        kind: ScopeKind::Job.into(),
+        id: JOB.into(),
+    }
+}
+
+fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE) / 1e6
+}
+
+async fn measure_throughput(
+    args: &ThroughputArgs,
+    pool: &ChunkPool,
+    total: u64,
+    grpc_port: u16,
+    bare_port: u16,
+) -> anyhow::Result<Best> {
+    let mut bare = BareStreamClient::new(connect(bare_port).await?)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut artifacts = artifact_client(connect(grpc_port).await?);
+    let chunk_size = i32::try_from(pool.chunk_size).context("chunk size")?;
+
+    let mut best = Best::default();
+    for round in 0..args.rounds {
+        // Each round pushes different content, so no push is answered by deduplication.
+        let variant = u64::from(round);
+        let bare_push = bare_push(&mut bare, pool, variant, total)
+            .await
+            .context("bare push")?;
+        let push = artifact_push(&mut artifacts, pool, variant, total, THROUGHPUT_PATH)
+            .await
+            .context("Push")?;
+        let bare_pull = bare_pull(&mut bare, chunk_size, total)
+            .await
+            .context("bare pull")?;
+        let pull = artifact_pull(&mut artifacts, THROUGHPUT_PATH, total)
+            .await
+            .context("Pull")?;
+        eprintln!(
+            "round {}/{}: bare push {bare_push:.1}, Push {push:.1}, bare pull {bare_pull:.1}, \
+             Pull {pull:.1} MB/s",
+            round + 1,
+            args.rounds
+        );
+        best.bare_push = best.bare_push.max(bare_push);
+        best.push = best.push.max(push);
+        best.bare_pull = best.bare_pull.max(bare_pull);
+        best.pull = best.pull.max(pull);
+    }
+    Ok(best)
+}
+
+async fn bare_push(
+    client: &mut BareStreamClient<Channel>,
+    pool: &ChunkPool,
+    variant: u64,
+    total: u64,
+) -> anyhow::Result<f64> {
+    let chunks = stream::iter(pool.upload(variant, total).map(|data| Chunk { data }));
+    let started = Instant::now();
+    let received = client.sink(chunks).await?.into_inner().bytes;
+    let elapsed = started.elapsed();
+    ensure!(
+        u64::try_from(received) == Ok(total),
+        "the bare server counted {received} bytes, {total} were sent"
+    );
+    Ok(mb_per_s(total, elapsed))
+}
+
+async fn bare_pull(
+    client: &mut BareStreamClient<Channel>,
+    chunk_size: i32,
+    total: u64,
+) -> anyhow::Result<f64> {
+    let request = SourceRequest {
+        bytes: i64::try_from(total).context("size")?,
+        chunk_size,
+    };
+    let started = Instant::now();
+    let mut chunks = client.source(request).await?.into_inner();
+    let mut received: u64 = 0;
+    while let Some(chunk) = chunks.message().await? {
+        received += chunk.data.len() as u64;
+    }
+    let elapsed = started.elapsed();
+    ensure!(
+        received == total,
+        "received {received} bytes from the bare server, asked for {total}"
+    );
+    Ok(mb_per_s(total, elapsed))
+}
+
+/// One Push of upload `variant` to `path` (replacing what is there). Returns MB/s.
+async fn artifact_push(
+    client: &mut ArtifactServiceClient<Channel>,
+    pool: &ChunkPool,
+    variant: u64,
+    total: u64,
+    path: &str,
+) -> anyhow::Result<f64> {
+    let header = PushHeader {
+        scope: Some(bench_scope()),
+        path: path.into(),
+        force: true,
+        expected_size: Some(i64::try_from(total).context("size")?),
+        ..Default::default()
+    };
+    let messages = stream::once(async move {
+        PushRequest {
+            msg: Some(push_request::Msg::Header(header)),
+        }
+    })
+    .chain(stream::iter(pool.upload(variant, total).map(|chunk| {
+        PushRequest {
+            msg: Some(push_request::Msg::Chunk(chunk)),
+        }
+    })));
+    let started = Instant::now();
+    let response = client.push(messages).await?.into_inner();
+    let elapsed = started.elapsed();
+    let size = response.artifact.map(|a| a.size).unwrap_or_default();
+    ensure!(
+        u64::try_from(size) == Ok(total),
+        "artifactd stored {size} bytes, {total} were sent"
+    );
+    ensure!(
+        !response.deduplicated,
+        "the push was deduplicated, so it measured no blob write"
+    );
+    Ok(mb_per_s(total, elapsed))
+}
+
+/// Pulls `path` whole and checks its size. Returns MB/s.
+async fn artifact_pull(
+    client: &mut ArtifactServiceClient<Channel>,
+    path: &str,
+    total: u64,
+) -> anyhow::Result<f64> {
+    let request = PullRequest {
+        scope: Some(bench_scope()),
+        path: path.into(),
+        offset: 0,
+        length: 0,
+    };
+    let started = Instant::now();
+    let mut messages = client.pull(request).await?.into_inner();
+    let first = messages
+        .message()
+        .await?
+        .ok_or_else(|| anyhow!("Pull ended before sending the artifact"))?;
+    let Some(pull_response::Msg::Artifact(artifact)) = first.msg else {
+        bail!("the first Pull message was not the artifact");
+    };
+    let mut received: u64 = 0;
+    while let Some(message) = messages.message().await? {
+        match message.msg {
+            Some(pull_response::Msg::Chunk(chunk)) => received += chunk.len() as u64,
+            _ => bail!("a Pull message after the first was not a chunk"),
+        }
+    }
+    let elapsed = started.elapsed();
+    ensure!(
+        u64::try_from(artifact.size) == Ok(total) && received == total,
+        "pulled {received} bytes of a {}-byte artifact, expected {total}",
+        artifact.size
+    );
+    Ok(mb_per_s(total, elapsed))
+}
+
+fn verdict(pass: bool) -> &'static str {
+    if pass { "PASS" } else { "MISS" }
+}
+
+fn print_throughput(args: &ThroughputArgs, best: &Best) {
+    let push_ratio = best.push / best.bare_push;
+    let pull_ratio = best.pull / best.bare_pull;
+    println!(
+        "artifactd throughput — {} MiB, {} KiB chunks, best of {}, fsync={}",
+        args.total_mib, args.chunk_kib, args.rounds, args.fsync
+    );
+    println!("{:<12} {:>8} {:>9}   target", "", "MB/s", "ratio");
+    println!("{:<12} {:>8.1}", "bare push", best.bare_push);
+    println!(
+        "{:<12} {:>8.1} {:>8.2}×   ≥ {PUSH_TARGET:.2}×  {}",
+        "Push",
+        best.push,
+        push_ratio,
+        verdict(push_ratio >= PUSH_TARGET)
+    );
+    println!("{:<12} {:>8.1}", "bare pull", best.bare_pull);
+    println!(
+        "{:<12} {:>8.1} {:>8.2}×   ≥ {PULL_TARGET:.2}×  {}",
+        "Pull",
+        best.pull,
+        pull_ratio,
+        verdict(pull_ratio >= PULL_TARGET)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory under concurrent pushes
+// ---------------------------------------------------------------------------------------------
+
+struct MemoryResult {
+    /// Highest VmRSS seen by the sampler during the pushes.
+    sampled_peak_kib: u64,
+    /// VmHWM at the end: the peak over the server's whole life, between samples included.
+    hwm_kib: u64,
+    /// VmRSS when the phase started.
+    before_kib: u64,
+    elapsed: Duration,
+    bytes: u64,
+}
+
+/// The per-push file size: `--mem-file-mib`, scaled down when the scratch filesystem cannot
+/// hold every file with some headroom.
+fn memory_file_size(args: &ThroughputArgs, dir: &Path) -> anyhow::Result<u64> {
+    let pushes = u64::from(args.mem_pushes);
+    let wanted = args.mem_file_mib * MIB;
+    let needed = (wanted * pushes) as f64 * DISK_HEADROOM;
+    let available = match available_bytes(dir) {
+        Ok(available) => available,
+        Err(e) => {
+            eprintln!("warning: cannot tell free disk space ({e:#}); assuming it suffices");
+            return Ok(wanted);
+        }
+    };
+    if available as f64 >= needed {
+        return Ok(wanted);
+    }
+    let fits_mib = (available as f64 / DISK_HEADROOM / pushes as f64 / MIB as f64) as u64;
+    ensure!(
+        fits_mib >= 1,
+        "only {:.1} GiB free in {}: not enough for the memory phase \
+         (use --mem-pushes 0 to skip it, or TMPDIR to put scratch data elsewhere)",
+        available as f64 / GIB as f64,
+        dir.display()
+    );
+    println!(
+        "note: only {:.1} GiB free in {} ({:.1} GiB wanted): memory phase scaled down from \
+         {} to {fits_mib} MiB per push",
+        available as f64 / GIB as f64,
+        dir.display(),
+        needed / GIB as f64,
+        args.mem_file_mib
+    );
+    Ok(fits_mib * MIB)
+}
+
+/// Free bytes in the filesystem holding `dir`, from `df`.
+fn available_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let output = Command::new("df")
+        .args(["-k", "--output=avail"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("running df")?;
+    ensure!(
+        output.status.success(),
+        "df failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let kib: u64 = stdout
+        .lines()
+        .last()
+        .map(str::trim)
+        .ok_or_else(|| anyhow!("df printed nothing"))?
+        .parse()
+        .with_context(|| format!("parsing df output {stdout:?}"))?;
+    Ok(kib * KIB)
+}
+
+/// One field of `/proc/<pid>/status` in KiB, e.g. `VmRSS`.
+fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let value = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .ok_or_else(|| anyhow!("no {field} in {path}"))?;
+    let kib = value.trim().trim_end_matches("kB").trim();
+    kib.parse()
+        .with_context(|| format!("parsing {field} {value:?} in {path}"))
+}
+
+/// Samples `VmRSS` of `pid` on its own thread until stopped; the thread returns the peak.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<u64>>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> anyhow::Result<Self> {
+        let first = proc_status_kib(pid, "VmRSS")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("rss-sampler".into())
+            .spawn(move || {
+                let mut peak = first;
+                while !stopping.load(Ordering::Relaxed) {
+                    peak = peak.max(proc_status_kib(pid, "VmRSS")?);
+                    std::thread::sleep(RSS_SAMPLE_EVERY);
+                }
+                Ok(peak)
+            })
+            .context("starting the memory sampler")?;
+        Ok(Self { stop, thread })
+    }
+
+    fn finish(self) -> anyhow::Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow!("the memory sampler panicked"))?
+    }
+}
+
+async fn measure_memory(
+    pool: &ChunkPool,
+    pushes: u32,
+    file_bytes: u64,
+    first_variant: u64,
+    grpc_port: u16,
+    pid: u32,
+) -> anyhow::Result<MemoryResult> {
+    eprintln!(
+        "memory: {pushes} concurrent × {} MiB pushes…",
+        file_bytes / MIB
+    );
+    let before_kib = proc_status_kib(pid, "VmRSS")?;
+    let sampler = RssSampler::start(pid)?;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..pushes {
+        let pool = pool.clone();
+        tasks.spawn(async move {
+            // Its own connection, as a separate CI job would have.
+            let mut client = artifact_client(connect(grpc_port).await?);
+            let path = format!("memory/{n}.bin");
+            artifact_push(
+                &mut client,
+                &pool,
+                first_variant + u64::from(n),
+                file_bytes,
+                &path,
+            )
+            .await
+            .with_context(|| format!("Push of {path}"))
+        });
+    }
+    let mut outcome = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        let pushed = joined
+            .context("a push task panicked")
+            .and_then(|result| result);
+        if let (Ok(()), Err(e)) = (&outcome, pushed) {
+            outcome = Err(e);
+            tasks.abort_all();
+        }
+    }
+    let elapsed = started.elapsed();
+    let sampled_peak_kib = sampler.finish();
+    outcome?;
+    let sampled_peak_kib = sampled_peak_kib?;
+    let hwm_kib = proc_status_kib(pid, "VmHWM")?;
+    Ok(MemoryResult {
+        sampled_peak_kib,
+        hwm_kib,
+        before_kib,
+        elapsed,
+        bytes: file_bytes * u64::from(pushes),
+    })
+}
+
+fn print_memory(pushes: u32, file_bytes: u64, memory: &MemoryResult) {
+    let mib = |kib: u64| kib as f64 / KIB as f64;
+    // VmHWM catches spikes between samples; it also spans the throughput phase before.
+    let peak = mib(memory.sampled_peak_kib.max(memory.hwm_kib));
+    println!(
+        "memory: {pushes} concurrent × {} MiB pushes: peak server RSS {peak:.0} MiB \
+         (target ≤ {RSS_TARGET_MIB:.0} MiB) {}, {:.1} s, {:.0} MB/s",
+        file_bytes / MIB,
+        verdict(peak <= RSS_TARGET_MIB),
+        memory.elapsed.as_secs_f64(),
+        mb_per_s(memory.bytes, memory.elapsed)
+    );
+    println!(
+        "        RSS before {:.0} MiB, sampled peak {:.0} MiB (every {} ms), VmHWM {:.0} MiB \
+         (whole run)",
+        mib(memory.before_kib),
+        mib(memory.sampled_peak_kib),
+        RSS_SAMPLE_EVERY.as_millis(),
+        mib(memory.hwm_kib)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bare baseline server
+// ---------------------------------------------------------------------------------------------
+
+/// `artifactd.bench.v1.BareStream`: the transport alone, with no storage and no hashing.
+#[derive(Debug, Default)]
+struct Bare;
+
+#[tonic::async_trait]
+impl BareStream for Bare {
+    async fn sink(
+        &self,
+        request: Request<Streaming<Chunk>>,
+    ) -> Result<Response<SinkResult>, Status> {
+        let mut chunks = request.into_inner();
+        let mut bytes: i64 = 0;
+        while let Some(chunk) = chunks.message().await? {
+            bytes += chunk.data.len() as i64;
+        }
+        Ok(Response::new(SinkResult { bytes }))
+    }
+
+    type SourceStream = BoxStream<'static, Result<Chunk, Status>>;
+
+    async fn source(
+        &self,
+        request: Request<SourceRequest>,
+    ) -> Result<Response<Self::SourceStream>, Status> {
+        let SourceRequest { bytes, chunk_size } = request.into_inner();
+        let total = u64::try_from(bytes)
+            .map_err(|_| Status::invalid_argument("bytes must not be negative"))?;
+        let chunk_size = usize::try_from(chunk_size)
+            .ok()
+            .filter(|size| (1..=MAX_CHUNK_KIB * 1024).contains(size))
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "chunk_size must be between 1 and {} bytes",
+                    MAX_CHUNK_KIB * 1024
+                ))
+            })?;
+        // One allocation per request; every chunk is a reference-counted view of it.
+        let data = Bytes::from(pseudo_random(chunk_size, 1));
+        let chunks = chunk_lengths(total, chunk_size).map(move |len| {
+            Ok(Chunk {
+                data: data.slice(..len),
+            })
+        });
+        Ok(Response::new(stream::iter(chunks).boxed()))
+    }
+}
+
+fn serve_bare(listen: SocketAddr) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        // Stop when stdin closes (the parent benchmark went away) or on Ctrl-C.
+        let (closed, stdin_closed) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("stdin-watch".into())
+            .spawn(move || {
+                let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+                let _ = closed.send(());
+            })
+            .context("watching stdin")?;
+        let shutdown = async {
+            tokio::select! {
+                _ = stdin_closed => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        let service = BareStreamServer::new(Bare)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        // The same transport setup as artifactd's gRPC listener (src/server.rs).
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .context("serving the bare stream")
+    })
+}
