@@ -12,7 +12,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("artifactd_descriptor.bin"))
         .bytes(".")
-        .compile_protos(&["proto/artifactd/v1/artifact.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/artifactd/v1/artifact.proto",
+                "proto/artifactd/v1/plan.proto",
+                "proto/artifactd/v1/controls.proto",
+                "proto/artifactd/v1/usage.proto",
+            ],
+            &["proto"],
+        )?;
     // The benchmark's bare stream is kept out of the descriptor set that reflection serves.
     tonic_prost_build::configure()
         .bytes(".")

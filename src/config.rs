@@ -86,6 +86,10 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
+    /// Prefix of every Redis key artifactd writes, to share one Redis between deployments.
+    #[arg(long, env = "ARTIFACTD_REDIS_PREFIX", default_value = "")]
+    pub redis_prefix: String,
+
     /// Apply pending migrations at start-up (under a lock on Postgres).
     #[arg(long, env = "ARTIFACTD_MIGRATE_ON_START", default_value_t = true, action = ArgAction::Set)]
     pub migrate_on_start: bool,
@@ -105,6 +109,7 @@ impl Config {
             drain_timeout: Duration::from_secs(30),
             default_plan: "free".to_owned(),
             redis_url: None,
+            redis_prefix: String::new(),
             migrate_on_start: true,
         }
     }

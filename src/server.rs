@@ -20,12 +20,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::artifacts::ArtifactApi;
+use crate::api::billing::BillingApi;
 use crate::blob::BlobStore;
 use crate::config::Config;
 use crate::coord::Counters;
 use crate::domain::{Clock, Error};
 use crate::pb::v1::artifact_service_server::ArtifactServiceServer;
-use crate::service::{ArtifactService, Metering};
+use crate::pb::v1::plan_service_server::PlanServiceServer;
+use crate::pb::v1::usage_control_service_server::UsageControlServiceServer;
+use crate::pb::v1::usage_service_server::UsageServiceServer;
+use crate::service::{Accounts, ArtifactService, Metering};
 use crate::store::Store;
 
 /// Largest gRPC message accepted or sent: a 1 MiB chunk plus framing, well under tonic's
@@ -38,6 +42,7 @@ pub struct App {
     pub store: Store,
     pub artifacts: ArtifactService,
     pub metering: Metering,
+    pub accounts: Accounts,
     drain_timeout: Duration,
 }
 
@@ -56,7 +61,7 @@ impl App {
             ));
         }
         let counters = match &config.redis_url {
-            Some(url) => Counters::redis(url, "")?,
+            Some(url) => Counters::redis(url, &config.redis_prefix)?,
             None => Counters::in_process(),
         };
         let metering = Metering::new(
@@ -65,6 +70,7 @@ impl App {
             clock.clone(),
             config.default_plan.clone(),
         );
+        let accounts = Accounts::new(store.clone(), metering.clone(), clock.clone());
         let artifacts = ArtifactService::new(
             store.clone(),
             blobs,
@@ -76,6 +82,7 @@ impl App {
             store,
             artifacts,
             metering,
+            accounts,
             drain_timeout: config.drain_timeout,
         })
     }
@@ -118,12 +125,26 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
+    let billing = BillingApi::new(app.accounts.clone(), app.metering.clone());
+    for service in [
+        "artifactd.v1.PlanService",
+        "artifactd.v1.UsageService",
+        "artifactd.v1.UsageControlService",
+    ] {
+        health
+            .set_service_status(service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(artifact_service)
+        .add_service(PlanServiceServer::new(billing.clone()))
+        .add_service(UsageServiceServer::new(billing.clone()))
+        .add_service(UsageControlServiceServer::new(billing))
         .serve_with_incoming_shutdown(incoming, stopping.clone().cancelled_owned());
 
     let router = axum::Router::new()

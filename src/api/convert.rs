@@ -6,11 +6,14 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::domain::artifact::parse_mode;
+use crate::domain::metering::LineItem;
 use crate::domain::{
-    Artifact, ArtifactPath, Error, Scope, ScopeKind, ScopedPath, Sha256, Timestamp,
+    Artifact, ArtifactPath, Error, OveragePolicy, Plan, Scope, ScopeKind, ScopedPath, Sha256,
+    Timestamp, UsageControls,
 };
 use crate::pb::v1 as pb;
-use crate::service::PushSpec;
+use crate::service::{Bill, PushSpec};
+use crate::store::ProjectRecord;
 
 /// Longest idempotency key accepted, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
@@ -142,6 +145,137 @@ pub fn artifact(a: &Artifact) -> pb::Artifact {
         created_at: Some(timestamp(a.created_at)),
         expires_at: a.expires_at.map(timestamp),
         keep: a.keep,
+    }
+}
+
+pub fn required_timestamp(
+    field: &str,
+    t: Option<prost_types::Timestamp>,
+) -> Result<Timestamp, Error> {
+    let t = t.ok_or_else(|| Error::invalid(field, "is required"))?;
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(Error::invalid(field, "nanos must be within 0..1e9"));
+    }
+    t.seconds
+        .checked_mul(1_000_000)
+        .and_then(|us| us.checked_add(i64::from(t.nanos / 1_000)))
+        .map(Timestamp::from_micros)
+        .ok_or_else(|| Error::invalid(field, "is out of range"))
+}
+
+/// An i128 figure for an int64 field; figures that large (8 EiB) do not occur in practice.
+pub fn saturate(value: i128) -> i64 {
+    i64::try_from(value).unwrap_or(if value < 0 { i64::MIN } else { i64::MAX })
+}
+
+pub fn plan(p: &Plan) -> pb::Plan {
+    pb::Plan {
+        id: p.id.clone(),
+        name: p.name.clone(),
+        currency: p.currency.clone(),
+        included_storage_gib_months: p.included_storage_gib_months,
+        included_egress_gib: p.included_egress_gib,
+        storage_price_micros: p.storage_price_micros,
+        egress_price_micros: p.egress_price_micros,
+        ingress_price_micros: p.ingress_price_micros,
+        storage_limit_bytes: p.storage_limit_bytes,
+        max_artifact_bytes: p.max_artifact_bytes,
+        max_retention_days: p.max_retention_days,
+        overage_policy: match p.overage_policy {
+            OveragePolicy::Block => pb::OveragePolicy::Block,
+            OveragePolicy::Bill => pb::OveragePolicy::Bill,
+        } as i32,
+    }
+}
+
+pub fn plan_from_proto(p: Option<pb::Plan>) -> Result<Plan, Error> {
+    let p = p.ok_or_else(|| Error::invalid("plan", "is required"))?;
+    let overage_policy = match pb::OveragePolicy::try_from(p.overage_policy) {
+        Ok(pb::OveragePolicy::Block) => OveragePolicy::Block,
+        Ok(pb::OveragePolicy::Bill) => OveragePolicy::Bill,
+        _ => {
+            return Err(Error::invalid(
+                "plan.overage_policy",
+                "must be BLOCK or BILL",
+            ));
+        }
+    };
+    Ok(Plan {
+        id: p.id,
+        name: p.name,
+        currency: p.currency,
+        included_storage_gib_months: p.included_storage_gib_months,
+        included_egress_gib: p.included_egress_gib,
+        storage_price_micros: p.storage_price_micros,
+        egress_price_micros: p.egress_price_micros,
+        ingress_price_micros: p.ingress_price_micros,
+        storage_limit_bytes: p.storage_limit_bytes,
+        max_artifact_bytes: p.max_artifact_bytes,
+        max_retention_days: p.max_retention_days,
+        overage_policy,
+    })
+}
+
+pub fn controls(c: &UsageControls) -> pb::UsageControls {
+    pb::UsageControls {
+        retention_job_days: c.retention_job_days,
+        retention_workflow_days: c.retention_workflow_days,
+        retention_project_days: c.retention_project_days,
+        spend_cap_micros: c.spend_cap_micros,
+        storage_cap_bytes: c.storage_cap_bytes,
+        alert_thresholds: c.alert_thresholds.clone(),
+    }
+}
+
+pub fn controls_from_proto(c: pb::UsageControls) -> UsageControls {
+    UsageControls {
+        retention_job_days: c.retention_job_days,
+        retention_workflow_days: c.retention_workflow_days,
+        retention_project_days: c.retention_project_days,
+        spend_cap_micros: c.spend_cap_micros,
+        storage_cap_bytes: c.storage_cap_bytes,
+        alert_thresholds: c.alert_thresholds,
+    }
+}
+
+pub fn project(r: &ProjectRecord) -> pb::Project {
+    pb::Project {
+        project_id: r.project_id.to_string(),
+        plan: Some(plan(&r.plan)),
+        controls: Some(controls(&r.controls)),
+        created_at: Some(timestamp(r.created_at)),
+    }
+}
+
+fn line_item(l: &LineItem) -> pb::LineItem {
+    pb::LineItem {
+        meter: l.meter.as_str().to_owned(),
+        unit: l.meter.unit().to_owned(),
+        usage: l.usage.to_decimal(),
+        included: l.included.to_decimal(),
+        billable: l.billable.to_decimal(),
+        unit_price_micros: l.unit_price_micros,
+        amount_micros: saturate(l.amount_micros),
+    }
+}
+
+pub fn bill(b: &Bill) -> pb::Bill {
+    pb::Bill {
+        project_id: b.project_id.to_string(),
+        plan_id: b.plan.id.clone(),
+        currency: b.plan.currency.clone(),
+        month: b.month.to_string(),
+        period_start: Some(timestamp(b.month.start())),
+        period_end: Some(timestamp(b.month.end())),
+        line_items: b.lines.iter().map(line_item).collect(),
+        total_micros: saturate(b.total_micros),
+        closed: b.closed,
+        projected_line_items: b
+            .projected
+            .as_ref()
+            .map(|(lines, _)| lines.iter().map(line_item).collect())
+            .unwrap_or_default(),
+        projected_total_micros: b.projected.as_ref().map(|(_, total)| saturate(*total)),
     }
 }
 

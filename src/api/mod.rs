@@ -2,4 +2,5 @@
 //! and converts the answer back. No SQL, object-store or Redis calls here.
 
 pub mod artifacts;
+pub mod billing;
 pub mod convert;

@@ -618,8 +618,14 @@ impl Reservation {
             );
         }
         if self.limit.is_some() && size > self.reserved {
-            let step = (size - self.reserved).max(RESERVATION_STEP_BYTES);
-            self.reserve(step).await?;
+            // Reserve ahead in steps to keep counter round trips rare; near the limit, fall
+            // back to exactly what has arrived.
+            let needed = size - self.reserved;
+            let step = needed.max(RESERVATION_STEP_BYTES);
+            if step > needed && self.reserve(step).await.is_ok() {
+                return Ok(());
+            }
+            self.reserve(needed).await?;
         }
         Ok(())
     }

@@ -1,8 +1,10 @@
 //! Use cases: each public method is one thing a client asks for, carried out over the store,
 //! the blob store and the clock. No gRPC types come in or go out.
 
+pub mod accounts;
 pub mod artifacts;
 pub mod metering;
 
+pub use accounts::{Accounts, ControlsMask};
 pub use artifacts::{ArtifactService, ListPage, PullSpec, PullStream, PushOutcome, PushSpec};
 pub use metering::{Bill, DailyUsage, Metering, UsageReport};

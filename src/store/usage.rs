@@ -89,7 +89,7 @@ impl Store {
         let sql = format!(
             "SELECT (occurred_at - ?) / {day} AS day, CAST(SUM(bytes) AS BIGINT) FROM usage_events \
              WHERE project_id = ? AND meter = ? AND occurred_at >= ? AND occurred_at < ? \
-             GROUP BY (occurred_at - ?) / {day} ORDER BY 1"
+             GROUP BY 1 ORDER BY 1"
         );
         let rows = self
             .db
@@ -101,7 +101,6 @@ impl Store {
                     meter.as_str().into(),
                     from.as_micros().into(),
                     to.as_micros().into(),
-                    from.as_micros().into(),
                 ],
             ))
             .await

@@ -96,6 +96,17 @@ impl Drop for TestDb {
     }
 }
 
+/// Redis for tests: `TEST_REDIS_URL`, required when `ARTIFACTD_REQUIRE_REDIS=1`.
+pub fn redis_url() -> Option<String> {
+    match std::env::var("TEST_REDIS_URL") {
+        Ok(url) => Some(url),
+        Err(_) if std::env::var("ARTIFACTD_REQUIRE_REDIS").as_deref() == Ok("1") => {
+            panic!("ARTIFACTD_REQUIRE_REDIS=1 but TEST_REDIS_URL is unset")
+        }
+        Err(_) => None,
+    }
+}
+
 static POSTGRES: OnceCell<Option<String>> = OnceCell::const_new();
 
 async fn postgres_admin_url() -> Option<String> {
@@ -148,6 +159,7 @@ async fn start_postgres_container() -> Result<String, String> {
 
 /// A running server and what it stands on.
 pub struct TestServer {
+    pub config: Config,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub clock: ManualClock,
@@ -203,6 +215,7 @@ impl TestServer {
             .expect("serve");
         });
         Some(Self {
+            config,
             grpc_addr,
             http_addr,
             clock,
@@ -212,6 +225,20 @@ impl TestServer {
             task: Some(task),
             db,
         })
+    }
+
+    /// A server whose hot quota figures live in Redis when `TEST_REDIS_URL` is set (with a
+    /// key prefix of its own), in process otherwise.
+    pub async fn start_metered(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Option<Self> {
+        let redis = redis_url();
+        Self::start_with(backend, |config| {
+            if let Some(url) = redis {
+                config.redis_url = Some(url);
+                config.redis_prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
+            }
+            tweak(config);
+        })
+        .await
     }
 
     pub async fn channel(&self) -> Channel {

@@ -1,0 +1,255 @@
+//! `PlanService`, `UsageService` and `UsageControlService`: thin adapters over
+//! [`Accounts`] and [`Metering`].
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, timestamp};
+use crate::domain::metering::{Month, format_day, parse_day};
+use crate::domain::{Error, ProjectId};
+use crate::pb::v1::{
+    self as pb, plan_service_server, usage_control_service_server, usage_service_server,
+};
+use crate::service::{Accounts, ControlsMask, Metering};
+
+#[derive(Debug, Clone)]
+pub struct BillingApi {
+    accounts: Accounts,
+    metering: Metering,
+}
+
+impl BillingApi {
+    pub fn new(accounts: Accounts, metering: Metering) -> Self {
+        Self { accounts, metering }
+    }
+}
+
+fn project_id(value: &str) -> Result<ProjectId, Status> {
+    Ok(ProjectId::parse("project_id", value)?)
+}
+
+fn month(value: &str) -> Result<Month, Status> {
+    Ok(Month::parse("month", value)?)
+}
+
+#[tonic::async_trait]
+impl plan_service_server::PlanService for BillingApi {
+    async fn create_plan(
+        &self,
+        request: Request<pb::CreatePlanRequest>,
+    ) -> Result<Response<pb::Plan>, Status> {
+        let plan = convert::plan_from_proto(request.into_inner().plan)?;
+        let plan = self.accounts.create_plan(plan).await?;
+        Ok(Response::new(convert::plan(&plan)))
+    }
+
+    async fn update_plan(
+        &self,
+        request: Request<pb::UpdatePlanRequest>,
+    ) -> Result<Response<pb::Plan>, Status> {
+        let plan = convert::plan_from_proto(request.into_inner().plan)?;
+        let plan = self.accounts.update_plan(plan).await?;
+        Ok(Response::new(convert::plan(&plan)))
+    }
+
+    async fn get_plan(
+        &self,
+        request: Request<pb::GetPlanRequest>,
+    ) -> Result<Response<pb::Plan>, Status> {
+        let plan = self
+            .accounts
+            .get_plan(&request.into_inner().plan_id)
+            .await?;
+        Ok(Response::new(convert::plan(&plan)))
+    }
+
+    async fn list_plans(
+        &self,
+        _: Request<pb::ListPlansRequest>,
+    ) -> Result<Response<pb::ListPlansResponse>, Status> {
+        let plans = self.accounts.list_plans().await?;
+        Ok(Response::new(pb::ListPlansResponse {
+            plans: plans.iter().map(convert::plan).collect(),
+        }))
+    }
+
+    async fn assign_plan(
+        &self,
+        request: Request<pb::AssignPlanRequest>,
+    ) -> Result<Response<pb::Project>, Status> {
+        let request = request.into_inner();
+        let project = project_id(&request.project_id)?;
+        if request.plan_id.is_empty() {
+            return Err(Error::invalid("plan_id", "must not be empty").into());
+        }
+        let record = self
+            .accounts
+            .assign_plan(&project, &request.plan_id)
+            .await?;
+        Ok(Response::new(convert::project(&record)))
+    }
+
+    async fn get_project(
+        &self,
+        request: Request<pb::GetProjectRequest>,
+    ) -> Result<Response<pb::Project>, Status> {
+        let project = project_id(&request.into_inner().project_id)?;
+        let record = self.accounts.get_project(&project).await?;
+        Ok(Response::new(convert::project(&record)))
+    }
+}
+
+#[tonic::async_trait]
+impl usage_control_service_server::UsageControlService for BillingApi {
+    async fn get_usage_controls(
+        &self,
+        request: Request<pb::GetUsageControlsRequest>,
+    ) -> Result<Response<pb::UsageControls>, Status> {
+        let project = project_id(&request.into_inner().project_id)?;
+        let controls = self.accounts.controls(&project).await?;
+        Ok(Response::new(convert::controls(&controls)))
+    }
+
+    async fn update_usage_controls(
+        &self,
+        request: Request<pb::UpdateUsageControlsRequest>,
+    ) -> Result<Response<pb::UsageControls>, Status> {
+        let request = request.into_inner();
+        let project = project_id(&request.project_id)?;
+        let mask = ControlsMask::parse(&request.update_mask.map(|m| m.paths).unwrap_or_default())?;
+        let update = convert::controls_from_proto(request.controls.unwrap_or_default());
+        let controls = self
+            .accounts
+            .update_controls(&project, update, mask, request.apply_to_existing)
+            .await?;
+        Ok(Response::new(convert::controls(&controls)))
+    }
+
+    async fn list_usage_alerts(
+        &self,
+        request: Request<pb::ListUsageAlertsRequest>,
+    ) -> Result<Response<pb::ListUsageAlertsResponse>, Status> {
+        let request = request.into_inner();
+        let project = project_id(&request.project_id)?;
+        let alerts = self
+            .metering
+            .alerts(&project, month(&request.month)?)
+            .await?;
+        Ok(Response::new(pb::ListUsageAlertsResponse {
+            alerts: alerts
+                .into_iter()
+                .map(|a| pb::UsageAlert {
+                    month: a.period,
+                    meter: a.meter,
+                    threshold_percent: a.threshold,
+                    basis: a.basis,
+                    figure: a.figure,
+                    limit: a.limit,
+                    crossed_at: Some(timestamp(a.crossed_at)),
+                })
+                .collect(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl usage_service_server::UsageService for BillingApi {
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::Usage>, Status> {
+        let request = request.into_inner();
+        let project = project_id(&request.project_id)?;
+        let start = convert::required_timestamp("start", request.start)?;
+        let end = convert::required_timestamp("end", request.end)?;
+        let usage = self.metering.usage(&project, start, end).await?;
+        Ok(Response::new(pb::Usage {
+            project_id: project.to_string(),
+            start: Some(timestamp(start)),
+            end: Some(timestamp(end)),
+            storage_byte_seconds: crate::domain::metering::byte_seconds(usage.storage_byte_micros),
+            storage_gib_months: usage.storage_gib_months,
+            egress_bytes: convert::saturate(usage.egress_bytes),
+            ingress_bytes: convert::saturate(usage.ingress_bytes),
+            stored_bytes: usage.stored_bytes,
+            live_artifacts: usage.live_artifacts,
+        }))
+    }
+
+    async fn get_bill(
+        &self,
+        request: Request<pb::GetBillRequest>,
+    ) -> Result<Response<pb::Bill>, Status> {
+        let request = request.into_inner();
+        let project = project_id(&request.project_id)?;
+        let bill = self.metering.bill(&project, month(&request.month)?).await?;
+        Ok(Response::new(convert::bill(&bill)))
+    }
+
+    async fn list_daily_usage(
+        &self,
+        request: Request<pb::ListDailyUsageRequest>,
+    ) -> Result<Response<pb::ListDailyUsageResponse>, Status> {
+        let request = request.into_inner();
+        let project = project_id(&request.project_id)?;
+        let first = parse_day("start_day", &request.start_day)?;
+        let last = parse_day("end_day", &request.end_day)?;
+        let days = self.metering.daily(&project, first, last).await?;
+        Ok(Response::new(pb::ListDailyUsageResponse {
+            days: days
+                .into_iter()
+                .map(|d| pb::DailyUsage {
+                    day: format_day(d.day),
+                    storage_byte_seconds: crate::domain::metering::byte_seconds(
+                        d.storage_byte_micros,
+                    ),
+                    stored_bytes: d.stored_bytes_at_end,
+                    egress_bytes: d.egress_bytes,
+                    ingress_bytes: d.ingress_bytes,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_projects_usage(
+        &self,
+        request: Request<pb::ListProjectsUsageRequest>,
+    ) -> Result<Response<pb::ListProjectsUsageResponse>, Status> {
+        let request = request.into_inner();
+        let month = month(&request.month)?;
+        let page_size = match request.page_size {
+            n if n < 0 => return Err(Error::invalid("page_size", "must not be negative").into()),
+            0 => 100,
+            n => n.min(1000) as usize,
+        };
+        let offset = match request.page_token.as_str() {
+            "" => 0,
+            token => token.parse::<usize>().map_err(|_| {
+                Error::invalid("page_token", "is not a token this listing returned")
+            })?,
+        };
+        let bills = self.metering.projects_usage(month).await?;
+        let next = offset + page_size;
+        let next_page_token = if next < bills.len() {
+            next.to_string()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListProjectsUsageResponse {
+            projects: bills
+                .iter()
+                .skip(offset)
+                .take(page_size)
+                .map(|bill| pb::ProjectUsage {
+                    project_id: bill.project_id.to_string(),
+                    plan_id: bill.plan.id.clone(),
+                    currency: bill.plan.currency.clone(),
+                    storage_gib_months: bill.lines[0].usage.to_decimal(),
+                    egress_bytes: convert::saturate(bill.lines[1].usage.numerator),
+                    ingress_bytes: convert::saturate(bill.lines[2].usage.numerator),
+                    total_micros: convert::saturate(bill.total_micros),
+                })
+                .collect(),
+            next_page_token,
+        }))
+    }
+}
