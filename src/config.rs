@@ -90,6 +90,11 @@ pub struct Config {
     #[arg(long, env = "ARTIFACTD_REDIS_PREFIX", default_value = "")]
     pub redis_prefix: String,
 
+    /// Meter usage and enforce quotas. `false` records no usage and enforces no quota
+    /// (plans still bound artifact size and retention); for benchmarks and comparisons.
+    #[arg(long, env = "ARTIFACTD_METERING", default_value_t = true, action = ArgAction::Set)]
+    pub metering: bool,
+
     /// Apply pending migrations at start-up (under a lock on Postgres).
     #[arg(long, env = "ARTIFACTD_MIGRATE_ON_START", default_value_t = true, action = ArgAction::Set)]
     pub migrate_on_start: bool,
@@ -110,6 +115,7 @@ impl Config {
             default_plan: "free".to_owned(),
             redis_url: None,
             redis_prefix: String::new(),
+            metering: true,
             migrate_on_start: true,
         }
     }

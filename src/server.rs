@@ -69,6 +69,7 @@ impl App {
             counters,
             clock.clone(),
             config.default_plan.clone(),
+            config.metering,
         );
         let accounts = Accounts::new(store.clone(), metering.clone(), clock.clone());
         let artifacts = ArtifactService::new(

@@ -107,6 +107,7 @@ async fn record_artifact(server: &TestServer, project: &str, path: &str, size: i
         created_at: server.clock.now(),
         expires_at: None,
         upload_id: uuid::Uuid::new_v4().simple().to_string(),
+        record_ingress: true,
     };
     server
         .app

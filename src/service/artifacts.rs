@@ -166,6 +166,7 @@ impl ArtifactService {
             created_at: self.clock.now(),
             expires_at: None,
             upload_id,
+            record_ingress: self.metering.enabled(),
         };
         let new = NewArtifact {
             expires_at: retention_micros.map(|ttl| new.created_at.saturating_add_micros(ttl)),

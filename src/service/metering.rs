@@ -35,6 +35,9 @@ pub struct Metering {
     counters: Counters,
     clock: Arc<dyn Clock>,
     default_plan: String,
+    /// Off: no usage is recorded and no quota enforced (plans still set size and retention
+    /// limits). For benchmarks and deployments that bill elsewhere.
+    enabled: bool,
     /// Alerts already recorded by this process, to skip re-inserting them on every push.
     alerted: Arc<Mutex<HashSet<String>>>,
 }
@@ -88,14 +91,20 @@ impl Metering {
         counters: Counters,
         clock: Arc<dyn Clock>,
         default_plan: String,
+        enabled: bool,
     ) -> Self {
         Self {
             store,
             counters,
             clock,
             default_plan,
+            enabled,
             alerted: Arc::default(),
         }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
     }
 
     pub fn now(&self) -> Timestamp {
@@ -128,7 +137,8 @@ impl Metering {
                 plan.max_artifact_bytes,
             )?;
         }
-        if plan.overage_policy == OveragePolicy::Bill
+        if self.enabled
+            && plan.overage_policy == OveragePolicy::Bill
             && let Some(cap) = record.controls.spend_cap_micros
         {
             let projected = self
@@ -149,7 +159,7 @@ impl Metering {
             metering: self.clone(),
             project: record.project_id.clone(),
             plan_id: plan.id.clone(),
-            limit: storage_limit(record),
+            limit: storage_limit(record).filter(|_| self.enabled),
             max_size,
             server_max_bytes,
             plan_max_bytes: plan.max_artifact_bytes,
@@ -170,6 +180,9 @@ impl Metering {
 
     /// Artifacts ended by a delete stop counting against limits at once.
     pub async fn on_deleted(&self, project: &ProjectId, bytes: i64) {
+        if !self.enabled {
+            return;
+        }
         self.counters.settle(project.as_str(), 0, -bytes).await;
     }
 
@@ -182,7 +195,7 @@ impl Metering {
     /// included quota.
     pub async fn admit_pull(&self, record: &ProjectRecord, bytes: i64) -> Result<(), Error> {
         let plan = &record.plan;
-        if plan.overage_policy != OveragePolicy::Block {
+        if !self.enabled || plan.overage_policy != OveragePolicy::Block {
             return Ok(());
         }
         let included = plan.included_egress_gib.saturating_mul(GIB);
@@ -222,6 +235,9 @@ impl Metering {
         project: &ProjectId,
         chunks: BoxStream<'static, Result<Bytes, Error>>,
     ) -> BoxStream<'static, Result<Bytes, Error>> {
+        if !self.enabled {
+            return chunks;
+        }
         Box::pin(MeteredPull {
             inner: chunks,
             meter: EgressMeter {
@@ -633,6 +649,9 @@ impl Reservation {
     /// The push committed `size` bytes: they now count as stored.
     pub async fn settle(mut self, size: i64) {
         self.settled = true;
+        if !self.metering.enabled {
+            return;
+        }
         let counters = self.metering.counters.clone();
         counters
             .settle(self.project.as_str(), self.reserved, size)

@@ -28,6 +28,8 @@ pub struct NewArtifact {
     pub created_at: Timestamp,
     pub expires_at: Option<Timestamp>,
     pub upload_id: String,
+    /// Write the ingress usage event (metering on).
+    pub record_ingress: bool,
 }
 
 /// How a push transaction ended.
@@ -140,15 +142,17 @@ impl Store {
 
         // Ingress is the bytes of a successful push, recorded with it; the id is the
         // upload's, so the row exists exactly when the artifact does.
-        usage_event::Entity::insert(usage_event::ActiveModel {
-            id: Set(format!("push:{}", new.upload_id)),
-            project_id: Set(new.scope.project().as_str().to_owned()),
-            meter: Set("ingress".to_owned()),
-            bytes: Set(new.size),
-            occurred_at: Set(now),
-        })
-        .exec_without_returning(&txn)
-        .await?;
+        if new.record_ingress {
+            usage_event::Entity::insert(usage_event::ActiveModel {
+                id: Set(format!("push:{}", new.upload_id)),
+                project_id: Set(new.scope.project().as_str().to_owned()),
+                meter: Set("ingress".to_owned()),
+                bytes: Set(new.size),
+                occurred_at: Set(now),
+            })
+            .exec_without_returning(&txn)
+            .await?;
+        }
 
         if let Some(key) = idempotency_key {
             push_idempotency::Entity::insert(push_idempotency::ActiveModel {
