@@ -31,6 +31,7 @@ on_both_backends!(
     egress_quota_blocks_pulls_on_block_plans,
     daily_usage_and_projects_usage,
     plans_can_be_managed_and_assigned,
+    bills_stay_exact_when_history_is_written_behind_cached_days,
 );
 
 const GIB: i64 = 1 << 30;
@@ -1144,5 +1145,38 @@ async fn redis_down_falls_back_to_the_database() {
     .await
     .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
+    server.stop().await;
+}
+
+/// Bills of past days are cached; a write dated before them (a clock set back) must not
+/// leave a stale figure behind.
+async fn bills_stay_exact_when_history_is_written_behind_cached_days(backend: Backend) {
+    let Some(server) = TestServer::start_metered(backend, |_| {}).await else {
+        return;
+    };
+    let mut c = clients(&server).await;
+    put_on_plan(
+        &mut c,
+        "tt",
+        metered_plan("per-gib", pb::OveragePolicy::Bill, None),
+    )
+    .await;
+    server.clock.set(at(2026, 11, 10, 0));
+    record_artifact(&server, "tt", "a", GIB).await;
+    server.clock.set(at(2026, 11, 20, 0));
+    // 1 GiB × 10 days of a 30-day month.
+    assert_eq!(
+        bill(&mut c, "tt", "2026-11").await.line_items[0].usage,
+        "0.333333"
+    );
+    server.clock.set(at(2026, 11, 5, 0));
+    record_artifact(&server, "tt", "b", 2 * GIB).await;
+    server.clock.set(at(2026, 11, 20, 0));
+    // + 2 GiB × 15 days: 40 GiB-days / 30 = 1.333333.
+    let b = bill(&mut c, "tt", "2026-11").await;
+    assert_eq!(b.line_items[0].usage, "1.333333");
+    let u = usage(&mut c, "tt", at(2026, 11, 1, 0), at(2026, 11, 20, 0)).await;
+    assert_eq!(u.stored_bytes, 3 * GIB);
+    assert_eq!(u.live_artifacts, 2);
     server.stop().await;
 }

@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261122_000001_core;
 mod m20261122_000002_metering;
+mod m20261122_000003_storage_snapshots;
 
 pub struct Migrator;
 
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261122_000001_core::Migration),
             Box::new(m20261122_000002_metering::Migration),
+            Box::new(m20261122_000003_storage_snapshots::Migration),
         ]
     }
 }

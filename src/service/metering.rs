@@ -386,7 +386,7 @@ impl Metering {
         Ok(MonthUsage {
             storage_byte_micros: self
                 .store
-                .storage_byte_micros(project, month.start(), end)
+                .storage_byte_micros(project, month.start(), end, self.clock.now())
                 .await?,
             egress_bytes: self
                 .store
@@ -411,7 +411,10 @@ impl Metering {
         let mut parts = Vec::new();
         let mut total = 0i128;
         for (month, start, end) in split_by_month(from, to) {
-            let bm = self.store.storage_byte_micros(project, start, end).await?;
+            let bm = self
+                .store
+                .storage_byte_micros(project, start, end, self.clock.now())
+                .await?;
             total += bm;
             parts.push((month, bm));
         }

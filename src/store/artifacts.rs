@@ -165,6 +165,8 @@ impl Store {
             .exec_without_returning(&txn)
             .await?;
         }
+        self.forget_snapshots(&txn, new.scope.project(), new.created_at)
+            .await?;
         txn.commit().await?;
 
         Ok(PushCommit::Created {
@@ -290,6 +292,11 @@ impl Store {
             .exec_with_returning(&self.db)
             .await
             .map_err(db_error)?;
+        if !ended.is_empty() {
+            self.forget_snapshots(&self.db, scope.project(), now)
+                .await
+                .map_err(db_error)?;
+        }
         let bytes = ended.iter().map(|a| a.size).sum();
         Ok((ended.len() as i64, bytes))
     }

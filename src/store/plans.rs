@@ -215,6 +215,9 @@ impl Store {
             .exec(&self.db)
             .await
             .map_err(db_error)?;
+        self.forget_snapshots(&self.db, project, Timestamp::from_micros(now))
+            .await
+            .map_err(db_error)?;
         Ok(future.rows_affected + past.rows_affected)
     }
 

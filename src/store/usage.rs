@@ -10,7 +10,7 @@ use sea_orm::{
 
 use super::entities::{usage_alert, usage_event};
 use super::{Store, db_error};
-use crate::domain::metering::{Meter, StorageInterval, byte_micros};
+use crate::domain::metering::{DAY_MICROS, Meter, StorageInterval, byte_micros, day_start};
 use crate::domain::{Error, ProjectId, Timestamp};
 
 /// A recorded threshold crossing.
@@ -116,37 +116,258 @@ impl Store {
     }
 
     /// Σ size × |[created_at, billing_end) ∩ [from, to)| over the project's artifacts, in
-    /// byte-microseconds.
+    /// byte-microseconds. `now` bounds what may be cached (only the past).
+    ///
+    /// On Postgres, whole past days come from `storage_days` (computed once), and partial or
+    /// current days from the snapshot at the day's start plus that day's creations and
+    /// endings, so the cost follows recent activity, not the project's history. SQLite scans
+    /// the overlapping rows and sums in i128.
     pub async fn storage_byte_micros(
         &self,
         project: &ProjectId,
         from: Timestamp,
         to: Timestamp,
+        now: Timestamp,
     ) -> Result<i128, Error> {
-        if self.db.get_database_backend() == DbBackend::Postgres {
-            let row = self
-                .db
-                .query_one_raw(self.statement(
-                    "SELECT COALESCE(SUM(size::numeric * (LEAST(COALESCE(billing_end, $1), $1) \
-                     - GREATEST(created_at, $2))), 0)::text FROM artifacts \
-                     WHERE project_id = $3 AND created_at < $1 \
-                     AND (billing_end IS NULL OR billing_end > $2)",
+        if to <= from {
+            return Ok(0);
+        }
+        if self.db.get_database_backend() != DbBackend::Postgres {
+            let intervals = self.storage_intervals(project, from, to).await?;
+            return Ok(byte_micros(&intervals, from, to));
+        }
+        let first_day = day_start(from);
+        let mut total = 0i128;
+        // The head: from `from` to the end of its day (or `to`).
+        let head_end = first_day.saturating_add_micros(DAY_MICROS).min(to);
+        total += self
+            .byte_micros_since(project, first_day, head_end, now)
+            .await?
+            - self
+                .byte_micros_since(project, first_day, from, now)
+                .await?;
+        // Whole days after it.
+        let mut day = head_end;
+        let whole_end = day_start(to);
+        if day < whole_end {
+            let cached = self.cached_days(project, day, whole_end).await?;
+            while day < whole_end {
+                let next = day.saturating_add_micros(DAY_MICROS);
+                total += match cached.iter().find(|(d, _)| *d == day.as_micros()) {
+                    Some((_, value)) => *value,
+                    None => self.whole_day(project, day, now).await?,
+                };
+                day = next;
+            }
+        }
+        // The tail: the start of `to`'s day up to `to`.
+        if day < to {
+            total += self.byte_micros_since(project, day, to, now).await?;
+        }
+        Ok(total)
+    }
+
+    async fn cached_days(
+        &self,
+        project: &ProjectId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<(i64, i128)>, Error> {
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT day, byte_micros FROM storage_days WHERE project_id = ? AND day >= ? AND day < ?",
+                vec![project.as_str().into(), from.as_micros().into(), to.as_micros().into()],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                let day: i64 = r.try_get_by_index(0).map_err(db_error)?;
+                let text: String = r.try_get_by_index(1).map_err(db_error)?;
+                Ok((day, parse_integer(&text)?))
+            })
+            .collect()
+    }
+
+    /// Byte-microseconds of one whole day, remembered once the day is over.
+    async fn whole_day(
+        &self,
+        project: &ProjectId,
+        day: Timestamp,
+        now: Timestamp,
+    ) -> Result<i128, Error> {
+        let end = day.saturating_add_micros(DAY_MICROS);
+        let value = self.byte_micros_since(project, day, end, now).await?;
+        if end <= now {
+            self.db
+                .execute_raw(self.statement(
+                    "INSERT INTO storage_days (project_id, day, byte_micros) VALUES (?, ?, ?) \
+                     ON CONFLICT DO NOTHING",
                     vec![
-                        to.as_micros().into(),
-                        from.as_micros().into(),
                         project.as_str().into(),
+                        day.as_micros().into(),
+                        value.to_string().into(),
                     ],
                 ))
                 .await
-                .map_err(db_error)?
-                .ok_or_else(|| Error::Internal("SUM returned no row".into()))?;
-            let text: String = row.try_get_by_index(0).map_err(db_error)?;
-            return text
-                .parse()
-                .map_err(|_| Error::Internal(format!("storage sum {text:?} is not an integer")));
+                .map_err(db_error)?;
         }
-        let intervals = self.storage_intervals(project, from, to).await?;
-        Ok(byte_micros(&intervals, from, to))
+        Ok(value)
+    }
+
+    /// Byte-microseconds over `[anchor, to)` from the snapshot at `anchor` (a day start):
+    /// B(anchor)·(to − anchor) − Σ size·(to − end) of rows stored at the anchor that ended
+    /// before `to` + Σ size·(min(end, to) − created) of rows created after the anchor.
+    /// Products are split at 2^21 so each stays in int8 while Postgres sums them exactly.
+    async fn byte_micros_since(
+        &self,
+        project: &ProjectId,
+        anchor: Timestamp,
+        to: Timestamp,
+        now: Timestamp,
+    ) -> Result<i128, Error> {
+        if to <= anchor {
+            return Ok(0);
+        }
+        let (stored, _) = self.snapshot(project, anchor, now).await?;
+        let row = self
+            .db
+            .query_one_raw(self.statement(
+                "SELECT \
+                   (SELECT COALESCE(SUM((size >> 21) * ($3 - billing_end)) * 2097152 \
+                     + SUM((size & 2097151) * ($3 - billing_end)), 0) FROM artifacts \
+                    WHERE project_id = $1 AND billing_end > $2 AND billing_end < $3 \
+                    AND created_at <= $2)::text, \
+                   (SELECT COALESCE(SUM((size >> 21) * (LEAST(COALESCE(billing_end, $3), $3) - created_at)) * 2097152 \
+                     + SUM((size & 2097151) * (LEAST(COALESCE(billing_end, $3), $3) - created_at)), 0) \
+                    FROM artifacts WHERE project_id = $1 AND created_at > $2 AND created_at < $3)::text",
+                vec![
+                    project.as_str().into(),
+                    anchor.as_micros().into(),
+                    to.as_micros().into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| Error::Internal("storage sums returned no row".into()))?;
+        let ended = parse_integer(&row.try_get_by_index::<String>(0).map_err(db_error)?)?;
+        let created = parse_integer(&row.try_get_by_index::<String>(1).map_err(db_error)?)?;
+        let span = i128::from(to.as_micros() - anchor.as_micros());
+        Ok(i128::from(stored) * span - ended + created)
+    }
+
+    /// Bytes and artifacts stored at `at` (created at or before it, not ended by it). Day
+    /// starts not after `now` are remembered; a new one is derived from the latest earlier
+    /// snapshot plus the activity in between, so only the first ever scans the history.
+    async fn snapshot(
+        &self,
+        project: &ProjectId,
+        at: Timestamp,
+        now: Timestamp,
+    ) -> Result<(i64, i64), Error> {
+        let cacheable = at <= now && day_start(at) == at;
+        let previous = if cacheable {
+            self.db
+                .query_one_raw(self.statement(
+                    "SELECT at, bytes, artifacts FROM storage_snapshots \
+                     WHERE project_id = ? AND at <= ? ORDER BY at DESC LIMIT 1",
+                    vec![project.as_str().into(), at.as_micros().into()],
+                ))
+                .await
+                .map_err(db_error)?
+                .map(|row| -> Result<(i64, i64, i64), Error> {
+                    Ok((
+                        row.try_get_by_index(0).map_err(db_error)?,
+                        row.try_get_by_index(1).map_err(db_error)?,
+                        row.try_get_by_index(2).map_err(db_error)?,
+                    ))
+                })
+                .transpose()?
+        } else {
+            None
+        };
+        let figures = match previous {
+            Some((prev, bytes, count)) if prev == at.as_micros() => return Ok((bytes, count)),
+            Some((prev, bytes, count)) if at.as_micros() - prev <= 62 * DAY_MICROS => {
+                let (added, added_n, ended, ended_n) = self
+                    .stored_delta(project, Timestamp::from_micros(prev), at)
+                    .await?;
+                (bytes + added - ended, count + added_n - ended_n)
+            }
+            _ => {
+                let row = self
+                    .db
+                    .query_one_raw(self.statement(
+                        "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT), COUNT(*) FROM artifacts \
+                         WHERE project_id = ? AND created_at <= ? \
+                         AND (billing_end IS NULL OR billing_end > ?)",
+                        vec![
+                            project.as_str().into(),
+                            at.as_micros().into(),
+                            at.as_micros().into(),
+                        ],
+                    ))
+                    .await
+                    .map_err(db_error)?
+                    .ok_or_else(|| Error::Internal("SUM returned no row".into()))?;
+                (
+                    row.try_get_by_index(0).map_err(db_error)?,
+                    row.try_get_by_index(1).map_err(db_error)?,
+                )
+            }
+        };
+        if cacheable {
+            self.db
+                .execute_raw(self.statement(
+                    "INSERT INTO storage_snapshots (project_id, at, bytes, artifacts) \
+                     VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    vec![
+                        project.as_str().into(),
+                        at.as_micros().into(),
+                        figures.0.into(),
+                        figures.1.into(),
+                    ],
+                ))
+                .await
+                .map_err(db_error)?;
+        }
+        Ok(figures)
+    }
+
+    /// Between two instants: bytes and artifacts created after `from` and still stored at
+    /// `to`, and bytes and artifacts stored at `from` that ended by `to`.
+    async fn stored_delta(
+        &self,
+        project: &ProjectId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<(i64, i64, i64, i64), Error> {
+        let row = self
+            .db
+            .query_one_raw(self.statement(
+                "SELECT \
+                   (SELECT COALESCE(SUM(size), 0)::bigint FROM artifacts WHERE project_id = $1 \
+                    AND created_at > $2 AND created_at <= $3 \
+                    AND (billing_end IS NULL OR billing_end > $3)), \
+                   (SELECT COUNT(*) FROM artifacts WHERE project_id = $1 \
+                    AND created_at > $2 AND created_at <= $3 \
+                    AND (billing_end IS NULL OR billing_end > $3)), \
+                   (SELECT COALESCE(SUM(size), 0)::bigint FROM artifacts WHERE project_id = $1 \
+                    AND billing_end > $2 AND billing_end <= $3 AND created_at <= $2), \
+                   (SELECT COUNT(*) FROM artifacts WHERE project_id = $1 \
+                    AND billing_end > $2 AND billing_end <= $3 AND created_at <= $2)",
+                vec![
+                    project.as_str().into(),
+                    from.as_micros().into(),
+                    to.as_micros().into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| Error::Internal("stored sums returned no row".into()))?;
+        let get = |i| row.try_get_by_index::<i64>(i).map_err(db_error);
+        Ok((get(0)?, get(1)?, get(2)?, get(3)?))
     }
 
     /// The storage intervals of the project's artifacts that overlap `[from, to)`.
@@ -183,26 +404,44 @@ impl Store {
             .collect()
     }
 
-    /// Bytes and number of artifacts costing storage at `at`.
+    /// Bytes and number of artifacts costing storage at `at` (normally now). On Postgres:
+    /// the snapshot at the start of `at`'s day plus that day's creations, minus its endings.
     pub async fn stored_at(&self, project: &ProjectId, at: Timestamp) -> Result<(i64, i64), Error> {
-        let row = self
-            .db
-            .query_one_raw(self.statement(
-                "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT), COUNT(*) FROM artifacts \
-                 WHERE project_id = ? AND created_at <= ? AND (billing_end IS NULL OR billing_end > ?)",
-                vec![
-                    project.as_str().into(),
-                    at.as_micros().into(),
-                    at.as_micros().into(),
-                ],
-            ))
-            .await
-            .map_err(db_error)?
-            .ok_or_else(|| Error::Internal("SUM returned no row".into()))?;
-        Ok((
-            row.try_get_by_index(0).map_err(db_error)?,
-            row.try_get_by_index(1).map_err(db_error)?,
+        if self.db.get_database_backend() != DbBackend::Postgres {
+            // Not a day start, so computed directly and not cached.
+            return self
+                .snapshot(project, at, Timestamp::from_micros(i64::MIN))
+                .await;
+        }
+        let anchor = day_start(at);
+        let (bytes, count) = self.snapshot(project, anchor, at).await?;
+        let (added, added_n, ended, ended_n) = self.stored_delta(project, anchor, at).await?;
+        Ok((bytes + added - ended, count + added_n - ended_n))
+    }
+
+    /// Forgets rollups a write at `from` may change: snapshots at or after it and days
+    /// ending after it. In normal operation writes happen "now", after every rollup, and
+    /// this deletes nothing.
+    pub(crate) async fn forget_snapshots<C: ConnectionTrait>(
+        &self,
+        db: &C,
+        project: &ProjectId,
+        from: Timestamp,
+    ) -> Result<(), sea_orm::DbErr> {
+        db.execute_raw(self.statement(
+            "DELETE FROM storage_snapshots WHERE project_id = ? AND at >= ?",
+            vec![project.as_str().into(), from.as_micros().into()],
         ))
+        .await?;
+        db.execute_raw(self.statement(
+            "DELETE FROM storage_days WHERE project_id = ? AND day > ?",
+            vec![
+                project.as_str().into(),
+                (from.as_micros() - DAY_MICROS).into(),
+            ],
+        ))
+        .await
+        .map(|_| ())
     }
 
     /// Records a threshold crossing; `false` when it was already recorded.
@@ -276,7 +515,7 @@ impl Store {
 
     /// A statement written with `?` placeholders (or `$n` for Postgres-only SQL), numbered
     /// for Postgres.
-    fn statement(&self, sql: &str, values: Vec<Value>) -> Statement {
+    pub(crate) fn statement(&self, sql: &str, values: Vec<Value>) -> Statement {
         let backend = self.db.get_database_backend();
         let sql = if backend == DbBackend::Postgres && sql.contains('?') {
             let mut numbered = String::with_capacity(sql.len() + 8);
@@ -295,4 +534,10 @@ impl Store {
         };
         Statement::from_sql_and_values(backend, sql, values)
     }
+}
+
+fn parse_integer(text: &str) -> Result<i128, Error> {
+    // numeric sums of integers print without a fractional part.
+    text.parse()
+        .map_err(|_| Error::Internal(format!("storage sum {text:?} is not an integer")))
 }
