@@ -65,6 +65,20 @@ if grpcurl -plaintext -d "{\"scope\": $scope, \"path\": \"../x\"}" "$addr" artif
 fi
 grep -q "InvalidArgument" "$dir/err" || fail "bad path: $(cat "$dir/err")"
 
+# Billing: the push above is on the bill as ingress, and controls take a field mask.
+month=$(date -u +%Y-%m)
+bill=$(grpcurl -plaintext -d "{\"project_id\": \"demo\", \"month\": \"$month\"}" "$addr" artifactd.v1.UsageService/GetBill)
+grep -q '"planId": "free"' <<<"$bill" || fail "bill: $bill"
+grep -q '"usage": "0.000000"' <<<"$bill" || fail "bill usage: $bill"
+controls=$(grpcurl -plaintext -d '{"project_id": "demo", "controls": {"retention_job_days": 7, "alert_thresholds": [50, 80]}, "update_mask": {"paths": ["retention_job_days", "alert_thresholds"]}}' \
+  "$addr" artifactd.v1.UsageControlService/UpdateUsageControls)
+grep -q '"retentionJobDays": 7' <<<"$controls" || fail "controls: $controls"
+if grpcurl -plaintext -d '{"project_id": "demo", "controls": {"retention_job_days": 31}, "update_mask": {"paths": ["retention_job_days"]}}' \
+  "$addr" artifactd.v1.UsageControlService/UpdateUsageControls 2>"$dir/err"; then
+  fail "retention beyond the plan was accepted"
+fi
+grep -q "plan's maximum retention" "$dir/err" || fail "retention: $(cat "$dir/err")"
+
 kill -TERM "$pid"
 status=0
 wait "$pid" || status=$?
