@@ -1,5 +1,8 @@
-//! `artifactd-bench`: how much of the gRPC transport's throughput artifactd keeps, and how
-//! much memory it needs under many concurrent uploads.
+//! `artifactd-bench`: how much of the gRPC transport's throughput artifactd keeps, how much
+//! memory it needs under many concurrent uploads, how fast it bills a long history and how
+//! many small pushes it takes with metering on.
+//!
+//! # `throughput`
 //!
 //! `artifactd-bench throughput` starts two child processes on 127.0.0.1:
 //!
@@ -32,8 +35,37 @@
 //! no time generating data; each upload starts at its own place in the pool and has its own
 //! first chunk, so every upload has a distinct digest and none is deduplicated.
 //!
+//! # `getbill`
+//!
+//! `artifactd-bench getbill` measures **GetBill latency for a project with a long history**
+//! (target: median ≤ 50 ms on Postgres with 1,000,000 artifacts). It creates a fresh Postgres
+//! database through `--database-admin-url`, migrates it with `artifactd migrate`, and fills
+//! it with one `INSERT … SELECT … FROM generate_series` (far faster than pushing): project
+//! `big` on the `team` plan, `--artifacts` artifacts created evenly over the 365 days before
+//! now, of 1 kB to 5 MB each. Every tenth artifact is still live; the others were deleted
+//! 30 days after they were created (those less than 30 days old are still live too, so no
+//! timestamp lies in the future). It then starts `artifactd` on that database and times
+//! `UsageService/GetBill` sequentially, `--calls` times for the current month (open: usage to
+//! date plus a projection) and `--calls` times for the previous, closed month, after 3
+//! uncounted warm-up calls each, and prints median, p90 and max per month. The database is
+//! dropped at the end, on error too.
+//!
+//! # `pushrate`
+//!
+//! `artifactd-bench pushrate` measures **small-push throughput with metering and enforcement
+//! on** (target: ≥ 2,000 pushes/s of 4 KiB with 32 concurrent clients on Postgres + Redis),
+//! and the same with metering off for comparison. For each mode it creates a fresh Postgres
+//! database and Redis key prefix and starts `artifactd` with its default settings otherwise
+//! (blob fsync on, local blob directory). With metering on, projects get the `free` plan,
+//! whose overage policy is *block* with a 2 GiB storage limit, so every push reserves quota
+//! and is checked against the limit (a 10 s run stores well under 2 GiB). Each of `--clients`
+//! clients has its own connection and pushes distinct content (no deduplication) to its own
+//! job scope, one header and one chunk per push, back to back; pushes completing in the
+//! `--seconds` after a 1 s warm-up are counted. The databases and Redis keys are removed at
+//! the end.
+//!
 //! Build both binaries first, in release mode:
-//! `cargo build --release --bins && target/release/artifactd-bench throughput`.
+//! `cargo build --release --bins && target/release/artifactd-bench <subcommand>`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -44,16 +76,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail, ensure};
+use artifactd::domain::Timestamp;
+use artifactd::domain::metering::Month;
 use artifactd::pb::bench::bare_stream_client::BareStreamClient;
 use artifactd::pb::bench::bare_stream_server::{BareStream, BareStreamServer};
 use artifactd::pb::bench::{Chunk, SinkResult, SourceRequest};
 use artifactd::pb::v1::artifact_service_client::ArtifactServiceClient;
+use artifactd::pb::v1::usage_service_client::UsageServiceClient;
 use artifactd::pb::v1::{
-    PullRequest, PushHeader, PushRequest, Scope, ScopeKind, pull_response, push_request,
+    Bill, GetBillRequest, PullRequest, PushHeader, PushRequest, Scope, ScopeKind, pull_response,
+    push_request,
 };
 use bytes::Bytes;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use futures::stream::{self, BoxStream, StreamExt};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
@@ -81,6 +118,29 @@ const DISK_HEADROOM: f64 = 1.25;
 /// How long a child server may take to become ready.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// GetBill target: median latency, in milliseconds.
+const GETBILL_TARGET_MS: f64 = 50.0;
+/// Uncounted GetBill calls per month before the measured ones.
+const GETBILL_WARMUP_CALLS: u32 = 3;
+/// The project `getbill` fills, and its plan.
+const BIG_PROJECT: &str = "big";
+const BIG_PLAN: &str = "team";
+/// How far back the generated history reaches, and how long a deleted artifact lived.
+const HISTORY_DAYS: i64 = 365;
+const ARTIFACT_LIFE_DAYS: i64 = 30;
+const DAY_MICROS: i64 = 86_400 * 1_000_000;
+/// SHA-256 of the empty string: the one blob every generated artifact points at.
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+/// pushrate target with metering on, in pushes per second.
+const PUSHRATE_TARGET: f64 = 2000.0;
+/// Pushes before the pushrate window opens, not counted.
+const PUSHRATE_WARMUP: Duration = Duration::from_secs(1);
+/// Plan projects get in pushrate: block overage, 2 GiB storage limit.
+const PUSHRATE_PLAN: &str = "free";
+/// Defaults of `--database-admin-url` and `--redis-url` (the same variables as the tests).
+const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
 const PROJECT: &str = "bench";
 const JOB: &str = "j1";
 const THROUGHPUT_PATH: &str = "throughput/1gib.bin";
@@ -89,7 +149,7 @@ const THROUGHPUT_PATH: &str = "throughput/1gib.bin";
 const USAGE_NOTE: &str = "Both binaries must be built, in release mode; `cargo run --bin \
     artifactd-bench` builds only this one, so use:
 
-    cargo build --release --bins && target/release/artifactd-bench throughput
+    cargo build --release --bins && target/release/artifactd-bench <subcommand>
 
 Scratch data (up to ~20 GiB for the memory phase) goes under the system temp directory; set \
 TMPDIR to put it on the disk you want to measure.";
@@ -97,8 +157,9 @@ TMPDIR to put it on the disk you want to measure.";
 #[derive(Debug, Parser)]
 #[command(
     name = "artifactd-bench",
-    about = "Measures artifactd's Push/Pull throughput against a bare gRPC stream, and its \
-             memory under concurrent pushes",
+    about = "Measures artifactd's Push/Pull throughput against a bare gRPC stream, its \
+             memory under concurrent pushes, GetBill latency over a long history and the rate \
+             of small pushes with metering on",
     after_help = USAGE_NOTE
 )]
 struct Cli {
@@ -111,6 +172,12 @@ enum BenchCommand {
     /// Push/Pull throughput against the bare stream, then peak memory under concurrent pushes.
     #[command(after_help = USAGE_NOTE)]
     Throughput(ThroughputArgs),
+    /// GetBill latency on Postgres for a project with a long artifact history.
+    #[command(name = "getbill", after_help = USAGE_NOTE)]
+    GetBill(GetBillArgs),
+    /// Small pushes per second from many clients on Postgres + Redis, metering on and off.
+    #[command(name = "pushrate", after_help = USAGE_NOTE)]
+    PushRate(PushRateArgs),
     /// Serve the bare `artifactd.bench.v1.BareStream` baseline (started by `throughput`).
     #[command(hide = true)]
     ServeBare {
@@ -147,10 +214,52 @@ struct ThroughputArgs {
     mem_pushes: u32,
 }
 
+#[derive(Debug, Clone, Args)]
+struct GetBillArgs {
+    /// Postgres URL with the right to create and drop databases; the benchmark's own database
+    /// is created next to the one it names.
+    #[arg(long, env = "TEST_DATABASE_URL", default_value = DEFAULT_ADMIN_URL, hide_env_values = true)]
+    database_admin_url: String,
+
+    /// Artifacts in the project's history.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    artifacts: u64,
+
+    /// Timed GetBill calls per month.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    calls: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+struct PushRateArgs {
+    /// Postgres URL with the right to create and drop databases; the benchmark's own databases
+    /// are created next to the one it names.
+    #[arg(long, env = "TEST_DATABASE_URL", default_value = DEFAULT_ADMIN_URL, hide_env_values = true)]
+    database_admin_url: String,
+
+    /// Redis for artifactd's hot quota figures (keys under a fresh prefix, removed at the end).
+    #[arg(long, env = "TEST_REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
+    redis_url: String,
+
+    /// Concurrent clients, each with its own connection.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    clients: u32,
+
+    /// Length of the measured window, after a 1 s warm-up.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    seconds: u64,
+
+    /// Bytes per push, sent as one chunk (at least 8: a counter keeps every push distinct).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(8..=1024 * 1024))]
+    size: u64,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         BenchCommand::Throughput(args) => throughput(&args),
+        BenchCommand::GetBill(args) => getbill(&args),
+        BenchCommand::PushRate(args) => pushrate(&args),
         BenchCommand::ServeBare { listen } => serve_bare(listen),
     };
     match result {
@@ -173,13 +282,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 // The whole run
 // ---------------------------------------------------------------------------------------------
 
-fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
+/// Warns that a debug build's numbers mean little.
+fn warn_if_debug(subcommand: &str) {
     if cfg!(debug_assertions) {
         eprintln!(
             "warning: this is a debug build; numbers mean little. Use `cargo build --release \
-             --bins && target/release/artifactd-bench throughput`."
+             --bins && target/release/artifactd-bench {subcommand}`."
         );
     }
+}
+
+fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
+    warn_if_debug("throughput");
     let total = args.total_mib * MIB;
     let chunk_size = usize::try_from(args.chunk_kib * KIB).context("chunk size")?;
     let server_exe = artifactd_exe()?;
@@ -192,13 +306,24 @@ fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
     let http_port = free_port()?;
     let bare_port = free_port()?;
 
-    let mut server = spawn_artifactd(
-        &server_exe,
-        scratch.path(),
-        grpc_port,
-        http_port,
-        args.fsync,
-    )?;
+    let env = [
+        (
+            "DATABASE_URL",
+            format!("sqlite://{}", scratch.path().join("artifactd.db").display()),
+        ),
+        (
+            "ARTIFACTD_BLOB_URL",
+            format!("file://{}", scratch.path().join("blobs").display()),
+        ),
+        (
+            "ARTIFACTD_MAX_ARTIFACT_BYTES",
+            MAX_ARTIFACT_BYTES.to_string(),
+        ),
+        ("ARTIFACTD_BLOB_FSYNC", args.fsync.to_string()),
+        // The bench moves tens of GiB: the enterprise plan's limits let it, `free` would not.
+        ("ARTIFACTD_DEFAULT_PLAN", "enterprise".to_owned()),
+    ];
+    let mut server = spawn_artifactd(&server_exe, grpc_port, http_port, &env)?;
     let mut bare = spawn_bare(bare_port)?;
     wait_ready_http(&mut server, http_port)?;
     wait_ready_tcp(&mut bare, bare_port)?;
@@ -298,41 +423,83 @@ impl Drop for ChildGuard {
     }
 }
 
-fn spawn_artifactd(
-    exe: &Path,
-    scratch: &Path,
-    grpc_port: u16,
-    http_port: u16,
-    fsync: bool,
-) -> anyhow::Result<ChildGuard> {
-    let child = Command::new(exe)
-        .env("ARTIFACTD_GRPC_LISTEN", format!("127.0.0.1:{grpc_port}"))
-        .env("ARTIFACTD_HTTP_LISTEN", format!("127.0.0.1:{http_port}"))
-        .env(
-            "DATABASE_URL",
-            format!("sqlite://{}", scratch.join("artifactd.db").display()),
-        )
-        .env(
-            "ARTIFACTD_BLOB_URL",
-            format!("file://{}", scratch.join("blobs").display()),
-        )
-        .env(
-            "ARTIFACTD_MAX_ARTIFACT_BYTES",
-            MAX_ARTIFACT_BYTES.to_string(),
-        )
-        .env("ARTIFACTD_BLOB_FSYNC", fsync.to_string())
-        // The bench moves tens of GiB: the enterprise plan's limits let it, `free` would not.
-        .env("ARTIFACTD_DEFAULT_PLAN", "enterprise")
+/// Settings an `artifactd` child takes from this process's environment: cleared, so that
+/// only what a benchmark passes explicitly applies.
+fn is_artifactd_setting(name: &std::ffi::OsStr) -> bool {
+    let name = name.to_string_lossy();
+    name.starts_with("ARTIFACTD_") || name == "DATABASE_URL" || name == "REDIS_URL"
+}
+
+/// The `artifactd` binary configured by `env` alone (on top of its defaults): inherited
+/// artifactd settings are removed, logs go to this process's stderr at `warn`.
+fn artifactd_command(exe: &Path, env: &[(&str, String)]) -> Command {
+    let mut command = Command::new(exe);
+    for (name, _) in std::env::vars_os() {
+        if is_artifactd_setting(&name) {
+            command.env_remove(name);
+        }
+    }
+    command
+        .envs(env.iter().map(|(name, value)| (*name, value.as_str())))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    command
+}
+
+/// Starts the `artifactd` server on 127.0.0.1 (`grpc_port`, `http_port`), configured by
+/// `env` (database, blob store, plan, …) on top of its defaults.
+fn spawn_artifactd(
+    exe: &Path,
+    grpc_port: u16,
+    http_port: u16,
+    env: &[(&str, String)],
+) -> anyhow::Result<ChildGuard> {
+    let child = artifactd_command(exe, env)
+        .env("ARTIFACTD_GRPC_LISTEN", format!("127.0.0.1:{grpc_port}"))
+        .env("ARTIFACTD_HTTP_LISTEN", format!("127.0.0.1:{http_port}"))
         .spawn()
         .with_context(|| format!("starting {}", exe.display()))?;
     Ok(ChildGuard {
         name: "artifactd",
         child,
     })
+}
+
+/// An `artifactd` server child, ready to serve, and the port of its gRPC API.
+struct Server {
+    child: ChildGuard,
+    grpc_port: u16,
+}
+
+impl Server {
+    /// Starts `artifactd` with `env` on free ports and waits until /readyz answers 200.
+    fn start(exe: &Path, env: &[(&str, String)]) -> anyhow::Result<Self> {
+        let grpc_port = free_port()?;
+        let http_port = free_port()?;
+        let mut child = spawn_artifactd(exe, grpc_port, http_port, env)?;
+        wait_ready_http(&mut child, http_port)?;
+        Ok(Self { child, grpc_port })
+    }
+
+    /// Kills the server now and waits for it to be gone.
+    fn stop(self) {
+        drop(self.child);
+    }
+}
+
+/// Runs `artifactd migrate` with `env` and waits for it to finish.
+fn migrate_with_artifactd(exe: &Path, env: &[(&str, String)]) -> anyhow::Result<()> {
+    let status = artifactd_command(exe, env)
+        .arg("migrate")
+        .status()
+        .with_context(|| format!("running {} migrate", exe.display()))?;
+    ensure!(
+        status.success(),
+        "`artifactd migrate` failed ({status}); see its log above"
+    );
+    Ok(())
 }
 
 fn spawn_bare(port: u16) -> anyhow::Result<ChildGuard> {
@@ -927,6 +1094,723 @@ fn print_memory(pushes: u32, file_bytes: u64, memory: &MemoryResult) {
         RSS_SAMPLE_EVERY.as_millis(),
         mib(memory.hwm_kib)
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Postgres databases and Redis key prefixes of one run
+// ---------------------------------------------------------------------------------------------
+
+/// A short random lowercase hex tag for the names a run creates.
+fn random_tag() -> String {
+    let mut tag = uuid::Uuid::new_v4().simple().to_string();
+    tag.truncate(12);
+    tag
+}
+
+/// `url` without user, password, path or query, for messages.
+fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority = rest.split(['/', '?']).next().unwrap_or_default();
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
+            format!("{scheme}://{host}")
+        }
+        None => "(not a URL)".to_owned(),
+    }
+}
+
+/// `admin_url` naming database `name` instead: same scheme, credentials, host and options.
+fn database_url(admin_url: &str, name: &str) -> anyhow::Result<String> {
+    let (base, query) = match admin_url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (admin_url, None),
+    };
+    let (scheme, rest) = base
+        .split_once("://")
+        .ok_or_else(|| anyhow!("the database admin URL is not a URL"))?;
+    ensure!(
+        matches!(scheme, "postgres" | "postgresql"),
+        "the database admin URL must be a postgres:// URL, not {scheme}://"
+    );
+    let authority = rest.split('/').next().unwrap_or_default();
+    let mut url = format!("{scheme}://{authority}/{name}");
+    if let Some(query) = query {
+        url.push('?');
+        url.push_str(query);
+    }
+    Ok(url)
+}
+
+/// One connection to the Postgres database at `url`.
+async fn connect_postgres(url: &str) -> anyhow::Result<DatabaseConnection> {
+    let mut options = ConnectOptions::new(url);
+    options
+        .max_connections(1)
+        .connect_timeout(Duration::from_secs(10))
+        .sqlx_logging(false);
+    Database::connect(options)
+        .await
+        .with_context(|| format!("connecting to Postgres at {}", redact(url)))
+}
+
+/// Runs `task` to completion on a thread of its own with its own runtime, so that `Drop` can
+/// await whether or not it runs inside a runtime.
+fn run_aside<F>(task: F) -> anyhow::Result<()>
+where
+    F: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a tokio runtime")?
+            .block_on(task)
+    })
+    .join()
+    .map_err(|_| anyhow!("the clean-up thread panicked"))?
+}
+
+/// A fresh Postgres database, created through the admin URL and dropped `WITH (FORCE)` (so
+/// that no lingering connection keeps it) when the guard is dropped, on success and on every
+/// error path alike.
+struct ScratchDatabase {
+    admin_url: String,
+    name: String,
+    /// The URL of the new database.
+    url: String,
+}
+
+impl ScratchDatabase {
+    async fn create(admin_url: &str) -> anyhow::Result<Self> {
+        let name = format!("artifactd_bench_{}", random_tag());
+        let url = database_url(admin_url, &name)?;
+        let admin = connect_postgres(admin_url).await?;
+        let created = admin
+            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .with_context(|| format!("creating database {name}"));
+        let _ = admin.close().await;
+        created?;
+        Ok(Self {
+            admin_url: admin_url.to_owned(),
+            name,
+            url,
+        })
+    }
+}
+
+impl Drop for ScratchDatabase {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        let dropped = run_aside(async move {
+            let admin = connect_postgres(&admin_url).await?;
+            let dropped = admin.execute_unprepared(&sql).await;
+            let _ = admin.close().await;
+            dropped?;
+            Ok(())
+        });
+        if let Err(e) = dropped {
+            eprintln!("warning: could not drop database {}: {e:#}", self.name);
+        }
+    }
+}
+
+async fn connect_redis(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(url)
+        .with_context(|| format!("parsing the Redis URL {}", redact(url)))?;
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .with_context(|| format!("connecting to Redis at {}", redact(url)))
+}
+
+/// A fresh Redis key prefix; every key under it is deleted when the guard is dropped.
+struct ScratchRedisPrefix {
+    url: String,
+    prefix: String,
+}
+
+impl ScratchRedisPrefix {
+    /// Checks that Redis answers, so that a missing Redis fails here and plainly.
+    async fn create(url: &str) -> anyhow::Result<Self> {
+        let mut connection = connect_redis(url).await?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut connection)
+            .await
+            .with_context(|| format!("PING to Redis at {}", redact(url)))?;
+        Ok(Self {
+            url: url.to_owned(),
+            prefix: format!("bench-{}:", random_tag()),
+        })
+    }
+}
+
+impl Drop for ScratchRedisPrefix {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        // The prefix is `bench-<hex>:`, with no glob characters.
+        let pattern = format!("{}*", self.prefix);
+        let removed = run_aside(async move {
+            let mut connection = connect_redis(&url).await?;
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query_async(&mut connection)
+                .await?;
+            if !keys.is_empty() {
+                let _: i64 = redis::cmd("DEL")
+                    .arg(&keys)
+                    .query_async(&mut connection)
+                    .await?;
+            }
+            Ok(())
+        });
+        if let Err(e) = removed {
+            eprintln!(
+                "warning: could not remove the Redis keys {}*: {e:#}",
+                self.prefix
+            );
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch, now.
+fn now_micros() -> anyhow::Result<i64> {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .context("the system clock is before 1970")?;
+    i64::try_from(since_epoch.as_micros()).context("the system clock is out of range")
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+/// The `p`-th percentile (0 < p ≤ 100) of `sorted`, by nearest rank (the median of an even
+/// count is the lower middle value).
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted
+        .get(rank.saturating_sub(1))
+        .copied()
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// GetBill over a long history
+// ---------------------------------------------------------------------------------------------
+
+fn getbill(args: &GetBillArgs) -> anyhow::Result<()> {
+    warn_if_debug("getbill");
+    let server_exe = artifactd_exe()?;
+    let runtime = runtime()?;
+    let now = now_micros()?;
+    let current = Month::containing(Timestamp::from_micros(now));
+    let previous = Month::containing(current.start().saturating_add_micros(-1));
+
+    // Declared first so that it is dropped last, after the server is gone.
+    let database = runtime.block_on(ScratchDatabase::create(&args.database_admin_url))?;
+    eprintln!(
+        "getbill: database {} on {}",
+        database.name,
+        redact(&database.url)
+    );
+    let env = [
+        ("DATABASE_URL", database.url.clone()),
+        // GetBill reads no blob.
+        ("ARTIFACTD_BLOB_URL", "memory://".to_owned()),
+        ("ARTIFACTD_DEFAULT_PLAN", BIG_PLAN.to_owned()),
+    ];
+    migrate_with_artifactd(&server_exe, &env)?;
+    eprintln!(
+        "getbill: inserting {} artifacts into project {BIG_PROJECT}…",
+        args.artifacts
+    );
+    let history = runtime.block_on(populate_history(&database.url, args.artifacts, now))?;
+    print_history(args, &history);
+
+    let server = Server::start(&server_exe, &env)?;
+    let months = runtime.block_on(measure_getbill(
+        server.grpc_port,
+        &[current, previous],
+        args.calls,
+    ))?;
+    print_getbill(args, &months);
+
+    server.stop();
+    drop(runtime);
+    drop(database);
+    Ok(())
+}
+
+/// What `populate_history` wrote, and how long it took.
+struct History {
+    /// The blob, the artifacts and the project row.
+    insert: Duration,
+    vacuum_analyze: Duration,
+    artifacts: i64,
+    live: i64,
+    stored_bytes: i64,
+}
+
+/// Fills a freshly migrated database with project `big`'s history; see the module docs.
+async fn populate_history(url: &str, artifacts: u64, now_us: i64) -> anyhow::Result<History> {
+    let db = connect_postgres(url).await?;
+    let history = populate_with(&db, artifacts, now_us).await;
+    let _ = db.close().await;
+    history
+}
+
+async fn populate_with(
+    db: &DatabaseConnection,
+    artifacts: u64,
+    now_us: i64,
+) -> anyhow::Result<History> {
+    let span_us = HISTORY_DAYS * DAY_MICROS;
+    let start_us = now_us - span_us;
+    // At most one artifact per microsecond (enforced by `--artifacts`), so the step is ≥ 1.
+    let step_us = span_us / i64::try_from(artifacts).context("--artifacts")?;
+    let life_us = ARTIFACT_LIFE_DAYS * DAY_MICROS;
+    // Artifact i (1..=n) is created at start + i × step: the last one now.
+    let created = format!("({start_us} + i::bigint * {step_us})");
+    // Nine in ten are deleted 30 days after creation, unless that is still to come.
+    let ended = format!("(i % 10 <> 0 AND {created} + {life_us} <= {now_us})");
+    let ended_at = format!("CASE WHEN {ended} THEN {created} + {life_us} END");
+    let insert_artifacts = format!(
+        "INSERT INTO artifacts (project_id, scope_kind, scope_id, path, size, sha256, mode, \
+             created_at, expires_at, keep, deleted_at, end_reason, upload_id, billing_end) \
+         SELECT '{BIG_PROJECT}', 'job', 'j' || (i / 1000), 'f' || i, \
+             1000 + (i % 5000) * 1000, '{EMPTY_SHA256}', 420, {created}, NULL, false, \
+             {ended_at}, CASE WHEN {ended} THEN 'deleted' END, 'u' || i, {ended_at} \
+         FROM generate_series(1, {artifacts}) i"
+    );
+
+    let started = Instant::now();
+    db.execute_unprepared(&format!(
+        "INSERT INTO blobs (sha256, size, created_at) VALUES ('{EMPTY_SHA256}', 0, 0)"
+    ))
+    .await
+    .context("inserting the blob")?;
+    db.execute_unprepared(&insert_artifacts)
+        .await
+        .context("inserting the artifacts")?;
+    db.execute_unprepared(&format!(
+        "INSERT INTO projects (project_id, plan_id, alert_thresholds, created_at, updated_at) \
+         VALUES ('{BIG_PROJECT}', '{BIG_PLAN}', '', 0, 0)"
+    ))
+    .await
+    .context("inserting the project")?;
+    let insert = started.elapsed();
+
+    // Not in a transaction: execute_unprepared sends it on its own.
+    let started = Instant::now();
+    db.execute_unprepared("VACUUM ANALYZE artifacts")
+        .await
+        .context("VACUUM ANALYZE artifacts")?;
+    let vacuum_analyze = started.elapsed();
+
+    let counts = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT count(*) AS artifacts, \
+                 count(*) FILTER (WHERE deleted_at IS NULL) AS live, \
+                 COALESCE(sum(size) FILTER (WHERE deleted_at IS NULL), 0)::bigint AS stored \
+             FROM artifacts",
+        ))
+        .await
+        .context("counting the artifacts")?
+        .ok_or_else(|| anyhow!("counting the artifacts returned no row"))?;
+    Ok(History {
+        insert,
+        vacuum_analyze,
+        artifacts: counts.try_get("", "artifacts")?,
+        live: counts.try_get("", "live")?,
+        stored_bytes: counts.try_get("", "stored")?,
+    })
+}
+
+fn print_history(args: &GetBillArgs, history: &History) {
+    println!(
+        "history: project {BIG_PROJECT} (plan {BIG_PLAN}), {} artifacts created over the last \
+         {HISTORY_DAYS} days (~{:.0} per month); {} live now, {:.1} GB stored",
+        history.artifacts,
+        args.artifacts as f64 * 30.4375 / HISTORY_DAYS as f64,
+        history.live,
+        history.stored_bytes as f64 / 1e9
+    );
+    println!(
+        "populated in {:.1} s (one INSERT … generate_series {:.1} s, VACUUM ANALYZE {:.1} s)",
+        (history.insert + history.vacuum_analyze).as_secs_f64(),
+        history.insert.as_secs_f64(),
+        history.vacuum_analyze.as_secs_f64()
+    );
+}
+
+/// The timed GetBill calls for one month, sorted, and the last bill returned.
+struct MonthTimings {
+    month: Month,
+    latencies: Vec<Duration>,
+    bill: Bill,
+}
+
+async fn measure_getbill(
+    grpc_port: u16,
+    months: &[Month],
+    calls: u32,
+) -> anyhow::Result<Vec<MonthTimings>> {
+    let mut client = UsageServiceClient::new(connect(grpc_port).await?);
+    let mut results = Vec::with_capacity(months.len());
+    for &month in months {
+        let request = GetBillRequest {
+            project_id: BIG_PROJECT.into(),
+            month: month.to_string(),
+        };
+        for _ in 0..GETBILL_WARMUP_CALLS {
+            client
+                .get_bill(request.clone())
+                .await
+                .with_context(|| format!("GetBill {month} (warm-up)"))?;
+        }
+        let mut latencies = Vec::with_capacity(usize::try_from(calls).unwrap_or_default());
+        let mut bill = None;
+        for _ in 0..calls {
+            let started = Instant::now();
+            let response = client
+                .get_bill(request.clone())
+                .await
+                .with_context(|| format!("GetBill {month}"))?;
+            latencies.push(started.elapsed());
+            bill = Some(response.into_inner());
+        }
+        latencies.sort_unstable();
+        results.push(MonthTimings {
+            month,
+            latencies,
+            bill: bill.ok_or_else(|| anyhow!("no GetBill call was made for {month}"))?,
+        });
+    }
+    Ok(results)
+}
+
+/// Micro-units of a currency, as `12.34 USD`.
+fn money(micros: i64, currency: &str) -> String {
+    format!("{:.2} {currency}", micros as f64 / 1e6)
+}
+
+fn print_getbill(args: &GetBillArgs, months: &[MonthTimings]) {
+    println!(
+        "GetBill latency — Postgres, {} artifacts in the history, {} sequential calls per \
+         month after {GETBILL_WARMUP_CALLS} warm-up calls",
+        args.artifacts, args.calls
+    );
+    println!(
+        "{:<17} {:>9} {:>8} {:>8} {:>14}   target",
+        "month", "median ms", "p90 ms", "max ms", "bill total"
+    );
+    for timings in months {
+        let median = millis(percentile(&timings.latencies, 50.0));
+        let bill = &timings.bill;
+        let state = if bill.closed { "closed" } else { "open" };
+        println!(
+            "{:<17} {:>9.1} {:>8.1} {:>8.1} {:>14}   median ≤ {GETBILL_TARGET_MS:.0} ms  {}",
+            format!("{} ({state})", timings.month),
+            median,
+            millis(percentile(&timings.latencies, 90.0)),
+            millis(percentile(&timings.latencies, 100.0)),
+            money(bill.total_micros, &bill.currency),
+            verdict(median <= GETBILL_TARGET_MS)
+        );
+    }
+    for timings in months {
+        let bill = &timings.bill;
+        let lines: Vec<String> = bill
+            .line_items
+            .iter()
+            .map(|line| {
+                format!(
+                    "{} {} {} ({} billable, {})",
+                    line.meter,
+                    line.usage,
+                    line.unit,
+                    line.billable,
+                    money(line.amount_micros, &bill.currency)
+                )
+            })
+            .collect();
+        let projected = bill
+            .projected_total_micros
+            .map(|micros| format!("; projected total {}", money(micros, &bill.currency)))
+            .unwrap_or_default();
+        println!(
+            "  {} bill (plan {}): {}{projected}",
+            timings.month,
+            bill.plan_id,
+            lines.join(", ")
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small pushes per second
+// ---------------------------------------------------------------------------------------------
+
+/// Pushes counted in one pushrate run.
+#[derive(Debug, Default)]
+struct PushTally {
+    /// Successful pushes that completed inside the measured window.
+    pushes: u64,
+    /// Failed pushes over the whole run, warm-up included.
+    errors: u64,
+    /// Successful pushes in the window that were answered by deduplication (expected: none).
+    deduplicated: u64,
+    first_error: Option<String>,
+}
+
+impl PushTally {
+    fn add(&mut self, other: Self) {
+        self.pushes += other.pushes;
+        self.errors += other.errors;
+        self.deduplicated += other.deduplicated;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+}
+
+fn pushrate(args: &PushRateArgs) -> anyhow::Result<()> {
+    warn_if_debug("pushrate");
+    let server_exe = artifactd_exe()?;
+    let runtime = runtime()?;
+    let mut tallies = Vec::with_capacity(2);
+    for metering in [true, false] {
+        tallies.push((
+            metering,
+            pushrate_mode(args, &server_exe, &runtime, metering)?,
+        ));
+    }
+    print_pushrate(args, &tallies);
+    Ok(())
+}
+
+/// One pushrate run against a server of its own, on a fresh database and Redis prefix.
+fn pushrate_mode(
+    args: &PushRateArgs,
+    server_exe: &Path,
+    runtime: &tokio::runtime::Runtime,
+    metering: bool,
+) -> anyhow::Result<PushTally> {
+    // Declared first so that they are cleaned up last, after the server is gone.
+    let database = runtime.block_on(ScratchDatabase::create(&args.database_admin_url))?;
+    let redis = runtime.block_on(ScratchRedisPrefix::create(&args.redis_url))?;
+    let scratch = ScratchDir::create()?;
+    let env = [
+        ("DATABASE_URL", database.url.clone()),
+        ("REDIS_URL", args.redis_url.clone()),
+        ("ARTIFACTD_REDIS_PREFIX", redis.prefix.clone()),
+        ("ARTIFACTD_METERING", metering.to_string()),
+        ("ARTIFACTD_DEFAULT_PLAN", PUSHRATE_PLAN.to_owned()),
+        (
+            "ARTIFACTD_BLOB_URL",
+            format!("file://{}", scratch.path().join("blobs").display()),
+        ),
+    ];
+    eprintln!(
+        "pushrate: metering {}: database {} on {}, Redis {} prefix {}, blobs in {}",
+        on_off(metering),
+        database.name,
+        redact(&database.url),
+        redact(&args.redis_url),
+        redis.prefix,
+        scratch.path().display()
+    );
+    let server = Server::start(server_exe, &env)?;
+    let tally = runtime.block_on(measure_pushrate(args, server.grpc_port))?;
+    eprintln!(
+        "pushrate: metering {}: {} pushes in {} s, {} errors",
+        on_off(metering),
+        tally.pushes,
+        args.seconds,
+        tally.errors
+    );
+    server.stop();
+    drop(scratch);
+    drop(redis);
+    drop(database);
+    Ok(tally)
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on { "on" } else { "off" }
+}
+
+async fn measure_pushrate(args: &PushRateArgs, grpc_port: u16) -> anyhow::Result<PushTally> {
+    let size = usize::try_from(args.size).context("--size")?;
+    // Every client connects before the clock starts.
+    let mut clients = Vec::new();
+    for _ in 0..args.clients {
+        clients.push(artifact_client(connect(grpc_port).await?));
+    }
+    let window_start = Instant::now() + PUSHRATE_WARMUP;
+    let window_end = window_start + Duration::from_secs(args.seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (id, client) in (0_u64..).zip(clients) {
+        tasks.spawn(push_back_to_back(
+            client,
+            id,
+            size,
+            window_start,
+            window_end,
+        ));
+    }
+    let mut total = PushTally::default();
+    while let Some(joined) = tasks.join_next().await {
+        total.add(joined.context("a push task panicked")?);
+    }
+    Ok(total)
+}
+
+/// Client `id` pushing `size`-byte artifacts one after the other until `window_end`, to paths
+/// `f1`, `f2`, … of job scope `client-<id>`. Every push has distinct content: random bytes of
+/// this client's own, the first 8 stamped with the client and a counter.
+async fn push_back_to_back(
+    mut client: ArtifactServiceClient<Channel>,
+    id: u64,
+    size: usize,
+    window_start: Instant,
+    window_end: Instant,
+) -> PushTally {
+    let scope = Scope {
+        project_id: PROJECT.into(),
+        kind: ScopeKind::Job.into(),
+        id: format!("client-{id}"),
+    };
+    let mut content = pseudo_random(size, 1_000 + id);
+    let mut tally = PushTally::default();
+    let mut n: u64 = 0;
+    while Instant::now() < window_end {
+        n += 1;
+        content[..8].copy_from_slice(&((id << 40) | n).to_le_bytes());
+        let data = Bytes::copy_from_slice(&content);
+        let outcome = small_push(&mut client, &scope, format!("f{n}"), data).await;
+        let done = Instant::now();
+        let in_window = window_start <= done && done <= window_end;
+        match outcome {
+            Ok(deduplicated) if in_window => {
+                tally.pushes += 1;
+                tally.deduplicated += u64::from(deduplicated);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tally.errors += 1;
+                if tally.first_error.is_none() {
+                    tally.first_error = Some(format!("client {id}, push {n}: {e:#}"));
+                }
+            }
+        }
+    }
+    tally
+}
+
+/// One Push of `data` as a header (with `expected_size`) and a single chunk. Returns whether
+/// it was deduplicated.
+async fn small_push(
+    client: &mut ArtifactServiceClient<Channel>,
+    scope: &Scope,
+    path: String,
+    data: Bytes,
+) -> anyhow::Result<bool> {
+    let size = i64::try_from(data.len()).context("size")?;
+    let header = PushHeader {
+        scope: Some(scope.clone()),
+        path,
+        expected_size: Some(size),
+        ..Default::default()
+    };
+    let messages = stream::iter([
+        PushRequest {
+            msg: Some(push_request::Msg::Header(header)),
+        },
+        PushRequest {
+            msg: Some(push_request::Msg::Chunk(data)),
+        },
+    ]);
+    let response = client.push(messages).await?.into_inner();
+    let stored = response.artifact.map(|a| a.size).unwrap_or_default();
+    ensure!(
+        stored == size,
+        "artifactd stored {stored} bytes, {size} were sent"
+    );
+    Ok(response.deduplicated)
+}
+
+fn print_pushrate(args: &PushRateArgs, tallies: &[(bool, PushTally)]) {
+    let rate = |tally: &PushTally| tally.pushes as f64 / args.seconds as f64;
+    println!(
+        "artifactd push rate — {}-byte pushes (header with expected_size + one chunk), {} \
+         clients with a connection each, {} s window after {} s warm-up",
+        args.size,
+        args.clients,
+        args.seconds,
+        PUSHRATE_WARMUP.as_secs()
+    );
+    println!(
+        "server: Postgres ({}, a fresh database per run), Redis ({}, a fresh key prefix per \
+         run), default plan {PUSHRATE_PLAN} (block overage, 2 GiB storage limit), local blob \
+         directory under {}, every other setting default (blob fsync on)",
+        redact(&args.database_admin_url),
+        redact(&args.redis_url),
+        std::env::temp_dir().display()
+    );
+    println!(
+        "{:<9} {:>9} {:>7} {:>10} {:>7}   target",
+        "metering", "pushes", "errors", "pushes/s", "MB/s"
+    );
+    for (metering, tally) in tallies {
+        let target = if *metering {
+            format!(
+                "≥ {PUSHRATE_TARGET:.0}/s  {}",
+                verdict(rate(tally) >= PUSHRATE_TARGET)
+            )
+        } else {
+            "(comparison)".to_owned()
+        };
+        println!(
+            "{:<9} {:>9} {:>7} {:>10.1} {:>7.1}   {target}",
+            on_off(*metering),
+            tally.pushes,
+            tally.errors,
+            rate(tally),
+            rate(tally) * args.size as f64 / 1e6
+        );
+    }
+    let on = tallies.iter().find(|(metering, _)| *metering);
+    let off = tallies.iter().find(|(metering, _)| !*metering);
+    if let (Some((_, on)), Some((_, off))) = (on, off)
+        && off.pushes > 0
+    {
+        println!(
+            "metering on ÷ off: {:.2}×",
+            on.pushes as f64 / off.pushes as f64
+        );
+    }
+    for (metering, tally) in tallies {
+        if tally.deduplicated > 0 {
+            println!(
+                "note: metering {}: {} pushes were deduplicated",
+                on_off(*metering),
+                tally.deduplicated
+            );
+        }
+        if let Some(error) = &tally.first_error {
+            println!(
+                "first error (metering {}, of {}): {error}",
+                on_off(*metering),
+                tally.errors
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
