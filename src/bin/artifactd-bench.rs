@@ -252,6 +252,10 @@ struct PushRateArgs {
     /// Bytes per push, sent as one chunk (at least 8: a counter keeps every push distinct).
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(8..=1024 * 1024))]
     size: u64,
+
+    /// Have artifactd fsync each blob before committing it (ARTIFACTD_BLOB_FSYNC).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    fsync: bool,
 }
 
 fn main() -> ExitCode {
@@ -1610,6 +1614,7 @@ fn pushrate_mode(
         ("REDIS_URL", args.redis_url.clone()),
         ("ARTIFACTD_REDIS_PREFIX", redis.prefix.clone()),
         ("ARTIFACTD_METERING", metering.to_string()),
+        ("ARTIFACTD_BLOB_FSYNC", args.fsync.to_string()),
         ("ARTIFACTD_DEFAULT_PLAN", PUSHRATE_PLAN.to_owned()),
         (
             "ARTIFACTD_BLOB_URL",

@@ -19,6 +19,7 @@ use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, WriteMultipart};
+use sha2::Digest;
 use tokio::sync::mpsc;
 
 use crate::domain::{Error, Sha256};
@@ -77,7 +78,8 @@ impl BlobStore {
             }
             None => url,
         };
-        std::fs::create_dir_all(dir)
+        // The uploads directory exists up front, so an upload is one file creation.
+        std::fs::create_dir_all(std::path::Path::new(dir).join("uploads"))
             .map_err(|e| Error::blob_store(format!("cannot create {dir}: {e}")))?;
         let local = Arc::new(
             LocalFileSystem::new_with_prefix(dir)
@@ -106,10 +108,13 @@ impl BlobStore {
                     .put_multipart(&key)
                     .await
                     .map_err(Error::blob_store)?;
-                UploadSink::Multipart(Some(WriteMultipart::new_with_chunk_size(
-                    upload,
-                    MULTIPART_PART_BYTES,
-                )))
+                UploadSink::Multipart(
+                    Some(WriteMultipart::new_with_chunk_size(
+                        upload,
+                        MULTIPART_PART_BYTES,
+                    )),
+                    Hasher::start(),
+                )
             }
         };
         Ok(Upload {
@@ -207,8 +212,10 @@ pub struct Upload {
 }
 
 enum UploadSink {
+    /// Hashes and writes on one blocking thread.
     Local(LocalWriter),
-    Multipart(Option<WriteMultipart>),
+    /// Parts go to the object store; a blocking thread hashes alongside.
+    Multipart(Option<WriteMultipart>, Hasher),
 }
 
 impl Upload {
@@ -216,7 +223,8 @@ impl Upload {
     pub async fn write(&mut self, chunk: Bytes) -> Result<(), Error> {
         match &mut self.sink {
             UploadSink::Local(writer) => writer.write(chunk).await,
-            UploadSink::Multipart(Some(upload)) => {
+            UploadSink::Multipart(Some(upload), hasher) => {
+                hasher.update(chunk.clone()).await?;
                 upload
                     .wait_for_capacity(2)
                     .await
@@ -224,28 +232,75 @@ impl Upload {
                 upload.put(chunk);
                 Ok(())
             }
-            UploadSink::Multipart(None) => Err(Error::Internal("upload already finished".into())),
+            UploadSink::Multipart(None, _) => {
+                Err(Error::Internal("upload already finished".into()))
+            }
         }
     }
 
-    /// Completes the upload; the bytes are then durable (fsync on local disks when enabled)
-    /// under the temporary key, which the returned [`TempBlob`] owns.
-    pub async fn finish(mut self) -> Result<TempBlob, Error> {
-        match &mut self.sink {
+    /// Completes the upload and returns the content's SHA-256 with the bytes, durable
+    /// (fsync on local disks when enabled) under the temporary key the [`TempBlob`] owns.
+    pub async fn finish(mut self) -> Result<(TempBlob, [u8; 32]), Error> {
+        let digest = match &mut self.sink {
             UploadSink::Local(writer) => writer.finish().await?,
-            UploadSink::Multipart(upload) => {
+            UploadSink::Multipart(upload, hasher) => {
+                let digest = hasher.finish().await?;
                 if let Some(upload) = upload.take() {
                     upload.finish().await.map_err(Error::blob_store)?;
                 }
+                digest
             }
+        };
+        Ok((self.temp.take(), digest))
+    }
+}
+
+/// SHA-256 on a blocking thread fed through a small queue, so hashing overlaps receiving.
+struct Hasher {
+    queue: Option<mpsc::Sender<Bytes>>,
+    done: Option<tokio::task::JoinHandle<[u8; 32]>>,
+}
+
+impl Hasher {
+    fn start() -> Self {
+        let (queue, mut chunks) = mpsc::channel::<Bytes>(WRITE_QUEUE_CHUNKS);
+        let done = tokio::task::spawn_blocking(move || {
+            let mut hasher = sha2::Sha256::new();
+            while let Some(chunk) = chunks.blocking_recv() {
+                hasher.update(&chunk);
+            }
+            <[u8; 32]>::from(hasher.finalize())
+        });
+        Self {
+            queue: Some(queue),
+            done: Some(done),
         }
-        Ok(self.temp.take())
+    }
+
+    async fn update(&mut self, chunk: Bytes) -> Result<(), Error> {
+        match &self.queue {
+            Some(queue) => queue
+                .send(chunk)
+                .await
+                .map_err(|_| Error::Internal("hashing task stopped".into())),
+            None => Err(Error::Internal("hash already finished".into())),
+        }
+    }
+
+    async fn finish(&mut self) -> Result<[u8; 32], Error> {
+        self.queue = None;
+        match self.done.take() {
+            Some(done) => done
+                .await
+                .map_err(|e| Error::Internal(format!("hashing task failed: {e}"))),
+            None => Err(Error::Internal("hash already finished".into())),
+        }
     }
 }
 
 impl Drop for UploadSink {
     fn drop(&mut self) {
-        if let UploadSink::Multipart(upload) = self {
+        if let UploadSink::Multipart(upload, _) = self {
             // Unfinished: abort so the store drops the parts. Needs a runtime, which every
             // caller of this module runs in; without one there is nothing to clean anyway.
             if let (Some(upload), Ok(runtime)) =
@@ -297,10 +352,11 @@ impl Drop for TempBlob {
     }
 }
 
-/// Writes an upload to a local file on a blocking thread fed through a small queue.
+/// Hashes and writes an upload to a local file on one blocking thread fed through a small
+/// queue: one hand-off per chunk, and the receiving task never waits on the disk or the hash.
 struct LocalWriter {
     queue: Option<mpsc::Sender<WriteOp>>,
-    done: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    done: Option<tokio::task::JoinHandle<std::io::Result<[u8; 32]>>>,
 }
 
 enum WriteOp {
@@ -315,26 +371,35 @@ impl LocalWriter {
         let (queue, mut ops) = mpsc::channel::<WriteOp>(WRITE_QUEUE_CHUNKS);
         let done = tokio::task::spawn_blocking(move || {
             let result = (|| {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                let mut file = std::fs::File::create(&path)?;
+                let mut file = match std::fs::File::create(&path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        if let Some(dir) = path.parent() {
+                            std::fs::create_dir_all(dir)?;
+                        }
+                        std::fs::File::create(&path)?
+                    }
+                    other => other?,
+                };
+                let mut hasher = sha2::Sha256::new();
                 while let Some(op) = ops.blocking_recv() {
                     match op {
-                        WriteOp::Data(chunk) => file.write_all(&chunk)?,
+                        WriteOp::Data(chunk) => {
+                            hasher.update(&chunk);
+                            file.write_all(&chunk)?;
+                        }
                         WriteOp::Finish => {
                             if fsync {
                                 file.sync_data()?;
                             }
-                            return Ok(true);
+                            return Ok(Some(<[u8; 32]>::from(hasher.finalize())));
                         }
                     }
                 }
-                Ok(false)
+                Ok(None)
             })();
             match result {
-                Ok(true) => Ok(()),
-                Ok(false) => {
+                Ok(Some(digest)) => Ok(digest),
+                Ok(None) => {
                     let _ = std::fs::remove_file(&path);
                     Err(std::io::Error::other("upload abandoned"))
                 }
@@ -365,14 +430,14 @@ impl LocalWriter {
         }
     }
 
-    async fn finish(&mut self) -> Result<(), Error> {
+    async fn finish(&mut self) -> Result<[u8; 32], Error> {
         if let Some(queue) = self.queue.take() {
             let _ = queue.send(WriteOp::Finish).await;
         }
         self.join().await
     }
 
-    async fn join(&mut self) -> Result<(), Error> {
+    async fn join(&mut self) -> Result<[u8; 32], Error> {
         self.queue = None;
         match self.done.take() {
             Some(handle) => match handle.await {
@@ -442,7 +507,6 @@ mod tests {
     use super::*;
 
     fn digest(data: &[u8]) -> Sha256 {
-        use sha2::Digest;
         Sha256::from_digest(&sha2::Sha256::digest(data).into())
     }
 
@@ -455,7 +519,12 @@ mod tests {
         for part in data.chunks(100_000) {
             upload.write(Bytes::copy_from_slice(part)).await.unwrap();
         }
-        let temp = upload.finish().await.unwrap();
+        let (temp, digest) = upload.finish().await.unwrap();
+        assert_eq!(
+            Sha256::from_digest(&digest),
+            sha,
+            "the upload hashes what it writes"
+        );
         assert!(!store.promote(temp, &sha).await.unwrap());
         assert!(store.contains(&sha).await.unwrap());
 
@@ -472,7 +541,7 @@ mod tests {
         // The same content again is deduplicated and its upload removed.
         let mut again = store.begin_upload("u2").await.unwrap();
         again.write(Bytes::from(data.clone())).await.unwrap();
-        let temp = again.finish().await.unwrap();
+        let (temp, _) = again.finish().await.unwrap();
         assert!(store.promote(temp, &sha).await.unwrap());
         tokio::task::yield_now().await;
         // An abandoned upload leaves nothing.

@@ -171,6 +171,7 @@ impl Accounts {
         controls.validate(&record.plan)?;
         let now = self.clock.now();
         self.store.update_controls(project, &controls, now).await?;
+        self.metering.forget(project).await;
         if apply_to_existing {
             for (kind, set) in [
                 (ScopeKind::Job, mask.retention_job_days),

@@ -10,8 +10,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, Stream, StreamExt};
-use sha2::Digest;
-use tokio::sync::mpsc;
 
 use crate::blob::BlobStore;
 use crate::domain::metering::DAY_MICROS;
@@ -19,8 +17,6 @@ use crate::domain::{Artifact, ArtifactPath, Clock, Error, Scope, ScopedPath, Sha
 use crate::service::metering::{Metering, Reservation};
 use crate::store::{NewArtifact, PushCommit, Store};
 
-/// Chunks queued for the hashing task, per push.
-const HASH_QUEUE_CHUNKS: usize = 2;
 /// List page size when the client sends 0, and the largest it may ask for.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -204,7 +200,7 @@ impl ArtifactService {
         }
     }
 
-    /// Streams the content into a temporary upload, hashing on a blocking task alongside.
+    /// Streams the content into a temporary upload, which hashes it on a blocking task.
     /// Returns the size, the digest and the finished upload, verified against the header.
     async fn receive<S>(
         &self,
@@ -216,15 +212,8 @@ impl ArtifactService {
     where
         S: Stream<Item = Result<Bytes, Error>> + Send + Unpin,
     {
+        // The upload hashes on a blocking thread as it writes, overlapping the receive loop.
         let mut upload = self.blobs.begin_upload(upload_id).await?;
-        let (hash_queue, mut to_hash) = mpsc::channel::<Bytes>(HASH_QUEUE_CHUNKS);
-        let hasher = tokio::task::spawn_blocking(move || {
-            let mut hasher = sha2::Sha256::new();
-            while let Some(chunk) = to_hash.blocking_recv() {
-                hasher.update(&chunk);
-            }
-            <[u8; 32]>::from(hasher.finalize())
-        });
 
         let mut size: i64 = 0;
         while let Some(chunk) = chunks.next().await {
@@ -242,16 +231,9 @@ impl ArtifactService {
             if chunk.is_empty() {
                 continue;
             }
-            hash_queue
-                .send(chunk.clone())
-                .await
-                .map_err(|_| Error::Internal("hashing task stopped".into()))?;
             upload.write(chunk).await?;
         }
-        drop(hash_queue);
-        let digest = hasher
-            .await
-            .map_err(|e| Error::Internal(format!("hashing task failed: {e}")))?;
+        let (temp, digest) = upload.finish().await?;
         let sha256 = Sha256::from_digest(&digest);
 
         if let Some(expected) = spec.expected_size
@@ -270,7 +252,6 @@ impl ArtifactService {
                 format!("{expected} expected, content hashes to {sha256}; nothing was stored"),
             ));
         }
-        let temp = upload.finish().await?;
         Ok((size, sha256, temp))
     }
 

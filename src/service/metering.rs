@@ -4,10 +4,11 @@
 //! events) with integer arithmetic; the hot figures in [`Counters`] only make enforcement
 //! fast and are rebuilt from the same rows when missing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::Stream;
@@ -40,7 +41,13 @@ pub struct Metering {
     enabled: bool,
     /// Alerts already recorded by this process, to skip re-inserting them on every push.
     alerted: Arc<Mutex<HashSet<String>>>,
+    /// Recently read project records (plan and controls), so a push costs no lookup.
+    projects: Arc<Mutex<HashMap<ProjectId, (ProjectRecord, Instant)>>>,
 }
+
+/// How long a project's plan and controls are reused. Changes made through this process
+/// apply at once; other replicas see them within this time.
+pub const PROJECT_CACHE_TTL: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for Metering {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,6 +107,7 @@ impl Metering {
             default_plan,
             enabled,
             alerted: Arc::default(),
+            projects: Arc::default(),
         }
     }
 
@@ -114,9 +122,20 @@ impl Metering {
     /// The project's plan and controls; a project seen for the first time gets the default
     /// plan.
     pub async fn project(&self, project: &ProjectId) -> Result<ProjectRecord, Error> {
-        self.store
+        if let Ok(cache) = self.projects.lock()
+            && let Some((record, read_at)) = cache.get(project)
+            && read_at.elapsed() < PROJECT_CACHE_TTL
+        {
+            return Ok(record.clone());
+        }
+        let record = self
+            .store
             .ensure_project(project, &self.default_plan, self.clock.now())
-            .await
+            .await?;
+        if let Ok(mut cache) = self.projects.lock() {
+            cache.insert(project.clone(), (record.clone(), Instant::now()));
+        }
+        Ok(record)
     }
 
     /// Admits a push before any byte is read: size limits, storage limit or cap with an
@@ -186,8 +205,12 @@ impl Metering {
         self.counters.settle(project.as_str(), 0, -bytes).await;
     }
 
-    /// Figures the counters cannot follow changed (e.g. expirations were recomputed).
+    /// The project's plan, controls or stored figures changed outside the counters (plan
+    /// assigned, controls updated, expirations recomputed).
     pub async fn forget(&self, project: &ProjectId) {
+        if let Ok(mut cache) = self.projects.lock() {
+            cache.remove(project);
+        }
         self.counters.forget_stored(project.as_str()).await;
     }
 

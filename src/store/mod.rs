@@ -25,6 +25,10 @@ const MIGRATION_LOCK_KEY: i64 = 0x6172_7469_6661_6374; // "artifact"
 #[derive(Debug, Clone)]
 pub struct Store {
     db: DatabaseConnection,
+    /// The latest instant this process cached a storage rollup for. Writes are dated "now",
+    /// after it, unless the clock went back (tests, or a skew beyond the rollup margin);
+    /// only then must a write forget rollups.
+    rollup_horizon: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Store {
@@ -32,7 +36,10 @@ impl Store {
     /// created when missing and put in WAL mode so readers don't block the writer.
     pub async fn connect(url: &str) -> Result<Self, Error> {
         let db = open(url, 32).await?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            rollup_horizon: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
+        })
     }
 
     /// Applies pending migrations. On Postgres a session advisory lock, held on a dedicated

@@ -199,7 +199,8 @@ impl Store {
     ) -> Result<i128, Error> {
         let end = day.saturating_add_micros(DAY_MICROS);
         let value = self.byte_micros_since(project, day, end, now).await?;
-        if end <= now {
+        if end <= rollup_cutoff(now) {
+            self.note_rollup(end);
             self.db
                 .execute_raw(self.statement(
                     "INSERT INTO storage_days (project_id, day, byte_micros) VALUES (?, ?, ?) \
@@ -266,7 +267,7 @@ impl Store {
         at: Timestamp,
         now: Timestamp,
     ) -> Result<(i64, i64), Error> {
-        let cacheable = at <= now && day_start(at) == at;
+        let cacheable = at <= rollup_cutoff(now) && day_start(at) == at;
         let previous = if cacheable {
             self.db
                 .query_one_raw(self.statement(
@@ -318,6 +319,7 @@ impl Store {
             }
         };
         if cacheable {
+            self.note_rollup(at);
             self.db
                 .execute_raw(self.statement(
                     "INSERT INTO storage_snapshots (project_id, at, bytes, artifacts) \
@@ -419,15 +421,28 @@ impl Store {
         Ok((bytes + added - ended, count + added_n - ended_n))
     }
 
+    fn note_rollup(&self, at: Timestamp) {
+        self.rollup_horizon
+            .fetch_max(at.as_micros(), std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Forgets rollups a write at `from` may change: snapshots at or after it and days
-    /// ending after it. In normal operation writes happen "now", after every rollup, and
-    /// this deletes nothing.
+    /// ending after it. Rollups only cover instants at least [`ROLLUP_MARGIN_MICROS`] in the
+    /// past, so a write dated "now" cannot precede one and this returns at once; it deletes
+    /// only when the clock went back.
     pub(crate) async fn forget_snapshots<C: ConnectionTrait>(
         &self,
         db: &C,
         project: &ProjectId,
         from: Timestamp,
     ) -> Result<(), sea_orm::DbErr> {
+        if from.as_micros()
+            >= self
+                .rollup_horizon
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(());
+        }
         db.execute_raw(self.statement(
             "DELETE FROM storage_snapshots WHERE project_id = ? AND at >= ?",
             vec![project.as_str().into(), from.as_micros().into()],
@@ -534,6 +549,14 @@ impl Store {
         };
         Statement::from_sql_and_values(backend, sql, values)
     }
+}
+
+/// Rollups are cached only for instants at least this far in the past, so replicas whose
+/// clocks differ by less can never write behind one another's rollups.
+pub const ROLLUP_MARGIN_MICROS: i64 = 60 * 1_000_000;
+
+fn rollup_cutoff(now: Timestamp) -> Timestamp {
+    now.saturating_add_micros(-ROLLUP_MARGIN_MICROS)
 }
 
 fn parse_integer(text: &str) -> Result<i128, Error> {
