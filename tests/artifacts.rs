@@ -190,13 +190,15 @@ async fn ten_concurrent_pushes_to_one_path_have_one_winner(backend: Backend) {
         let channel = server.channel().await;
         tasks.push(tokio::spawn(async move {
             let mut client = pb::artifact_service_client::ArtifactServiceClient::new(channel);
-            let data = content(200_000 + i as usize, 100 + i);
-            let result = push(
-                &mut client,
-                header(job("p", "race"), "same/path.bin"),
-                &data,
-            )
-            .await;
+            // Half declare a small size (stored in one step), half stream an upload.
+            let small = i % 2 == 0;
+            let size = if small { 1000 } else { 200_000 } + i as usize;
+            let data = content(size, 100 + i);
+            let mut h = header(job("p", "race"), "same/path.bin");
+            if small {
+                h.expected_size = Some(size as i64);
+            }
+            let result = push(&mut client, h, &data).await;
             (data, result)
         }));
     }
@@ -225,8 +227,17 @@ async fn digest_or_size_mismatch_stores_nothing(backend: Backend) {
     let Some(server) = TestServer::start(backend).await else {
         return;
     };
+    // Large pushes stream through an upload; small declared ones are stored in one step.
+    for size in [300_000, 1000] {
+        mismatch_stores_nothing(&server, size).await;
+    }
+    server.stop().await;
+}
+
+async fn mismatch_stores_nothing(server: &TestServer, size: usize) {
     let mut client = server.client().await;
-    let data = content(300_000, 3);
+    let data = content(size, 3);
+    let declared = size as i64;
 
     let mut wrong_digest = header(job("p", "j"), "d.bin");
     wrong_digest.expected_sha256 = sha256_hex(b"something else");
@@ -238,7 +249,7 @@ async fn digest_or_size_mismatch_stores_nothing(backend: Backend) {
         err.message()
     );
 
-    for expected in [299_999, 300_001] {
+    for expected in [declared - 1, declared + 1] {
         let mut wrong_size = header(job("p", "j"), "d.bin");
         wrong_size.expected_size = Some(expected);
         let err = push(&mut client, wrong_size, &data).await.unwrap_err();
@@ -272,7 +283,6 @@ async fn digest_or_size_mismatch_stores_nothing(backend: Backend) {
         !server.app.artifacts.blobs().contains(&sha).await.unwrap(),
         "no blob stored"
     );
-    server.stop().await;
 }
 
 async fn cancelled_push_leaves_nothing_visible(backend: Backend) {

@@ -149,6 +149,57 @@ impl BlobStore {
         Ok(false)
     }
 
+    /// Stores a small blob held in memory in one step: written to a temporary upload and
+    /// renamed to its content address (one blocking task on a local directory), or put
+    /// directly (object stores make a single PUT appear atomically). Returns `true` when the
+    /// content was already stored.
+    pub async fn put_small(
+        &self,
+        upload_id: &str,
+        data: Bytes,
+        sha256: &Sha256,
+    ) -> Result<bool, Error> {
+        let key = blob_key(sha256);
+        let Some(local) = &self.local else {
+            let deduplicated = self.contains(sha256).await?;
+            if !deduplicated {
+                self.store
+                    .put(&key, data.into())
+                    .await
+                    .map_err(Error::blob_store)?;
+            }
+            return Ok(deduplicated);
+        };
+        let temp = local
+            .path_to_filesystem(&upload_key(upload_id))
+            .map_err(Error::blob_store)?;
+        let target = local.path_to_filesystem(&key).map_err(Error::blob_store)?;
+        let fsync = self.fsync;
+        let stored = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+            if target.exists() {
+                return Ok(true);
+            }
+            let written = (|| {
+                let mut file = std::fs::File::create(&temp)?;
+                file.write_all(&data)?;
+                if fsync {
+                    file.sync_data()?;
+                }
+                if let Some(dir) = target.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                std::fs::rename(&temp, &target)
+            })();
+            if written.is_err() {
+                let _ = std::fs::remove_file(&temp);
+            }
+            written.map(|()| false)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("blob writer panicked: {e}")))?;
+        stored.map_err(Error::blob_store)
+    }
+
     /// Streams `range` of a blob in chunks of [`READ_CHUNK_BYTES`].
     pub async fn read(
         &self,

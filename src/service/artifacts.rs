@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, Stream, StreamExt};
+use sha2::Digest;
 
 use crate::blob::BlobStore;
 use crate::domain::metering::DAY_MICROS;
@@ -17,6 +18,9 @@ use crate::domain::{Artifact, ArtifactPath, Clock, Error, Scope, ScopedPath, Sha
 use crate::service::metering::{Metering, Reservation};
 use crate::store::{NewArtifact, PushCommit, Store};
 
+/// Pushes declaring at most this many bytes are received into memory and stored in one
+/// step (see `receive_small`); larger ones stream through a temporary upload.
+pub const SMALL_PUSH_BYTES: i64 = 64 * 1024;
 /// List page size when the client sends 0, and the largest it may ask for.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -130,7 +134,13 @@ impl ArtifactService {
                 .retention_days(spec.target.scope.kind())
                 .map(|days| i64::from(days) * DAY_MICROS),
         };
+        // A small push is refused by its commit as cheaply as by a lookup now; a large one
+        // is checked before its bytes are read.
+        let small = spec
+            .expected_size
+            .is_some_and(|size| size <= SMALL_PUSH_BYTES);
         if !spec.force
+            && !small
             && self
                 .store
                 .find_live(&spec.target.scope, &spec.target.path)
@@ -148,10 +158,18 @@ impl ArtifactService {
             .await?;
 
         let upload_id = uuid::Uuid::new_v4().simple().to_string();
-        let (size, sha256, temp) = self
-            .receive(&spec, &upload_id, &mut reservation, chunks)
-            .await?;
-        let deduplicated = self.blobs.promote(temp, &sha256).await?;
+        let (size, sha256, deduplicated) = if small {
+            let (data, sha256) = self.receive_small(&spec, &mut reservation, chunks).await?;
+            let size = data.len() as i64;
+            let deduplicated = self.blobs.put_small(&upload_id, data, &sha256).await?;
+            (size, sha256, deduplicated)
+        } else {
+            let (size, sha256, temp) = self
+                .receive(&spec, &upload_id, &mut reservation, chunks)
+                .await?;
+            let deduplicated = self.blobs.promote(temp, &sha256).await?;
+            (size, sha256, deduplicated)
+        };
 
         let new = NewArtifact {
             scope: spec.target.scope.clone(),
@@ -200,6 +218,37 @@ impl ArtifactService {
         }
     }
 
+    /// Receives a push of a declared small size into memory (bounded by that size) and
+    /// hashes it in place: no upload thread, one blob write.
+    async fn receive_small<S>(
+        &self,
+        spec: &PushSpec,
+        reservation: &mut Reservation,
+        mut chunks: S,
+    ) -> Result<(Bytes, Sha256), Error>
+    where
+        S: Stream<Item = Result<Bytes, Error>> + Send + Unpin,
+    {
+        let expected = spec.expected_size.unwrap_or(0);
+        let mut data = bytes::BytesMut::with_capacity(expected as usize);
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            let size = (data.len() + chunk.len()) as i64;
+            reservation.received(size).await?;
+            if size > expected {
+                return Err(Error::invalid(
+                    "header.expected_size",
+                    format!("{expected} bytes expected, but more were sent"),
+                ));
+            }
+            data.extend_from_slice(&chunk);
+        }
+        let data = data.freeze();
+        let sha256 = Sha256::from_digest(&sha2::Sha256::digest(&data).into());
+        verify(spec, data.len() as i64, &sha256)?;
+        Ok((data, sha256))
+    }
+
     /// Streams the content into a temporary upload, which hashes it on a blocking task.
     /// Returns the size, the digest and the finished upload, verified against the header.
     async fn receive<S>(
@@ -236,22 +285,7 @@ impl ArtifactService {
         let (temp, digest) = upload.finish().await?;
         let sha256 = Sha256::from_digest(&digest);
 
-        if let Some(expected) = spec.expected_size
-            && size != expected
-        {
-            return Err(Error::invalid(
-                "header.expected_size",
-                format!("{expected} bytes expected, {size} received; nothing was stored"),
-            ));
-        }
-        if let Some(expected) = &spec.expected_sha256
-            && *expected != sha256
-        {
-            return Err(Error::invalid(
-                "header.expected_sha256",
-                format!("{expected} expected, content hashes to {sha256}; nothing was stored"),
-            ));
-        }
+        verify(spec, size, &sha256)?;
         Ok((size, sha256, temp))
     }
 
@@ -355,6 +389,27 @@ impl ArtifactService {
     pub fn now(&self) -> Timestamp {
         self.clock.now()
     }
+}
+
+/// Checks what was received against the header's declared size and digest.
+fn verify(spec: &PushSpec, size: i64, sha256: &Sha256) -> Result<(), Error> {
+    if let Some(expected) = spec.expected_size
+        && size != expected
+    {
+        return Err(Error::invalid(
+            "header.expected_size",
+            format!("{expected} bytes expected, {size} received; nothing was stored"),
+        ));
+    }
+    if let Some(expected) = &spec.expected_sha256
+        && expected != sha256
+    {
+        return Err(Error::invalid(
+            "header.expected_sha256",
+            format!("{expected} expected, content hashes to {sha256}; nothing was stored"),
+        ));
+    }
+    Ok(())
 }
 
 /// A retried push returns the first result, provided it is the same push.

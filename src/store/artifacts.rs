@@ -6,8 +6,8 @@
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, DbErr, EntityTrait, ExprTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr,
-    TransactionTrait,
+    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, ExprTrait, QueryFilter,
+    QueryOrder, QuerySelect, SqlErr, Statement, TransactionTrait,
 };
 
 use super::entities::{artifact, blob, push_idempotency, usage_event};
@@ -30,6 +30,22 @@ pub struct NewArtifact {
     pub upload_id: String,
     /// Write the ingress usage event (metering on).
     pub record_ingress: bool,
+}
+
+impl NewArtifact {
+    fn into_artifact(self, id: i64) -> Artifact {
+        Artifact {
+            id,
+            scope: self.scope,
+            path: self.path,
+            size: self.size,
+            sha256: self.sha256,
+            mode: self.mode,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            keep: false,
+        }
+    }
 }
 
 /// How a push transaction ended.
@@ -92,6 +108,12 @@ impl Store {
         idempotency_key: Option<&str>,
         deduplicated: bool,
     ) -> Result<PushCommit, DbErr> {
+        if !force
+            && idempotency_key.is_none()
+            && self.db.get_database_backend() == DbBackend::Postgres
+        {
+            return self.commit_new_in_one_statement(new).await;
+        }
         let now = new.created_at.as_micros();
         let txn = self.db.begin().await?;
 
@@ -170,18 +192,52 @@ impl Store {
         txn.commit().await?;
 
         Ok(PushCommit::Created {
-            artifact: Artifact {
-                id,
-                scope: new.scope.clone(),
-                path: new.path.clone(),
-                size: new.size,
-                sha256: new.sha256.clone(),
-                mode: new.mode,
-                created_at: new.created_at,
-                expires_at: new.expires_at,
-                keep: false,
-            },
+            artifact: new.clone().into_artifact(id),
             replaced,
+        })
+    }
+
+    /// The common push (new path, no idempotency key) on Postgres: blob row, artifact row
+    /// and ingress event in one statement (data-modifying CTEs), which is one round trip and
+    /// atomic on its own. Foreign keys are checked at the end of the statement.
+    async fn commit_new_in_one_statement(&self, new: &NewArtifact) -> Result<PushCommit, DbErr> {
+        let now = new.created_at.as_micros();
+        self.forget_snapshots(&self.db, new.scope.project(), new.created_at)
+            .await?;
+        let expires = new.expires_at.map(Timestamp::as_micros);
+        let row = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "WITH blob AS (INSERT INTO blobs (sha256, size, created_at) VALUES ($1, $2, $3) \
+                   ON CONFLICT DO NOTHING), \
+                 artifact AS (INSERT INTO artifacts (project_id, scope_kind, scope_id, path, \
+                   size, sha256, mode, created_at, expires_at, keep, upload_id, billing_end) \
+                   VALUES ($4, $5, $6, $7, $2, $1, $8, $3, $9, false, $10, $9) RETURNING id), \
+                 ingress AS (INSERT INTO usage_events (id, project_id, meter, bytes, occurred_at) \
+                   SELECT $11, $4, 'ingress', $2, $3 WHERE $12) \
+                 SELECT id FROM artifact",
+                [
+                    new.sha256.as_str().into(),
+                    new.size.into(),
+                    now.into(),
+                    new.scope.project().as_str().into(),
+                    new.scope.kind().as_str().into(),
+                    new.scope.id().into(),
+                    new.path.as_str().into(),
+                    (new.mode as i32).into(),
+                    expires.into(),
+                    new.upload_id.as_str().into(),
+                    format!("push:{}", new.upload_id).into(),
+                    new.record_ingress.into(),
+                ],
+            ))
+            .await?
+            .ok_or_else(|| DbErr::RecordNotInserted)?;
+        let id: i64 = row.try_get_by_index(0)?;
+        Ok(PushCommit::Created {
+            artifact: new.clone().into_artifact(id),
+            replaced: false,
         })
     }
 
