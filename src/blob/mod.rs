@@ -185,10 +185,16 @@ impl BlobStore {
                 if fsync {
                     file.sync_data()?;
                 }
-                if let Some(dir) = target.parent() {
-                    std::fs::create_dir_all(dir)?;
+                // Most pushes land in an existing directory: try the rename first.
+                match std::fs::rename(&temp, &target) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        if let Some(dir) = target.parent() {
+                            std::fs::create_dir_all(dir)?;
+                        }
+                        std::fs::rename(&temp, &target)
+                    }
+                    other => other,
                 }
-                std::fs::rename(&temp, &target)
             })();
             if written.is_err() {
                 let _ = std::fs::remove_file(&temp);
