@@ -438,13 +438,18 @@ impl LocalWriter {
                     other => other?,
                 };
                 let mut hasher = sha2::Sha256::new();
+                let mut flusher = Flusher::default();
                 while let Some(op) = ops.blocking_recv() {
                     match op {
                         WriteOp::Data(chunk) => {
                             hasher.update(&chunk);
                             file.write_all(&chunk)?;
+                            if fsync {
+                                flusher.wrote(&file, chunk.len());
+                            }
                         }
                         WriteOp::Finish => {
+                            flusher.stop();
                             if fsync {
                                 file.sync_data()?;
                             }
@@ -502,6 +507,58 @@ impl LocalWriter {
                 Err(e) => Err(Error::Internal(format!("upload writer panicked: {e}"))),
             },
             None => Err(Error::Internal("upload writer already joined".into())),
+        }
+    }
+}
+
+/// Flushes a large upload to disk in the background while it is still being written, so the
+/// fsync before commit finds little left to do: with durability on, a big push then costs
+/// about the longer of receiving and writing its bytes rather than their sum.
+#[derive(Default)]
+struct Flusher {
+    unflushed: usize,
+    running: Option<(std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<()>)>,
+}
+
+impl Flusher {
+    const EVERY_BYTES: usize = 32 * 1024 * 1024;
+
+    fn wrote(&mut self, file: &std::fs::File, bytes: usize) {
+        self.unflushed += bytes;
+        if self.unflushed < Self::EVERY_BYTES {
+            return;
+        }
+        self.unflushed = 0;
+        if self.running.is_none() {
+            let Ok(file) = file.try_clone() else { return };
+            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+            let thread = std::thread::spawn(move || {
+                while rx.recv().is_ok() {
+                    // Best effort: the final fsync before commit is the one that counts.
+                    let _ = file.sync_data();
+                }
+            });
+            self.running = Some((tx, thread));
+        }
+        if let Some((tx, _)) = &self.running {
+            // A flush already pending covers this one too.
+            let _ = tx.try_send(());
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some((tx, thread)) = self.running.take() {
+            drop(tx);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        // An abandoned upload: let the flusher finish its current round and exit.
+        if let Some((tx, _)) = self.running.take() {
+            drop(tx);
         }
     }
 }
