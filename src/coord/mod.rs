@@ -63,8 +63,12 @@ local limit = tonumber(ARGV[2])
 if limit >= 0 and tonumber(stored) + reserved + want > limit then
   return {0, tonumber(stored), reserved}
 end
-redis.call('INCRBY', KEYS[2], want)
-redis.call('EXPIRE', KEYS[2], ARGV[3])
+if ARGV[4] == '1' then
+  redis.call('INCRBY', KEYS[1], want)
+else
+  redis.call('INCRBY', KEYS[2], want)
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
 return {1, tonumber(stored), reserved}
 "#;
 
@@ -133,8 +137,16 @@ impl Counters {
         format!("{}artifactd:egress:{project}:{month}", self.inner.prefix)
     }
 
-    /// Reserves `bytes` if `stored + reserved + bytes <= limit` (`None`: no limit).
-    pub async fn try_reserve(&self, project: &str, bytes: i64, limit: Option<i64>) -> Reserve {
+    /// Reserves `bytes` if `stored + reserved + bytes <= limit` (`None`: no limit). With
+    /// `as_stored`, the bytes are counted as stored at once (a push of declared size, which
+    /// then needs no second round trip when it commits; undone with a negative `settle`).
+    pub async fn try_reserve(
+        &self,
+        project: &str,
+        bytes: i64,
+        limit: Option<i64>,
+        as_stored: bool,
+    ) -> Reserve {
         let keys = [self.stored_key(project), self.reserved_key(project)];
         if let Some(redis) = self.connection() {
             let result: redis::RedisResult<(i64, i64, i64)> = redis::Script::new(RESERVE)
@@ -143,6 +155,7 @@ impl Counters {
                 .arg(bytes)
                 .arg(limit.unwrap_or(-1))
                 .arg(RESERVATION_TTL.as_secs())
+                .arg(if as_stored { "1" } else { "0" })
                 .invoke_async(&mut redis.clone())
                 .await;
             match result {
@@ -161,7 +174,13 @@ impl Counters {
         if limit.is_some_and(|limit| stored + reserved + bytes > limit) {
             return Reserve::Denied { stored, reserved };
         }
-        local.insert(keys[1].clone(), (reserved + bytes, now + RESERVATION_TTL));
+        if as_stored {
+            if let Some((value, _)) = local.get_mut(&keys[0]) {
+                *value += bytes;
+            }
+        } else {
+            local.insert(keys[1].clone(), (reserved + bytes, now + RESERVATION_TTL));
+        }
         Reserve::Granted
     }
 
@@ -315,16 +334,16 @@ mod tests {
     async fn in_process_reservations_respect_the_limit() {
         let counters = Counters::in_process();
         assert_eq!(
-            counters.try_reserve("p", 10, Some(100)).await,
+            counters.try_reserve("p", 10, Some(100), false).await,
             Reserve::Miss
         );
         counters.prime_stored("p", 50).await;
         assert_eq!(
-            counters.try_reserve("p", 30, Some(100)).await,
+            counters.try_reserve("p", 30, Some(100), false).await,
             Reserve::Granted
         );
         assert_eq!(
-            counters.try_reserve("p", 30, Some(100)).await,
+            counters.try_reserve("p", 30, Some(100), false).await,
             Reserve::Denied {
                 stored: 50,
                 reserved: 30
@@ -332,14 +351,33 @@ mod tests {
         );
         counters.settle("p", 30, 30).await;
         assert_eq!(
-            counters.try_reserve("p", 21, Some(100)).await,
+            counters.try_reserve("p", 21, Some(100), false).await,
             Reserve::Denied {
                 stored: 80,
                 reserved: 0
             }
         );
         assert_eq!(
-            counters.try_reserve("p", 20, Some(100)).await,
+            counters.try_reserve("p", 20, Some(100), false).await,
+            Reserve::Granted
+        );
+        counters.settle("p", 20, 0).await;
+        // Counted as stored at once: nothing left to settle when the push commits.
+        assert_eq!(
+            counters.try_reserve("p", 15, Some(100), true).await,
+            Reserve::Granted
+        );
+        assert_eq!(
+            counters.try_reserve("p", 6, Some(100), false).await,
+            Reserve::Denied {
+                stored: 95,
+                reserved: 0
+            }
+        );
+        // Undone (the push failed): the bytes are free again.
+        counters.settle("p", 0, -15).await;
+        assert_eq!(
+            counters.try_reserve("p", 20, Some(100), false).await,
             Reserve::Granted
         );
     }

@@ -183,10 +183,16 @@ impl Metering {
             server_max_bytes,
             plan_max_bytes: plan.max_artifact_bytes,
             reserved: 0,
+            counted: 0,
             settled: false,
         };
         if reservation.limit.is_some() {
-            reservation.reserve(expected_size.unwrap_or(0)).await?;
+            match expected_size {
+                // A declared size is counted as stored right away: a successful push then
+                // needs no second round trip, a failed one is undone on drop.
+                Some(expected) => reservation.reserve(expected, true).await?,
+                None => reservation.reserve(0, false).await?,
+            }
         }
         Ok(reservation)
     }
@@ -614,20 +620,27 @@ pub struct Reservation {
     max_size: i64,
     server_max_bytes: i64,
     plan_max_bytes: i64,
+    /// Bytes held in the reserved figure (pushes of unknown size, grown as they stream).
     reserved: i64,
+    /// Bytes already counted in the stored figure (a declared size).
+    counted: i64,
     settled: bool,
 }
 
 impl Reservation {
-    async fn reserve(&mut self, bytes: i64) -> Result<(), Error> {
+    async fn reserve(&mut self, bytes: i64, as_stored: bool) -> Result<(), Error> {
         let counters = &self.metering.counters;
         for _ in 0..3 {
             match counters
-                .try_reserve(self.project.as_str(), bytes, self.limit)
+                .try_reserve(self.project.as_str(), bytes, self.limit, as_stored)
                 .await
             {
                 Reserve::Granted => {
-                    self.reserved += bytes;
+                    if as_stored {
+                        self.counted += bytes;
+                    } else {
+                        self.reserved += bytes;
+                    }
                     return Ok(());
                 }
                 Reserve::Denied { stored, reserved } => {
@@ -659,15 +672,15 @@ impl Reservation {
                 self.plan_max_bytes,
             );
         }
-        if self.limit.is_some() && size > self.reserved {
+        if self.limit.is_some() && size > self.reserved + self.counted {
             // Reserve ahead in steps to keep counter round trips rare; near the limit, fall
             // back to exactly what has arrived.
-            let needed = size - self.reserved;
+            let needed = size - self.reserved - self.counted;
             let step = needed.max(RESERVATION_STEP_BYTES);
-            if step > needed && self.reserve(step).await.is_ok() {
+            if step > needed && self.reserve(step, false).await.is_ok() {
                 return Ok(());
             }
-            self.reserve(needed).await?;
+            self.reserve(needed, false).await?;
         }
         Ok(())
     }
@@ -678,24 +691,26 @@ impl Reservation {
         if !self.metering.enabled {
             return;
         }
-        let counters = self.metering.counters.clone();
-        counters
-            .settle(self.project.as_str(), self.reserved, size)
-            .await;
+        if self.reserved != 0 || size != self.counted {
+            let counters = self.metering.counters.clone();
+            counters
+                .settle(self.project.as_str(), self.reserved, size - self.counted)
+                .await;
+        }
         self.metering.after_push(&self.project).await;
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if self.settled || self.reserved == 0 {
+        if self.settled || (self.reserved == 0 && self.counted == 0) {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let counters = self.metering.counters.clone();
             let project = self.project.as_str().to_owned();
-            let reserved = self.reserved;
-            runtime.spawn(async move { counters.settle(&project, reserved, 0).await });
+            let (reserved, counted) = (self.reserved, self.counted);
+            runtime.spawn(async move { counters.settle(&project, reserved, -counted).await });
         }
     }
 }
