@@ -191,10 +191,15 @@ impl BlobStore {
                         if let Some(dir) = target.parent() {
                             std::fs::create_dir_all(dir)?;
                         }
-                        std::fs::rename(&temp, &target)
+                        std::fs::rename(&temp, &target)?;
                     }
-                    other => other,
+                    other => other?,
                 }
+                // The rename itself must survive a crash before the artifact row commits.
+                if fsync && let Some(dir) = target.parent() {
+                    std::fs::File::open(dir)?.sync_all()?;
+                }
+                Ok(())
             })();
             if written.is_err() {
                 let _ = std::fs::remove_file(&temp);
