@@ -95,6 +95,10 @@ pub struct Config {
     #[arg(long, env = "ARTIFACTD_METERING", default_value_t = true, action = ArgAction::Set)]
     pub metering: bool,
 
+    /// A Push that sends nothing for this long is aborted and its upload removed.
+    #[arg(long, env = "ARTIFACTD_STREAM_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub stream_idle_timeout: Duration,
+
     /// Apply pending migrations at start-up (under a lock on Postgres).
     #[arg(long, env = "ARTIFACTD_MIGRATE_ON_START", default_value_t = true, action = ArgAction::Set)]
     pub migrate_on_start: bool,
@@ -116,6 +120,7 @@ impl Config {
             redis_url: None,
             redis_prefix: String::new(),
             metering: true,
+            stream_idle_timeout: Duration::from_secs(60),
             migrate_on_start: true,
         }
     }

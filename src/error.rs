@@ -15,6 +15,7 @@ impl From<Error> for Status {
             Error::ResourceExhausted(msg) => Status::resource_exhausted(msg),
             Error::OutOfRange(msg) => Status::out_of_range(msg),
             Error::Cancelled(msg) => Status::cancelled(msg),
+            Error::DeadlineExceeded(msg) => Status::deadline_exceeded(msg),
             Error::Unavailable { what, cause } => {
                 tracing::warn!(what, %cause, "dependency unavailable");
                 Status::unavailable(format!("{what} unavailable, retry later"))

@@ -44,6 +44,7 @@ pub struct App {
     pub metering: Metering,
     pub accounts: Accounts,
     drain_timeout: Duration,
+    stream_idle_timeout: Duration,
 }
 
 impl App {
@@ -85,6 +86,7 @@ impl App {
             metering,
             accounts,
             drain_timeout: config.drain_timeout,
+            stream_idle_timeout: config.stream_idle_timeout,
         })
     }
 }
@@ -122,9 +124,12 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
-    let artifact_service = ArtifactServiceServer::new(ArtifactApi::new(app.artifacts.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let artifact_service = ArtifactServiceServer::new(ArtifactApi::new(
+        app.artifacts.clone(),
+        app.stream_idle_timeout,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
     let billing = BillingApi::new(app.accounts.clone(), app.metering.clone());
     for service in [

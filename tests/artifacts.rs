@@ -907,3 +907,59 @@ async fn list_all(
         token = page.next_page_token;
     }
 }
+
+/// A push that goes quiet is aborted after the idle timeout and leaves nothing behind,
+/// whether it stalls before its header or mid-content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pushes_are_aborted_and_cleaned_up() {
+    let server = TestServer::start_with(Backend::Sqlite, |c| {
+        c.stream_idle_timeout = std::time::Duration::from_millis(500)
+    })
+    .await
+    .unwrap();
+    for send_header in [false, true] {
+        let mut client = server.client().await;
+        let (tx, rx) = tokio::sync::mpsc::channel::<PushRequest>(4);
+        if send_header {
+            tx.send(PushRequest {
+                msg: Some(push_request::Msg::Header(header(job("p", "j"), "slow.bin"))),
+            })
+            .await
+            .unwrap();
+            tx.send(PushRequest {
+                msg: Some(push_request::Msg::Chunk(content(100_000, 1).into())),
+            })
+            .await
+            .unwrap();
+        }
+        // `tx` stays open and silent.
+        let err = client
+            .push(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+        assert!(
+            err.message().contains("no message for 500ms"),
+            "{}",
+            err.message()
+        );
+        drop(tx);
+    }
+    let mut client = server.client().await;
+    assert_eq!(
+        stat(&mut client, job("p", "j"), "slow.bin")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    // The upload's writer removes its file as soon as it sees the push end.
+    for _ in 0..100 {
+        if server.leftover_uploads().await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(server.leftover_uploads().await.is_empty());
+    server.stop().await;
+}

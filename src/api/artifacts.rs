@@ -3,6 +3,8 @@
 use std::pin::Pin;
 
 use bytes::Bytes;
+use std::time::Duration;
+
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -17,12 +19,24 @@ pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct ArtifactApi {
     artifacts: service::ArtifactService,
+    /// A Push that sends nothing for this long is aborted (and its upload removed).
+    idle_timeout: Duration,
 }
 
 impl ArtifactApi {
-    pub fn new(artifacts: service::ArtifactService) -> Self {
-        Self { artifacts }
+    pub fn new(artifacts: service::ArtifactService, idle_timeout: Duration) -> Self {
+        Self {
+            artifacts,
+            idle_timeout,
+        }
     }
+}
+
+fn idle(timeout: Duration) -> Error {
+    Error::DeadlineExceeded(format!(
+        "no message for {}; the push was aborted and nothing was stored",
+        humantime::format_duration(timeout)
+    ))
 }
 
 type PullResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PullResponse, Status>> + Send>>;
@@ -34,7 +48,10 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
         request: Request<Streaming<pb::PushRequest>>,
     ) -> Result<Response<pb::PushResponse>, Status> {
         let mut messages = request.into_inner();
-        let header = match messages.message().await? {
+        let first = tokio::time::timeout(self.idle_timeout, messages.message())
+            .await
+            .map_err(|_| idle(self.idle_timeout))?;
+        let header = match first? {
             None => {
                 return Err(Error::invalid(
                     "header",
@@ -59,31 +76,14 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
             }
         };
         let spec = convert::push_spec(header)?;
-        let chunks = messages.map(|message| match message {
-            Ok(pb::PushRequest {
-                msg: Some(push_request::Msg::Chunk(chunk)),
-            }) if chunk.len() > MAX_CHUNK_BYTES => Err(Error::invalid(
-                "chunk",
-                format!(
-                    "{} bytes is larger than the {MAX_CHUNK_BYTES}-byte chunk limit",
-                    chunk.len()
-                ),
-            )),
-            Ok(pb::PushRequest {
-                msg: Some(push_request::Msg::Chunk(chunk)),
-            }) => Ok(chunk),
-            Ok(pb::PushRequest {
-                msg: Some(push_request::Msg::Header(_)),
-            }) => Err(Error::invalid(
-                "header",
-                "sent twice: only the first message may be a PushHeader",
-            )),
-            Ok(pb::PushRequest { msg: None }) => {
-                Err(Error::invalid("msg", "empty message: set header or chunk"))
+        let idle_timeout = self.idle_timeout;
+        let chunks = tokio_stream::StreamExt::timeout(messages, idle_timeout).map(move |message| {
+            match message {
+                Err(_elapsed) => Err(idle(idle_timeout)),
+                Ok(message) => push_chunk(message),
             }
-            Err(status) => Err(crate::error::from_client_stream(&status)),
         });
-        let outcome = self.artifacts.push(spec, chunks).await?;
+        let outcome = self.artifacts.push(spec, Box::pin(chunks)).await?;
         Ok(Response::new(pb::PushResponse {
             artifact: Some(convert::artifact(&outcome.artifact)),
             deduplicated: outcome.deduplicated,
@@ -171,5 +171,33 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
             deleted_count,
             deleted_bytes,
         }))
+    }
+}
+
+/// One Push message after the header: a chunk, or an error naming what is wrong.
+fn push_chunk(message: Result<pb::PushRequest, Status>) -> Result<Bytes, Error> {
+    match message {
+        Ok(pb::PushRequest {
+            msg: Some(push_request::Msg::Chunk(chunk)),
+        }) if chunk.len() > MAX_CHUNK_BYTES => Err(Error::invalid(
+            "chunk",
+            format!(
+                "{} bytes is larger than the {MAX_CHUNK_BYTES}-byte chunk limit",
+                chunk.len()
+            ),
+        )),
+        Ok(pb::PushRequest {
+            msg: Some(push_request::Msg::Chunk(chunk)),
+        }) => Ok(chunk),
+        Ok(pb::PushRequest {
+            msg: Some(push_request::Msg::Header(_)),
+        }) => Err(Error::invalid(
+            "header",
+            "sent twice: only the first message may be a PushHeader",
+        )),
+        Ok(pb::PushRequest { msg: None }) => {
+            Err(Error::invalid("msg", "empty message: set header or chunk"))
+        }
+        Err(status) => Err(crate::error::from_client_stream(&status)),
     }
 }

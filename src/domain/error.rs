@@ -19,6 +19,9 @@ pub enum Error {
     /// The client went away or gave up; nothing was stored.
     #[error("{0}")]
     Cancelled(String),
+    /// The client stopped sending for longer than the server waits.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// A dependency (database, blob store) failed in a way worth retrying.
     #[error("{what} unavailable: {cause}")]
     Unavailable { what: &'static str, cause: String },

@@ -370,4 +370,72 @@ mod tests {
             "{err}"
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use std::path::{Component, Path};
+
+        /// Strings built from the characters that make paths interesting.
+        fn tricky() -> impl Strategy<Value = String> {
+            let alphabet = vec![
+                'a', 'Z', '0', '.', '/', '\\', '\0', '\n', ' ', '-', 'é', '%', '~', ':',
+            ];
+            prop::collection::vec(prop::sample::select(alphabet), 0..24)
+                .prop_map(|chars| chars.into_iter().collect())
+        }
+
+        fn any_input() -> impl Strategy<Value = String> {
+            prop_oneof![tricky(), any::<String>()]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(4000))]
+
+            #[test]
+            fn accepted_paths_are_normal_and_stay_inside_their_scope(input in any_input()) {
+                if let Ok(path) = ArtifactPath::parse("path", &input) {
+                    prop_assert_eq!(path.as_str(), input.as_str(), "parsing never rewrites");
+                    let normalised: Vec<&str> =
+                        input.split('/').filter(|s| !s.is_empty() && *s != ".").collect();
+                    prop_assert_eq!(normalised.join("/"), input.clone(), "already normal");
+                    // Joined under a scope's directory, every component is a plain name: no
+                    // root, no `.`, no `..`, so nothing can climb out.
+                    prop_assert!(Path::new(&input)
+                        .components()
+                        .all(|c| matches!(c, Component::Normal(_))));
+                    prop_assert!(input.len() <= MAX_PATH_BYTES);
+                    prop_assert!(!input.contains('\\') && !input.chars().any(char::is_control));
+                }
+            }
+
+            #[test]
+            fn accepted_prefixes_and_ids_are_clean(input in any_input()) {
+                if let Ok(prefix) = parse_prefix("prefix", &input) {
+                    prop_assert!(!prefix.starts_with('/') && !prefix.contains('\\'));
+                }
+                if validate_id("id", &input).is_ok() {
+                    prop_assert!(!input.is_empty() && input.len() <= MAX_ID_BYTES);
+                    prop_assert!(input
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')));
+                }
+            }
+
+            #[test]
+            fn prefix_bounds_contain_exactly_the_prefixed_strings(
+                prefix in "[a/.]{0,6}",
+                rest in any::<String>(),
+                other in any::<String>(),
+            ) {
+                let inside = format!("{prefix}{rest}");
+                if let Some(upper) = prefix_upper_bound(&prefix) {
+                    prop_assert!(inside.as_str() >= prefix.as_str() && inside < upper);
+                    if other.as_str() >= prefix.as_str() && other < upper {
+                        prop_assert!(other.starts_with(&prefix));
+                    }
+                }
+            }
+        }
+    }
 }
