@@ -35,6 +35,10 @@ use crate::store::Store;
 /// Largest gRPC message accepted or sent: a 1 MiB chunk plus framing, well under tonic's
 /// 4 MiB default, which we keep.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Concurrent HTTP/2 streams one client connection may open.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Total size of a request's headers (metadata), including any bearer token.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// Everything a running server holds.
 #[derive(Debug, Clone)]
@@ -144,6 +148,12 @@ pub async fn serve(
 
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let grpc = tonic::transport::Server::builder()
+        // Bounded edges: streams per connection, header size, and keepalives that find
+        // peers which vanished without closing their connection.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

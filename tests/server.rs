@@ -144,3 +144,26 @@ async fn shutdown_drains_an_in_flight_push() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_metadata_is_refused() {
+    let server = TestServer::start(Backend::Sqlite).await.unwrap();
+    let mut client = server.client().await;
+    let mut request = tonic::Request::new(artifactd::pb::v1::StatRequest {
+        scope: Some(job("p", "j")),
+        path: "f".into(),
+    });
+    let huge = "x".repeat(32 * 1024);
+    request
+        .metadata_mut()
+        .insert("x-padding", huge.parse().unwrap());
+    assert!(
+        client.stat(request).await.is_err(),
+        "32 KiB of metadata is refused"
+    );
+    // An ordinary request on a fresh connection still works.
+    let mut client = server.client().await;
+    let err = stat(&mut client, job("p", "j"), "f").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    server.stop().await;
+}
