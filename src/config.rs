@@ -95,6 +95,10 @@ pub struct Config {
     #[arg(long, env = "ARTIFACTD_METERING", default_value_t = true, action = ArgAction::Set)]
     pub metering: bool,
 
+    /// Deadline of every unary call (all but Push, Pull and watch/reflection streams).
+    #[arg(long, env = "ARTIFACTD_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
     /// A Push that sends nothing for this long is aborted and its upload removed.
     #[arg(long, env = "ARTIFACTD_STREAM_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub stream_idle_timeout: Duration,
@@ -121,6 +125,7 @@ impl Config {
             redis_prefix: String::new(),
             metering: true,
             stream_idle_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
             migrate_on_start: true,
         }
     }

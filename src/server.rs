@@ -21,6 +21,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::api::artifacts::ArtifactApi;
 use crate::api::billing::BillingApi;
+use crate::api::deadline::UnaryDeadlineLayer;
 use crate::blob::BlobStore;
 use crate::config::Config;
 use crate::coord::Counters;
@@ -49,6 +50,7 @@ pub struct App {
     pub accounts: Accounts,
     drain_timeout: Duration,
     stream_idle_timeout: Duration,
+    request_timeout: Duration,
 }
 
 impl App {
@@ -91,6 +93,7 @@ impl App {
             accounts,
             drain_timeout: config.drain_timeout,
             stream_idle_timeout: config.stream_idle_timeout,
+            request_timeout: config.request_timeout,
         })
     }
 }
@@ -154,6 +157,7 @@ pub async fn serve(
         .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(UnaryDeadlineLayer::new(app.request_timeout))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -167,3 +167,66 @@ async fn oversized_metadata_is_refused() {
     assert_eq!(err.code(), tonic::Code::NotFound);
     server.stop().await;
 }
+
+/// Unary calls answer within the request deadline or get DEADLINE_EXCEEDED; streaming
+/// calls are not cut by it (they have the idle timeout instead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_calls_have_a_deadline_and_streams_do_not() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let server = TestServer::start_with(Backend::Sqlite, |c| {
+        c.request_timeout = std::time::Duration::from_millis(300)
+    })
+    .await
+    .unwrap();
+    let mut client = server.client().await;
+    let data = content(300_000, 1);
+    push(&mut client, header(job("p", "j"), "f"), &data)
+        .await
+        .unwrap();
+
+    // Another writer holds the database, so a Delete cannot finish in time.
+    let db = sea_orm::Database::connect(server.db.url.as_str())
+        .await
+        .unwrap();
+    let blocker = db.begin().await.unwrap();
+    blocker
+        .execute_unprepared("UPDATE plans SET updated_at = updated_at")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = client
+        .delete(artifactd::pb::v1::DeleteRequest {
+            scope: Some(job("p", "j")),
+            path: "f".into(),
+            recursive: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    blocker.rollback().await.unwrap();
+    db.close().await.unwrap();
+
+    // A pull read slowly lasts well past the deadline and still completes.
+    let mut stream = client
+        .pull(artifactd::pb::v1::PullRequest {
+            scope: Some(job("p", "j")),
+            path: "f".into(),
+            offset: 0,
+            length: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let started = std::time::Instant::now();
+    let mut received = 0;
+    while let Some(message) = stream.message().await.unwrap() {
+        if let Some(artifactd::pb::v1::pull_response::Msg::Chunk(chunk)) = message.msg {
+            received += chunk.len();
+            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        }
+    }
+    assert_eq!(received, data.len());
+    assert!(started.elapsed() > std::time::Duration::from_millis(600));
+    server.stop().await;
+}

@@ -4,3 +4,4 @@
 pub mod artifacts;
 pub mod billing;
 pub mod convert;
+pub mod deadline;
