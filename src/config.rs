@@ -3,9 +3,12 @@
 //! (the database URL) are never echoed back.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+use crate::domain::Error;
 
 pub const GIB: i64 = 1024 * 1024 * 1024;
 
@@ -32,13 +35,32 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// Address the gRPC API listens on.
-    #[arg(long, env = "ARTIFACTD_GRPC_LISTEN", default_value = "0.0.0.0:50051")]
+    /// Address the gRPC API listens on. Loopback by default: without authentication the
+    /// service must not be reachable from other hosts (see --auth).
+    #[arg(long, env = "ARTIFACTD_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: SocketAddr,
 
     /// Address the HTTP side (/healthz, /readyz) listens on.
-    #[arg(long, env = "ARTIFACTD_HTTP_LISTEN", default_value = "0.0.0.0:9090")]
+    #[arg(long, env = "ARTIFACTD_HTTP_LISTEN", default_value = "127.0.0.1:9090")]
     pub http_listen: SocketAddr,
+
+    /// How requests authenticate: `jwt` (bearer tokens) or `none` (local use only; refused
+    /// on a non-loopback address unless --insecure-no-auth).
+    #[arg(long, env = "ARTIFACTD_AUTH", value_enum, default_value = "none")]
+    pub auth: AuthMode,
+
+    /// HS256 secret (at least 32 bytes) to verify and issue tokens with. Prefer the
+    /// environment variable to the flag, which other users can see in the process list.
+    #[arg(long, env = "ARTIFACTD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+
+    /// PEM public key (Ed25519 or RSA) to verify tokens a control plane signs (EdDSA/RS256).
+    #[arg(long, env = "ARTIFACTD_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Allow `--auth none` on a non-loopback address (logs a warning). Never in production.
+    #[arg(long, env = "ARTIFACTD_INSECURE_NO_AUTH", default_value_t = false)]
+    pub insecure_no_auth: bool,
 
     /// Metadata database: `postgres://user:pass@host/db` or `sqlite://<file>`.
     #[arg(
@@ -108,7 +130,69 @@ pub struct Config {
     pub migrate_on_start: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    None,
+    Jwt,
+}
+
+/// A secret setting: never printed, not even by `{:?}`.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
 impl Config {
+    /// Refuses settings that must not run: no authentication on a reachable address
+    /// (unless explicitly insecure), or `jwt` without a key.
+    pub fn validate(&self) -> Result<(), Error> {
+        let exposed = !self.grpc_listen.ip().is_loopback() || !self.http_listen.ip().is_loopback();
+        match self.auth {
+            AuthMode::None if exposed && !self.insecure_no_auth => Err(Error::invalid(
+                "ARTIFACTD_AUTH",
+                format!(
+                    "`none` is for local use, but the server would listen on {} / {}: set \
+                     ARTIFACTD_AUTH=jwt, listen on 127.0.0.1, or pass --insecure-no-auth",
+                    self.grpc_listen, self.http_listen
+                ),
+            )),
+            AuthMode::None => {
+                if exposed {
+                    tracing::warn!(
+                        "authentication is off on a non-loopback address (--insecure-no-auth): \
+                         anyone who can reach this port can read, write and delete everything"
+                    );
+                }
+                Ok(())
+            }
+            AuthMode::Jwt if self.jwt_secret.is_none() && self.jwt_public_key_file.is_none() => {
+                Err(Error::invalid(
+                    "ARTIFACTD_AUTH",
+                    "`jwt` needs ARTIFACTD_JWT_SECRET or ARTIFACTD_JWT_PUBLIC_KEY_FILE",
+                ))
+            }
+            AuthMode::Jwt => Ok(()),
+        }
+    }
+
     /// The defaults, as if no flag or variable were set, for a database and blob store;
     /// listeners are bound by the caller. Used by tests and the benchmark.
     pub fn with_stores(database_url: &str, blob_url: &str) -> Self {
@@ -120,6 +204,10 @@ impl Config {
             blob_fsync: true,
             max_artifact_bytes: 5 * GIB,
             drain_timeout: Duration::from_secs(30),
+            auth: AuthMode::None,
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            insecure_no_auth: false,
             default_plan: "free".to_owned(),
             redis_url: None,
             redis_prefix: String::new(),

@@ -14,6 +14,9 @@ impl From<Error> for Status {
             Error::AlreadyExists(msg) => Status::already_exists(msg),
             Error::ResourceExhausted(msg) => Status::resource_exhausted(msg),
             Error::OutOfRange(msg) => Status::out_of_range(msg),
+            Error::Unauthenticated(msg) => Status::unauthenticated(msg),
+            Error::PermissionDenied(msg) => Status::permission_denied(msg),
+            Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
             Error::Cancelled(msg) => Status::cancelled(msg),
             Error::DeadlineExceeded(msg) => Status::deadline_exceeded(msg),
             Error::Unavailable { what, cause } => {

@@ -12,6 +12,7 @@
 //! - [`server`]: wiring and ordered shutdown; [`config`]: flags and environment.
 
 pub mod api;
+pub mod auth;
 pub mod blob;
 pub mod config;
 pub mod coord;

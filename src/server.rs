@@ -22,8 +22,9 @@ use tonic::transport::server::TcpIncoming;
 use crate::api::artifacts::ArtifactApi;
 use crate::api::billing::BillingApi;
 use crate::api::deadline::UnaryDeadlineLayer;
+use crate::auth::Authenticator;
 use crate::blob::BlobStore;
-use crate::config::Config;
+use crate::config::{AuthMode, Config};
 use crate::coord::Counters;
 use crate::domain::{Clock, Error};
 use crate::pb::v1::artifact_service_server::ArtifactServiceServer;
@@ -48,6 +49,7 @@ pub struct App {
     pub artifacts: ArtifactService,
     pub metering: Metering,
     pub accounts: Accounts,
+    pub auth: Authenticator,
     drain_timeout: Duration,
     stream_idle_timeout: Duration,
     request_timeout: Duration,
@@ -56,6 +58,8 @@ pub struct App {
 impl App {
     /// Connects the database (migrating it first if configured) and opens the blob store.
     pub async fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Self, Error> {
+        config.validate()?;
+        let auth = authenticator(config)?;
         if config.migrate_on_start {
             Store::migrate(&config.database_url).await?;
         }
@@ -91,6 +95,7 @@ impl App {
             artifacts,
             metering,
             accounts,
+            auth,
             drain_timeout: config.drain_timeout,
             stream_idle_timeout: config.stream_idle_timeout,
             request_timeout: config.request_timeout,
@@ -133,12 +138,13 @@ pub async fn serve(
 
     let artifact_service = ArtifactServiceServer::new(ArtifactApi::new(
         app.artifacts.clone(),
+        app.auth.clone(),
         app.stream_idle_timeout,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
-    let billing = BillingApi::new(app.accounts.clone(), app.metering.clone());
+    let billing = BillingApi::new(app.accounts.clone(), app.metering.clone(), app.auth.clone());
     for service in [
         "artifactd.v1.PlanService",
         "artifactd.v1.UsageService",
@@ -212,6 +218,29 @@ pub async fn serve(
     }
     app.store.close().await;
     Ok(())
+}
+
+/// The token verifier the config asks for.
+fn authenticator(config: &Config) -> Result<Authenticator, Error> {
+    match config.auth {
+        AuthMode::None => Ok(Authenticator::disabled()),
+        AuthMode::Jwt => match (&config.jwt_secret, &config.jwt_public_key_file) {
+            (Some(secret), _) => Authenticator::shared_secret(secret.expose().as_bytes()),
+            (None, Some(path)) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    Error::invalid(
+                        "ARTIFACTD_JWT_PUBLIC_KEY_FILE",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                Authenticator::public_key(&pem)
+            }
+            (None, None) => Err(Error::invalid(
+                "ARTIFACTD_AUTH",
+                "`jwt` needs ARTIFACTD_JWT_SECRET or ARTIFACTD_JWT_PUBLIC_KEY_FILE",
+            )),
+        },
+    }
 }
 
 async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {

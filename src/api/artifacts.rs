@@ -9,7 +9,8 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
-use crate::domain::{Error, scope::parse_prefix};
+use crate::auth::Authenticator;
+use crate::domain::{Access, Error, authorize, scope::parse_prefix};
 use crate::pb::v1::{self as pb, artifact_service_server, pull_response, push_request};
 use crate::service::{self, PullSpec};
 
@@ -19,14 +20,20 @@ pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct ArtifactApi {
     artifacts: service::ArtifactService,
+    auth: Authenticator,
     /// A Push that sends nothing for this long is aborted (and its upload removed).
     idle_timeout: Duration,
 }
 
 impl ArtifactApi {
-    pub fn new(artifacts: service::ArtifactService, idle_timeout: Duration) -> Self {
+    pub fn new(
+        artifacts: service::ArtifactService,
+        auth: Authenticator,
+        idle_timeout: Duration,
+    ) -> Self {
         Self {
             artifacts,
+            auth,
             idle_timeout,
         }
     }
@@ -47,6 +54,7 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
         &self,
         request: Request<Streaming<pb::PushRequest>>,
     ) -> Result<Response<pb::PushResponse>, Status> {
+        let principal = self.auth.authenticate_grpc(request.metadata())?;
         let mut messages = request.into_inner();
         let first = tokio::time::timeout(self.idle_timeout, messages.message())
             .await
@@ -76,6 +84,7 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
             }
         };
         let spec = convert::push_spec(header)?;
+        authorize(&principal, Access::WriteArtifacts(&spec.target.scope))?;
         let idle_timeout = self.idle_timeout;
         let chunks = tokio_stream::StreamExt::timeout(messages, idle_timeout).map(move |message| {
             match message {
@@ -96,12 +105,14 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
         &self,
         request: Request<pb::PullRequest>,
     ) -> Result<Response<Self::PullStream>, Status> {
+        let principal = self.auth.authenticate_grpc(request.metadata())?;
         let request = request.into_inner();
         let spec = PullSpec {
             target: convert::scoped_path("", request.scope.as_ref(), &request.path)?,
             offset: request.offset,
             length: request.length,
         };
+        authorize(&principal, Access::ReadArtifacts(&spec.target.scope))?;
         let pull = self.artifacts.pull(spec).await?;
         let head = futures::stream::once(futures::future::ready(Ok(pb::PullResponse {
             msg: Some(pull_response::Msg::Artifact(convert::artifact(
@@ -122,8 +133,10 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
         &self,
         request: Request<pb::StatRequest>,
     ) -> Result<Response<pb::Artifact>, Status> {
+        let principal = self.auth.authenticate_grpc(request.metadata())?;
         let request = request.into_inner();
         let target = convert::scoped_path("", request.scope.as_ref(), &request.path)?;
+        authorize(&principal, Access::ReadArtifacts(&target.scope))?;
         let artifact = self.artifacts.stat(&target.scope, &target.path).await?;
         Ok(Response::new(convert::artifact(&artifact)))
     }
@@ -132,8 +145,10 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
         &self,
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
+        let principal = self.auth.authenticate_grpc(request.metadata())?;
         let request = request.into_inner();
         let scope = convert::scope("scope", request.scope.as_ref())?;
+        authorize(&principal, Access::ReadArtifacts(&scope))?;
         let prefix = parse_prefix("prefix", &request.prefix)?;
         let page_size = u32::try_from(request.page_size)
             .map_err(|_| Error::invalid("page_size", "must not be negative"))?;
@@ -156,6 +171,7 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let principal = self.auth.authenticate_grpc(request.metadata())?;
         let request = request.into_inner();
         // A folder may be named with a trailing slash ("dist/") when deleting recursively.
         let path = match request.path.strip_suffix('/') {
@@ -163,6 +179,7 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
             _ => request.path.as_str(),
         };
         let target = convert::scoped_path("", request.scope.as_ref(), path)?;
+        authorize(&principal, Access::DeleteArtifacts(&target.scope))?;
         let (deleted_count, deleted_bytes) = self
             .artifacts
             .delete(&target.scope, &target.path, request.recursive)

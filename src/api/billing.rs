@@ -4,8 +4,9 @@
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, timestamp};
+use crate::auth::Authenticator;
 use crate::domain::metering::{Month, format_day, parse_day};
-use crate::domain::{Error, ProjectId};
+use crate::domain::{Access, Error, ProjectId, authorize};
 use crate::pb::v1::{
     self as pb, plan_service_server, usage_control_service_server, usage_service_server,
 };
@@ -15,11 +16,22 @@ use crate::service::{Accounts, ControlsMask, Metering};
 pub struct BillingApi {
     accounts: Accounts,
     metering: Metering,
+    auth: Authenticator,
 }
 
 impl BillingApi {
-    pub fn new(accounts: Accounts, metering: Metering) -> Self {
-        Self { accounts, metering }
+    pub fn new(accounts: Accounts, metering: Metering, auth: Authenticator) -> Self {
+        Self {
+            accounts,
+            metering,
+            auth,
+        }
+    }
+
+    /// Authenticates the request and checks `access` before anything is looked up.
+    fn allow<T>(&self, request: &Request<T>, access: Access<'_>) -> Result<(), Status> {
+        let principal = self.auth.authenticate_grpc(request.metadata())?;
+        Ok(authorize(&principal, access)?)
     }
 }
 
@@ -37,6 +49,7 @@ impl plan_service_server::PlanService for BillingApi {
         &self,
         request: Request<pb::CreatePlanRequest>,
     ) -> Result<Response<pb::Plan>, Status> {
+        self.allow(&request, Access::Administer)?;
         let plan = convert::plan_from_proto(request.into_inner().plan)?;
         let plan = self.accounts.create_plan(plan).await?;
         Ok(Response::new(convert::plan(&plan)))
@@ -46,6 +59,7 @@ impl plan_service_server::PlanService for BillingApi {
         &self,
         request: Request<pb::UpdatePlanRequest>,
     ) -> Result<Response<pb::Plan>, Status> {
+        self.allow(&request, Access::Administer)?;
         let plan = convert::plan_from_proto(request.into_inner().plan)?;
         let plan = self.accounts.update_plan(plan).await?;
         Ok(Response::new(convert::plan(&plan)))
@@ -55,6 +69,7 @@ impl plan_service_server::PlanService for BillingApi {
         &self,
         request: Request<pb::GetPlanRequest>,
     ) -> Result<Response<pb::Plan>, Status> {
+        self.allow(&request, Access::Administer)?;
         let plan = self
             .accounts
             .get_plan(&request.into_inner().plan_id)
@@ -64,8 +79,9 @@ impl plan_service_server::PlanService for BillingApi {
 
     async fn list_plans(
         &self,
-        _: Request<pb::ListPlansRequest>,
+        request: Request<pb::ListPlansRequest>,
     ) -> Result<Response<pb::ListPlansResponse>, Status> {
+        self.allow(&request, Access::Administer)?;
         let plans = self.accounts.list_plans().await?;
         Ok(Response::new(pb::ListPlansResponse {
             plans: plans.iter().map(convert::plan).collect(),
@@ -76,6 +92,7 @@ impl plan_service_server::PlanService for BillingApi {
         &self,
         request: Request<pb::AssignPlanRequest>,
     ) -> Result<Response<pb::Project>, Status> {
+        self.allow(&request, Access::Administer)?;
         let request = request.into_inner();
         let project = project_id(&request.project_id)?;
         if request.plan_id.is_empty() {
@@ -92,7 +109,8 @@ impl plan_service_server::PlanService for BillingApi {
         &self,
         request: Request<pb::GetProjectRequest>,
     ) -> Result<Response<pb::Project>, Status> {
-        let project = project_id(&request.into_inner().project_id)?;
+        let project = project_id(&request.get_ref().project_id)?;
+        self.allow(&request, Access::ReadUsage(&project))?;
         let record = self.accounts.get_project(&project).await?;
         Ok(Response::new(convert::project(&record)))
     }
@@ -104,7 +122,8 @@ impl usage_control_service_server::UsageControlService for BillingApi {
         &self,
         request: Request<pb::GetUsageControlsRequest>,
     ) -> Result<Response<pb::UsageControls>, Status> {
-        let project = project_id(&request.into_inner().project_id)?;
+        let project = project_id(&request.get_ref().project_id)?;
+        self.allow(&request, Access::ReadControls(&project))?;
         let controls = self.accounts.controls(&project).await?;
         Ok(Response::new(convert::controls(&controls)))
     }
@@ -113,8 +132,9 @@ impl usage_control_service_server::UsageControlService for BillingApi {
         &self,
         request: Request<pb::UpdateUsageControlsRequest>,
     ) -> Result<Response<pb::UsageControls>, Status> {
+        let project = project_id(&request.get_ref().project_id)?;
+        self.allow(&request, Access::WriteControls(&project))?;
         let request = request.into_inner();
-        let project = project_id(&request.project_id)?;
         let mask = ControlsMask::parse(&request.update_mask.map(|m| m.paths).unwrap_or_default())?;
         let update = convert::controls_from_proto(request.controls.unwrap_or_default());
         let controls = self
@@ -128,8 +148,9 @@ impl usage_control_service_server::UsageControlService for BillingApi {
         &self,
         request: Request<pb::ListUsageAlertsRequest>,
     ) -> Result<Response<pb::ListUsageAlertsResponse>, Status> {
+        let project = project_id(&request.get_ref().project_id)?;
+        self.allow(&request, Access::ReadUsage(&project))?;
         let request = request.into_inner();
-        let project = project_id(&request.project_id)?;
         let alerts = self
             .metering
             .alerts(&project, month(&request.month)?)
@@ -157,8 +178,9 @@ impl usage_service_server::UsageService for BillingApi {
         &self,
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::Usage>, Status> {
+        let project = project_id(&request.get_ref().project_id)?;
+        self.allow(&request, Access::ReadUsage(&project))?;
         let request = request.into_inner();
-        let project = project_id(&request.project_id)?;
         let start = convert::required_timestamp("start", request.start)?;
         let end = convert::required_timestamp("end", request.end)?;
         let usage = self.metering.usage(&project, start, end).await?;
@@ -179,8 +201,9 @@ impl usage_service_server::UsageService for BillingApi {
         &self,
         request: Request<pb::GetBillRequest>,
     ) -> Result<Response<pb::Bill>, Status> {
+        let project = project_id(&request.get_ref().project_id)?;
+        self.allow(&request, Access::ReadUsage(&project))?;
         let request = request.into_inner();
-        let project = project_id(&request.project_id)?;
         let bill = self.metering.bill(&project, month(&request.month)?).await?;
         Ok(Response::new(convert::bill(&bill)))
     }
@@ -189,8 +212,9 @@ impl usage_service_server::UsageService for BillingApi {
         &self,
         request: Request<pb::ListDailyUsageRequest>,
     ) -> Result<Response<pb::ListDailyUsageResponse>, Status> {
+        let project = project_id(&request.get_ref().project_id)?;
+        self.allow(&request, Access::ReadUsage(&project))?;
         let request = request.into_inner();
-        let project = project_id(&request.project_id)?;
         let first = parse_day("start_day", &request.start_day)?;
         let last = parse_day("end_day", &request.end_day)?;
         let days = self.metering.daily(&project, first, last).await?;
@@ -214,6 +238,7 @@ impl usage_service_server::UsageService for BillingApi {
         &self,
         request: Request<pb::ListProjectsUsageRequest>,
     ) -> Result<Response<pb::ListProjectsUsageResponse>, Status> {
+        self.allow(&request, Access::ReadAllUsage)?;
         let request = request.into_inner();
         let month = month(&request.month)?;
         let page_size = match request.page_size {

@@ -16,6 +16,15 @@ pub enum Error {
     ResourceExhausted(String),
     #[error("{0}")]
     OutOfRange(String),
+    /// No valid credentials (missing, malformed, expired or badly signed token).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Valid credentials, but not for this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The request cannot be served in the server's current configuration.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The client went away or gave up; nothing was stored.
     #[error("{0}")]
     Cancelled(String),

@@ -1,6 +1,7 @@
 //! Pure rules with no I/O: scopes, paths, ids, timestamps, and the clock every timestamp comes
 //! from. Nothing here imports tonic, sea-orm or object_store.
 
+pub mod access;
 pub mod artifact;
 pub mod clock;
 pub mod error;
@@ -8,6 +9,7 @@ pub mod metering;
 pub mod plan;
 pub mod scope;
 
+pub use access::{Access, Principal, Role, authorize};
 pub use artifact::{Artifact, Sha256};
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{Error, Result};
