@@ -32,6 +32,8 @@ pub struct Authenticator {
     mode: Arc<Mode>,
 }
 
+// One value per process, behind an Arc: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Mode {
     /// `ARTIFACTD_AUTH=none`: every request acts as an unauthenticated admin.
     Disabled,
