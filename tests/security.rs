@@ -1,0 +1,595 @@
+#![allow(clippy::unwrap_used)]
+//! Authentication and the role matrix, exhaustively: every RPC × every role × own project /
+//! other project / own job / sibling job (and the workflow and project scopes), asserting the
+//! exact code. Real server with `ARTIFACTD_AUTH=jwt`, real tokens.
+
+mod common;
+
+use artifactd::auth::{Authenticator, Claims};
+use artifactd::config::{AuthMode, Secret};
+use artifactd::pb::v1::{
+    self as pb, artifact_service_client::ArtifactServiceClient,
+    plan_service_client::PlanServiceClient,
+    usage_control_service_client::UsageControlServiceClient,
+    usage_service_client::UsageServiceClient,
+};
+use common::*;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+const SECRET: &str = "test-secret-that-is-at-least-32-bytes-long";
+
+fn token(role: &str, project: Option<&str>, workflow: Option<&str>, job: Option<&str>) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    Authenticator::shared_secret(SECRET.as_bytes())
+        .unwrap()
+        .issue(&Claims {
+            sub: format!("test-{role}"),
+            role: role.into(),
+            project_id: project.map(Into::into),
+            workflow_id: workflow.map(Into::into),
+            job_id: job.map(Into::into),
+            exp,
+        })
+        .unwrap()
+}
+
+fn authed<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+struct Clients {
+    artifacts: ArtifactServiceClient<Channel>,
+    plans: PlanServiceClient<Channel>,
+    usage: UsageServiceClient<Channel>,
+    controls: UsageControlServiceClient<Channel>,
+}
+
+async fn secured_server() -> (TestServer, Clients) {
+    let server = TestServer::start_with(Backend::Sqlite, |c| {
+        c.auth = AuthMode::Jwt;
+        c.jwt_secret = Some(SECRET.parse::<Secret>().unwrap());
+    })
+    .await
+    .unwrap();
+    let channel = server.channel().await;
+    let clients = Clients {
+        artifacts: ArtifactServiceClient::new(channel.clone()),
+        plans: PlanServiceClient::new(channel.clone()),
+        usage: UsageServiceClient::new(channel.clone()),
+        controls: UsageControlServiceClient::new(channel),
+    };
+    (server, clients)
+}
+
+fn code<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    match result {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+async fn push_as(c: &mut Clients, token: &str, scope: pb::Scope, path: &str) -> Code {
+    let mut h = header(scope, path);
+    h.force = true;
+    let messages = push_messages(h, b"matrix", 1024);
+    code(
+        c.artifacts
+            .push(authed(tokio_stream::iter(messages), token))
+            .await,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_for_every_role_and_target() {
+    let (server, mut c) = secured_server().await;
+    let admin = token("admin", None, None, None);
+    let principals = [
+        ("job", token("job", Some("p"), Some("w1"), Some("j1"))),
+        ("maintainer", token("maintainer", Some("p"), None, None)),
+        (
+            "billing_reader",
+            token("billing_reader", Some("p"), None, None),
+        ),
+        (
+            "billing_reader_all",
+            token("billing_reader", None, None, None),
+        ),
+        ("admin", admin.clone()),
+    ];
+    // Artifact targets: own job, sibling job, own workflow, other workflow, project scope,
+    // and the same job id in another project.
+    let targets = [
+        ("own_job", job("p", "j1")),
+        ("sibling_job", job("p", "j2")),
+        ("own_workflow", workflow("p", "w1")),
+        ("other_workflow", workflow("p", "w2")),
+        ("project", project("p")),
+        ("other_project", job("q", "j1")),
+    ];
+    // Expected for (role, target): read/push allowed, delete allowed.
+    let artifact_rules = |role: &str, target: &str| -> (bool, bool) {
+        match (role, target) {
+            ("admin", _) => (true, true),
+            ("maintainer", "other_project") => (false, false),
+            ("maintainer", _) => (true, true),
+            ("job", "own_job") => (true, true),
+            ("job", "own_workflow" | "project") => (true, false),
+            _ => (false, false),
+        }
+    };
+    for (_, scope) in &targets {
+        assert_eq!(
+            push_as(&mut c, &admin, scope.clone(), "a.txt").await,
+            Code::Ok
+        );
+    }
+
+    for (role, token) in &principals {
+        for (target, scope) in &targets {
+            let (read, delete) = artifact_rules(role, target);
+            let expect = |allowed: bool| {
+                if allowed {
+                    Code::Ok
+                } else {
+                    Code::PermissionDenied
+                }
+            };
+            let at = format!("{role} on {target}");
+            assert_eq!(
+                push_as(&mut c, token, scope.clone(), "pushed.txt").await,
+                expect(read),
+                "Push: {at}"
+            );
+            let pull = c
+                .artifacts
+                .pull(authed(
+                    pb::PullRequest {
+                        scope: Some(scope.clone()),
+                        path: "a.txt".into(),
+                        offset: 0,
+                        length: 0,
+                    },
+                    token,
+                ))
+                .await;
+            assert_eq!(code(pull), expect(read), "Pull: {at}");
+            let stat = c
+                .artifacts
+                .stat(authed(
+                    pb::StatRequest {
+                        scope: Some(scope.clone()),
+                        path: "a.txt".into(),
+                    },
+                    token,
+                ))
+                .await;
+            assert_eq!(code(stat), expect(read), "Stat: {at}");
+            // Refused before any lookup: a missing path answers the same as an existing one.
+            let missing = c
+                .artifacts
+                .stat(authed(
+                    pb::StatRequest {
+                        scope: Some(scope.clone()),
+                        path: "missing".into(),
+                    },
+                    token,
+                ))
+                .await;
+            assert_eq!(
+                code(missing),
+                if read {
+                    Code::NotFound
+                } else {
+                    Code::PermissionDenied
+                },
+                "Stat missing: {at}"
+            );
+            let list = c
+                .artifacts
+                .list(authed(
+                    pb::ListRequest {
+                        scope: Some(scope.clone()),
+                        prefix: String::new(),
+                        page_size: 10,
+                        page_token: String::new(),
+                    },
+                    token,
+                ))
+                .await;
+            assert_eq!(code(list), expect(read), "List: {at}");
+            let deleted = c
+                .artifacts
+                .delete(authed(
+                    pb::DeleteRequest {
+                        scope: Some(scope.clone()),
+                        path: "a.txt".into(),
+                        recursive: false,
+                    },
+                    token,
+                ))
+                .await;
+            assert_eq!(code(deleted), expect(delete), "Delete: {at}");
+            if delete {
+                assert_eq!(
+                    push_as(&mut c, &admin, scope.clone(), "a.txt").await,
+                    Code::Ok
+                );
+            }
+        }
+    }
+
+    // Project-level RPCs, on the token's own project and on another.
+    for (role, token) in &principals {
+        for project_id in ["p", "q"] {
+            let own = project_id == "p";
+            let reads_usage = match *role {
+                "admin" | "billing_reader_all" => true,
+                "maintainer" | "billing_reader" => own,
+                _ => false,
+            };
+            let controls = match *role {
+                "admin" => true,
+                "maintainer" => own,
+                _ => false,
+            };
+            let expect = |allowed: bool| {
+                if allowed {
+                    Code::Ok
+                } else {
+                    Code::PermissionDenied
+                }
+            };
+            let at = format!("{role} on project {project_id}");
+            let p = || project_id.to_string();
+            assert_eq!(
+                code(
+                    c.plans
+                        .get_project(authed(pb::GetProjectRequest { project_id: p() }, token))
+                        .await
+                ),
+                expect(reads_usage),
+                "GetProject: {at}"
+            );
+            let now = prost_types::Timestamp {
+                seconds: TEST_EPOCH_SECONDS,
+                nanos: 0,
+            };
+            let later = prost_types::Timestamp {
+                seconds: TEST_EPOCH_SECONDS + 86_400,
+                nanos: 0,
+            };
+            assert_eq!(
+                code(
+                    c.usage
+                        .get_usage(authed(
+                            pb::GetUsageRequest {
+                                project_id: p(),
+                                start: Some(now),
+                                end: Some(later)
+                            },
+                            token
+                        ))
+                        .await
+                ),
+                expect(reads_usage),
+                "GetUsage: {at}"
+            );
+            assert_eq!(
+                code(
+                    c.usage
+                        .get_bill(authed(
+                            pb::GetBillRequest {
+                                project_id: p(),
+                                month: "2026-11".into()
+                            },
+                            token
+                        ))
+                        .await
+                ),
+                expect(reads_usage),
+                "GetBill: {at}"
+            );
+            assert_eq!(
+                code(
+                    c.usage
+                        .list_daily_usage(authed(
+                            pb::ListDailyUsageRequest {
+                                project_id: p(),
+                                start_day: "2026-11-01".into(),
+                                end_day: "2026-11-02".into()
+                            },
+                            token
+                        ))
+                        .await
+                ),
+                expect(reads_usage),
+                "ListDailyUsage: {at}"
+            );
+            assert_eq!(
+                code(
+                    c.controls
+                        .list_usage_alerts(authed(
+                            pb::ListUsageAlertsRequest {
+                                project_id: p(),
+                                month: "2026-11".into()
+                            },
+                            token
+                        ))
+                        .await
+                ),
+                expect(reads_usage),
+                "ListUsageAlerts: {at}"
+            );
+            assert_eq!(
+                code(
+                    c.controls
+                        .get_usage_controls(authed(
+                            pb::GetUsageControlsRequest { project_id: p() },
+                            token
+                        ))
+                        .await
+                ),
+                expect(controls),
+                "GetUsageControls: {at}"
+            );
+            let update = pb::UpdateUsageControlsRequest {
+                project_id: p(),
+                controls: Some(pb::UsageControls {
+                    alert_thresholds: vec![80],
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["alert_thresholds".into()],
+                }),
+                apply_to_existing: false,
+            };
+            assert_eq!(
+                code(
+                    c.controls
+                        .update_usage_controls(authed(update, token))
+                        .await
+                ),
+                expect(controls),
+                "UpdateUsageControls: {at}"
+            );
+        }
+    }
+
+    // Admin-only RPCs, and the all-projects usage listing.
+    for (i, (role, token)) in principals.iter().enumerate() {
+        let admin_role = *role == "admin";
+        let expect = |allowed: bool| {
+            if allowed {
+                Code::Ok
+            } else {
+                Code::PermissionDenied
+            }
+        };
+        let plan = |id: String| pb::Plan {
+            id,
+            name: "Matrix".into(),
+            currency: "USD".into(),
+            max_artifact_bytes: 1 << 20,
+            max_retention_days: 7,
+            overage_policy: pb::OveragePolicy::Bill as i32,
+            ..Default::default()
+        };
+        let created = c
+            .plans
+            .create_plan(authed(
+                pb::CreatePlanRequest {
+                    plan: Some(plan(format!("matrix-{i}"))),
+                },
+                token,
+            ))
+            .await;
+        assert_eq!(code(created), expect(admin_role), "CreatePlan: {role}");
+        let updated = c
+            .plans
+            .update_plan(authed(
+                pb::UpdatePlanRequest {
+                    plan: Some(plan("matrix-4".into())),
+                },
+                token,
+            ))
+            .await;
+        assert_eq!(
+            code(updated),
+            if admin_role {
+                Code::Ok
+            } else {
+                Code::PermissionDenied
+            },
+            "UpdatePlan: {role}"
+        );
+        assert_eq!(
+            code(
+                c.plans
+                    .get_plan(authed(
+                        pb::GetPlanRequest {
+                            plan_id: "free".into()
+                        },
+                        token
+                    ))
+                    .await
+            ),
+            expect(admin_role),
+            "GetPlan: {role}"
+        );
+        assert_eq!(
+            code(
+                c.plans
+                    .list_plans(authed(pb::ListPlansRequest {}, token))
+                    .await
+            ),
+            expect(admin_role),
+            "ListPlans: {role}"
+        );
+        assert_eq!(
+            code(
+                c.plans
+                    .assign_plan(authed(
+                        pb::AssignPlanRequest {
+                            project_id: "p".into(),
+                            plan_id: "team".into()
+                        },
+                        token
+                    ))
+                    .await
+            ),
+            expect(admin_role),
+            "AssignPlan: {role}"
+        );
+        let all_usage = matches!(*role, "admin" | "billing_reader_all");
+        assert_eq!(
+            code(
+                c.usage
+                    .list_projects_usage(authed(
+                        pb::ListProjectsUsageRequest {
+                            month: "2026-11".into(),
+                            page_size: 10,
+                            page_token: String::new()
+                        },
+                        token
+                    ))
+                    .await
+            ),
+            expect(all_usage),
+            "ListProjectsUsage: {role}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_unauthenticated() {
+    let (server, mut c) = secured_server().await;
+    let good = token("admin", None, None, None);
+    let past = Authenticator::shared_secret(SECRET.as_bytes())
+        .unwrap()
+        .issue(&Claims {
+            sub: "old".into(),
+            role: "admin".into(),
+            project_id: None,
+            workflow_id: None,
+            job_id: None,
+            exp: 1_000_000,
+        })
+        .unwrap();
+    let other_key = Authenticator::shared_secret(b"another-secret-that-is-32-bytes-long!!")
+        .unwrap()
+        .issue(&Claims {
+            sub: "x".into(),
+            role: "admin".into(),
+            project_id: None,
+            workflow_id: None,
+            job_id: None,
+            exp: u64::MAX / 2,
+        })
+        .unwrap();
+    let unknown_role = Authenticator::shared_secret(SECRET.as_bytes())
+        .unwrap()
+        .issue(&Claims {
+            sub: "x".into(),
+            role: "root".into(),
+            project_id: None,
+            workflow_id: None,
+            job_id: None,
+            exp: u64::MAX / 2,
+        })
+        .unwrap();
+    let job_without_job = token("job", Some("p"), None, None);
+    let stat = |t: Option<String>| {
+        let mut request = Request::new(pb::StatRequest {
+            scope: Some(job("p", "j")),
+            path: "f".into(),
+        });
+        if let Some(value) = t {
+            request
+                .metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+        }
+        request
+    };
+    for (what, value, expected) in [
+        ("no token", None, "a bearer token is required"),
+        (
+            "not bearer",
+            Some(format!("Basic {good}")),
+            "must be `Bearer <token>`",
+        ),
+        ("garbage", Some("Bearer not.a.jwt".to_string()), "malformed"),
+        ("expired", Some(format!("Bearer {past}")), "expired"),
+        (
+            "other key",
+            Some(format!("Bearer {other_key}")),
+            "signature",
+        ),
+        (
+            "unknown role",
+            Some(format!("Bearer {unknown_role}")),
+            "unknown role",
+        ),
+        (
+            "job token without job",
+            Some(format!("Bearer {job_without_job}")),
+            "needs project_id, workflow_id and job_id",
+        ),
+    ] {
+        let err = c.artifacts.stat(stat(value)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{what}: {err:?}");
+        assert!(
+            err.message().contains(expected),
+            "{what}: {}",
+            err.message()
+        );
+    }
+    // Pushes and billing calls check tokens too.
+    let messages = push_messages(header(job("p", "j"), "f"), b"x", 1);
+    assert_eq!(
+        code(c.artifacts.push(tokio_stream::iter(messages)).await),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code(
+            c.usage
+                .get_bill(Request::new(pb::GetBillRequest {
+                    project_id: "p".into(),
+                    month: "2026-11".into()
+                }))
+                .await
+        ),
+        Code::Unauthenticated
+    );
+    // And a good token works.
+    let err = c
+        .artifacts
+        .stat(stat(Some(format!("Bearer {good}"))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    server.stop().await;
+}
+
+#[test]
+fn no_auth_is_refused_on_reachable_addresses() {
+    use artifactd::config::Config;
+    let mut config = Config::with_stores("sqlite://x.db", "memory://");
+    assert!(config.validate().is_ok(), "loopback without auth is fine");
+    config.grpc_listen = "0.0.0.0:50051".parse().unwrap();
+    let err = config.validate().unwrap_err();
+    assert!(err.to_string().starts_with("ARTIFACTD_AUTH:"), "{err}");
+    config.insecure_no_auth = true;
+    assert!(config.validate().is_ok());
+    config.auth = AuthMode::Jwt;
+    assert!(config.validate().is_err(), "jwt needs a key");
+}
