@@ -31,6 +31,39 @@ pub enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Tokens, for operators.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum TokenCommand {
+    /// Print a token signed with ARTIFACTD_JWT_SECRET to standard output.
+    Issue(IssueToken),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct IssueToken {
+    /// job, maintainer, billing_reader or admin.
+    #[arg(long, default_value = "job")]
+    pub role: String,
+    /// The project (required for job and maintainer; optional for billing_reader).
+    #[arg(long)]
+    pub project: Option<String>,
+    /// The workflow (job tokens).
+    #[arg(long)]
+    pub workflow: Option<String>,
+    /// The job (job tokens).
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Who the token is for (its `sub` claim).
+    #[arg(long, default_value = "operator")]
+    pub subject: String,
+    /// Lifetime, e.g. `1h`, `7d` (at most 30 days).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -22,6 +22,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::api::artifacts::ArtifactApi;
 use crate::api::billing::BillingApi;
 use crate::api::deadline::UnaryDeadlineLayer;
+use crate::api::tokens::TokenApi;
 use crate::auth::Authenticator;
 use crate::blob::BlobStore;
 use crate::config::{AuthMode, Config};
@@ -29,6 +30,7 @@ use crate::coord::Counters;
 use crate::domain::{Clock, Error};
 use crate::pb::v1::artifact_service_server::ArtifactServiceServer;
 use crate::pb::v1::plan_service_server::PlanServiceServer;
+use crate::pb::v1::token_service_server::TokenServiceServer;
 use crate::pb::v1::usage_control_service_server::UsageControlServiceServer;
 use crate::pb::v1::usage_service_server::UsageServiceServer;
 use crate::service::{Accounts, ArtifactService, Metering};
@@ -50,6 +52,7 @@ pub struct App {
     pub metering: Metering,
     pub accounts: Accounts,
     pub auth: Authenticator,
+    clock: Arc<dyn Clock>,
     drain_timeout: Duration,
     stream_idle_timeout: Duration,
     request_timeout: Duration,
@@ -83,6 +86,7 @@ impl App {
             config.metering,
         );
         let accounts = Accounts::new(store.clone(), metering.clone(), clock.clone());
+        let clock_for_tokens = clock.clone();
         let artifacts = ArtifactService::new(
             store.clone(),
             blobs,
@@ -96,6 +100,7 @@ impl App {
             metering,
             accounts,
             auth,
+            clock: clock_for_tokens,
             drain_timeout: config.drain_timeout,
             stream_idle_timeout: config.stream_idle_timeout,
             request_timeout: config.request_timeout,
@@ -149,6 +154,7 @@ pub async fn serve(
         "artifactd.v1.PlanService",
         "artifactd.v1.UsageService",
         "artifactd.v1.UsageControlService",
+        "artifactd.v1.TokenService",
     ] {
         health
             .set_service_status(service, tonic_health::ServingStatus::Serving)
@@ -171,6 +177,10 @@ pub async fn serve(
         .add_service(PlanServiceServer::new(billing.clone()))
         .add_service(UsageServiceServer::new(billing.clone()))
         .add_service(UsageControlServiceServer::new(billing))
+        .add_service(TokenServiceServer::new(TokenApi::new(
+            app.auth.clone(),
+            app.clock.clone(),
+        )))
         .serve_with_incoming_shutdown(incoming, stopping.clone().cancelled_owned());
 
     let router = axum::Router::new()

@@ -5,3 +5,4 @@ pub mod artifacts;
 pub mod billing;
 pub mod convert;
 pub mod deadline;
+pub mod tokens;
