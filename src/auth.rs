@@ -260,3 +260,72 @@ fn principal(claims: Claims) -> Result<Principal, Error> {
         job,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"unit-test-secret-of-at-least-32-bytes";
+
+    fn job_token(auth: &Authenticator) -> String {
+        auth.issue(&Claims {
+            sub: "ci".into(),
+            role: "job".into(),
+            project_id: Some("p".into()),
+            workflow_id: Some("w".into()),
+            job_id: Some("j".into()),
+            exp: 4_000_000_000,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn http_requests_carry_tokens_three_ways() {
+        use axum::http::{HeaderMap, HeaderValue, header::AUTHORIZATION};
+        let auth = Authenticator::shared_secret(SECRET).unwrap();
+        let token = job_token(&auth);
+        let mut bearer = HeaderMap::new();
+        bearer.insert(
+            AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        let mut gitlab = HeaderMap::new();
+        gitlab.insert("job-token", HeaderValue::from_str(&token).unwrap());
+        let query = format!("file=a&job_token={token}");
+        for principal in [
+            auth.authenticate_http(&bearer, None),
+            auth.authenticate_http(&gitlab, None),
+            auth.authenticate_http(&HeaderMap::new(), Some(&query)),
+        ] {
+            let principal = principal.unwrap();
+            assert_eq!(
+                (principal.role, principal.job.as_deref()),
+                (Role::Job, Some("j"))
+            );
+        }
+        let none = auth
+            .authenticate_http(&HeaderMap::new(), Some("file=a"))
+            .unwrap_err();
+        assert!(matches!(none, Error::Unauthenticated(_)));
+        // The same checks as gRPC: a bad signature is refused, and says nothing of the token.
+        let mut forged = HeaderMap::new();
+        forged.insert(
+            "job-token",
+            HeaderValue::from_str(&format!("{token}x")).unwrap(),
+        );
+        let err = auth.authenticate_http(&forged, None).unwrap_err();
+        assert!(!err.to_string().contains(&token[..20]), "{err}");
+    }
+
+    #[test]
+    fn short_secrets_are_refused() {
+        assert!(Authenticator::shared_secret(b"short").is_err());
+    }
+
+    #[test]
+    fn debug_output_shows_no_key() {
+        let auth = Authenticator::shared_secret(SECRET).unwrap();
+        let shown = format!("{auth:?}");
+        assert!(!shown.contains("unit-test-secret"), "{shown}");
+    }
+}

@@ -824,3 +824,93 @@ async fn logs_never_contain_tokens_secrets_or_content() {
         assert!(!log.contains(&needle), "{what} leaked into the log");
     }
 }
+
+/// A control plane signs with its private key (EdDSA or RS256); the service only verifies
+/// with the public key, and so cannot issue tokens itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_key_tokens_from_a_control_plane() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let claims = Claims {
+        sub: "control-plane".into(),
+        role: "maintainer".into(),
+        project_id: Some("p".into()),
+        workflow_id: None,
+        job_id: None,
+        exp,
+    };
+    for (public, private, algorithm) in [
+        (
+            "ed25519-public.pem",
+            "ed25519-private.pem",
+            Algorithm::EdDSA,
+        ),
+        ("rsa-public.pem", "rsa-private.pem", Algorithm::RS256),
+    ] {
+        let server = TestServer::start_with(Backend::Sqlite, |c| {
+            c.auth = AuthMode::Jwt;
+            c.jwt_public_key_file = Some(fixtures.join(public));
+        })
+        .await
+        .unwrap();
+        let pem = std::fs::read(fixtures.join(private)).unwrap();
+        let key = match algorithm {
+            Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem).unwrap(),
+            _ => EncodingKey::from_rsa_pem(&pem).unwrap(),
+        };
+        let signed = jsonwebtoken::encode(&Header::new(algorithm), &claims, &key).unwrap();
+        let mut artifacts = ArtifactServiceClient::new(server.channel().await);
+        let stat = |project_id: &str| pb::StatRequest {
+            scope: Some(job(project_id, "j")),
+            path: "f".into(),
+        };
+        assert_eq!(
+            code(artifacts.stat(authed(stat("p"), &signed)).await),
+            Code::NotFound,
+            "{public}"
+        );
+        assert_eq!(
+            code(artifacts.stat(authed(stat("q"), &signed)).await),
+            Code::PermissionDenied,
+            "{public}"
+        );
+        // A token made with a shared secret is not accepted by a public-key server.
+        let hs = token("admin", None, None, None);
+        assert_eq!(
+            code(artifacts.stat(authed(stat("p"), &hs)).await),
+            Code::Unauthenticated,
+            "{public}"
+        );
+        // Nor can this server issue tokens: it has no private key.
+        let admin = jsonwebtoken::encode(
+            &Header::new(algorithm),
+            &Claims {
+                role: "admin".into(),
+                project_id: None,
+                ..claims.clone()
+            },
+            &key,
+        )
+        .unwrap();
+        let mut tokens = pb::token_service_client::TokenServiceClient::new(server.channel().await);
+        let refused = tokens
+            .issue_job_token(authed(
+                pb::IssueJobTokenRequest {
+                    project_id: "p".into(),
+                    workflow_id: "w".into(),
+                    job_id: "j".into(),
+                    ttl: None,
+                },
+                &admin,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{public}");
+        server.stop().await;
+    }
+}
