@@ -91,6 +91,14 @@ pub struct Config {
     #[arg(long, env = "ARTIFACTD_JWT_PUBLIC_KEY_FILE")]
     pub jwt_public_key_file: Option<PathBuf>,
 
+    /// PEM certificate chain: serve gRPC and HTTP over TLS (with --tls-key).
+    #[arg(long, env = "ARTIFACTD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "ARTIFACTD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Allow `--auth none` on a non-loopback address (logs a warning). Never in production.
     #[arg(long, env = "ARTIFACTD_INSECURE_NO_AUTH", default_value_t = false)]
     pub insecure_no_auth: bool,
@@ -197,6 +205,12 @@ impl Config {
     /// Refuses settings that must not run: no authentication on a reachable address
     /// (unless explicitly insecure), or `jwt` without a key.
     pub fn validate(&self) -> Result<(), Error> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(Error::invalid(
+                "ARTIFACTD_TLS_CERT",
+                "ARTIFACTD_TLS_CERT and ARTIFACTD_TLS_KEY go together",
+            ));
+        }
         let exposed = !self.grpc_listen.ip().is_loopback() || !self.http_listen.ip().is_loopback();
         match self.auth {
             AuthMode::None if exposed && !self.insecure_no_auth => Err(Error::invalid(
@@ -241,6 +255,8 @@ impl Config {
             jwt_secret: None,
             jwt_public_key_file: None,
             insecure_no_auth: false,
+            tls_cert: None,
+            tls_key: None,
             default_plan: "free".to_owned(),
             redis_url: None,
             redis_prefix: String::new(),

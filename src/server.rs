@@ -52,6 +52,8 @@ pub struct App {
     pub metering: Metering,
     pub accounts: Accounts,
     pub auth: Authenticator,
+    /// PEM certificate chain and key, when serving TLS.
+    tls: Option<(Vec<u8>, Vec<u8>)>,
     clock: Arc<dyn Clock>,
     drain_timeout: Duration,
     stream_idle_timeout: Duration,
@@ -63,6 +65,13 @@ impl App {
     pub async fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Self, Error> {
         config.validate()?;
         let auth = authenticator(config)?;
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some((
+                read_file("ARTIFACTD_TLS_CERT", cert)?,
+                read_file("ARTIFACTD_TLS_KEY", key)?,
+            )),
+            _ => None,
+        };
         if config.migrate_on_start {
             Store::migrate(&config.database_url).await?;
         }
@@ -100,6 +109,7 @@ impl App {
             metering,
             accounts,
             auth,
+            tls,
             clock: clock_for_tokens,
             drain_timeout: config.drain_timeout,
             stream_idle_timeout: config.stream_idle_timeout,
@@ -162,7 +172,17 @@ pub async fn serve(
     }
 
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-    let grpc = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &app.tls {
+        install_crypto_provider();
+        builder = builder
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(cert, key)),
+            )
+            .map_err(|e| Error::invalid("ARTIFACTD_TLS_CERT", format!("unusable for gRPC: {e}")))?;
+    }
+    let grpc = builder
         // Bounded edges: streams per connection, header size, and keepalives that find
         // peers which vanished without closing their connection.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
@@ -190,9 +210,19 @@ pub async fn serve(
             ready: ready.clone(),
             store: app.store.clone(),
         });
-    let http = axum::serve(http_listener, router)
-        .with_graceful_shutdown(stopping.clone().cancelled_owned())
-        .into_future();
+    let http: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &app.tls {
+        None => Box::pin(
+            axum::serve(http_listener, router)
+                .with_graceful_shutdown(stopping.clone().cancelled_owned())
+                .into_future(),
+        ),
+        Some((cert, key)) => Box::pin(serve_https(
+            http_listener,
+            router,
+            tls_acceptor(cert, key)?,
+            stopping.clone(),
+        )),
+    };
 
     tracing::info!(%grpc_addr, %http_addr, "artifactd serving");
     let grpc = tokio::spawn(grpc);
@@ -228,6 +258,71 @@ pub async fn serve(
     }
     app.store.close().await;
     Ok(())
+}
+
+fn read_file(setting: &str, path: &std::path::Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path)
+        .map_err(|e| Error::invalid(setting, format!("cannot read {}: {e}", path.display())))
+}
+
+/// One TLS implementation for the process (aws-lc-rs), whatever else the tree compiles in.
+fn install_crypto_provider() {
+    let _ = tokio_rustls::rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+fn tls_acceptor(cert: &[u8], key: &[u8]) -> Result<tokio_rustls::TlsAcceptor, Error> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let bad = |what: &str, e: &dyn std::fmt::Display| Error::invalid(what, format!("{e}"));
+    let chain = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("ARTIFACTD_TLS_CERT", &e))?;
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("ARTIFACTD_TLS_KEY", &e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad("ARTIFACTD_TLS_CERT", &e))?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|e| bad("ARTIFACTD_TLS_KEY", &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The HTTP side over TLS: accepts until told to stop; each connection is served on its
+/// own task (probes and, later, downloads).
+async fn serve_https(
+    listener: TcpListener,
+    router: axum::Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+    stopping: CancellationToken,
+) -> std::io::Result<()> {
+    loop {
+        let tcp = tokio::select! {
+            () = stopping.cancelled() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed");
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return; // a failed handshake is the client's problem
+            };
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+        });
+    }
 }
 
 /// The token verifier the config asks for.

@@ -6,6 +6,7 @@ mod common;
 
 use artifactd::pb::v1::{PushRequest, push_request};
 use common::*;
+use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -228,5 +229,86 @@ async fn unary_calls_have_a_deadline_and_streams_do_not() {
     }
     assert_eq!(received, data.len());
     assert!(started.elapsed() > std::time::Duration::from_millis(600));
+    server.stop().await;
+}
+
+/// With a certificate and key, gRPC and HTTP are served over TLS only. The certificate for
+/// localhost / 127.0.0.1 is issued by a throwaway test CA (tests/fixtures, test-only) that
+/// the test clients trust.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_and_http_over_tls() {
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let server = TestServer::start_with(Backend::Sqlite, |c| {
+        c.tls_cert = Some(fixtures.join("tls-cert.pem"));
+        c.tls_key = Some(fixtures.join("tls-key.pem"));
+    })
+    .await
+    .unwrap();
+    let cert = std::fs::read(fixtures.join("ca-cert.pem")).unwrap();
+
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&cert))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", server.grpc_addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        artifactd::pb::v1::artifact_service_client::ArtifactServiceClient::new(channel);
+    push(&mut client, header(job("p", "j"), "tls.txt"), b"over tls")
+        .await
+        .unwrap();
+    assert_eq!(
+        pull(&mut client, job("p", "j"), "tls.txt", 0, 0)
+            .await
+            .unwrap()
+            .data,
+        b"over tls"
+    );
+
+    // Plaintext gRPC is refused.
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc_addr))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(channel) = plain {
+        let mut client =
+            artifactd::pb::v1::artifact_service_client::ArtifactServiceClient::new(channel);
+        assert!(stat(&mut client, job("p", "j"), "tls.txt").await.is_err());
+    }
+
+    // HTTP probes over TLS.
+    let mut roots = rustls::RootCertStore::empty();
+    for der in rustls_pki_types::CertificateDer::pem_slice_iter(&cert) {
+        roots.add(der.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(server.http_addr)
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    let _ = tls.read_to_end(&mut response).await;
+    let response = String::from_utf8_lossy(&response);
+    assert!(
+        response.starts_with("HTTP/1.0 200") && response.ends_with("ok\n"),
+        "{response}"
+    );
     server.stop().await;
 }
