@@ -14,9 +14,11 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(path) = ArtifactPath::parse("path", input) {
         assert_eq!(path.as_str(), input);
-        assert!(Path::new(input)
-            .components()
-            .all(|c| matches!(c, Component::Normal(_))));
+        assert!(
+            Path::new(input)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)))
+        );
     }
     let _ = parse_prefix("prefix", input);
     let _ = validate_id("id", input);

@@ -296,27 +296,7 @@ impl Store {
                     .await?;
                 (bytes + added - ended, count + added_n - ended_n)
             }
-            _ => {
-                let row = self
-                    .db
-                    .query_one_raw(self.statement(
-                        "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT), COUNT(*) FROM artifacts \
-                         WHERE project_id = ? AND created_at <= ? \
-                         AND (billing_end IS NULL OR billing_end > ?)",
-                        vec![
-                            project.as_str().into(),
-                            at.as_micros().into(),
-                            at.as_micros().into(),
-                        ],
-                    ))
-                    .await
-                    .map_err(db_error)?
-                    .ok_or_else(|| Error::Internal("SUM returned no row".into()))?;
-                (
-                    row.try_get_by_index(0).map_err(db_error)?,
-                    row.try_get_by_index(1).map_err(db_error)?,
-                )
-            }
+            _ => self.stored_by_scan(project, at).await?,
         };
         if cacheable {
             self.note_rollup(at);
@@ -335,6 +315,33 @@ impl Store {
                 .map_err(db_error)?;
         }
         Ok(figures)
+    }
+
+    /// Bytes and artifacts stored at `at`, summed over the project's whole history.
+    async fn stored_by_scan(
+        &self,
+        project: &ProjectId,
+        at: Timestamp,
+    ) -> Result<(i64, i64), Error> {
+        let row = self
+            .db
+            .query_one_raw(self.statement(
+                "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT), COUNT(*) FROM artifacts \
+                 WHERE project_id = ? AND created_at <= ? \
+                 AND (billing_end IS NULL OR billing_end > ?)",
+                vec![
+                    project.as_str().into(),
+                    at.as_micros().into(),
+                    at.as_micros().into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| Error::Internal("SUM returned no row".into()))?;
+        Ok((
+            row.try_get_by_index(0).map_err(db_error)?,
+            row.try_get_by_index(1).map_err(db_error)?,
+        ))
     }
 
     /// Between two instants: bytes and artifacts created after `from` and still stored at
@@ -410,10 +417,7 @@ impl Store {
     /// the snapshot at the start of `at`'s day plus that day's creations, minus its endings.
     pub async fn stored_at(&self, project: &ProjectId, at: Timestamp) -> Result<(i64, i64), Error> {
         if self.db.get_database_backend() != DbBackend::Postgres {
-            // Not a day start, so computed directly and not cached.
-            return self
-                .snapshot(project, at, Timestamp::from_micros(i64::MIN))
-                .await;
+            return self.stored_by_scan(project, at).await;
         }
         let anchor = day_start(at);
         let (bytes, count) = self.snapshot(project, anchor, at).await?;
