@@ -578,10 +578,17 @@ fn read_local(path: PathBuf, range: Range<u64>) -> BoxStream<'static, Result<Byt
             let mut remaining = range.end - range.start;
             while remaining > 0 {
                 let want = remaining.min(READ_CHUNK_BYTES as u64) as usize;
-                let mut buf = BytesMut::zeroed(want);
-                file.read_exact(&mut buf)?;
+                // read_to_end fills spare capacity without zeroing it first.
+                let mut buf = Vec::with_capacity(want);
+                (&mut file).take(want as u64).read_to_end(&mut buf)?;
+                if buf.len() != want {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "blob is shorter than its artifact",
+                    ));
+                }
                 remaining -= want as u64;
-                if tx.blocking_send(Ok(buf.freeze())).is_err() {
+                if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
                     return Ok(()); // the reader went away: stop quietly
                 }
             }
