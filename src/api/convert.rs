@@ -306,18 +306,18 @@ mod tests {
     fn page_tokens_round_trip_and_are_checked() {
         let token = encode_page_token("logs/a b.txt");
         assert_eq!(
-            decode_page_token(&token, "logs/").unwrap().as_deref(),
+            decode_page_token(&token, "logs/").ok().flatten().as_deref(),
             Some("logs/a b.txt")
         );
         assert!(decode_page_token(&token, "other/").is_err());
         assert!(decode_page_token("!!!", "").is_err());
-        assert_eq!(decode_page_token("", "x").unwrap(), None);
+        assert!(matches!(decode_page_token("", "x"), Ok(None)));
     }
 
     #[test]
     fn durations_must_be_positive() {
         let d = |seconds, nanos| prost_types::Duration { seconds, nanos };
-        assert_eq!(duration_micros("f", d(2, 500_000)).unwrap(), 2_000_500);
+        assert_eq!(duration_micros("f", d(2, 500_000)).ok(), Some(2_000_500));
         assert!(duration_micros("f", d(0, 0)).is_err());
         assert!(duration_micros("f", d(-1, 0)).is_err());
         assert!(duration_micros("f", d(i64::MAX, 0)).is_err());
