@@ -125,6 +125,17 @@ pub struct Config {
     #[arg(long, env = "ARTIFACTD_BLOB_FSYNC", default_value_t = true, action = ArgAction::Set)]
     pub blob_fsync: bool,
 
+    /// Blobs of at most this many bytes are kept in their database row instead of the blob
+    /// store (pushes that declare `expected_size`; 0 turns this off, at most 65536). A small
+    /// push then costs one database commit instead of a file or object of its own.
+    #[arg(
+        long,
+        env = "ARTIFACTD_INLINE_BLOB_BYTES",
+        default_value_t = 16 * 1024,
+        value_parser = clap::value_parser!(i64).range(0..=65536)
+    )]
+    pub inline_blob_bytes: i64,
+
     /// Largest artifact accepted, in bytes (default 5 GiB).
     #[arg(
         long,
@@ -249,6 +260,7 @@ impl Config {
             database_url: database_url.to_owned(),
             blob_url: blob_url.to_owned(),
             blob_fsync: true,
+            inline_blob_bytes: 16 * 1024,
             max_artifact_bytes: 5 * GIB,
             drain_timeout: Duration::from_secs(30),
             auth: AuthMode::None,

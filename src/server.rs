@@ -102,6 +102,7 @@ impl App {
             clock,
             metering.clone(),
             config.max_artifact_bytes,
+            config.inline_blob_bytes,
         );
         Ok(Self {
             store,

@@ -18,6 +18,8 @@ on_both_backends!(
     digest_or_size_mismatch_stores_nothing,
     cancelled_push_leaves_nothing_visible,
     identical_content_is_deduplicated,
+    small_declared_pushes_live_in_the_database,
+    inline_blobs_can_be_turned_off,
     idempotent_retry_returns_the_first_result,
     listing_2500_artifacts_page_by_page_has_no_gaps_or_duplicates,
     recursive_delete_removes_a_folder_only,
@@ -278,10 +280,10 @@ async fn mismatch_stores_nothing(server: &TestServer, size: usize) {
         Code::NotFound
     );
     assert!(server.leftover_uploads().await.is_empty());
-    let sha = artifactd::domain::Sha256::parse("sha", &sha256_hex(&data)).unwrap();
-    assert!(
-        !server.app.artifacts.blobs().contains(&sha).await.unwrap(),
-        "no blob stored"
+    assert_eq!(
+        blob_location(server, &data).await,
+        (false, false),
+        "no blob stored, in the blob store or the database"
     );
 }
 
@@ -385,6 +387,134 @@ async fn identical_content_is_deduplicated(backend: Backend) {
             == data
     );
     assert!(server.leftover_uploads().await.is_empty());
+    server.stop().await;
+}
+
+fn sha(data: &[u8]) -> artifactd::domain::Sha256 {
+    artifactd::domain::Sha256::parse("sha", &sha256_hex(data)).unwrap()
+}
+
+/// Where a pushed blob ended up: (in the blob store, in its database row).
+async fn blob_location(server: &TestServer, data: &[u8]) -> (bool, bool) {
+    let app = &server.app.artifacts;
+    let in_store = app.blobs().contains(&sha(data)).await.unwrap();
+    let inline = app.store().inline_content(&sha(data)).await.unwrap();
+    if let Some(inline) = &inline {
+        assert!(inline[..] == data[..], "the database row holds the content");
+    }
+    (in_store, inline.is_some())
+}
+
+async fn small_declared_pushes_live_in_the_database(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let mut client = server.client().await;
+    let inline_max = server.config.inline_blob_bytes as usize;
+    assert_eq!(inline_max, 16 * 1024, "the documented default");
+    // (size, declared, expected location): declared pushes up to the limit go to the
+    // database; larger ones, and pushes that do not declare a size, to the blob store.
+    let cases = [
+        (0, true, (false, true)),
+        (100, true, (false, true)),
+        (inline_max, true, (false, true)),
+        (inline_max + 1, true, (true, false)),
+        (200, false, (true, false)),
+    ];
+    for (i, (size, declared, location)) in cases.into_iter().enumerate() {
+        let data = content(size, 100 + i as u64);
+        let path = format!("small/{i}.bin");
+        let mut h = header(job("p", "j"), &path);
+        h.expected_size = declared.then_some(size as i64);
+        let pushed = push(&mut client, h, &data).await.expect("push");
+        assert!(!pushed.deduplicated, "{size} bytes: new content");
+        assert_eq!(pushed.artifact.unwrap().sha256, sha256_hex(&data));
+        if size > 0 {
+            assert_eq!(
+                blob_location(&server, &data).await,
+                location,
+                "{size} bytes (declared: {declared}): (in blob store, in database)"
+            );
+        }
+        let pulled = pull(&mut client, job("p", "j"), &path, 0, 0).await.unwrap();
+        assert!(pulled.data == data, "{size} bytes round trip");
+        if size >= 60 {
+            let part = pull(&mut client, job("p", "j"), &path, 7, 50)
+                .await
+                .unwrap();
+            assert!(part.data == data[7..57], "{size} bytes: range 7..57");
+            let tail = pull(&mut client, job("p", "j"), &path, size as i64 - 3, 0)
+                .await
+                .unwrap();
+            assert!(tail.data == data[size - 3..], "{size} bytes: last 3 bytes");
+        }
+        match pull(&mut client, job("p", "j"), &path, size as i64 + 1, 0).await {
+            Err(past) => assert_eq!(past.code(), Code::OutOfRange),
+            Ok(_) => panic!("{size} bytes: an offset past the end is served"),
+        }
+    }
+
+    // Identical small content is stored once, through every commit path: the common one,
+    // an idempotent push and a forced overwrite.
+    let data = content(3000, 7);
+    let declared = |scope, path: &str| {
+        let mut h = header(scope, path);
+        h.expected_size = Some(3000);
+        h
+    };
+    let first = push(&mut client, declared(job("p", "a"), "x.txt"), &data)
+        .await
+        .unwrap();
+    assert!(!first.deduplicated);
+    let mut keyed = declared(job("p", "b"), "x.txt");
+    keyed.idempotency_key = "k1".into();
+    let second = push(&mut client, keyed, &data).await.unwrap();
+    assert!(second.deduplicated, "same content, idempotency key");
+    let mut forced = declared(job("p", "a"), "x.txt");
+    forced.force = true;
+    let third = push(&mut client, forced, &data).await.unwrap();
+    assert!(third.deduplicated, "same content, forced overwrite");
+    assert_eq!(blob_location(&server, &data).await, (false, true));
+
+    // New content through the transaction paths is stored in its row too.
+    let other = content(2000, 8);
+    let mut h = header(job("p", "b"), "y.txt");
+    h.expected_size = Some(2000);
+    h.idempotency_key = "k2".into();
+    assert!(!push(&mut client, h, &other).await.unwrap().deduplicated);
+    assert_eq!(blob_location(&server, &other).await, (false, true));
+
+    // Deleting one artifact leaves the other readable from the shared row.
+    client
+        .delete(pb::DeleteRequest {
+            scope: Some(job("p", "a")),
+            path: "x.txt".into(),
+            recursive: false,
+        })
+        .await
+        .unwrap();
+    let pulled = pull(&mut client, job("p", "b"), "x.txt", 0, 0)
+        .await
+        .unwrap();
+    assert!(pulled.data == data);
+    assert!(server.leftover_uploads().await.is_empty());
+    server.stop().await;
+}
+
+async fn inline_blobs_can_be_turned_off(backend: Backend) {
+    let Some(server) = TestServer::start_with(backend, |c| c.inline_blob_bytes = 0).await else {
+        return;
+    };
+    let mut client = server.client().await;
+    let data = content(100, 1);
+    let mut h = header(job("p", "j"), "f.txt");
+    h.expected_size = Some(100);
+    push(&mut client, h, &data).await.unwrap();
+    assert_eq!(blob_location(&server, &data).await, (true, false));
+    let pulled = pull(&mut client, job("p", "j"), "f.txt", 0, 0)
+        .await
+        .unwrap();
+    assert!(pulled.data == data);
     server.stop().await;
 }
 

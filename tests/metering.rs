@@ -12,7 +12,7 @@ use artifactd::pb::v1::{
     usage_control_service_client::UsageControlServiceClient,
     usage_service_client::UsageServiceClient,
 };
-use artifactd::store::NewArtifact;
+use artifactd::store::{NewArtifact, PushedBlob};
 use common::*;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -113,7 +113,14 @@ async fn record_artifact(server: &TestServer, project: &str, path: &str, size: i
     server
         .app
         .store
-        .commit_push(&new, false, None, false)
+        .commit_push(
+            &new,
+            false,
+            None,
+            &PushedBlob::Stored {
+                deduplicated: false,
+            },
+        )
         .await
         .unwrap();
 }

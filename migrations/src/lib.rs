@@ -7,6 +7,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261122_000001_core;
 mod m20261122_000002_metering;
 mod m20261122_000003_storage_snapshots;
+mod m20261122_000004_inline_blobs;
 
 pub struct Migrator;
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000001_core::Migration),
             Box::new(m20261122_000002_metering::Migration),
             Box::new(m20261122_000003_storage_snapshots::Migration),
+            Box::new(m20261122_000004_inline_blobs::Migration),
         ]
     }
 }

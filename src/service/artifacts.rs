@@ -5,6 +5,10 @@
 //! size and digest are verified; the upload is promoted to its content address; and only
 //! then one transaction writes the artifact row. The database therefore never references a
 //! missing blob, and a push that fails at any step leaves no visible artifact.
+//!
+//! A small push that declares its size (at most `ARTIFACTD_INLINE_BLOB_BYTES`) skips the
+//! blob store: its content goes into the blob's database row in the same transaction as the
+//! artifact row, so content and artifact become durable together in one commit.
 
 use std::sync::Arc;
 
@@ -16,7 +20,7 @@ use crate::blob::BlobStore;
 use crate::domain::metering::DAY_MICROS;
 use crate::domain::{Artifact, ArtifactPath, Clock, Error, Scope, ScopedPath, Sha256, Timestamp};
 use crate::service::metering::{Metering, Reservation};
-use crate::store::{NewArtifact, PushCommit, Store};
+use crate::store::{NewArtifact, PushCommit, PushedBlob, Store};
 
 /// Pushes declaring at most this many bytes are received into memory and stored in one
 /// step (see `receive_small`); larger ones stream through a temporary upload.
@@ -71,6 +75,8 @@ pub struct ArtifactService {
     clock: Arc<dyn Clock>,
     metering: Metering,
     max_artifact_bytes: i64,
+    /// Declared pushes of at most this many bytes keep their content in the database.
+    inline_blob_bytes: i64,
 }
 
 impl ArtifactService {
@@ -80,6 +86,7 @@ impl ArtifactService {
         clock: Arc<dyn Clock>,
         metering: Metering,
         max_artifact_bytes: i64,
+        inline_blob_bytes: i64,
     ) -> Self {
         Self {
             store,
@@ -87,6 +94,7 @@ impl ArtifactService {
             clock,
             metering,
             max_artifact_bytes,
+            inline_blob_bytes: inline_blob_bytes.min(SMALL_PUSH_BYTES),
         }
     }
 
@@ -158,17 +166,22 @@ impl ArtifactService {
             .await?;
 
         let upload_id = uuid::Uuid::new_v4().simple().to_string();
-        let (size, sha256, deduplicated) = if small {
+        let (size, sha256, blob) = if small {
             let (data, sha256) = self.receive_small(&spec, &mut reservation, chunks).await?;
             let size = data.len() as i64;
-            let deduplicated = self.blobs.put_small(&upload_id, data, &sha256).await?;
-            (size, sha256, deduplicated)
+            let blob = if size <= self.inline_blob_bytes {
+                PushedBlob::Inline(data)
+            } else {
+                let deduplicated = self.blobs.put_small(&upload_id, data, &sha256).await?;
+                PushedBlob::Stored { deduplicated }
+            };
+            (size, sha256, blob)
         } else {
             let (size, sha256, temp) = self
                 .receive(&spec, &upload_id, &mut reservation, chunks)
                 .await?;
             let deduplicated = self.blobs.promote(temp, &sha256).await?;
-            (size, sha256, deduplicated)
+            (size, sha256, PushedBlob::Stored { deduplicated })
         };
 
         let new = NewArtifact {
@@ -188,15 +201,14 @@ impl ArtifactService {
         };
         match self
             .store
-            .commit_push(
-                &new,
-                spec.force,
-                spec.idempotency_key.as_deref(),
-                deduplicated,
-            )
+            .commit_push(&new, spec.force, spec.idempotency_key.as_deref(), &blob)
             .await?
         {
-            PushCommit::Created { artifact, replaced } => {
+            PushCommit::Created {
+                artifact,
+                replaced,
+                deduplicated,
+            } => {
                 reservation.settle(artifact.size).await;
                 tracing::info!(
                     project = %artifact.scope.project(),
@@ -315,12 +327,36 @@ impl ArtifactService {
         };
         let record = self.metering.project(artifact.scope.project()).await?;
         self.metering.admit_pull(&record, end - spec.offset).await?;
-        let chunks = self
-            .blobs
-            .read(&artifact.sha256, spec.offset as u64..end as u64)
-            .await?;
+        let range = spec.offset as u64..end as u64;
+        let chunks = match self.inline_content(&artifact).await? {
+            Some(content) => {
+                let part = content.slice(range.start as usize..range.end as usize);
+                futures::stream::iter((!part.is_empty()).then_some(Ok(part))).boxed()
+            }
+            None => self.blobs.read(&artifact.sha256, range).await?,
+        };
         let chunks = self.metering.meter_pull(artifact.scope.project(), chunks);
         Ok(PullStream { artifact, chunks })
+    }
+
+    /// The content of a small artifact whose blob lives in the database. Only artifacts
+    /// small enough to have been inlined (under any setting) need the lookup.
+    async fn inline_content(&self, artifact: &Artifact) -> Result<Option<Bytes>, Error> {
+        if artifact.size > SMALL_PUSH_BYTES {
+            return Ok(None);
+        }
+        let content = self.store.inline_content(&artifact.sha256).await?;
+        match content {
+            Some(content) if content.len() as i64 != artifact.size => {
+                Err(Error::Internal(format!(
+                    "blob {} holds {} bytes in the database, its artifact {}",
+                    artifact.sha256.as_str(),
+                    content.len(),
+                    artifact.size
+                )))
+            }
+            other => Ok(other),
+        }
     }
 
     pub async fn stat(&self, scope: &Scope, path: &ArtifactPath) -> Result<Artifact, Error> {

@@ -3,6 +3,7 @@
 //! keeps at most one live artifact per (project, scope, path), which is what makes
 //! concurrent pushes to one path race safely.
 
+use bytes::Bytes;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
@@ -48,11 +49,43 @@ impl NewArtifact {
     }
 }
 
+/// Where a pushed artifact's bytes are.
+#[derive(Debug)]
+pub enum PushedBlob {
+    /// In the blob store already; `deduplicated` when it was there before this push.
+    Stored { deduplicated: bool },
+    /// Small enough to live in its database row, written in the push's own transaction;
+    /// deduplicated when a row for the same content exists.
+    Inline(Bytes),
+}
+
+impl PushedBlob {
+    fn content(&self) -> Option<Vec<u8>> {
+        match self {
+            PushedBlob::Stored { .. } => None,
+            PushedBlob::Inline(data) => Some(data.to_vec()),
+        }
+    }
+
+    /// Whether the content was stored before, given how many blob rows the push inserted.
+    fn deduplicated(&self, blob_rows_inserted: u64) -> bool {
+        match self {
+            PushedBlob::Stored { deduplicated } => *deduplicated,
+            PushedBlob::Inline(_) => blob_rows_inserted == 0,
+        }
+    }
+}
+
 /// How a push transaction ended.
 #[derive(Debug)]
 pub enum PushCommit {
-    /// The artifact is live; `replaced` tells whether a live one was overwritten (`force`).
-    Created { artifact: Artifact, replaced: bool },
+    /// The artifact is live; `replaced` tells whether a live one was overwritten (`force`),
+    /// `deduplicated` whether its content was stored already.
+    Created {
+        artifact: Artifact,
+        replaced: bool,
+        deduplicated: bool,
+    },
     /// The idempotency key was already used; this is the first push's result.
     Replayed {
         artifact: Artifact,
@@ -70,14 +103,14 @@ impl Store {
         new: &NewArtifact,
         force: bool,
         idempotency_key: Option<&str>,
-        deduplicated: bool,
+        blob: &PushedBlob,
     ) -> Result<PushCommit, Error> {
         // A concurrent forced push can end the row we were about to end and insert its own;
         // our insert then conflicts and a retry ends theirs. A few rounds settle any race.
         const FORCE_ATTEMPTS: usize = 5;
         for attempt in 1..=FORCE_ATTEMPTS {
             match self
-                .try_commit_push(new, force, idempotency_key, deduplicated)
+                .try_commit_push(new, force, idempotency_key, blob)
                 .await
             {
                 Ok(commit) => return Ok(commit),
@@ -106,21 +139,22 @@ impl Store {
         new: &NewArtifact,
         force: bool,
         idempotency_key: Option<&str>,
-        deduplicated: bool,
+        blob: &PushedBlob,
     ) -> Result<PushCommit, DbErr> {
         if !force
             && idempotency_key.is_none()
             && self.db.get_database_backend() == DbBackend::Postgres
         {
-            return self.commit_new_in_one_statement(new).await;
+            return self.commit_new_in_one_statement(new, blob).await;
         }
         let now = new.created_at.as_micros();
         let txn = self.db.begin().await?;
 
-        blob::Entity::insert(blob::ActiveModel {
+        let blob_rows = blob::Entity::insert(blob::ActiveModel {
             sha256: Set(new.sha256.as_str().to_owned()),
             size: Set(new.size),
             created_at: Set(now),
+            content: Set(blob.content()),
         })
         .on_conflict(
             OnConflict::column(blob::Column::Sha256)
@@ -129,6 +163,7 @@ impl Store {
         )
         .exec_without_returning(&txn)
         .await?;
+        let deduplicated = blob.deduplicated(blob_rows);
 
         let mut replaced = false;
         if force {
@@ -194,13 +229,18 @@ impl Store {
         Ok(PushCommit::Created {
             artifact: new.clone().into_artifact(id),
             replaced,
+            deduplicated,
         })
     }
 
     /// The common push (new path, no idempotency key) on Postgres: blob row, artifact row
     /// and ingress event in one statement (data-modifying CTEs), which is one round trip and
     /// atomic on its own. Foreign keys are checked at the end of the statement.
-    async fn commit_new_in_one_statement(&self, new: &NewArtifact) -> Result<PushCommit, DbErr> {
+    async fn commit_new_in_one_statement(
+        &self,
+        new: &NewArtifact,
+        blob: &PushedBlob,
+    ) -> Result<PushCommit, DbErr> {
         let now = new.created_at.as_micros();
         self.forget_snapshots(&self.db, new.scope.project(), new.created_at)
             .await?;
@@ -209,14 +249,14 @@ impl Store {
             .db
             .query_one_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "WITH blob AS (INSERT INTO blobs (sha256, size, created_at) VALUES ($1, $2, $3) \
-                   ON CONFLICT DO NOTHING), \
+                "WITH blob AS (INSERT INTO blobs (sha256, size, created_at, content) \
+                   VALUES ($1, $2, $3, $13) ON CONFLICT DO NOTHING RETURNING 1), \
                  artifact AS (INSERT INTO artifacts (project_id, scope_kind, scope_id, path, \
                    size, sha256, mode, created_at, expires_at, keep, upload_id, billing_end) \
                    VALUES ($4, $5, $6, $7, $2, $1, $8, $3, $9, false, $10, $9) RETURNING id), \
                  ingress AS (INSERT INTO usage_events (id, project_id, meter, bytes, occurred_at) \
                    SELECT $11, $4, 'ingress', $2, $3 WHERE $12) \
-                 SELECT id FROM artifact",
+                 SELECT id, (SELECT count(*) FROM blob) FROM artifact",
                 [
                     new.sha256.as_str().into(),
                     new.size.into(),
@@ -230,14 +270,17 @@ impl Store {
                     new.upload_id.as_str().into(),
                     format!("push:{}", new.upload_id).into(),
                     new.record_ingress.into(),
+                    blob.content().into(),
                 ],
             ))
             .await?
             .ok_or_else(|| DbErr::RecordNotInserted)?;
         let id: i64 = row.try_get_by_index(0)?;
+        let blob_rows: i64 = row.try_get_by_index(1)?;
         Ok(PushCommit::Created {
             artifact: new.clone().into_artifact(id),
             replaced: false,
+            deduplicated: blob.deduplicated(blob_rows as u64),
         })
     }
 
@@ -284,6 +327,19 @@ impl Store {
             .map_err(db_error)?
             .map(to_domain)
             .transpose()
+    }
+
+    /// The content of a blob kept in its database row; `None` when the blob is in the blob
+    /// store (or unknown).
+    pub async fn inline_content(&self, sha256: &Sha256) -> Result<Option<Bytes>, Error> {
+        let content: Option<Option<Vec<u8>>> = blob::Entity::find_by_id(sha256.as_str())
+            .select_only()
+            .column(blob::Column::Content)
+            .into_tuple()
+            .one(&self.db)
+            .await
+            .map_err(db_error)?;
+        Ok(content.flatten().map(Bytes::from))
     }
 
     /// Up to `limit` live artifacts whose path starts with `prefix` and sorts after `after`,

@@ -42,6 +42,8 @@ pub mod blob {
         pub sha256: String,
         pub size: i64,
         pub created_at: i64,
+        /// The bytes of a small blob kept in its row; `None`: in the blob store.
+        pub content: Option<Vec<u8>>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -13,7 +13,7 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbB
 
 use crate::domain::Error;
 
-pub use artifacts::{NewArtifact, PushCommit, already_exists};
+pub use artifacts::{NewArtifact, PushCommit, PushedBlob, already_exists};
 pub use plans::ProjectRecord;
 pub use usage::UsageAlert;
 
