@@ -1,0 +1,155 @@
+//! Metering, bills and real-time enforcement, one concern per module:
+//!
+//! - [`billing`]: usage over a range, bills, daily usage and the admin listing — every figure
+//!   computed from rows in the database with integer arithmetic.
+//! - [`enforcement`]: admission of pushes and pulls against plan limits, caps and the spend
+//!   cap, with reservations that are released exactly.
+//! - [`egress`]: the Pull stream wrapper that records the bytes handed to clients.
+//! - [`alerts`]: threshold crossings, recorded once per meter and month.
+//!
+//! The hot figures in [`Counters`] only make enforcement fast and are rebuilt from the same
+//! rows when missing.
+
+mod alerts;
+mod billing;
+mod egress;
+mod enforcement;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::coord::Counters;
+use crate::domain::metering::{LineItem, Month};
+use crate::domain::{Clock, Error, Plan, ProjectId, Timestamp};
+use crate::store::{ProjectRecord, Store};
+
+pub use billing::MAX_DAILY_RANGE_DAYS;
+pub use egress::EGRESS_CHECKPOINT_BYTES;
+pub use enforcement::Reservation;
+
+#[derive(Clone)]
+pub struct Metering {
+    store: Store,
+    counters: Counters,
+    clock: Arc<dyn Clock>,
+    default_plan: String,
+    /// Off: no usage is recorded and no quota enforced (plans still set size and retention
+    /// limits). For benchmarks and deployments that bill elsewhere.
+    enabled: bool,
+    /// Alerts already recorded by this process, to skip re-inserting them on every push.
+    alerted: Arc<Mutex<HashSet<String>>>,
+    /// Recently read project records (plan and controls), so a push costs no lookup.
+    projects: Arc<Mutex<HashMap<ProjectId, (ProjectRecord, Instant)>>>,
+}
+
+/// How long a project's plan and controls are reused. Changes made through this process
+/// apply at once; other replicas see them within this time.
+pub const PROJECT_CACHE_TTL: Duration = Duration::from_secs(5);
+
+impl std::fmt::Debug for Metering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metering")
+            .field("counters", &self.counters)
+            .field("default_plan", &self.default_plan)
+            .finish()
+    }
+}
+
+/// Usage of one project over a range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageReport {
+    pub storage_byte_micros: i128,
+    /// GiB-months, six decimals, each calendar month weighted by its own length.
+    pub storage_gib_months: String,
+    pub egress_bytes: i128,
+    pub ingress_bytes: i128,
+    pub stored_bytes: i64,
+    pub live_artifacts: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bill {
+    pub project_id: ProjectId,
+    pub plan: Plan,
+    pub month: Month,
+    pub lines: Vec<LineItem>,
+    pub total_micros: i128,
+    pub closed: bool,
+    /// For the current month: current stored bytes carried to month end plus egress and
+    /// ingress to date.
+    pub projected: Option<(Vec<LineItem>, i128)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DailyUsage {
+    pub day: Timestamp,
+    pub storage_byte_micros: i128,
+    pub stored_bytes_at_end: i64,
+    pub egress_bytes: i64,
+    pub ingress_bytes: i64,
+}
+
+impl Metering {
+    pub fn new(
+        store: Store,
+        counters: Counters,
+        clock: Arc<dyn Clock>,
+        default_plan: String,
+        enabled: bool,
+    ) -> Self {
+        Self {
+            store,
+            counters,
+            clock,
+            default_plan,
+            enabled,
+            alerted: Arc::default(),
+            projects: Arc::default(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// The project's plan and controls; a project seen for the first time gets the default
+    /// plan.
+    pub async fn project(&self, project: &ProjectId) -> Result<ProjectRecord, Error> {
+        if let Ok(cache) = self.projects.lock()
+            && let Some((record, read_at)) = cache.get(project)
+            && read_at.elapsed() < PROJECT_CACHE_TTL
+        {
+            return Ok(record.clone());
+        }
+        let record = self
+            .store
+            .ensure_project(project, &self.default_plan, self.clock.now())
+            .await?;
+        if let Ok(mut cache) = self.projects.lock() {
+            cache.insert(project.clone(), (record.clone(), Instant::now()));
+        }
+        Ok(record)
+    }
+
+    /// Artifacts ended by a delete stop counting against limits at once.
+    pub async fn on_deleted(&self, project: &ProjectId, bytes: i64) {
+        if !self.enabled {
+            return;
+        }
+        self.counters.settle(project.as_str(), 0, -bytes).await;
+    }
+
+    /// The project's plan, controls or stored figures changed outside the counters (plan
+    /// assigned, controls updated, expirations recomputed).
+    pub async fn forget(&self, project: &ProjectId) {
+        if let Ok(mut cache) = self.projects.lock() {
+            cache.remove(project);
+        }
+        self.counters.forget_stored(project.as_str()).await;
+    }
+}
