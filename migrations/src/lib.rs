@@ -8,6 +8,7 @@ mod m20261122_000001_core;
 mod m20261122_000002_metering;
 mod m20261122_000003_storage_snapshots;
 mod m20261122_000004_inline_blobs;
+mod m20261127_000005_plan_history;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000002_metering::Migration),
             Box::new(m20261122_000003_storage_snapshots::Migration),
             Box::new(m20261122_000004_inline_blobs::Migration),
+            Box::new(m20261127_000005_plan_history::Migration),
         ]
     }
 }
