@@ -1,11 +1,14 @@
 //! Path, prefix and id parsing on arbitrary bytes: nothing panics, an accepted path is its
-//! own normal form made only of plain components, and prefix bounds are above the prefix.
+//! own normal form made only of plain components with no control or invisible format
+//! characters, and prefix bounds are above the prefix.
 #![no_main]
 
 use std::path::{Component, Path};
 
 use artifactd::domain::ArtifactPath;
-use artifactd::domain::scope::{parse_prefix, prefix_upper_bound, validate_id};
+use artifactd::domain::scope::{
+    is_format_character, parse_prefix, prefix_upper_bound, validate_id,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -19,9 +22,18 @@ fuzz_target!(|data: &[u8]| {
                 .components()
                 .all(|c| matches!(c, Component::Normal(_)))
         );
+        assert!(
+            !input
+                .chars()
+                .any(|c| c.is_control() || is_format_character(c))
+        );
     }
-    let _ = parse_prefix("prefix", input);
-    let _ = validate_id("id", input);
+    if let Ok(prefix) = parse_prefix("prefix", input) {
+        assert!(!prefix.chars().any(is_format_character));
+    }
+    if validate_id("id", input).is_ok() {
+        assert!(input.bytes().all(|b| b.is_ascii_graphic()));
+    }
     if let Some(upper) = prefix_upper_bound(input) {
         assert!(upper.as_str() > input);
     }

@@ -1,6 +1,11 @@
 //! Where an artifact lives, and the validated names that address it. Every constructor here
 //! is the edge check: a value of these types is valid by construction, so nothing deeper in
 //! the service re-checks it (parse, don't validate).
+//!
+//! Names are shown to people (CI logs, dashboards, download dialogs), so besides the
+//! structural rules they may not hold invisible Unicode format characters: a bidi override
+//! makes `a\u{202e}txt.exe` display as `aexe.txt`, and zero-width characters make two
+//! different paths look identical.
 
 use std::fmt;
 
@@ -25,6 +30,9 @@ pub fn validate_id(field: &str, value: &str) -> Result<()> {
             ),
         ));
     }
+    if let Some(bad) = value.chars().find(|&c| is_format_character(c)) {
+        return Err(format_character_error(field, bad));
+    }
     if let Some(bad) = value
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
@@ -35,6 +43,63 @@ pub fn validate_id(field: &str, value: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Unicode general category Cf ("format"), Unicode 16: characters that are invisible but
+/// change how the text around them is shown — bidi embeddings, overrides and isolates
+/// (U+202A–U+202E, U+2066–U+2069), zero-width space, joiners and marks (U+200B–U+200F),
+/// word joiner and invisible operators (U+2060–U+2064), the byte-order mark (U+FEFF), soft
+/// hyphen, tags, and a few script-specific controls. std has no general-category lookup, and
+/// this short, stable table does not justify a dependency. U+2065 (unassigned, inside the
+/// 2060–206F block of invisibles) is refused with its neighbours.
+const FORMAT_CHARACTERS: &[(u32, u32)] = &[
+    (0x00AD, 0x00AD),
+    (0x0600, 0x0605),
+    (0x061C, 0x061C),
+    (0x06DD, 0x06DD),
+    (0x070F, 0x070F),
+    (0x0890, 0x0891),
+    (0x08E2, 0x08E2),
+    (0x180E, 0x180E),
+    (0x200B, 0x200F),
+    (0x202A, 0x202E),
+    (0x2060, 0x206F),
+    (0xFEFF, 0xFEFF),
+    (0xFFF9, 0xFFFB),
+    (0x110BD, 0x110BD),
+    (0x110CD, 0x110CD),
+    (0x13430, 0x1343F),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0001, 0xE0001),
+    (0xE0020, 0xE007F),
+];
+
+/// Whether `c` is an invisible format character (see [`FORMAT_CHARACTERS`]).
+pub fn is_format_character(c: char) -> bool {
+    let c = c as u32;
+    FORMAT_CHARACTERS
+        .binary_search_by(|&(low, high)| {
+            if high < c {
+                std::cmp::Ordering::Less
+            } else if low > c {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        })
+        .is_ok()
+}
+
+fn format_character_error(field: &str, c: char) -> Error {
+    Error::invalid(
+        field,
+        format!(
+            "contains the invisible format character U+{:04X} (bidi control, zero-width \
+             or similar), which would make the name display as something else",
+            c as u32
+        ),
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -154,7 +219,8 @@ impl fmt::Display for Scope {
 }
 
 /// A relative, `/`-separated, already-normal file path: no empty, `.` or `..` segments, no
-/// leading or trailing `/`, no backslash, NUL or control characters, at most 1024 bytes.
+/// leading or trailing `/`, no backslash, NUL, control or format characters, at most 1024
+/// bytes.
 /// Because nothing is rewritten, an accepted path is its own normal form and cannot climb
 /// out of its scope.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -264,6 +330,9 @@ fn check_path_text(field: &str, value: &str) -> Result<()> {
             format!("contains the control character U+{:04X}", bad as u32),
         ));
     }
+    if let Some(bad) = value.chars().find(|&c| is_format_character(c)) {
+        return Err(format_character_error(field, bad));
+    }
     Ok(())
 }
 
@@ -326,6 +395,62 @@ mod tests {
     }
 
     #[test]
+    fn format_characters_are_refused_naming_field_and_code_point() {
+        for (bad, code) in [
+            ("a\u{202e}txt.exe", "U+202E"),
+            ("a\u{202a}b", "U+202A"),
+            ("dir/\u{2066}x\u{2069}", "U+2066"),
+            ("zero\u{200b}width", "U+200B"),
+            ("a\u{200f}", "U+200F"),
+            ("\u{feff}bom", "U+FEFF"),
+            ("word\u{2060}joiner", "U+2060"),
+            ("soft\u{ad}hyphen", "U+00AD"),
+            ("tag\u{e0041}", "U+E0041"),
+        ] {
+            let err = ArtifactPath::parse("header.path", bad).expect_err(bad);
+            let text = err.to_string();
+            assert!(
+                text.starts_with("header.path: ") && text.contains(code),
+                "{bad:?}: {text}"
+            );
+            let err = parse_prefix("prefix", bad).expect_err(bad);
+            assert!(err.to_string().contains(code), "{bad:?}: {err}");
+            let err = validate_id("scope.id", bad).expect_err(bad);
+            assert!(
+                err.to_string().starts_with("scope.id: ") && err.to_string().contains(code),
+                "{bad:?}: {err}"
+            );
+        }
+        // Visible non-ASCII stays allowed in paths.
+        for ok in [
+            "café/ünï.txt",
+            "日本語/ファイル",
+            "emoji-🦀.txt",
+            "a\u{301}",
+        ] {
+            ArtifactPath::parse("path", ok).expect(ok);
+        }
+    }
+
+    #[test]
+    fn format_character_table_is_sorted_and_disjoint() {
+        for pair in FORMAT_CHARACTERS.windows(2) {
+            assert!(pair[0].0 <= pair[0].1 && pair[0].1 < pair[1].0, "{pair:?}");
+        }
+        for c in [
+            '\u{202a}', '\u{202e}', '\u{2066}', '\u{2069}', '\u{200b}', '\u{200f}', '\u{2064}',
+            '\u{feff}',
+        ] {
+            assert!(is_format_character(c), "{c:?}");
+        }
+        for c in [
+            'a', '/', 'é', '\u{2029}', '\u{2070}', '\u{fffc}', '\u{200a}',
+        ] {
+            assert!(!is_format_character(c), "{c:?}");
+        }
+    }
+
+    #[test]
     fn folder_range_brackets_exactly_the_children() {
         let (lo, hi) = ArtifactPath::parse("p", "dir").unwrap().folder_range();
         for inside in ["dir/a", "dir/z/zz", "dir/\u{10FFFF}"] {
@@ -380,6 +505,7 @@ mod tests {
         fn tricky() -> impl Strategy<Value = String> {
             let alphabet = vec![
                 'a', 'Z', '0', '.', '/', '\\', '\0', '\n', ' ', '-', 'é', '%', '~', ':',
+                '\u{202e}', '\u{2066}', '\u{200b}', '\u{feff}', '\u{2060}', '\u{ad}',
             ];
             prop::collection::vec(prop::sample::select(alphabet), 0..24)
                 .prop_map(|chars| chars.into_iter().collect())
@@ -406,6 +532,7 @@ mod tests {
                         .all(|c| matches!(c, Component::Normal(_))));
                     prop_assert!(input.len() <= MAX_PATH_BYTES);
                     prop_assert!(!input.contains('\\') && !input.chars().any(char::is_control));
+                    prop_assert!(!input.chars().any(is_format_character), "no invisible format characters");
                 }
             }
 
@@ -413,6 +540,7 @@ mod tests {
             fn accepted_prefixes_and_ids_are_clean(input in any_input()) {
                 if let Ok(prefix) = parse_prefix("prefix", &input) {
                     prop_assert!(!prefix.starts_with('/') && !prefix.contains('\\'));
+                    prop_assert!(!prefix.chars().any(is_format_character));
                 }
                 if validate_id("id", &input).is_ok() {
                     prop_assert!(!input.is_empty() && input.len() <= MAX_ID_BYTES);
