@@ -153,14 +153,7 @@ pub fn required_timestamp(
     t: Option<prost_types::Timestamp>,
 ) -> Result<Timestamp, Error> {
     let t = t.ok_or_else(|| Error::invalid(field, "is required"))?;
-    if !(0..1_000_000_000).contains(&t.nanos) {
-        return Err(Error::invalid(field, "nanos must be within 0..1e9"));
-    }
-    t.seconds
-        .checked_mul(1_000_000)
-        .and_then(|us| us.checked_add(i64::from(t.nanos / 1_000)))
-        .map(Timestamp::from_micros)
-        .ok_or_else(|| Error::invalid(field, "is out of range"))
+    Timestamp::from_request(field, t.seconds, t.nanos)
 }
 
 /// An i128 figure for an int64 field; figures that large (8 EiB) do not occur in practice.

@@ -39,14 +39,23 @@ impl Month {
         Ok(Self { year, month })
     }
 
+    /// Any instant has a month: i64 microseconds span about ±292,000 years, well inside
+    /// the i32 year.
     pub fn containing(t: Timestamp) -> Self {
         let days = t.as_micros().div_euclid(MICROS as i64 * SECONDS_PER_DAY);
         let (year, month, _) = civil_from_days(days);
         Self { year, month }
     }
 
+    /// First instant of the month. The months holding the extreme i64 instants begin (or,
+    /// for [`Month::end`], end) beyond what i64 microseconds can hold: there the result
+    /// saturates at the limit instead of overflowing. Requests never get that far: their
+    /// timestamps are bounded to years 1–9999 at the edge ([`Timestamp::from_request`]).
     pub fn start(self) -> Timestamp {
-        Timestamp::from_seconds(days_from_civil(self.year, self.month, 1) * SECONDS_PER_DAY)
+        let micros = days_from_civil(self.year, self.month, 1)
+            .checked_mul(SECONDS_PER_DAY * MICROS as i64)
+            .unwrap_or(if self.year < 0 { i64::MIN } else { i64::MAX });
+        Timestamp::from_micros(micros)
     }
 
     pub fn end(self) -> Timestamp {
@@ -68,7 +77,11 @@ impl Month {
     }
 
     pub fn seconds(self) -> i64 {
-        (self.end().as_micros() - self.start().as_micros()) / MICROS as i64
+        // Saturating: only the two clipped months at the i64 limits come near.
+        self.end()
+            .as_micros()
+            .saturating_sub(self.start().as_micros())
+            / MICROS as i64
     }
 }
 
@@ -385,6 +398,30 @@ mod tests {
         assert_eq!(parse_day("d", "2026-02-28").unwrap(), at(2026, 2, 28));
         assert!(parse_day("d", "2026-02-29").is_err());
         assert_eq!(format_day(at(2026, 3, 9)), "2026-03-09");
+    }
+
+    #[test]
+    fn months_at_the_i64_limits_saturate_instead_of_overflowing() {
+        let last = Month::containing(Timestamp::from_micros(i64::MAX));
+        assert!(last.start() <= Timestamp::from_micros(i64::MAX));
+        assert_eq!(last.end(), Timestamp::from_micros(i64::MAX));
+        let first = Month::containing(Timestamp::from_micros(i64::MIN));
+        assert_eq!(first.start(), Timestamp::from_micros(i64::MIN));
+        assert!(first.seconds() > 0 && last.seconds() > 0);
+        let parts = split_by_month(
+            Timestamp::from_micros(i64::MAX - 10),
+            Timestamp::from_micros(i64::MAX),
+        );
+        assert_eq!(parts.len(), 1);
+        // The request range (years 1..=9999) is exact, with room to spare.
+        let earliest = Month::containing(Timestamp::EARLIEST);
+        assert_eq!(
+            (earliest.to_string(), earliest.start()),
+            ("0001-01".into(), Timestamp::EARLIEST)
+        );
+        let latest = Month::containing(Timestamp::LATEST);
+        assert_eq!(latest.to_string(), "9999-12");
+        assert_eq!(latest.end().as_micros(), Timestamp::LATEST.as_micros() + 1);
     }
 
     #[test]

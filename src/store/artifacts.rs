@@ -377,6 +377,10 @@ impl Store {
 
     /// Ends the live artifact at `path` and, with `recursive`, every live artifact under it
     /// as a folder. Returns how many ended and their total size.
+    ///
+    /// A folder may hold millions of files, so they end 1,000 per statement:
+    /// memory and each statement's lock time stay bounded. Each batch commits on its own, so
+    /// an interrupted delete (deadline, shutdown) keeps what it did and a retry ends the rest.
     pub async fn end_live(
         &self,
         scope: &Scope,
@@ -384,6 +388,8 @@ impl Store {
         recursive: bool,
         now: Timestamp,
     ) -> Result<(i64, i64), Error> {
+        use sea_orm::QueryTrait;
+        const END_BATCH_ROWS: u64 = 1000;
         let mut matching = artifact::Column::Path.eq(path.as_str());
         if recursive {
             let (low, high) = path.folder_range();
@@ -391,26 +397,44 @@ impl Store {
                 .gte(low)
                 .and(artifact::Column::Path.lt(high)));
         }
-        let ended = artifact::Entity::update_many()
-            .col_expr(artifact::Column::DeletedAt, Expr::value(now.as_micros()))
-            .col_expr(artifact::Column::EndReason, Expr::value("deleted"))
-            .col_expr(
-                artifact::Column::BillingEnd,
-                billing_end_at(now.as_micros()),
-            )
-            .filter(in_scope(scope))
-            .filter(artifact::Column::DeletedAt.is_null())
-            .filter(matching)
-            .exec_with_returning(&self.db)
-            .await
-            .map_err(db_error)?;
-        if !ended.is_empty() {
+        let (mut count, mut bytes) = (0i64, 0i64);
+        loop {
+            let batch = artifact::Entity::find()
+                .select_only()
+                .column(artifact::Column::Id)
+                .filter(in_scope(scope))
+                .filter(artifact::Column::DeletedAt.is_null())
+                .filter(matching.clone())
+                .limit(END_BATCH_ROWS)
+                .into_query();
+            let ended = artifact::Entity::update_many()
+                .col_expr(artifact::Column::DeletedAt, Expr::value(now.as_micros()))
+                .col_expr(artifact::Column::EndReason, Expr::value("deleted"))
+                .col_expr(
+                    artifact::Column::BillingEnd,
+                    billing_end_at(now.as_micros()),
+                )
+                .filter(artifact::Column::Id.in_subquery(batch))
+                // A concurrent delete may have ended some of the batch in between.
+                .filter(artifact::Column::DeletedAt.is_null())
+                .exec_with_returning(&self.db)
+                .await
+                .map_err(db_error)?;
+            if ended.is_empty() {
+                break;
+            }
             self.forget_snapshots(&self.db, scope.project(), now)
                 .await
                 .map_err(db_error)?;
+            count = count.saturating_add(ended.len() as i64);
+            bytes = ended
+                .iter()
+                .fold(bytes, |total, a| total.saturating_add(a.size));
+            if (ended.len() as u64) < END_BATCH_ROWS {
+                break;
+            }
         }
-        let bytes = ended.iter().map(|a| a.size).sum();
-        Ok((ended.len() as i64, bytes))
+        Ok((count, bytes))
     }
 }
 
