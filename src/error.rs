@@ -3,13 +3,20 @@
 //! filesystem details never reach clients.
 
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::domain::Error;
 
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         match err {
-            Error::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
+            // The message names the field for people; a google.rpc.BadRequest detail names
+            // it for programs (the richer error model).
+            Error::InvalidArgument { field, reason } => Status::with_error_details(
+                Code::InvalidArgument,
+                format!("{field}: {reason}"),
+                ErrorDetails::with_bad_request_violation(field, reason),
+            ),
             Error::NotFound(msg) => Status::not_found(msg),
             Error::AlreadyExists(msg) => Status::already_exists(msg),
             Error::ResourceExhausted(msg) => Status::resource_exhausted(msg),
@@ -18,6 +25,7 @@ impl From<Error> for Status {
             Error::PermissionDenied(msg) => Status::permission_denied(msg),
             Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
             Error::Cancelled(msg) => Status::cancelled(msg),
+            Error::Aborted(msg) => Status::aborted(msg),
             Error::DeadlineExceeded(msg) => Status::deadline_exceeded(msg),
             Error::Unavailable { what, cause } => {
                 tracing::warn!(what, %cause, "dependency unavailable");

@@ -31,6 +31,11 @@ pub enum Error {
     /// The client stopped sending for longer than the server waits.
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// A concurrent change won a race this request lost (a constraint violation, a
+    /// serialization failure); the message is generic, the cause logged where it is seen.
+    /// Retrying the whole request may succeed.
+    #[error("{0}")]
+    Aborted(String),
     /// A dependency (database, blob store) failed in a way worth retrying.
     #[error("{what} unavailable: {cause}")]
     Unavailable { what: &'static str, cause: String },

@@ -9,7 +9,9 @@ mod usage;
 use std::time::Duration;
 
 use migrations::{Migrator, MigratorTrait};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, SqlErr,
+};
 
 use crate::domain::Error;
 
@@ -123,14 +125,154 @@ fn prepare_sqlite_url(url: &str) -> Result<String, Error> {
     }
 }
 
-/// Maps a database error that is not an expected constraint outcome.
+/// Maps a database error that is not an expected constraint outcome (those, like a push
+/// racing another to one path, are handled where they happen), by what a client can do:
+///
+/// - the database is unreachable, overloaded or busy → UNAVAILABLE: retry later;
+/// - a constraint or serialization failure: a concurrent change won a race → ABORTED: retry
+///   the whole request;
+/// - anything else (SQL, type or decoding errors, a row that must exist and does not) is a
+///   bug → INTERNAL, logged with its cause and never retried blindly.
 pub(crate) fn db_error(err: DbErr) -> Error {
-    Error::database(err)
+    match classify(&err) {
+        DbFailure::Unavailable => Error::database(err),
+        DbFailure::Conflict => {
+            tracing::warn!(cause = %err, "database conflict with a concurrent change");
+            Error::Aborted("the request conflicted with a concurrent change; retry it".to_owned())
+        }
+        DbFailure::Bug => Error::Internal(format!("database: {err}")),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DbFailure {
+    Unavailable,
+    Conflict,
+    Bug,
+}
+
+fn classify(err: &DbErr) -> DbFailure {
+    use sea_orm::RuntimeErr;
+    use sea_orm::sqlx::Error as Sqlx;
+    if matches!(
+        err.sql_err(),
+        Some(SqlErr::UniqueConstraintViolation(_) | SqlErr::ForeignKeyConstraintViolation(_))
+    ) {
+        return DbFailure::Conflict;
+    }
+    let sqlx = match err {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => return DbFailure::Unavailable,
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => e,
+        _ => return DbFailure::Bug,
+    };
+    match &**sqlx {
+        Sqlx::Io(_)
+        | Sqlx::Tls(_)
+        | Sqlx::Protocol(_)
+        | Sqlx::PoolTimedOut
+        | Sqlx::PoolClosed
+        | Sqlx::WorkerCrashed => DbFailure::Unavailable,
+        Sqlx::Database(db) => classify_code(
+            db.code().as_deref().unwrap_or(""),
+            db.try_downcast_ref::<sea_orm::sqlx::sqlite::SqliteError>()
+                .is_some(),
+        ),
+        _ => DbFailure::Bug,
+    }
+}
+
+/// By error code: SQLite's numeric result codes, Postgres's SQLSTATE.
+fn classify_code(code: &str, sqlite: bool) -> DbFailure {
+    if sqlite {
+        // The primary result code is the low byte of an extended one.
+        return match code.parse::<i32>().map(|c| c & 0xff) {
+            // BUSY, LOCKED: another writer holds the database; IOERR, FULL, CANTOPEN:
+            // the disk under it.
+            Ok(5 | 6 | 10 | 13 | 14) => DbFailure::Unavailable,
+            // Unique, primary key and foreign key constraints (extended codes 2067, 1555,
+            // 787); a CHECK or NOT NULL failure is a bug.
+            _ if matches!(code, "2067" | "1555" | "787") => DbFailure::Conflict,
+            _ => DbFailure::Bug,
+        };
+    }
+    match code {
+        // serialization_failure, deadlock_detected; unique, foreign key and exclusion
+        // violations (a CHECK or NOT NULL failure is a bug)
+        "40001" | "40P01" | "23505" | "23503" | "23P01" => DbFailure::Conflict,
+        // connection exceptions, insufficient resources (too many connections, disk
+        // full), operator intervention (shutdown, cannot connect now), lock timeout
+        c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57") => {
+            DbFailure::Unavailable
+        }
+        "55P03" => DbFailure::Unavailable,
+        _ => DbFailure::Bug,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Real errors from a real (in-memory SQLite) database, and a refused connection.
+    #[tokio::test]
+    async fn database_errors_are_classified_by_what_a_client_can_do() {
+        let db = Database::connect("sqlite::memory:").await.unwrap();
+        db.execute_unprepared("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT UNIQUE)")
+            .await
+            .unwrap();
+        db.execute_unprepared("INSERT INTO t (name) VALUES ('a')")
+            .await
+            .unwrap();
+        let duplicate = db
+            .execute_unprepared("INSERT INTO t (name) VALUES ('a')")
+            .await
+            .unwrap_err();
+        assert_eq!(classify(&duplicate), DbFailure::Conflict, "{duplicate}");
+        assert!(matches!(db_error(duplicate), Error::Aborted(_)));
+
+        let missing_table = db
+            .execute_unprepared("SELECT * FROM no_such_table")
+            .await
+            .unwrap_err();
+        assert_eq!(classify(&missing_table), DbFailure::Bug, "{missing_table}");
+        assert!(matches!(db_error(missing_table), Error::Internal(_)));
+        let syntax = db.execute_unprepared("SELEC 1").await.unwrap_err();
+        assert_eq!(classify(&syntax), DbFailure::Bug, "{syntax}");
+
+        for bug in [
+            DbErr::RecordNotFound("artifact 7".into()),
+            DbErr::Type("i64 from text".into()),
+            DbErr::Custom("x".into()),
+        ] {
+            assert_eq!(classify(&bug), DbFailure::Bug, "{bug}");
+        }
+        for down in [
+            DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::Timeout),
+            DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::ConnectionClosed),
+        ] {
+            assert_eq!(classify(&down), DbFailure::Unavailable, "{down}");
+            assert!(matches!(db_error(down), Error::Unavailable { .. }));
+        }
+        // Nothing listens on port 1: the connection is refused.
+        let mut options = ConnectOptions::new("postgres://postgres@127.0.0.1:1/postgres");
+        options.connect_timeout(Duration::from_secs(5));
+        let refused = Database::connect(options).await.unwrap_err();
+        assert_eq!(classify(&refused), DbFailure::Unavailable, "{refused}");
+
+        assert_eq!(classify_code("40001", false), DbFailure::Conflict);
+        assert_eq!(classify_code("23505", false), DbFailure::Conflict);
+        assert_eq!(classify_code("57P01", false), DbFailure::Unavailable);
+        assert_eq!(classify_code("08006", false), DbFailure::Unavailable);
+        assert_eq!(classify_code("53300", false), DbFailure::Unavailable);
+        assert_eq!(classify_code("42P01", false), DbFailure::Bug);
+        assert_eq!(classify_code("42601", false), DbFailure::Bug);
+        assert_eq!(classify_code("5", true), DbFailure::Unavailable);
+        assert_eq!(classify_code("517", true), DbFailure::Unavailable);
+        assert_eq!(classify_code("2067", true), DbFailure::Conflict);
+        assert_eq!(classify_code("1", true), DbFailure::Bug);
+        assert_eq!(classify_code("275", true), DbFailure::Bug);
+        assert_eq!(classify_code("23514", false), DbFailure::Bug);
+    }
 
     #[test]
     fn sqlite_urls_get_create_mode() {
