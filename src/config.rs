@@ -61,7 +61,7 @@ pub struct IssueToken {
     /// Who the token is for (its `sub` claim).
     #[arg(long, default_value = "operator")]
     pub subject: String,
-    /// Lifetime, e.g. `1h`, `7d` (at most 30 days).
+    /// Lifetime, e.g. `1h`, `7d` (at most ARTIFACTD_JWT_MAX_TTL, 30 days by default).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
 }
@@ -90,6 +90,20 @@ pub struct Config {
     /// PEM public key (Ed25519 or RSA) to verify tokens a control plane signs (EdDSA/RS256).
     #[arg(long, env = "ARTIFACTD_JWT_PUBLIC_KEY_FILE")]
     pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Required `aud` of every token (one of its audiences must match); unset: not checked.
+    /// Tokens artifactd issues carry it.
+    #[arg(long, env = "ARTIFACTD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Required `iss` of every token; unset: not checked. Tokens artifactd issues carry it.
+    #[arg(long, env = "ARTIFACTD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Longest token lifetime (`exp − iat`) accepted, and the longest issued (e.g. `7d`);
+    /// tokens without `iat` are refused.
+    #[arg(long, env = "ARTIFACTD_JWT_MAX_TTL", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub jwt_max_ttl: Duration,
 
     /// PEM certificate chain: serve gRPC and HTTP over TLS (with --tls-key).
     #[arg(long, env = "ARTIFACTD_TLS_CERT", requires = "tls_key")]
@@ -222,6 +236,9 @@ impl Config {
                 "ARTIFACTD_TLS_CERT and ARTIFACTD_TLS_KEY go together",
             ));
         }
+        if self.jwt_max_ttl.is_zero() {
+            return Err(Error::invalid("ARTIFACTD_JWT_MAX_TTL", "must be positive"));
+        }
         let exposed = !self.grpc_listen.ip().is_loopback() || !self.http_listen.ip().is_loopback();
         match self.auth {
             AuthMode::None if exposed && !self.insecure_no_auth => Err(Error::invalid(
@@ -251,6 +268,15 @@ impl Config {
         }
     }
 
+    /// The token rules these settings ask for.
+    pub fn token_rules(&self) -> crate::auth::TokenRules {
+        crate::auth::TokenRules {
+            audience: self.jwt_audience.clone(),
+            issuer: self.jwt_issuer.clone(),
+            max_ttl: self.jwt_max_ttl,
+        }
+    }
+
     /// The defaults, as if no flag or variable were set, for a database and blob store;
     /// listeners are bound by the caller. Used by tests and the benchmark.
     pub fn with_stores(database_url: &str, blob_url: &str) -> Self {
@@ -266,6 +292,9 @@ impl Config {
             auth: AuthMode::None,
             jwt_secret: None,
             jwt_public_key_file: None,
+            jwt_audience: None,
+            jwt_issuer: None,
+            jwt_max_ttl: crate::auth::TokenRules::DEFAULT_MAX_TTL,
             insecure_no_auth: false,
             tls_cert: None,
             tls_key: None,

@@ -9,11 +9,13 @@
 //! - [`store`]: sea-orm repositories over Postgres or SQLite (migrations live in the
 //!   `migrations` crate).
 //! - [`blob`]: content-addressed blobs and temporary uploads through `object_store`.
-//! - [`server`]: wiring and ordered shutdown; [`config`]: flags and environment.
+//! - [`server`]: wiring and ordered shutdown; [`config`]: flags and environment;
+//!   [`cli`]: the binary's subcommands (serve, migrate, token issue).
 
 pub mod api;
 pub mod auth;
 pub mod blob;
+pub mod cli;
 pub mod config;
 pub mod coord;
 pub mod domain;

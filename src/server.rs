@@ -33,6 +33,7 @@ use crate::pb::v1::plan_service_server::PlanServiceServer;
 use crate::pb::v1::token_service_server::TokenServiceServer;
 use crate::pb::v1::usage_control_service_server::UsageControlServiceServer;
 use crate::pb::v1::usage_service_server::UsageServiceServer;
+use crate::service::tokens::Tokens;
 use crate::service::{Accounts, ArtifactService, Metering};
 use crate::store::Store;
 
@@ -200,7 +201,7 @@ pub async fn serve(
         .add_service(UsageControlServiceServer::new(billing))
         .add_service(TokenServiceServer::new(TokenApi::new(
             app.auth.clone(),
-            app.clock.clone(),
+            Tokens::new(app.auth.clone(), app.clock.clone()),
         )))
         .serve_with_incoming_shutdown(incoming, stopping.clone().cancelled_owned());
 
@@ -327,8 +328,8 @@ async fn serve_https(
 }
 
 /// The token verifier the config asks for.
-fn authenticator(config: &Config) -> Result<Authenticator, Error> {
-    match config.auth {
+pub fn authenticator(config: &Config) -> Result<Authenticator, Error> {
+    let auth = match config.auth {
         AuthMode::None => Ok(Authenticator::disabled()),
         AuthMode::Jwt => match (&config.jwt_secret, &config.jwt_public_key_file) {
             (Some(secret), _) => Authenticator::shared_secret(secret.expose().as_bytes()),
@@ -346,7 +347,8 @@ fn authenticator(config: &Config) -> Result<Authenticator, Error> {
                 "`jwt` needs ARTIFACTD_JWT_SECRET or ARTIFACTD_JWT_PUBLIC_KEY_FILE",
             )),
         },
-    }
+    }?;
+    Ok(auth.with_rules(config.token_rules()))
 }
 
 async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {

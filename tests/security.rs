@@ -19,12 +19,15 @@ use tonic::{Code, Request};
 
 const SECRET: &str = "test-secret-that-is-at-least-32-bytes-long";
 
-fn token(role: &str, project: Option<&str>, workflow: Option<&str>, job: Option<&str>) -> String {
-    let exp = std::time::SystemTime::now()
+fn now_seconds() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
-        + 3600;
+}
+
+fn token(role: &str, project: Option<&str>, workflow: Option<&str>, job: Option<&str>) -> String {
+    let now = now_seconds();
     Authenticator::shared_secret(SECRET.as_bytes())
         .unwrap()
         .issue(&Claims {
@@ -33,7 +36,9 @@ fn token(role: &str, project: Option<&str>, workflow: Option<&str>, job: Option<
             project_id: project.map(Into::into),
             workflow_id: workflow.map(Into::into),
             job_id: job.map(Into::into),
-            exp,
+            exp: now + 3600,
+            iat: Some(now),
+            ..Claims::default()
         })
         .unwrap()
 }
@@ -483,6 +488,7 @@ async fn bad_tokens_are_unauthenticated() {
             workflow_id: None,
             job_id: None,
             exp: 1_000_000,
+            ..Claims::default()
         })
         .unwrap();
     let other_key = Authenticator::shared_secret(b"another-secret-that-is-32-bytes-long!!")
@@ -494,6 +500,7 @@ async fn bad_tokens_are_unauthenticated() {
             workflow_id: None,
             job_id: None,
             exp: u64::MAX / 2,
+            ..Claims::default()
         })
         .unwrap();
     let unknown_role = Authenticator::shared_secret(SECRET.as_bytes())
@@ -501,10 +508,9 @@ async fn bad_tokens_are_unauthenticated() {
         .issue(&Claims {
             sub: "x".into(),
             role: "root".into(),
-            project_id: None,
-            workflow_id: None,
-            job_id: None,
-            exp: u64::MAX / 2,
+            exp: now_seconds() + 60,
+            iat: Some(now_seconds()),
+            ..Claims::default()
         })
         .unwrap();
     let job_without_job = token("job", Some("p"), None, None);
@@ -831,18 +837,13 @@ async fn logs_never_contain_tokens_secrets_or_content() {
 async fn public_key_tokens_from_a_control_plane() {
     use jsonwebtoken::{Algorithm, EncodingKey, Header};
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
     let claims = Claims {
         sub: "control-plane".into(),
         role: "maintainer".into(),
         project_id: Some("p".into()),
-        workflow_id: None,
-        job_id: None,
-        exp,
+        exp: now_seconds() + 600,
+        iat: Some(now_seconds()),
+        ..Claims::default()
     };
     for (public, private, algorithm) in [
         (

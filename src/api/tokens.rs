@@ -1,67 +1,43 @@
 //! `artifactd.v1.TokenService`: job tokens for control planes that do not mint their own.
+//! A thin adapter: authorization, proto ⇄ domain, and one call into
+//! [`crate::service::tokens`].
 
 use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use crate::auth::{Authenticator, Claims};
-use crate::domain::scope::validate_id;
-use crate::domain::{Access, Clock, Error, ProjectId, Timestamp, authorize};
+use crate::auth::Authenticator;
+use crate::domain::{Access, Error, authorize};
 use crate::pb::v1::{self as pb, token_service_server};
-
-pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
-pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
+use crate::service::tokens::{TokenSubject, Tokens};
 
 #[derive(Debug, Clone)]
 pub struct TokenApi {
     auth: Authenticator,
-    clock: std::sync::Arc<dyn Clock>,
+    tokens: Tokens,
 }
 
 impl TokenApi {
-    pub fn new(auth: Authenticator, clock: std::sync::Arc<dyn Clock>) -> Self {
-        Self { auth, clock }
+    pub fn new(auth: Authenticator, tokens: Tokens) -> Self {
+        Self { auth, tokens }
     }
 }
 
-/// A token's `exp` claim (seconds) and instant, `ttl` from `now`, within the allowed range.
-pub fn expiry(ttl: Duration, now: Timestamp) -> Result<(u64, Timestamp), Error> {
-    if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
-        return Err(Error::invalid(
-            "ttl",
-            "must be positive and at most 30 days",
-        ));
-    }
-    let expires = now.saturating_add_micros(ttl.as_micros() as i64);
-    let exp = u64::try_from(expires.to_seconds_nanos().0)
-        .map_err(|_| Error::invalid("ttl", "expires before 1970"))?;
-    Ok((exp, expires))
-}
-
-/// The claims of a job token, checked.
-pub fn job_claims(
-    project_id: &str,
-    workflow_id: &str,
-    job_id: &str,
-    ttl: Duration,
-    now: Timestamp,
-) -> Result<(Claims, Timestamp), Error> {
-    ProjectId::parse("project_id", project_id)?;
-    validate_id("workflow_id", workflow_id)?;
-    validate_id("job_id", job_id)?;
-    let (exp, expires) = expiry(ttl, now)?;
-    Ok((
-        Claims {
-            sub: format!("job:{project_id}/{workflow_id}/{job_id}"),
-            role: "job".into(),
-            project_id: Some(project_id.into()),
-            workflow_id: Some(workflow_id.into()),
-            job_id: Some(job_id.into()),
-            exp,
+/// The request's `ttl`: absent → the default; negative or malformed → INVALID_ARGUMENT.
+fn ttl(d: Option<prost_types::Duration>) -> Result<Option<Duration>, Error> {
+    match d {
+        None => Ok(None),
+        Some(d) => match (u64::try_from(d.seconds), u32::try_from(d.nanos)) {
+            (Ok(seconds), Ok(nanos)) if nanos < 1_000_000_000 => {
+                Ok(Some(Duration::new(seconds, nanos)))
+            }
+            _ => Err(Error::invalid(
+                "ttl",
+                "must be positive, with nanos within 0..1e9",
+            )),
         },
-        expires,
-    ))
+    }
 }
 
 #[tonic::async_trait]
@@ -73,21 +49,13 @@ impl token_service_server::TokenService for TokenApi {
         let principal = self.auth.authenticate_grpc(request.metadata())?;
         authorize(&principal, Access::Administer)?;
         let request = request.into_inner();
-        let ttl = match request.ttl {
-            None => DEFAULT_TOKEN_TTL,
-            Some(d) if d.seconds < 0 || d.nanos < 0 => {
-                return Err(Error::invalid("ttl", "must be positive").into());
-            }
-            Some(d) => Duration::new(d.seconds as u64, d.nanos as u32),
+        let ttl = ttl(request.ttl)?;
+        let subject = TokenSubject::Job {
+            project_id: request.project_id.clone(),
+            workflow_id: request.workflow_id.clone(),
+            job_id: request.job_id.clone(),
         };
-        let (claims, expires) = job_claims(
-            &request.project_id,
-            &request.workflow_id,
-            &request.job_id,
-            ttl,
-            self.clock.now(),
-        )?;
-        let token = self.auth.issue(&claims)?;
+        let issued = self.tokens.issue(&subject, ttl)?;
         tracing::info!(
             project = %request.project_id,
             workflow = %request.workflow_id,
@@ -95,8 +63,8 @@ impl token_service_server::TokenService for TokenApi {
             "job token issued"
         );
         Ok(Response::new(pb::IssueJobTokenResponse {
-            token,
-            expires_at: Some(convert::timestamp(expires)),
+            token: issued.token,
+            expires_at: Some(convert::timestamp(issued.expires)),
         }))
     }
 }

@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod artifacts;
 pub mod metering;
+pub mod tokens;
 
 pub use accounts::{Accounts, ControlsMask};
 pub use artifacts::{ArtifactService, ListPage, PullSpec, PullStream, PushOutcome, PushSpec};
