@@ -2,9 +2,15 @@
 //! stop. The server is a function of its config, two bound listeners and a shutdown future,
 //! so tests bind port 0 and stop it with a oneshot.
 //!
-//! Shutdown order: health goes NOT_SERVING and `/readyz` fails; both listeners stop
-//! accepting and in-flight requests drain until the drain deadline; then the database pool
-//! closes.
+//! Shutdown order: every gRPC service's health goes NOT_SERVING and `/readyz` answers 503;
+//! the gRPC listener stops accepting and in-flight requests drain until the drain deadline,
+//! while the HTTP side keeps answering probes (503) so a load balancer sees "draining", not
+//! "gone"; then the HTTP side stops and the database pool closes.
+//!
+//! A listener task that ends on its own (an error, or a panic) is not survivable: health
+//! goes NOT_SERVING, the other listener stops, and [`serve`] returns an error so the process
+//! exits non-zero and its supervisor restarts it, rather than a half-alive server reporting
+//! ready.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -44,6 +50,18 @@ const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// Total size of a request's headers (metadata), including any bearer token.
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// How long the HTTP side may take to close its (probe) connections once gRPC has drained.
+const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// What grpc.health.v1 reports on: the server as a whole (`""`) and every API service.
+pub const HEALTH_SERVICES: [&str; 6] = [
+    "",
+    "artifactd.v1.ArtifactService",
+    "artifactd.v1.PlanService",
+    "artifactd.v1.UsageService",
+    "artifactd.v1.UsageControlService",
+    "artifactd.v1.TokenService",
+];
 
 /// Everything a running server holds.
 #[derive(Debug, Clone)]
@@ -135,13 +153,17 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let grpc_addr = local_addr(&grpc_listener)?;
     let http_addr = local_addr(&http_listener)?;
-    let stopping = CancellationToken::new();
+    // gRPC and HTTP stop at different times: HTTP answers /readyz 503 through the drain.
+    let stop_grpc = CancellationToken::new();
+    let stop_http = CancellationToken::new();
     let ready = Arc::new(AtomicBool::new(true));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<ArtifactServiceServer<ArtifactApi>>()
-        .await;
+    for service in HEALTH_SERVICES {
+        health
+            .set_service_status(service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -162,16 +184,6 @@ pub async fn serve(
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
     let billing = BillingApi::new(app.accounts.clone(), app.metering.clone(), app.auth.clone());
-    for service in [
-        "artifactd.v1.PlanService",
-        "artifactd.v1.UsageService",
-        "artifactd.v1.UsageControlService",
-        "artifactd.v1.TokenService",
-    ] {
-        health
-            .set_service_status(service, tonic_health::ServingStatus::Serving)
-            .await;
-    }
 
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let mut builder = tonic::transport::Server::builder();
@@ -203,7 +215,7 @@ pub async fn serve(
             app.auth.clone(),
             Tokens::new(app.auth.clone(), app.clock.clone()),
         )))
-        .serve_with_incoming_shutdown(incoming, stopping.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(incoming, stop_grpc.clone().cancelled_owned());
 
     let router = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -215,51 +227,115 @@ pub async fn serve(
     let http: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &app.tls {
         None => Box::pin(
             axum::serve(http_listener, router)
-                .with_graceful_shutdown(stopping.clone().cancelled_owned())
+                .with_graceful_shutdown(stop_http.clone().cancelled_owned())
                 .into_future(),
         ),
         Some((cert, key)) => Box::pin(serve_https(
             http_listener,
             router,
             tls_acceptor(cert, key)?,
-            stopping.clone(),
+            stop_http.clone(),
         )),
     };
 
     tracing::info!(%grpc_addr, %http_addr, "artifactd serving");
-    let grpc = tokio::spawn(grpc);
-    let http = tokio::spawn(http);
-
-    shutdown.await;
-    tracing::info!(drain_timeout = ?app.drain_timeout, "shutting down: draining in-flight requests");
-    ready.store(false, Ordering::SeqCst);
-    health
-        .set_not_serving::<ArtifactServiceServer<ArtifactApi>>()
+    let listeners = Listeners {
+        grpc: tokio::spawn(async move { grpc.await.map_err(|e| e.to_string()) }),
+        http: tokio::spawn(async move { http.await.map_err(|e| e.to_string()) }),
+        stop_grpc,
+        stop_http,
+    };
+    let outcome = listeners
+        .run(shutdown, &health, &ready, app.drain_timeout)
         .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    stopping.cancel();
-
-    let drained = tokio::time::timeout(app.drain_timeout, async {
-        let grpc_result = grpc.await;
-        let http_result = http.await;
-        (grpc_result, http_result)
-    })
-    .await;
-    match drained {
-        Ok((Ok(Ok(())), Ok(Ok(())))) => tracing::info!("drained"),
-        Ok((grpc_result, http_result)) => {
-            tracing::warn!(
-                ?grpc_result,
-                ?http_result,
-                "a listener stopped with an error"
-            )
-        }
-        Err(_) => tracing::warn!("drain deadline passed; exiting with requests in flight"),
-    }
     app.store.close().await;
-    Ok(())
+    outcome
+}
+
+/// The two listener tasks of a running server and how to stop each.
+struct Listeners {
+    grpc: tokio::task::JoinHandle<Result<(), String>>,
+    http: tokio::task::JoinHandle<Result<(), String>>,
+    stop_grpc: CancellationToken,
+    stop_http: CancellationToken,
+}
+
+impl Listeners {
+    /// Serves until `shutdown` resolves (then drains: `Ok`) or a listener task ends on its
+    /// own (`Err`). Either way health goes NOT_SERVING and `/readyz` 503 first.
+    async fn run(
+        mut self,
+        shutdown: impl Future<Output = ()> + Send,
+        health: &tonic_health::server::HealthReporter,
+        ready: &AtomicBool,
+        drain_timeout: Duration,
+    ) -> Result<(), Error> {
+        let died = tokio::select! {
+            () = shutdown => None,
+            ended = &mut self.grpc => Some(("gRPC", unexpected_end(ended))),
+            ended = &mut self.http => Some(("HTTP", unexpected_end(ended))),
+        };
+        ready.store(false, Ordering::SeqCst);
+        for service in HEALTH_SERVICES {
+            health
+                .set_service_status(service, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        if let Some((listener, why)) = died {
+            tracing::error!(listener, %why, "a listener stopped; shutting down to be restarted");
+            self.stop_grpc.cancel();
+            self.stop_http.cancel();
+            let deadline = tokio::time::Instant::now() + drain_timeout;
+            for task in [&mut self.grpc, &mut self.http] {
+                if !task.is_finished()
+                    && tokio::time::timeout_at(deadline, &mut *task).await.is_err()
+                {
+                    task.abort();
+                }
+            }
+            return Err(Error::Internal(format!(
+                "the {listener} listener stopped unexpectedly: {why}"
+            )));
+        }
+
+        tracing::info!(?drain_timeout, "shutting down: draining in-flight requests");
+        self.stop_grpc.cancel();
+        match tokio::time::timeout(drain_timeout, &mut self.grpc).await {
+            Ok(ended) => match outcome(ended) {
+                Ok(()) => tracing::info!("drained"),
+                Err(why) => tracing::warn!(%why, "the gRPC listener stopped with an error"),
+            },
+            Err(_) => {
+                tracing::warn!("drain deadline passed; exiting with requests in flight");
+                self.grpc.abort();
+            }
+        }
+        // Only now does the HTTP side stop answering /readyz (503 all through the drain).
+        self.stop_http.cancel();
+        if tokio::time::timeout(HTTP_CLOSE_GRACE, &mut self.http)
+            .await
+            .is_err()
+        {
+            self.http.abort();
+        }
+        Ok(())
+    }
+}
+
+/// How a listener task ended.
+fn outcome(ended: Result<Result<(), String>, tokio::task::JoinError>) -> Result<(), String> {
+    match ended {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => Err("it panicked".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Why a listener task ended before shutdown: even a clean end is a failure then.
+fn unexpected_end(ended: Result<Result<(), String>, tokio::task::JoinError>) -> String {
+    outcome(ended)
+        .err()
+        .unwrap_or_else(|| "it ended on its own".to_owned())
 }
 
 fn read_file(setting: &str, path: &std::path::Path) -> Result<Vec<u8>, Error> {
@@ -365,4 +441,94 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
     listener
         .local_addr()
         .map_err(|e| Error::Internal(format!("listener has no address: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_server::Health;
+
+    async fn statuses(health: &tonic_health::server::HealthReporter) -> Vec<i32> {
+        let service = tonic_health::server::HealthService::from_health_reporter(health.clone());
+        let mut statuses = Vec::new();
+        for name in HEALTH_SERVICES {
+            let request = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+                service: name.into(),
+            });
+            match service.check(request).await {
+                Ok(response) => statuses.push(response.into_inner().status),
+                Err(status) => panic!("{name:?}: {status:?}"),
+            }
+        }
+        statuses
+    }
+
+    /// A bug in a listener task, as a panic.
+    fn buggy_listener() -> Result<(), String> {
+        panic!("listener bug")
+    }
+
+    /// A listener task that dies (here: the HTTP one fails; then the gRPC one panics) ends
+    /// the server with an error, after health went NOT_SERVING and /readyz unready, and
+    /// after the other listener was told to stop.
+    #[tokio::test]
+    async fn a_dead_listener_ends_the_server_with_an_error() {
+        for grpc_panics in [false, true] {
+            let (health, _) = tonic_health::server::health_reporter();
+            for service in HEALTH_SERVICES {
+                health
+                    .set_service_status(service, tonic_health::ServingStatus::Serving)
+                    .await;
+            }
+            let ready = AtomicBool::new(true);
+            let stop_grpc = CancellationToken::new();
+            let stop_http = CancellationToken::new();
+            let (grpc, http) = if grpc_panics {
+                let grpc = tokio::spawn(async { buggy_listener() });
+                let stopped = stop_http.clone();
+                let http = tokio::spawn(async move {
+                    stopped.cancelled().await;
+                    Ok(())
+                });
+                (grpc, http)
+            } else {
+                let stopped = stop_grpc.clone();
+                let grpc = tokio::spawn(async move {
+                    stopped.cancelled().await;
+                    Ok(())
+                });
+                let http = tokio::spawn(async { Err("accept: too many open files".to_owned()) });
+                (grpc, http)
+            };
+            let listeners = Listeners {
+                grpc,
+                http,
+                stop_grpc: stop_grpc.clone(),
+                stop_http: stop_http.clone(),
+            };
+            let result = listeners
+                .run(
+                    std::future::pending::<()>(),
+                    &health,
+                    &ready,
+                    Duration::from_secs(30),
+                )
+                .await;
+            let err = result.expect_err("a dead listener is an error");
+            let text = err.to_string();
+            let expected = if grpc_panics {
+                "the gRPC listener stopped unexpectedly: it panicked"
+            } else {
+                "the HTTP listener stopped unexpectedly: accept: too many open files"
+            };
+            assert!(text.contains(expected), "{text}");
+            assert!(!ready.load(Ordering::SeqCst));
+            assert!(stop_grpc.is_cancelled() && stop_http.is_cancelled());
+            assert_eq!(
+                statuses(&health).await,
+                vec![ServingStatus::NotServing as i32; HEALTH_SERVICES.len()]
+            );
+        }
+    }
 }
