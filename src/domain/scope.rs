@@ -228,6 +228,20 @@ pub struct ArtifactPath(String);
 
 impl ArtifactPath {
     pub fn parse(field: &str, value: &str) -> Result<Self> {
+        if let Some(bad) = value.chars().find(|&c| is_format_character(c)) {
+            return Err(format_character_error(field, bad));
+        }
+        Self::parse_structure(field, value)
+    }
+
+    /// A path read back from the database: the structural rules only. Rows written before
+    /// format characters were refused may hold some; they stay listable and readable
+    /// instead of failing as corrupt, while no new one can be written.
+    pub fn from_stored(value: &str) -> Result<Self> {
+        Self::parse_structure("path", value)
+    }
+
+    fn parse_structure(field: &str, value: &str) -> Result<Self> {
         check_path_text(field, value)?;
         if value.starts_with('/') {
             return Err(Error::invalid(
@@ -279,6 +293,9 @@ pub fn parse_prefix(field: &str, value: &str) -> Result<String> {
         return Ok(String::new());
     }
     check_path_text(field, value)?;
+    if let Some(bad) = value.chars().find(|&c| is_format_character(c)) {
+        return Err(format_character_error(field, bad));
+    }
     if value.starts_with('/') {
         return Err(Error::invalid(
             field,
@@ -329,9 +346,6 @@ fn check_path_text(field: &str, value: &str) -> Result<()> {
             field,
             format!("contains the control character U+{:04X}", bad as u32),
         ));
-    }
-    if let Some(bad) = value.chars().find(|&c| is_format_character(c)) {
-        return Err(format_character_error(field, bad));
     }
     Ok(())
 }
@@ -421,6 +435,10 @@ mod tests {
                 "{bad:?}: {err}"
             );
         }
+        // Rows written before the rule stay readable; the structural rules still hold.
+        let legacy = ArtifactPath::from_stored("a\u{202e}txt.exe").unwrap();
+        assert_eq!(legacy.as_str(), "a\u{202e}txt.exe");
+        assert!(ArtifactPath::from_stored("a/../b").is_err());
         // Visible non-ASCII stays allowed in paths.
         for ok in [
             "café/ünï.txt",
