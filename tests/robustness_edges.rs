@@ -202,6 +202,44 @@ async fn recursive_delete_ends_files_in_batches(backend: Backend) {
     server.stop().await;
 }
 
+/// The database going away (here: the server's Postgres database dropped, its connections
+/// terminated) is UNAVAILABLE "retry later" — the one class worth retrying — and `/readyz`
+/// turns 503. Postgres only: a SQLite file cannot be taken away from an open pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_went_away_is_unavailable() {
+    use sea_orm::ConnectionTrait;
+    let Some(server) = TestServer::start(Backend::Postgres).await else {
+        return;
+    };
+    let mut client = server.client().await;
+    push(&mut client, header(job("p", "j"), "f.txt"), b"hello")
+        .await
+        .unwrap();
+    let admin_url = std::env::var("TEST_DATABASE_URL").unwrap_or_default();
+    if admin_url.is_empty() {
+        eprintln!("skipping: the database can only be dropped with TEST_DATABASE_URL");
+        server.stop().await;
+        return;
+    }
+    let name = server.db.url.rsplit('/').next().unwrap().to_owned();
+    let admin = sea_orm::Database::connect(admin_url.as_str())
+        .await
+        .unwrap();
+    admin
+        .execute_unprepared(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    let err = stat(&mut client, job("p", "j"), "f.txt").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(err.message(), "database unavailable, retry later");
+    assert_eq!(
+        try_http_get(server.http_addr, "/readyz").await,
+        Some((503, "database unavailable\n".into()))
+    );
+    server.stop().await;
+}
+
 on_both_backends!(
     bidi_override_in_a_path_is_refused,
     database_bugs_are_internal_not_unavailable,
