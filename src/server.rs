@@ -248,6 +248,10 @@ pub async fn serve(
     let outcome = listeners
         .run(shutdown, &health, &ready, app.drain_timeout)
         .await;
+    // Egress records and reservation releases of the streams that just ended.
+    if !app.metering.drain(app.drain_timeout).await {
+        tracing::warn!("drain deadline passed with egress records or releases pending");
+    }
     app.store.close().await;
     outcome
 }

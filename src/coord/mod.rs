@@ -1,37 +1,70 @@
-//! Hot quota figures: bytes stored and bytes reserved by in-flight pushes per project, and
-//! month-to-date egress. They live in Redis when `REDIS_URL` is set (shared by replicas) and
-//! in process otherwise. The database stays the ledger: a missing figure is a *miss* that the
-//! caller rebuilds from the database, figures expire after [`FIGURE_TTL`] so any drift heals,
-//! and with Redis unreachable the service falls back to in-process figures and says so once.
+//! Hot quota figures and reservations, per project: bytes stored, month-to-date egress, and
+//! the reservations of pushes and pulls in flight. They live in Redis when `REDIS_URL` is set
+//! (shared by replicas) and in process otherwise. The database stays the ledger: a missing
+//! figure is a *miss* that the caller rebuilds from the database, figures expire after
+//! [`FIGURE_TTL`] so any drift heals, and with Redis unreachable the service falls back to
+//! in-process figures and says so once.
 //!
-//! Reservations are atomic check-and-add (a Lua script in Redis, a mutex in process), so two
-//! pushes can never both squeeze under a limit.
+//! A figure counts only what the database holds (committed artifacts, recorded egress).
+//! Reservations are kept apart from it, one entry per holder with its own deadline, so a
+//! rebuilt figure never forgets bytes in flight, and a holder that dies (a crashed replica)
+//! stops counting [`Counters::reservation_ttl`] after its last refresh however busy the
+//! project is. A live holder's entries are refreshed by a background task of this process
+//! until they are settled. Check-and-reserve is atomic (a Lua script in Redis, a mutex in
+//! process), so two requests can never both squeeze under a limit.
+//!
+//! Spawned work that must outlive a request (releasing a reservation from `Drop`, recording
+//! egress) goes through [`Counters::spawn`]: one task tracker that shutdown drains.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_util::task::TaskTracker;
 
 use crate::domain::Error;
 
 /// How long a rebuilt figure is trusted before it is rebuilt again.
 pub const FIGURE_TTL: Duration = Duration::from_secs(60);
-/// How long reservations of an idle project survive a crashed replica.
-const RESERVATION_TTL: Duration = Duration::from_secs(6 * 3600);
+/// How long a figure's change count is kept: longer than any rebuild takes.
+const GENERATION_TTL: Duration = Duration::from_secs(10 * 60);
+/// How long a reservation outlives its holder's last refresh. Holders refresh every third
+/// of it, so only a dead holder's reservations lapse.
+pub const RESERVATION_TTL: Duration = Duration::from_secs(5 * 60);
+
+/// What a reservation is counted against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool<'a> {
+    /// Bytes stored (the project's storage limit or cap).
+    Storage,
+    /// Bytes sent in a calendar month, named like `2026-11` (included egress).
+    Egress(&'a str),
+}
 
 /// The outcome of a reservation attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reserve {
     Granted,
-    /// Would exceed the limit; the figures it was checked against.
+    /// Would exceed the limit; the figures it was checked against (`reserved` excludes the
+    /// requester's own entry).
     Denied {
         stored: i64,
         reserved: i64,
     },
-    /// The stored figure is unknown: load it from the database, `prime_stored`, retry.
+    /// The base figure is unknown: load it from the database, prime it, retry.
     Miss,
+}
+
+/// How a reservation entry ends (or shrinks) when usage is recorded against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// The entry is gone.
+    All,
+    /// The entry keeps what is left after this many bytes (recorded meanwhile) are taken out.
+    Part(i64),
 }
 
 #[derive(Clone)]
@@ -43,6 +76,7 @@ impl std::fmt::Debug for Counters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Counters")
             .field("redis", &self.inner.redis.is_some())
+            .field("reservation_ttl", &self.inner.reservation_ttl)
             .finish()
     }
 }
@@ -50,52 +84,132 @@ impl std::fmt::Debug for Counters {
 struct Inner {
     redis: Option<ConnectionManager>,
     prefix: String,
-    local: std::sync::Mutex<HashMap<String, (i64, Instant)>>,
+    reservation_ttl: Duration,
+    local: std::sync::Mutex<Local>,
+    /// Reservations this process holds, refreshed until settled: (entries key, id).
+    held: std::sync::Mutex<HashMap<(String, String), ()>>,
+    tasks: TaskTracker,
     redis_down_logged: AtomicBool,
 }
 
+/// The in-process stand-in: figures with their expiry, and per pool the reservation
+/// entries with their deadlines.
+#[derive(Default)]
+struct Local {
+    figures: HashMap<String, (i64, Instant)>,
+    /// Per figure, how many recorded changes it has seen (see [`Counters::token`]).
+    generations: HashMap<String, i64>,
+    reservations: HashMap<String, HashMap<String, (i64, Instant)>>,
+}
+
+/// KEYS: figure, deadlines (ZSET id → deadline ms), amounts (HASH id → bytes).
+/// ARGV: id, total wanted for this id, limit (-1: none), ttl ms.
+/// Returns {granted 1 | denied 0 | miss -1, figure, reserved by others}.
 const RESERVE: &str = r#"
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms)
+if #lapsed > 0 then
+  redis.call('HDEL', KEYS[3], unpack(lapsed))
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
+end
 local stored = redis.call('GET', KEYS[1])
 if not stored then return {-1, 0, 0} end
-local reserved = tonumber(redis.call('GET', KEYS[2]) or '0')
-local want = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-if limit >= 0 and tonumber(stored) + reserved + want > limit then
-  return {0, tonumber(stored), reserved}
+stored = tonumber(stored)
+local want = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local others = 0
+local entries = redis.call('HGETALL', KEYS[3])
+for i = 1, #entries, 2 do
+  if entries[i] ~= ARGV[1] then others = others + tonumber(entries[i + 1]) end
 end
-if ARGV[4] == '1' then
-  redis.call('INCRBY', KEYS[1], want)
-else
-  redis.call('INCRBY', KEYS[2], want)
-  redis.call('EXPIRE', KEYS[2], ARGV[3])
+if limit >= 0 and stored + others + want > limit then
+  return {0, stored, others}
 end
-return {1, tonumber(stored), reserved}
+local ttl = tonumber(ARGV[4])
+redis.call('HSET', KEYS[3], ARGV[1], want)
+redis.call('ZADD', KEYS[2], now_ms + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ttl)
+redis.call('PEXPIRE', KEYS[3], ttl)
+return {1, stored, others}
 "#;
 
+/// KEYS: figure, deadlines, amounts, generation. ARGV: id, bytes taken out of the entry
+/// (-1: all), delta for the figure (applied only when the figure is known), generation ttl.
 const SETTLE: &str = r#"
-local reserved = tonumber(redis.call('GET', KEYS[2]) or '0')
-local release = tonumber(ARGV[1])
-if release > reserved then release = reserved end
-if release > 0 then redis.call('DECRBY', KEYS[2], release) end
-if tonumber(ARGV[2]) ~= 0 and redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('INCRBY', KEYS[1], ARGV[2])
+local take = tonumber(ARGV[2])
+if take < 0 then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+elseif take > 0 then
+  local held = redis.call('HGET', KEYS[3], ARGV[1])
+  if held then
+    local left = tonumber(held) - take
+    if left > 0 then
+      redis.call('HSET', KEYS[3], ARGV[1], left)
+    else
+      redis.call('HDEL', KEYS[3], ARGV[1])
+      redis.call('ZREM', KEYS[2], ARGV[1])
+    end
+  end
+end
+if tonumber(ARGV[3]) ~= 0 then
+  redis.call('INCR', KEYS[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[4])
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    redis.call('INCRBY', KEYS[1], ARGV[3])
+  end
 end
 return 1
 "#;
 
-const ADD_IF_PRESENT: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCRBY', KEYS[1], ARGV[1]) end
-return false
+/// KEYS: figure, generation. ARGV: value, token, ttl. Sets the figure unless it exists or
+/// a change was recorded since the token was taken (the value may predate it).
+const PRIME: &str = r#"
+if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[2]) then return 0 end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then return 1 end
+return 0
+"#;
+
+/// KEYS: deadlines, amounts. ARGV: ttl ms, ids... Moves the deadline of each id still held.
+const REFRESH: &str = r#"
+local now = redis.call('TIME')
+local deadline = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 1 then
+    redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i])
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return 1
+"#;
+
+/// KEYS: deadlines, amounts. Sum of the live entries.
+const RESERVED: &str = r#"
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local total = 0
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], now_ms, '+inf')
+for _, id in ipairs(live) do
+  total = total + tonumber(redis.call('HGET', KEYS[2], id) or '0')
+end
+return total
 "#;
 
 impl Counters {
     pub fn in_process() -> Self {
-        Self::with(None, String::new())
+        Self::with(None, String::new(), RESERVATION_TTL)
     }
 
     /// Uses Redis at `url`. Connects lazily, so a Redis that is down at start-up does not stop
     /// the service (it runs on in-process figures until Redis answers).
     pub fn redis(url: &str, prefix: &str) -> Result<Self, Error> {
+        Self::redis_with_ttl(url, prefix, RESERVATION_TTL)
+    }
+
+    /// Like [`Counters::redis`] with another reservation lifetime (tests).
+    pub fn redis_with_ttl(url: &str, prefix: &str, ttl: Duration) -> Result<Self, Error> {
         let client = redis::Client::open(url).map_err(|e| Error::Unavailable {
             what: "redis",
             cause: e.to_string(),
@@ -111,94 +225,172 @@ impl Counters {
                 cause: e.to_string(),
             }
         })?;
-        Ok(Self::with(Some(manager), prefix.to_owned()))
+        Ok(Self::with(Some(manager), prefix.to_owned(), ttl))
     }
 
-    fn with(redis: Option<ConnectionManager>, prefix: String) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                redis,
-                prefix,
-                local: std::sync::Mutex::new(HashMap::new()),
-                redis_down_logged: AtomicBool::new(false),
-            }),
+    /// In process with another reservation lifetime (tests).
+    pub fn in_process_with_ttl(ttl: Duration) -> Self {
+        Self::with(None, String::new(), ttl)
+    }
+
+    fn with(redis: Option<ConnectionManager>, prefix: String, reservation_ttl: Duration) -> Self {
+        let inner = Arc::new(Inner {
+            redis,
+            prefix,
+            reservation_ttl,
+            local: std::sync::Mutex::new(Local::default()),
+            held: std::sync::Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+            redis_down_logged: AtomicBool::new(false),
+        });
+        // Outside a runtime (never in the service) nothing refreshes: reservations then
+        // simply lapse after their lifetime.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(refresh_held(Arc::downgrade(&inner)));
+        }
+        Self { inner }
+    }
+
+    pub fn reservation_ttl(&self) -> Duration {
+        self.inner.reservation_ttl
+    }
+
+    /// Runs `task` on the tracker that [`Counters::drain`] waits for at shutdown.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.inner.tasks.spawn_on(task, &runtime);
         }
     }
 
-    fn stored_key(&self, project: &str) -> String {
-        format!("{}artifactd:stored:{project}", self.inner.prefix)
+    /// Waits up to `deadline` for tracked tasks (releases, egress records) to finish.
+    /// Returns whether they all did.
+    pub async fn drain(&self, deadline: Duration) -> bool {
+        self.inner.tasks.close();
+        tokio::time::timeout(deadline, self.inner.tasks.wait())
+            .await
+            .is_ok()
     }
 
-    fn reserved_key(&self, project: &str) -> String {
-        format!("{}artifactd:reserved:{project}", self.inner.prefix)
+    fn figure_key(&self, project: &str, pool: Pool<'_>) -> String {
+        match pool {
+            Pool::Storage => format!("{}artifactd:stored:{project}", self.inner.prefix),
+            Pool::Egress(month) => {
+                format!("{}artifactd:egress:{project}:{month}", self.inner.prefix)
+            }
+        }
     }
 
-    fn egress_key(&self, project: &str, month: &str) -> String {
-        format!("{}artifactd:egress:{project}:{month}", self.inner.prefix)
+    fn generation_key(&self, project: &str, pool: Pool<'_>) -> String {
+        let figure = self.figure_key(project, pool);
+        format!("{figure}:gen")
     }
 
-    /// Reserves `bytes` if `stored + reserved + bytes <= limit` (`None`: no limit). With
-    /// `as_stored`, the bytes are counted as stored at once (a push of declared size, which
-    /// then needs no second round trip when it commits; undone with a negative `settle`).
+    /// The keys of a pool's reservation entries: deadlines (ZSET) and amounts (HASH).
+    fn entry_keys(&self, project: &str, pool: Pool<'_>) -> (String, String) {
+        let pool = match pool {
+            Pool::Storage => "stored".to_owned(),
+            Pool::Egress(month) => format!("egress:{month}"),
+        };
+        let base = format!("{}artifactd:res:{pool}:{project}", self.inner.prefix);
+        (format!("{base}:deadline"), format!("{base}:bytes"))
+    }
+
+    /// Sets reservation `id`'s total to `total` if `figure + others + total <= limit`
+    /// (`None`: no limit), where `others` are the live entries of other holders. Entries
+    /// whose deadline passed are purged first. A granted entry is refreshed by this process
+    /// until [`Counters::settle`] releases it.
     pub async fn try_reserve(
         &self,
         project: &str,
-        bytes: i64,
+        pool: Pool<'_>,
+        id: &str,
+        total: i64,
         limit: Option<i64>,
-        as_stored: bool,
     ) -> Reserve {
-        let keys = [self.stored_key(project), self.reserved_key(project)];
-        if let Some(redis) = self.connection() {
-            let result: redis::RedisResult<(i64, i64, i64)> = redis::Script::new(RESERVE)
-                .key(&keys[0])
-                .key(&keys[1])
-                .arg(bytes)
-                .arg(limit.unwrap_or(-1))
-                .arg(RESERVATION_TTL.as_secs())
-                .arg(if as_stored { "1" } else { "0" })
-                .invoke_async(&mut redis.clone())
-                .await;
-            match result {
-                Ok((1, _, _)) => return Reserve::Granted,
-                Ok((0, stored, reserved)) => return Reserve::Denied { stored, reserved },
-                Ok(_) => return Reserve::Miss,
-                Err(e) => self.redis_failed(&e),
+        let figure = self.figure_key(project, pool);
+        let (deadlines, amounts) = self.entry_keys(project, pool);
+        let ttl = self.inner.reservation_ttl;
+        let outcome = 'outcome: {
+            if let Some(redis) = self.connection() {
+                let result: redis::RedisResult<(i64, i64, i64)> = redis::Script::new(RESERVE)
+                    .key(&figure)
+                    .key(&deadlines)
+                    .key(&amounts)
+                    .arg(id)
+                    .arg(total)
+                    .arg(limit.unwrap_or(-1))
+                    .arg(millis(ttl))
+                    .invoke_async(&mut redis.clone())
+                    .await;
+                match result {
+                    Ok((1, _, _)) => break 'outcome Reserve::Granted,
+                    Ok((0, stored, reserved)) => {
+                        break 'outcome Reserve::Denied { stored, reserved };
+                    }
+                    Ok(_) => break 'outcome Reserve::Miss,
+                    Err(e) => self.redis_failed(&e),
+                }
             }
-        }
-        let mut local = self.local();
-        let now = Instant::now();
-        let Some(stored) = fresh(&local, &keys[0], now) else {
-            return Reserve::Miss;
+            let mut local = self.local();
+            let now = Instant::now();
+            let Some(stored) = fresh(&local.figures, &figure, now) else {
+                break 'outcome Reserve::Miss;
+            };
+            let entries = local.reservations.entry(amounts.clone()).or_default();
+            entries.retain(|_, (_, deadline)| *deadline > now);
+            let others: i64 = entries
+                .iter()
+                .filter(|(held, _)| held.as_str() != id)
+                .map(|(_, (bytes, _))| *bytes)
+                .sum();
+            if limit.is_some_and(|limit| stored + others + total > limit) {
+                break 'outcome Reserve::Denied {
+                    stored,
+                    reserved: others,
+                };
+            }
+            entries.insert(id.to_owned(), (total, now + ttl));
+            Reserve::Granted
         };
-        let reserved = fresh(&local, &keys[1], now).unwrap_or(0);
-        if limit.is_some_and(|limit| stored + reserved + bytes > limit) {
-            return Reserve::Denied { stored, reserved };
+        if outcome == Reserve::Granted {
+            self.held().insert((amounts, id.to_owned()), ());
         }
-        if as_stored {
-            if let Some((value, _)) = local.get_mut(&keys[0]) {
-                *value += bytes;
-            }
-        } else {
-            local.insert(keys[1].clone(), (reserved + bytes, now + RESERVATION_TTL));
-        }
-        Reserve::Granted
+        outcome
     }
 
-    /// Sets the stored figure rebuilt from the database, unless another replica did first.
-    pub async fn prime_stored(&self, project: &str, stored: i64) {
-        self.prime(self.stored_key(project), stored).await;
-    }
-
-    /// Ends a reservation: releases `reserved` and adds `stored_delta` to the stored figure
-    /// (when it is known).
-    pub async fn settle(&self, project: &str, reserved: i64, stored_delta: i64) {
-        let keys = [self.stored_key(project), self.reserved_key(project)];
+    /// Ends (or shrinks) reservation `id` and adds `figure_delta` to the pool's figure when
+    /// it is known, in one atomic step: bytes move from reserved to recorded without a
+    /// moment where they count twice or not at all.
+    pub async fn settle(
+        &self,
+        project: &str,
+        pool: Pool<'_>,
+        id: &str,
+        release: Release,
+        figure_delta: i64,
+    ) {
+        let figure = self.figure_key(project, pool);
+        let (deadlines, amounts) = self.entry_keys(project, pool);
+        let take = match release {
+            Release::All => -1,
+            Release::Part(bytes) => bytes.max(0),
+        };
+        if release == Release::All {
+            self.held().remove(&(amounts.clone(), id.to_owned()));
+        }
         if let Some(redis) = self.connection() {
             let result: redis::RedisResult<i64> = redis::Script::new(SETTLE)
-                .key(&keys[0])
-                .key(&keys[1])
-                .arg(reserved)
-                .arg(stored_delta)
+                .key(&figure)
+                .key(&deadlines)
+                .key(&amounts)
+                .key(self.generation_key(project, pool))
+                .arg(id)
+                .arg(take)
+                .arg(figure_delta)
+                .arg(GENERATION_TTL.as_secs())
                 .invoke_async(&mut redis.clone())
                 .await;
             match result {
@@ -208,22 +400,69 @@ impl Counters {
         }
         let mut local = self.local();
         let now = Instant::now();
-        if let Some(current) = fresh(&local, &keys[1], now) {
-            local.insert(
-                keys[1].clone(),
-                ((current - reserved).max(0), now + RESERVATION_TTL),
-            );
+        if let Some(entries) = local.reservations.get_mut(&amounts) {
+            match release {
+                Release::All => {
+                    entries.remove(id);
+                }
+                Release::Part(bytes) => {
+                    if let Some((held, _)) = entries.get_mut(id) {
+                        *held -= bytes.max(0);
+                        if *held <= 0 {
+                            entries.remove(id);
+                        }
+                    }
+                }
+            }
         }
-        if stored_delta != 0
-            && let Some((value, _)) = local.get_mut(&keys[0])
-        {
-            *value += stored_delta;
+        if figure_delta != 0 {
+            let generation = self.generation_key(project, pool);
+            *local.generations.entry(generation).or_default() += 1;
+            if fresh(&local.figures, &figure, now).is_some()
+                && let Some((value, _)) = local.figures.get_mut(&figure)
+            {
+                *value += figure_delta;
+            }
         }
     }
 
-    /// Month-to-date egress bytes, if known.
-    pub async fn egress(&self, project: &str, month: &str) -> Option<i64> {
-        let key = self.egress_key(project, month);
+    /// Adds `delta` to the pool's figure when it is known (a delete, a recorded transfer
+    /// that held no reservation).
+    pub async fn add(&self, project: &str, pool: Pool<'_>, delta: i64) {
+        if delta != 0 {
+            self.settle(project, pool, "", Release::Part(0), delta)
+                .await;
+        }
+    }
+
+    /// Sum of the live reservations in a pool (for the spend cap, which prices them).
+    pub async fn reserved(&self, project: &str, pool: Pool<'_>) -> i64 {
+        let (deadlines, amounts) = self.entry_keys(project, pool);
+        if let Some(redis) = self.connection() {
+            let result: redis::RedisResult<i64> = redis::Script::new(RESERVED)
+                .key(&deadlines)
+                .key(&amounts)
+                .invoke_async(&mut redis.clone())
+                .await;
+            match result {
+                Ok(total) => return total,
+                Err(e) => self.redis_failed(&e),
+            }
+        }
+        let local = self.local();
+        let now = Instant::now();
+        local.reservations.get(&amounts).map_or(0, |entries| {
+            entries
+                .values()
+                .filter(|(_, deadline)| *deadline > now)
+                .map(|(bytes, _)| *bytes)
+                .sum()
+        })
+    }
+
+    /// The pool's figure (bytes stored, or sent this month), if known.
+    pub async fn figure(&self, project: &str, pool: Pool<'_>) -> Option<i64> {
+        let key = self.figure_key(project, pool);
         if let Some(redis) = self.connection() {
             let result: redis::RedisResult<Option<i64>> = redis::cmd("GET")
                 .arg(&key)
@@ -234,20 +473,41 @@ impl Counters {
                 Err(e) => self.redis_failed(&e),
             }
         }
-        fresh(&self.local(), &key, Instant::now())
+        fresh(&self.local().figures, &key, Instant::now())
     }
 
-    pub async fn prime_egress(&self, project: &str, month: &str, bytes: i64) {
-        self.prime(self.egress_key(project, month), bytes).await;
-    }
-
-    /// Adds sent bytes to the month-to-date egress figure, when it is known.
-    pub async fn add_egress(&self, project: &str, month: &str, bytes: i64) {
-        let key = self.egress_key(project, month);
+    /// Take before reading a figure from the database, and pass to [`Counters::prime`]:
+    /// a change recorded in between (a commit settled, egress recorded) may or may not be in
+    /// what was read, so that value is not trusted.
+    pub async fn token(&self, project: &str, pool: Pool<'_>) -> i64 {
+        let key = self.generation_key(project, pool);
         if let Some(redis) = self.connection() {
-            let result: redis::RedisResult<Option<i64>> = redis::Script::new(ADD_IF_PRESENT)
+            let result: redis::RedisResult<Option<i64>> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut redis.clone())
+                .await;
+            match result {
+                Ok(value) => return value.unwrap_or(0),
+                Err(e) => self.redis_failed(&e),
+            }
+        }
+        self.local().generations.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Sets a figure rebuilt from the database, unless another replica did first or a
+    /// change was recorded since `token` was taken (the caller then sees a miss and reads
+    /// again). Without this, a commit settled while the figure was being read could be lost
+    /// from it, and the cap exceeded.
+    pub async fn prime(&self, project: &str, pool: Pool<'_>, value: i64, token: i64) {
+        let key = self.figure_key(project, pool);
+        let generation = self.generation_key(project, pool);
+        if let Some(redis) = self.connection() {
+            let result: redis::RedisResult<i64> = redis::Script::new(PRIME)
                 .key(&key)
-                .arg(bytes)
+                .key(&generation)
+                .arg(value)
+                .arg(token)
+                .arg(FIGURE_TTL.as_secs())
                 .invoke_async(&mut redis.clone())
                 .await;
             match result {
@@ -255,15 +515,19 @@ impl Counters {
                 Err(e) => self.redis_failed(&e),
             }
         }
-        if let Some((value, _)) = self.local().get_mut(&key) {
-            *value += bytes;
+        let mut local = self.local();
+        let now = Instant::now();
+        if local.generations.get(&generation).copied().unwrap_or(0) == token
+            && fresh(&local.figures, &key, now).is_none()
+        {
+            local.figures.insert(key, (value, now + FIGURE_TTL));
         }
     }
 
-    /// Forgets a project's figures (after changes the counters cannot follow, such as a
-    /// retention recomputation).
+    /// Forgets a project's stored figure (after changes the counters cannot follow, such as
+    /// a retention recomputation). Reservations are untouched.
     pub async fn forget_stored(&self, project: &str) {
-        let key = self.stored_key(project);
+        let key = self.figure_key(project, Pool::Storage);
         if let Some(redis) = self.connection() {
             let result: redis::RedisResult<i64> = redis::cmd("DEL")
                 .arg(&key)
@@ -273,28 +537,43 @@ impl Counters {
                 self.redis_failed(&e);
             }
         }
-        self.local().remove(&key);
+        self.local().figures.remove(&key);
     }
 
-    async fn prime(&self, key: String, value: i64) {
-        if let Some(redis) = self.connection() {
-            let result: redis::RedisResult<Option<String>> = redis::cmd("SET")
-                .arg(&key)
-                .arg(value)
-                .arg("NX")
-                .arg("EX")
-                .arg(FIGURE_TTL.as_secs())
-                .query_async(&mut redis.clone())
-                .await;
-            match result {
-                Ok(_) => return,
-                Err(e) => self.redis_failed(&e),
-            }
+    /// Moves the deadline of every reservation this process still holds.
+    async fn refresh(&self) {
+        let mut by_pool: HashMap<String, Vec<String>> = HashMap::new();
+        for (amounts, id) in self.held().keys() {
+            by_pool.entry(amounts.clone()).or_default().push(id.clone());
         }
-        let mut local = self.local();
-        let now = Instant::now();
-        if fresh(&local, &key, now).is_none() {
-            local.insert(key, (value, now + FIGURE_TTL));
+        let ttl = self.inner.reservation_ttl;
+        for (amounts, ids) in by_pool {
+            let deadlines = match amounts.strip_suffix(":bytes") {
+                Some(base) => format!("{base}:deadline"),
+                None => continue,
+            };
+            if let Some(redis) = self.connection() {
+                let refresh = redis::Script::new(REFRESH);
+                let mut script = refresh.prepare_invoke();
+                script.key(&deadlines).key(&amounts).arg(millis(ttl));
+                for id in &ids {
+                    script.arg(id);
+                }
+                let result: redis::RedisResult<i64> = script.invoke_async(&mut redis.clone()).await;
+                match result {
+                    Ok(_) => continue,
+                    Err(e) => self.redis_failed(&e),
+                }
+            }
+            let mut local = self.local();
+            let deadline = Instant::now() + ttl;
+            if let Some(entries) = local.reservations.get_mut(&amounts) {
+                for id in &ids {
+                    if let Some((_, until)) = entries.get_mut(id) {
+                        *until = deadline;
+                    }
+                }
+            }
         }
     }
 
@@ -311,13 +590,40 @@ impl Counters {
         }
     }
 
-    fn local(&self) -> std::sync::MutexGuard<'_, HashMap<String, (i64, Instant)>> {
+    fn local(&self) -> std::sync::MutexGuard<'_, Local> {
         // A poisoned lock only means another thread panicked mid-update of plain integers.
         self.inner
             .local
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), ()>> {
+        self.inner
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Refreshes this process's reservations every third of their lifetime, until the counters
+/// are dropped. A process that dies stops refreshing, so its entries lapse on schedule.
+async fn refresh_held(inner: Weak<Inner>) {
+    let period = match inner.upgrade() {
+        Some(inner) => (inner.reservation_ttl / 3).max(Duration::from_millis(10)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        Counters { inner }.refresh().await;
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn fresh(map: &HashMap<String, (i64, Instant)>, key: &str, now: Instant) -> Option<i64> {
@@ -333,52 +639,158 @@ mod tests {
     #[tokio::test]
     async fn in_process_reservations_respect_the_limit() {
         let counters = Counters::in_process();
+        let s = Pool::Storage;
         assert_eq!(
-            counters.try_reserve("p", 10, Some(100), false).await,
+            counters.try_reserve("p", s, "a", 10, Some(100)).await,
             Reserve::Miss
         );
-        counters.prime_stored("p", 50).await;
+        counters.prime("p", s, 50, 0).await;
         assert_eq!(
-            counters.try_reserve("p", 30, Some(100), false).await,
+            counters.try_reserve("p", s, "a", 30, Some(100)).await,
             Reserve::Granted
         );
         assert_eq!(
-            counters.try_reserve("p", 30, Some(100), false).await,
+            counters.try_reserve("p", s, "b", 30, Some(100)).await,
             Reserve::Denied {
                 stored: 50,
                 reserved: 30
             }
         );
-        counters.settle("p", 30, 30).await;
+        // Growing one's own entry counts only the growth.
         assert_eq!(
-            counters.try_reserve("p", 21, Some(100), false).await,
+            counters.try_reserve("p", s, "a", 50, Some(100)).await,
+            Reserve::Granted
+        );
+        // Committed 40 of the 50: the entry goes, the figure takes the 40.
+        counters.settle("p", s, "a", Release::All, 40).await;
+        assert_eq!(counters.figure("p", s).await, Some(90));
+        assert_eq!(counters.reserved("p", s).await, 0);
+        assert_eq!(
+            counters.try_reserve("p", s, "b", 11, Some(100)).await,
             Reserve::Denied {
-                stored: 80,
+                stored: 90,
                 reserved: 0
             }
         );
+        // A rebuilt figure does not forget entries in flight.
         assert_eq!(
-            counters.try_reserve("p", 20, Some(100), false).await,
+            counters.try_reserve("p", s, "b", 10, Some(100)).await,
             Reserve::Granted
         );
-        counters.settle("p", 20, 0).await;
-        // Counted as stored at once: nothing left to settle when the push commits.
+        counters.forget_stored("p").await;
+        // A rebuild whose read began before a recorded change is not trusted: the value
+        // read may or may not include it.
+        let token = counters.token("p", s).await;
+        counters.add("p", s, 3).await;
+        counters.prime("p", s, 87, token).await;
         assert_eq!(
-            counters.try_reserve("p", 15, Some(100), true).await,
-            Reserve::Granted
+            counters.try_reserve("p", s, "c", 1, Some(100)).await,
+            Reserve::Miss
         );
+        counters.add("p", s, -3).await;
+        let token = counters.token("p", s).await;
+        counters.prime("p", s, 90, token).await;
         assert_eq!(
-            counters.try_reserve("p", 6, Some(100), false).await,
+            counters.try_reserve("p", s, "c", 1, Some(100)).await,
             Reserve::Denied {
-                stored: 95,
-                reserved: 0
+                stored: 90,
+                reserved: 10
             }
         );
-        // Undone (the push failed): the bytes are free again.
-        counters.settle("p", 0, -15).await;
+        // A partial release keeps the rest held.
+        counters.settle("p", s, "b", Release::Part(4), 4).await;
+        assert_eq!(counters.reserved("p", s).await, 6);
+        assert_eq!(counters.figure("p", s).await, Some(94));
+    }
+
+    /// A holder that stops refreshing (its process died) loses its reservation one lifetime
+    /// later, however much other traffic the project sees; a live holder keeps it.
+    async fn crashed_holder_lapses(make: impl Fn() -> Counters) {
+        let ttl = Duration::from_millis(600);
+        let survivor = make();
+        let crashed = make();
+        let project = format!("lapse-{}", uuid::Uuid::new_v4().simple());
+        let p = project.as_str();
+        let s = Pool::Storage;
+        survivor.prime(p, s, 0, 0).await;
+        crashed.prime(p, s, 0, 0).await;
         assert_eq!(
-            counters.try_reserve("p", 20, Some(100), false).await,
+            crashed.try_reserve(p, s, "dead", 60, Some(100)).await,
             Reserve::Granted
         );
+        assert_eq!(
+            survivor.try_reserve(p, s, "alive", 30, Some(100)).await,
+            Reserve::Granted
+        );
+        // The crashed process's refresher ends with it.
+        drop(crashed);
+        // Traffic: another holder reserves and releases over and over; the dead entry
+        // must still lapse. Bounded by iterations, not by timing assertions.
+        let mut lapsed = false;
+        for i in 0..400 {
+            let id = format!("busy-{i}");
+            match survivor.try_reserve(p, s, &id, 10, Some(100)).await {
+                Reserve::Granted => survivor.settle(p, s, &id, Release::All, 0).await,
+                other => panic!("10 more must always fit while 90 are held: {other:?}"),
+            }
+            if survivor.try_reserve(p, s, "probe", 70, Some(100)).await == Reserve::Granted {
+                lapsed = true;
+                break;
+            }
+            tokio::time::sleep(ttl / 20).await;
+        }
+        assert!(lapsed, "the crashed holder's 60 bytes never lapsed");
+        // The live holder's entry outlived several lifetimes thanks to its refresher.
+        assert_eq!(
+            survivor.try_reserve(p, s, "more", 1, Some(100)).await,
+            Reserve::Denied {
+                stored: 0,
+                reserved: 100
+            },
+            "alive (30) + probe (70) are still held"
+        );
+        assert_eq!(survivor.reserved(p, s).await, 100);
+    }
+
+    #[tokio::test]
+    async fn crashed_holder_lapses_in_process() {
+        // In process both "replicas" share nothing, so the dead one is simulated by an
+        // entry whose holder never refreshes: one Counters whose refresher is the survivor's.
+        let counters = Counters::in_process_with_ttl(Duration::from_millis(600));
+        let s = Pool::Storage;
+        counters.prime("p", s, 0, 0).await;
+        assert_eq!(
+            counters.try_reserve("p", s, "dead", 60, Some(100)).await,
+            Reserve::Granted
+        );
+        // Forget that we hold it, as a leaked holder would.
+        counters.held().clear();
+        let mut lapsed = false;
+        for _ in 0..400 {
+            if counters.try_reserve("p", s, "probe", 70, Some(100)).await == Reserve::Granted {
+                lapsed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert!(lapsed, "the leaked 60 bytes never lapsed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn crashed_holder_lapses_in_redis() {
+        let Ok(url) = std::env::var("TEST_REDIS_URL") else {
+            assert_ne!(
+                std::env::var("ARTIFACTD_REQUIRE_REDIS").as_deref(),
+                Ok("1"),
+                "ARTIFACTD_REQUIRE_REDIS=1 but TEST_REDIS_URL is unset"
+            );
+            eprintln!("skipping: TEST_REDIS_URL is unset");
+            return;
+        };
+        let prefix = format!("unit-{}:", uuid::Uuid::new_v4().simple());
+        crashed_holder_lapses(|| {
+            Counters::redis_with_ttl(&url, &prefix, Duration::from_millis(600)).unwrap()
+        })
+        .await;
     }
 }

@@ -207,9 +207,10 @@ impl ArtifactService {
             PushCommit::Created {
                 artifact,
                 replaced,
+                replaced_bytes,
                 deduplicated,
             } => {
-                reservation.settle(artifact.size).await;
+                reservation.settle(artifact.size, replaced_bytes).await;
                 tracing::info!(
                     project = %artifact.scope.project(),
                     scope = artifact.scope.kind().as_str(),
@@ -326,7 +327,7 @@ impl ArtifactService {
             length => spec.offset.saturating_add(length).min(artifact.size),
         };
         let record = self.metering.project(artifact.scope.project()).await?;
-        self.metering.admit_pull(&record, end - spec.offset).await?;
+        let admission = self.metering.admit_pull(&record, end - spec.offset).await?;
         let range = spec.offset as u64..end as u64;
         let chunks = match self.inline_content(&artifact).await? {
             Some(content) => {
@@ -335,7 +336,7 @@ impl ArtifactService {
             }
             None => self.blobs.read(&artifact.sha256, range).await?,
         };
-        let chunks = self.metering.meter_pull(artifact.scope.project(), chunks);
+        let chunks = self.metering.meter_pull(admission, chunks);
         Ok(PullStream { artifact, chunks })
     }
 

@@ -79,11 +79,13 @@ impl PushedBlob {
 /// How a push transaction ended.
 #[derive(Debug)]
 pub enum PushCommit {
-    /// The artifact is live; `replaced` tells whether a live one was overwritten (`force`),
-    /// `deduplicated` whether its content was stored already.
+    /// The artifact is live; `replaced` tells whether a live one was overwritten (`force`)
+    /// and `replaced_bytes` its size (what leaves the stored total), `deduplicated` whether
+    /// its content was stored already.
     Created {
         artifact: Artifact,
         replaced: bool,
+        replaced_bytes: i64,
         deduplicated: bool,
     },
     /// The idempotency key was already used; this is the first push's result.
@@ -166,14 +168,17 @@ impl Store {
         let deduplicated = blob.deduplicated(blob_rows);
 
         let mut replaced = false;
+        let mut replaced_bytes = 0;
         if force {
             let ended = live_at(&new.scope, &new.path)
                 .col_expr(artifact::Column::DeletedAt, Expr::value(now))
                 .col_expr(artifact::Column::EndReason, Expr::value("overwritten"))
                 .col_expr(artifact::Column::BillingEnd, billing_end_at(now))
-                .exec(&txn)
+                .exec_with_returning(&txn)
                 .await?;
-            replaced = ended.rows_affected > 0;
+            replaced = !ended.is_empty();
+            // The quota counters release exactly what the overwrite ended.
+            replaced_bytes = ended.iter().map(|a| a.size).sum();
         }
 
         let inserted = artifact::Entity::insert(artifact::ActiveModel {
@@ -229,6 +234,7 @@ impl Store {
         Ok(PushCommit::Created {
             artifact: new.clone().into_artifact(id),
             replaced,
+            replaced_bytes,
             deduplicated,
         })
     }
@@ -280,6 +286,7 @@ impl Store {
         Ok(PushCommit::Created {
             artifact: new.clone().into_artifact(id),
             replaced: false,
+            replaced_bytes: 0,
             deduplicated: blob.deduplicated(blob_rows as u64),
         })
     }

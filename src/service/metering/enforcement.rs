@@ -1,9 +1,17 @@
-//! Admission before any byte moves: artifact size, storage limit or cap (with an atomic
-//! reservation), the monthly spend cap, and included egress on BLOCK plans.
+//! Admission before any byte moves: artifact size, storage limit or cap, the monthly spend
+//! cap, and included egress on BLOCK plans — each held by a reservation that is refreshed
+//! while its request lives, settled with what was used and released on every other exit.
+//!
+//! A push reserves its declared size up front, or grows its reservation step by step as
+//! an undeclared stream arrives (so it is cut off mid-stream at the cap). A pull reserves
+//! its requested length up front; the egress recorder takes sent bytes out of it and the
+//! rest is released when the stream ends. The spend cap prices what is stored, sent and
+//! received, plus every reservation in flight.
 
 use super::Metering;
 use super::billing::Extra;
-use crate::coord::Reserve;
+use crate::coord::{Pool, Release, Reserve};
+use crate::domain::metering::Month;
 use crate::domain::plan::GIB;
 use crate::domain::{Error, OveragePolicy, ProjectId};
 use crate::store::ProjectRecord;
@@ -12,8 +20,9 @@ use crate::store::ProjectRecord;
 const RESERVATION_STEP_BYTES: i64 = 8 * 1024 * 1024;
 
 impl Metering {
-    /// Admits a push before any byte is read: size limits, storage limit or cap with an
-    /// atomic reservation of the expected size, and the spend cap.
+    /// Admits a push before any byte is read: size limits, then a reservation of the
+    /// declared size (nothing yet for an undeclared one) against the storage limit or cap,
+    /// and the spend cap with that reservation priced in.
     pub async fn admit_push(
         &self,
         record: &ProjectRecord,
@@ -21,7 +30,6 @@ impl Metering {
         expected_size: Option<i64>,
     ) -> Result<Reservation, Error> {
         let plan = &record.plan;
-        let max_size = server_max_bytes.min(plan.max_artifact_bytes);
         if let Some(expected) = expected_size {
             check_size(
                 expected,
@@ -30,76 +38,165 @@ impl Metering {
                 plan.max_artifact_bytes,
             )?;
         }
-        if self.enabled
-            && plan.overage_policy == OveragePolicy::Bill
-            && let Some(cap) = record.controls.spend_cap_micros
-        {
-            let projected = self
-                .projected_total(
-                    record,
-                    Extra {
-                        stored_bytes: expected_size.unwrap_or(0),
-                        ..Extra::default()
-                    },
-                )
-                .await?;
-            if projected > i128::from(cap) {
-                return Err(Error::ResourceExhausted(format!(
-                    "monthly spend cap of {} {} would be exceeded: projected month total {} \
-                     (plan {})",
-                    money(i128::from(cap)),
-                    plan.currency,
-                    money(projected),
-                    plan.id
-                )));
-            }
-        }
         let mut reservation = Reservation {
             metering: self.clone(),
-            project: record.project_id.clone(),
-            plan_id: plan.id.clone(),
+            record: record.clone(),
+            id: format!("push:{}", uuid::Uuid::new_v4().simple()),
             limit: storage_limit(record).filter(|_| self.enabled),
-            max_size,
+            spend_capped: self.enabled && spend_cap(record).is_some(),
+            declared: expected_size,
+            max_size: server_max_bytes.min(plan.max_artifact_bytes),
             server_max_bytes,
-            plan_max_bytes: plan.max_artifact_bytes,
-            reserved: 0,
-            counted: 0,
+            held: 0,
+            entry: false,
             settled: false,
         };
-        if reservation.limit.is_some() {
-            match expected_size {
-                // A declared size is counted as stored right away: a successful push then
-                // needs no second round trip, a failed one is undone on drop.
-                Some(expected) => reservation.reserve(expected, true).await?,
-                None => reservation.reserve(0, false).await?,
-            }
+        if reservation.reserves() {
+            reservation.cover(expected_size.unwrap_or(0), false).await?;
         }
         Ok(reservation)
     }
 
-    pub(super) async fn rebuild_stored(&self, project: &ProjectId) -> Result<(), Error> {
-        let (stored, _) = self.store.stored_at(project, self.clock.now()).await?;
-        self.counters.prime_stored(project.as_str(), stored).await;
+    /// Storage bytes held by the project's uploads in progress (live reservations, across
+    /// replicas when the counters are shared).
+    pub async fn reserved_bytes(&self, project: &ProjectId) -> i64 {
+        self.counters
+            .reserved(project.as_str(), Pool::Storage)
+            .await
+    }
+
+    /// Loads a pool's figure from the database into the counters.
+    async fn rebuild(&self, project: &ProjectId, pool: Pool<'_>) -> Result<(), Error> {
+        let figure = match pool {
+            Pool::Storage => {
+                let token = self.counters.token(project.as_str(), pool).await;
+                let stored = self.store.stored_at(project, self.clock.now()).await?.0;
+                (stored, token)
+            }
+            Pool::Egress(_) => return self.egress_to_date(project).await.map(|_| ()),
+        };
+        self.counters
+            .prime(project.as_str(), pool, figure.0, figure.1)
+            .await;
         Ok(())
     }
 
-    /// Admits a pull of `bytes`: on BLOCK plans the month's egress may not pass the
-    /// included quota.
-    pub async fn admit_pull(&self, record: &ProjectRecord, bytes: i64) -> Result<(), Error> {
-        let plan = &record.plan;
-        if !self.enabled || plan.overage_policy != OveragePolicy::Block {
-            return Ok(());
+    /// Holds `total` bytes for reservation `id` in `pool`, rebuilding the figure on a miss.
+    async fn hold(
+        &self,
+        project: &ProjectId,
+        pool: Pool<'_>,
+        id: &str,
+        total: i64,
+        limit: Option<i64>,
+    ) -> Result<Reserve, Error> {
+        // A rebuild can be refused when usage is recorded while it reads; a few rounds
+        // settle any such race.
+        for _ in 0..5 {
+            match self
+                .counters
+                .try_reserve(project.as_str(), pool, id, total, limit)
+                .await
+            {
+                Reserve::Miss => self.rebuild(project, pool).await?,
+                other => return Ok(other),
+            }
         }
-        let included = plan.included_egress_gib.saturating_mul(GIB);
-        let sent = self.egress_to_date(&record.project_id).await?;
-        if sent.saturating_add(bytes) > included {
+        Err(Error::Unavailable {
+            what: "quota counters",
+            cause: "figures could not be loaded".into(),
+        })
+    }
+
+    /// Refuses when the month's projected total — what is stored carried to month end,
+    /// network to date, every reservation in flight and `extra` — passes the spend cap.
+    async fn check_spend_cap(&self, record: &ProjectRecord, extra: Extra) -> Result<(), Error> {
+        let Some(cap) = spend_cap(record).filter(|_| self.enabled) else {
+            return Ok(());
+        };
+        let project = record.project_id.as_str();
+        let month = Month::containing(self.clock.now()).to_string();
+        let storing = self.counters.reserved(project, Pool::Storage).await;
+        let sending = self.counters.reserved(project, Pool::Egress(&month)).await;
+        let projected = self
+            .projected_total(
+                record,
+                Extra {
+                    stored_bytes: extra.stored_bytes.saturating_add(storing),
+                    egress_bytes: extra.egress_bytes.saturating_add(sending),
+                    // What is being stored is also received.
+                    ingress_bytes: extra.ingress_bytes.saturating_add(storing),
+                },
+            )
+            .await?;
+        if projected > i128::from(cap) {
             return Err(Error::ResourceExhausted(format!(
-                "egress quota of {included} bytes this month would be exceeded: {sent} bytes \
-                 sent so far, {bytes} requested (plan {})",
-                plan.id
+                "monthly spend cap of {} {} would be exceeded: projected month total {} \
+                 including transfers in progress (plan {})",
+                money(i128::from(cap)),
+                record.plan.currency,
+                money(projected),
+                record.plan.id
             )));
         }
         Ok(())
+    }
+
+    /// Admits a pull of `bytes`. On BLOCK plans the request's length is reserved against
+    /// the month's included egress before any byte is sent; with a spend cap (BILL plans)
+    /// it is reserved too, and the projected total including it must stay under the cap.
+    pub async fn admit_pull(
+        &self,
+        record: &ProjectRecord,
+        bytes: i64,
+    ) -> Result<PullAdmission, Error> {
+        let plan = &record.plan;
+        let month = Month::containing(self.clock.now()).to_string();
+        let mut admission = PullAdmission {
+            metering: self.clone(),
+            project: record.project_id.clone(),
+            month,
+            id: format!("pull:{}", uuid::Uuid::new_v4().simple()),
+            held: false,
+        };
+        if !self.enabled {
+            return Ok(admission);
+        }
+        let limit = match plan.overage_policy {
+            OveragePolicy::Block => Some(plan.included_egress_gib.saturating_mul(GIB)),
+            OveragePolicy::Bill => None,
+        };
+        if limit.is_none() && spend_cap(record).is_none() {
+            return Ok(admission);
+        }
+        let pool = Pool::Egress(&admission.month);
+        let outcome = self
+            .hold(&record.project_id, pool, &admission.id, bytes, limit)
+            .await?;
+        match outcome {
+            Reserve::Denied { stored, reserved } => {
+                return Err(Error::ResourceExhausted(format!(
+                    "egress quota of {} bytes this month would be exceeded: {stored} bytes \
+                     sent so far, {reserved} reserved by downloads in progress, {bytes} \
+                     requested (plan {})",
+                    limit.unwrap_or_default(),
+                    plan.id
+                )));
+            }
+            _ => admission.held = true,
+        }
+        // The reservation is already in the figures the spend cap sums.
+        self.check_spend_cap(record, Extra::default()).await?;
+        Ok(admission)
+    }
+}
+
+/// The spend cap that applies: the project's, on BILL plans (BLOCK plans never bill
+/// overage, so their limits are the cap).
+fn spend_cap(record: &ProjectRecord) -> Option<i64> {
+    match record.plan.overage_policy {
+        OveragePolicy::Bill => record.controls.spend_cap_micros,
+        OveragePolicy::Block => None,
     }
 }
 
@@ -136,106 +233,167 @@ fn money(micros: i128) -> String {
     format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
 }
 
-/// Storage reserved for one push; released on drop unless settled.
+/// Storage reserved for one push: refreshed while the push lives, settled with what it
+/// stored, released (through the counters' task tracker) if it is dropped unsettled.
 pub struct Reservation {
     metering: Metering,
-    project: ProjectId,
-    plan_id: String,
+    record: ProjectRecord,
+    id: String,
+    /// The storage limit or cap, if any.
     limit: Option<i64>,
+    /// The project has a spend cap that prices this push.
+    spend_capped: bool,
+    declared: Option<i64>,
     max_size: i64,
     server_max_bytes: i64,
-    plan_max_bytes: i64,
-    /// Bytes held in the reserved figure (pushes of unknown size, grown as they stream).
-    reserved: i64,
-    /// Bytes already counted in the stored figure (a declared size).
-    counted: i64,
+    /// Bytes this reservation holds.
+    held: i64,
+    /// Whether an entry exists in the counters (even of 0 bytes) that must be released.
+    entry: bool,
     settled: bool,
 }
 
 impl Reservation {
-    async fn reserve(&mut self, bytes: i64, as_stored: bool) -> Result<(), Error> {
-        let counters = &self.metering.counters;
-        for _ in 0..3 {
-            match counters
-                .try_reserve(self.project.as_str(), bytes, self.limit, as_stored)
-                .await
-            {
-                Reserve::Granted => {
-                    if as_stored {
-                        self.counted += bytes;
-                    } else {
-                        self.reserved += bytes;
-                    }
-                    return Ok(());
-                }
-                Reserve::Denied { stored, reserved } => {
-                    return Err(Error::ResourceExhausted(format!(
-                        "storage limit of {} bytes would be exceeded: {stored} bytes stored, \
-                         {reserved} reserved by uploads in progress, {bytes} more requested \
-                         (plan {})",
-                        self.limit.unwrap_or_default(),
-                        self.plan_id
-                    )));
-                }
-                Reserve::Miss => self.metering.rebuild_stored(&self.project).await?,
-            }
-        }
-        Err(Error::Unavailable {
-            what: "quota counters",
-            cause: "stored bytes could not be loaded".into(),
-        })
+    /// Whether this push reserves at all (metering on, and a limit or a spend cap).
+    fn reserves(&self) -> bool {
+        self.metering.enabled && (self.limit.is_some() || self.spend_capped)
     }
 
-    /// Called as bytes stream in: enforces the size limits and, under a storage limit,
-    /// grows the reservation ahead of the bytes.
+    /// Sets the held total to `total`, or fails naming the limit and figures.
+    async fn hold(&mut self, total: i64) -> Result<(), Error> {
+        let project = self.record.project_id.clone();
+        let outcome = self
+            .metering
+            .hold(&project, Pool::Storage, &self.id, total, self.limit)
+            .await?;
+        match outcome {
+            Reserve::Denied { stored, reserved } => Err(Error::ResourceExhausted(format!(
+                "storage limit of {} bytes would be exceeded: {stored} bytes stored, \
+                 {reserved} reserved by uploads in progress, {total} requested by this \
+                 upload (plan {})",
+                self.limit.unwrap_or_default(),
+                self.record.plan.id
+            ))),
+            _ => {
+                self.entry = true;
+                self.held = total;
+                Ok(())
+            }
+        }
+    }
+
+    /// Makes the reservation cover `size` bytes under the limit and the spend cap; with
+    /// `ahead`, tries a step more first to keep round trips rare, falling back to exactly
+    /// `size` near a limit.
+    async fn cover(&mut self, size: i64, ahead: bool) -> Result<(), Error> {
+        if ahead {
+            let step = size
+                .max(self.held.saturating_add(RESERVATION_STEP_BYTES))
+                .min(self.max_size);
+            if step > size
+                && self.hold(step).await.is_ok()
+                && self
+                    .metering
+                    .check_spend_cap(&self.record, Extra::default())
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        self.hold(size).await?;
+        self.metering
+            .check_spend_cap(&self.record, Extra::default())
+            .await
+    }
+
+    /// Called as bytes stream in: enforces the size limits and, under a limit or spend cap,
+    /// grows the reservation ahead of the bytes, so an undeclared push is cut off
+    /// mid-stream (RESOURCE_EXHAUSTED) when it reaches the cap.
     pub async fn received(&mut self, size: i64) -> Result<(), Error> {
         if size > self.max_size {
             return check_size(
                 size,
                 self.server_max_bytes,
-                &self.plan_id,
-                self.plan_max_bytes,
+                &self.record.plan.id,
+                self.record.plan.max_artifact_bytes,
             );
         }
-        if self.limit.is_some() && size > self.reserved + self.counted {
-            // Reserve ahead in steps to keep counter round trips rare; near the limit, fall
-            // back to exactly what has arrived.
-            let needed = size - self.reserved - self.counted;
-            let step = needed.max(RESERVATION_STEP_BYTES);
-            if step > needed && self.reserve(step, false).await.is_ok() {
-                return Ok(());
-            }
-            self.reserve(needed, false).await?;
+        if self.declared.is_some_and(|declared| size > declared) {
+            // More than declared: the caller refuses it as INVALID_ARGUMENT.
+            return Ok(());
+        }
+        if self.reserves() && size > self.held {
+            self.cover(size, true).await?;
         }
         Ok(())
     }
 
-    /// The push committed `size` bytes: they now count as stored.
-    pub async fn settle(mut self, size: i64) {
+    /// The push committed `size` bytes, replacing (forced overwrite) an artifact of
+    /// `replaced` bytes: the stored figure moves by the difference as the reservation ends.
+    pub async fn settle(mut self, size: i64, replaced: i64) {
         self.settled = true;
         if !self.metering.enabled {
             return;
         }
-        if self.reserved != 0 || size != self.counted {
-            let counters = self.metering.counters.clone();
-            counters
-                .settle(self.project.as_str(), self.reserved, size - self.counted)
-                .await;
-        }
-        self.metering.after_push(&self.project).await;
+        let project = self.record.project_id.clone();
+        self.metering
+            .counters
+            .settle(
+                project.as_str(),
+                Pool::Storage,
+                &self.id,
+                Release::All,
+                size.saturating_sub(replaced),
+            )
+            .await;
+        self.metering.after_push(&project).await;
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if self.settled || (self.reserved == 0 && self.counted == 0) {
+        if self.settled || !self.entry {
             return;
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let counters = self.metering.counters.clone();
-            let project = self.project.as_str().to_owned();
-            let (reserved, counted) = (self.reserved, self.counted);
-            runtime.spawn(async move { counters.settle(&project, reserved, -counted).await });
+        // Owned work: shutdown drains the tracker, so the release is not lost.
+        let counters = self.metering.counters.clone();
+        let project = self.record.project_id.as_str().to_owned();
+        let id = std::mem::take(&mut self.id);
+        counters.clone().spawn(async move {
+            counters
+                .settle(&project, Pool::Storage, &id, Release::All, 0)
+                .await;
+        });
+    }
+}
+
+/// A pull's egress reservation (when its plan limits or prices egress), handed to the
+/// stream wrapper that records the bytes sent against it.
+pub struct PullAdmission {
+    pub(super) metering: Metering,
+    pub(super) project: ProjectId,
+    /// The month the reservation was taken in (`2026-11`).
+    pub(super) month: String,
+    pub(super) id: String,
+    /// Whether an entry exists in the counters.
+    pub(super) held: bool,
+}
+
+impl Drop for PullAdmission {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
         }
+        // Refused after reserving (spend cap), or never streamed: release through the
+        // tracker that shutdown drains.
+        let counters = self.metering.counters.clone();
+        let project = self.project.as_str().to_owned();
+        let (month, id) = (self.month.clone(), std::mem::take(&mut self.id));
+        counters.clone().spawn(async move {
+            counters
+                .settle(&project, Pool::Egress(&month), &id, Release::All, 0)
+                .await;
+        });
     }
 }

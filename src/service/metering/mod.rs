@@ -141,7 +141,9 @@ impl Metering {
         if !self.enabled {
             return;
         }
-        self.counters.settle(project.as_str(), 0, -bytes).await;
+        (self.counters)
+            .add(project.as_str(), crate::coord::Pool::Storage, -bytes)
+            .await;
     }
 
     /// The project's plan, controls or stored figures changed outside the counters (plan
