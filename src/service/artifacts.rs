@@ -118,7 +118,8 @@ impl ArtifactService {
     {
         let project = spec.target.scope.project();
         if let Some(key) = &spec.idempotency_key
-            && let Some((artifact, deduplicated)) = self.store.find_idempotent(project, key).await?
+            && let Some((artifact, deduplicated)) =
+                self.store.find_idempotent(&spec.target.scope, key).await?
         {
             return replay(&spec, artifact, deduplicated);
         }
@@ -449,7 +450,9 @@ fn verify(spec: &PushSpec, size: i64, sha256: &Sha256) -> Result<(), Error> {
     Ok(())
 }
 
-/// A retried push returns the first result, provided it is the same push.
+/// A retried push returns the first result, provided it is the same push: same path (the
+/// key is already scoped to the artifact's scope), and the size and digest it declares, if
+/// any, are those of the recorded artifact.
 fn replay(spec: &PushSpec, artifact: Artifact, deduplicated: bool) -> Result<PushOutcome, Error> {
     if artifact.scope != spec.target.scope || artifact.path != spec.target.path {
         return Err(Error::invalid(
@@ -458,6 +461,30 @@ fn replay(spec: &PushSpec, artifact: Artifact, deduplicated: bool) -> Result<Pus
                 "already used for {:?} in {}; use a new key for a different push",
                 artifact.path.as_str(),
                 artifact.scope
+            ),
+        ));
+    }
+    if let Some(expected) = spec.expected_size
+        && expected != artifact.size
+    {
+        return Err(Error::invalid(
+            "header.expected_size",
+            format!(
+                "{expected} bytes declared, but this idempotency key recorded a push of {} \
+                 bytes; use a new key for a different push",
+                artifact.size
+            ),
+        ));
+    }
+    if let Some(expected) = &spec.expected_sha256
+        && *expected != artifact.sha256
+    {
+        return Err(Error::invalid(
+            "header.expected_sha256",
+            format!(
+                "{expected} declared, but this idempotency key recorded content {}; use a new \
+                 key for a different push",
+                artifact.sha256
             ),
         ));
     }

@@ -14,8 +14,7 @@ use sea_orm::{
 use super::entities::{artifact, blob, push_idempotency, usage_event};
 use super::{Store, db_error};
 use crate::domain::{
-    Artifact, ArtifactPath, Error, ProjectId, Scope, ScopeKind, Sha256, Timestamp,
-    scope::prefix_upper_bound,
+    Artifact, ArtifactPath, Error, Scope, ScopeKind, Sha256, Timestamp, scope::prefix_upper_bound,
 };
 
 /// Everything the push transaction writes about a new artifact.
@@ -119,7 +118,7 @@ impl Store {
                 Err(err) if is_unique_violation(&err) => {
                     if let Some(key) = idempotency_key
                         && let Some((artifact, deduplicated)) =
-                            self.find_idempotent(new.scope.project(), key).await?
+                            self.find_idempotent(&new.scope, key).await?
                     {
                         return Ok(PushCommit::Replayed {
                             artifact,
@@ -219,6 +218,8 @@ impl Store {
         if let Some(key) = idempotency_key {
             push_idempotency::Entity::insert(push_idempotency::ActiveModel {
                 project_id: Set(new.scope.project().as_str().to_owned()),
+                scope_kind: Set(new.scope.kind().as_str().to_owned()),
+                scope_id: Set(new.scope.id().to_owned()),
                 idempotency_key: Set(key.to_owned()),
                 artifact_id: Set(id),
                 deduplicated: Set(deduplicated),
@@ -291,18 +292,23 @@ impl Store {
         })
     }
 
-    /// The result recorded for an idempotency key: the artifact it created (even if it has
-    /// ended since) and whether its content was deduplicated.
+    /// The result recorded for an idempotency key in `scope` (keys are scoped: another
+    /// job's or workflow's use of the same key is unrelated): the artifact it created (even
+    /// if it has ended since) and whether its content was deduplicated.
     pub async fn find_idempotent(
         &self,
-        project: &ProjectId,
+        scope: &Scope,
         key: &str,
     ) -> Result<Option<(Artifact, bool)>, Error> {
-        let Some(record) =
-            push_idempotency::Entity::find_by_id((project.as_str().to_owned(), key.to_owned()))
-                .one(&self.db)
-                .await
-                .map_err(db_error)?
+        let Some(record) = push_idempotency::Entity::find_by_id((
+            scope.project().as_str().to_owned(),
+            scope.kind().as_str().to_owned(),
+            scope.id().to_owned(),
+            key.to_owned(),
+        ))
+        .one(&self.db)
+        .await
+        .map_err(db_error)?
         else {
             return Ok(None);
         };

@@ -61,6 +61,10 @@ pub mod push_idempotency {
         #[sea_orm(primary_key, auto_increment = false)]
         pub project_id: String,
         #[sea_orm(primary_key, auto_increment = false)]
+        pub scope_kind: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub scope_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
         pub idempotency_key: String,
         pub artifact_id: i64,
         pub deduplicated: bool,

@@ -70,6 +70,18 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// A handle on the same database that does not drop it: for a second server on one
+    /// database. The owner must outlive it.
+    pub fn shared(&self) -> Self {
+        Self {
+            url: self.url.clone(),
+            postgres: None,
+            _dir: None,
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let Some((admin, name)) = self.postgres.take() else {
@@ -178,6 +190,13 @@ impl TestServer {
     }
 
     pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Option<Self> {
+        let db = TestDb::create(backend).await?;
+        Some(Self::start_on(db, tweak).await)
+    }
+
+    /// Starts a server on an existing database (one prepared by the test, or another
+    /// server's, through [`TestDb::shared`]), with a blob directory of its own.
+    pub async fn start_on(db: TestDb, tweak: impl FnOnce(&mut Config)) -> Self {
         // Server logs go to the test's captured output (shown when it fails).
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -186,7 +205,6 @@ impl TestServer {
             )
             .with_test_writer()
             .try_init();
-        let db = TestDb::create(backend).await?;
         let blob_dir = tempfile::tempdir().expect("blob dir");
         let mut config =
             Config::with_stores(&db.url, &format!("file://{}", blob_dir.path().display()));
@@ -214,7 +232,7 @@ impl TestServer {
             .await
             .expect("serve");
         });
-        Some(Self {
+        Self {
             config,
             grpc_addr,
             http_addr,
@@ -224,7 +242,7 @@ impl TestServer {
             shutdown: Some(shutdown),
             task: Some(task),
             db,
-        })
+        }
     }
 
     /// A server whose hot quota figures live in Redis when `TEST_REDIS_URL` is set (with a
