@@ -10,6 +10,7 @@ mod m20261122_000003_storage_snapshots;
 mod m20261122_000004_inline_blobs;
 mod m20261127_000005_plan_history;
 mod m20261127_000006_scoped_idempotency;
+mod m20261127_000007_quota_reservations;
 
 pub struct Migrator;
 
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000004_inline_blobs::Migration),
             Box::new(m20261127_000005_plan_history::Migration),
             Box::new(m20261127_000006_scoped_idempotency::Migration),
+            Box::new(m20261127_000007_quota_reservations::Migration),
         ]
     }
 }

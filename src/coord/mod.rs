@@ -251,6 +251,11 @@ impl Counters {
         Self { inner }
     }
 
+    /// Whether the figures and reservations are shared by replicas (Redis configured).
+    pub fn shared(&self) -> bool {
+        self.inner.redis.is_some()
+    }
+
     pub fn reservation_ttl(&self) -> Duration {
         self.inner.reservation_ttl
     }

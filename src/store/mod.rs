@@ -4,6 +4,7 @@
 mod artifacts;
 pub mod entities;
 mod plans;
+mod quota;
 mod usage;
 
 use std::time::Duration;
@@ -17,6 +18,7 @@ use crate::domain::Error;
 
 pub use artifacts::{NewArtifact, PushCommit, PushedBlob, already_exists};
 pub use plans::ProjectRecord;
+pub use quota::{QuotaBase, QuotaCheck};
 pub use usage::UsageAlert;
 
 /// Arbitrary but fixed key of the Postgres advisory lock that serialises migrations across

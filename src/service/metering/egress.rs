@@ -73,6 +73,7 @@ impl Metering {
             meter: EgressMeter {
                 stream_id: uuid::Uuid::new_v4().simple().to_string(),
                 admission,
+                refreshed: std::time::Instant::now(),
                 sent: 0,
                 recorded: 0,
                 seq: 0,
@@ -117,7 +118,6 @@ impl Metering {
             delay = (delay * 2).min(Duration::from_secs(10));
             attempt += 1;
         }
-        let project = record.project.as_str();
         match &record.reservation {
             Some((month, id)) => {
                 let release = if record.last {
@@ -125,14 +125,19 @@ impl Metering {
                 } else {
                     Release::Part(record.bytes)
                 };
-                self.counters
-                    .settle(project, Pool::Egress(month), id, release, record.bytes)
-                    .await;
+                self.release(
+                    &record.project,
+                    Pool::Egress(month),
+                    id,
+                    release,
+                    record.bytes,
+                )
+                .await;
             }
             None => {
                 let month = Month::containing(now).to_string();
                 self.counters
-                    .add(project, Pool::Egress(&month), record.bytes)
+                    .add(record.project.as_str(), Pool::Egress(&month), record.bytes)
                     .await;
             }
         }
@@ -172,6 +177,7 @@ struct MeteredPull {
 
 struct EgressMeter {
     admission: PullAdmission,
+    refreshed: std::time::Instant,
     stream_id: String,
     sent: i64,
     recorded: i64,
@@ -207,20 +213,33 @@ impl EgressMeter {
             if record.bytes == 0 {
                 if let Some((month, id)) = &record.reservation {
                     metering
-                        .counters
-                        .settle(
-                            record.project.as_str(),
-                            Pool::Egress(month),
-                            id,
-                            Release::All,
-                            0,
-                        )
+                        .release(&record.project, Pool::Egress(month), id, Release::All, 0)
                         .await;
                 }
                 return;
             }
             metering.record_egress(record).await;
         });
+    }
+}
+
+impl EgressMeter {
+    /// A long pull keeps its database reservation from lapsing (the counters refresh
+    /// their own holders).
+    fn keep_alive(&mut self) {
+        let metering = &self.admission.metering;
+        if !self.admission.held
+            || !metering.database_coordinated()
+            || self.refreshed.elapsed() < metering.counters.reservation_ttl() / 3
+        {
+            return;
+        }
+        self.refreshed = std::time::Instant::now();
+        let (metering, id) = (metering.clone(), self.admission.id.clone());
+        metering
+            .counters
+            .clone()
+            .spawn(async move { metering.refresh_reservation(&id).await });
     }
 }
 
@@ -241,6 +260,7 @@ impl Stream for MeteredPull {
                 if self.meter.sent - self.meter.recorded >= EGRESS_CHECKPOINT_BYTES {
                     self.meter.flush(false);
                 }
+                self.meter.keep_alive();
             }
             Poll::Ready(None) => self.meter.flush(true),
             _ => {}

@@ -14,7 +14,7 @@ use crate::coord::{Pool, Release, Reserve};
 use crate::domain::metering::Month;
 use crate::domain::plan::GIB;
 use crate::domain::{Error, OveragePolicy, ProjectId};
-use crate::store::ProjectRecord;
+use crate::store::{ProjectRecord, QuotaBase};
 
 /// Pushes of unknown size reserve storage in steps of this many bytes as they stream.
 const RESERVATION_STEP_BYTES: i64 = 8 * 1024 * 1024;
@@ -49,6 +49,7 @@ impl Metering {
             server_max_bytes,
             held: 0,
             entry: false,
+            refreshed: std::time::Instant::now(),
             settled: false,
         };
         if reservation.reserves() {
@@ -57,12 +58,84 @@ impl Metering {
         Ok(reservation)
     }
 
+    /// With Postgres and no Redis, the database coordinates reservations across replicas;
+    /// otherwise the counters do (Redis, or in process for a single SQLite process).
+    pub(super) fn database_coordinated(&self) -> bool {
+        !self.counters.shared() && self.store.coordinates_quota()
+    }
+
+    /// A pool's name in `quota_reservations` and the ledger figure it is checked against.
+    fn database_pool(&self, pool: Pool<'_>) -> (String, QuotaBase) {
+        let now = self.clock.now();
+        match pool {
+            Pool::Storage => ("stored".to_owned(), QuotaBase::Stored { at: now }),
+            Pool::Egress(name) => {
+                let month = Month::parse("month", name).unwrap_or_else(|_| Month::containing(now));
+                (
+                    format!("egress:{name}"),
+                    QuotaBase::Egress {
+                        from: month.start(),
+                        to: month.end(),
+                    },
+                )
+            }
+        }
+    }
+
+    /// Live reservations in a pool.
+    pub(super) async fn reserved_in(
+        &self,
+        project: &ProjectId,
+        pool: Pool<'_>,
+    ) -> Result<i64, Error> {
+        if self.database_coordinated() {
+            let (name, _) = self.database_pool(pool);
+            return self.store.reserved_quota(project, &name).await;
+        }
+        Ok(self.counters.reserved(project.as_str(), pool).await)
+    }
+
+    /// Ends (or shrinks) reservation `id`; with the counters, `figure_delta` moves into the
+    /// pool's figure in the same step. With the database the ledger rows are the figure.
+    pub(super) async fn release(
+        &self,
+        project: &ProjectId,
+        pool: Pool<'_>,
+        id: &str,
+        release: Release,
+        figure_delta: i64,
+    ) {
+        if self.database_coordinated() {
+            let take = match release {
+                Release::All => None,
+                Release::Part(bytes) => Some(bytes),
+            };
+            if let Err(e) = self.store.release_quota(id, take).await {
+                tracing::warn!(error = %e, "could not release a quota reservation; it lapses at its expiry");
+            }
+            return;
+        }
+        self.counters
+            .settle(project.as_str(), pool, id, release, figure_delta)
+            .await;
+    }
+
+    /// Moves a live holder's reservation expiry on (database coordination; the counters
+    /// refresh their holders themselves).
+    pub(super) async fn refresh_reservation(&self, id: &str) {
+        if let Err(e) = self
+            .store
+            .refresh_quota(id, self.counters.reservation_ttl())
+            .await
+        {
+            tracing::warn!(error = %e, "could not refresh a quota reservation");
+        }
+    }
+
     /// Storage bytes held by the project's uploads in progress (live reservations, across
     /// replicas when the counters are shared).
-    pub async fn reserved_bytes(&self, project: &ProjectId) -> i64 {
-        self.counters
-            .reserved(project.as_str(), Pool::Storage)
-            .await
+    pub async fn reserved_bytes(&self, project: &ProjectId) -> Result<i64, Error> {
+        self.reserved_in(project, Pool::Storage).await
     }
 
     /// Loads a pool's figure from the database into the counters.
@@ -90,6 +163,22 @@ impl Metering {
         total: i64,
         limit: Option<i64>,
     ) -> Result<Reserve, Error> {
+        if self.database_coordinated() {
+            let (name, base) = self.database_pool(pool);
+            let ttl = self.counters.reservation_ttl();
+            let check = self
+                .store
+                .reserve_quota(project, &name, base, id, total, limit, ttl)
+                .await?;
+            return Ok(if check.granted {
+                Reserve::Granted
+            } else {
+                Reserve::Denied {
+                    stored: check.figure,
+                    reserved: check.others,
+                }
+            });
+        }
         // A rebuild can be refused when usage is recorded while it reads; a few rounds
         // settle any such race.
         for _ in 0..5 {
@@ -114,10 +203,10 @@ impl Metering {
         let Some(cap) = spend_cap(record).filter(|_| self.enabled) else {
             return Ok(());
         };
-        let project = record.project_id.as_str();
+        let project = &record.project_id;
         let month = Month::containing(self.clock.now()).to_string();
-        let storing = self.counters.reserved(project, Pool::Storage).await;
-        let sending = self.counters.reserved(project, Pool::Egress(&month)).await;
+        let storing = self.reserved_in(project, Pool::Storage).await?;
+        let sending = self.reserved_in(project, Pool::Egress(&month)).await?;
         let projected = self
             .projected_total(
                 record,
@@ -250,6 +339,8 @@ pub struct Reservation {
     held: i64,
     /// Whether an entry exists in the counters (even of 0 bytes) that must be released.
     entry: bool,
+    /// When this holder last moved its entry's expiry (database coordination).
+    refreshed: std::time::Instant,
     settled: bool,
 }
 
@@ -277,6 +368,7 @@ impl Reservation {
             _ => {
                 self.entry = true;
                 self.held = total;
+                self.refreshed = std::time::Instant::now();
                 Ok(())
             }
         }
@@ -325,6 +417,13 @@ impl Reservation {
         }
         if self.reserves() && size > self.held {
             self.cover(size, true).await?;
+        } else if self.entry
+            && self.metering.database_coordinated()
+            && self.refreshed.elapsed() >= self.metering.counters.reservation_ttl() / 3
+        {
+            // Alive: keep the row from lapsing (the counters refresh their own holders).
+            self.refreshed = std::time::Instant::now();
+            self.metering.refresh_reservation(&self.id).await;
         }
         Ok(())
     }
@@ -338,9 +437,8 @@ impl Reservation {
         }
         let project = self.record.project_id.clone();
         self.metering
-            .counters
-            .settle(
-                project.as_str(),
+            .release(
+                &project,
                 Pool::Storage,
                 &self.id,
                 Release::All,
@@ -357,12 +455,12 @@ impl Drop for Reservation {
             return;
         }
         // Owned work: shutdown drains the tracker, so the release is not lost.
-        let counters = self.metering.counters.clone();
-        let project = self.record.project_id.as_str().to_owned();
+        let metering = self.metering.clone();
+        let project = self.record.project_id.clone();
         let id = std::mem::take(&mut self.id);
-        counters.clone().spawn(async move {
-            counters
-                .settle(&project, Pool::Storage, &id, Release::All, 0)
+        self.metering.counters.spawn(async move {
+            metering
+                .release(&project, Pool::Storage, &id, Release::All, 0)
                 .await;
         });
     }
@@ -387,12 +485,12 @@ impl Drop for PullAdmission {
         }
         // Refused after reserving (spend cap), or never streamed: release through the
         // tracker that shutdown drains.
-        let counters = self.metering.counters.clone();
-        let project = self.project.as_str().to_owned();
+        let metering = self.metering.clone();
+        let project = self.project.clone();
         let (month, id) = (self.month.clone(), std::mem::take(&mut self.id));
-        counters.clone().spawn(async move {
-            counters
-                .settle(&project, Pool::Egress(&month), &id, Release::All, 0)
+        self.metering.counters.spawn(async move {
+            metering
+                .release(&project, Pool::Egress(&month), &id, Release::All, 0)
                 .await;
         });
     }
