@@ -31,6 +31,12 @@ impl From<Error> for Status {
                 tracing::warn!(what, %cause, "dependency unavailable");
                 Status::unavailable(format!("{what} unavailable, retry later"))
             }
+            Error::DataLoss(cause) => {
+                tracing::error!(%cause, "stored content missing or damaged");
+                Status::data_loss(
+                    "the artifact's stored content is missing or damaged; retrying will not help",
+                )
+            }
             Error::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
                 Status::internal("internal error")

@@ -2,35 +2,62 @@
 //! and in-progress uploads under `uploads/<upload id>`, so a half-written upload can never be
 //! mistaken for content.
 //!
-//! A local directory gets a fast path: uploads are written and blobs read with plain file I/O
-//! on blocking threads (no per-chunk object-store round trips, no part buffering), and
-//! promotion is a rename. Every other backend (S3-compatible, memory) goes through the generic
-//! `object_store` API with multipart uploads.
+//! A local directory gets a fast path: uploads are written and blobs read with plain file I/O,
+//! and promotion is a rename. Every other backend (S3-compatible, memory) goes through the
+//! generic `object_store` API with multipart uploads.
+//!
+//! No stream ever holds a thread while it waits for its peer. File reads, writes and hashing
+//! run one chunk at a time on the blocking pool (a task per chunk that ends when the chunk is
+//! done), so a client that stops reading or trickles bytes costs an idle future, not one of
+//! the pool's threads. Overlap is kept where it pays: an upload hashes and writes chunk N on
+//! the pool while the request stream delivers chunk N+1, and a read that is flowing reads one
+//! chunk ahead of the consumer.
+//!
+//! Durability (local directory, `fsync` on): an upload is fsynced before promotion, every
+//! directory created on the way to a blob's address is fsynced into its parent, and the
+//! rename is fsynced into the blob's directory, so a committed artifact row never outlives
+//! its blob's directory entry across a power cut. A blob already at a content address is not
+//! trusted blindly: its size is checked (and its digest too when blobs are written without
+//! fsync, where a crash can leave a torn file), and a damaged one is moved to `quarantine/`
+//! and replaced by the upload. Reads report a missing or short blob as
+//! [`Error::DataLoss`], never as a short success.
 
+use std::future::Future;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use futures::stream::{self, BoxStream, StreamExt};
+use futures::stream::{self, BoxStream, Stream, StreamExt};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, WriteMultipart};
 use sha2::Digest;
-use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::domain::{Error, Sha256};
 
-/// Size of the chunks blobs are read in: inside Pull's 64 KiB–1 MiB range.
+/// Size of the chunks blobs are read in once a read is flowing: inside Pull's 64 KiB–1 MiB
+/// range.
 pub const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// First chunk of a local read. A read doubles its chunk size up to [`READ_CHUNK_BYTES`], so a
+/// client that opens a Pull and never reads pins 64 KiB in the transport, not 256 KiB.
+const FIRST_READ_CHUNK_BYTES: usize = 64 * 1024;
 /// S3 needs parts of at least 5 MiB (but the last).
 const MULTIPART_PART_BYTES: usize = 5 * 1024 * 1024;
-/// Chunks queued between the request stream and the file writer, per upload. Small on
-/// purpose: memory per upload stays a few chunks however large the file.
-const WRITE_QUEUE_CHUNKS: usize = 2;
+/// Parts a multipart upload may have in flight to the object store.
+const MULTIPART_PARTS_IN_FLIGHT: usize = 2;
+/// While a large upload is written with fsync on, it is flushed to disk in the background
+/// every this many bytes, so the fsync before commit finds little left to do: a big push
+/// then costs about the longer of receiving and writing its bytes rather than their sum.
+const BACKGROUND_FLUSH_BYTES: usize = 32 * 1024 * 1024;
+/// Where damaged blobs are moved, for an operator to inspect; never read by the service.
+const QUARANTINE_PREFIX: &str = "quarantine/sha256";
 
 #[derive(Debug, Clone)]
 pub struct BlobStore {
@@ -79,7 +106,7 @@ impl BlobStore {
             None => url,
         };
         // The uploads directory exists up front, so an upload is one file creation.
-        std::fs::create_dir_all(std::path::Path::new(dir).join("uploads"))
+        std::fs::create_dir_all(Path::new(dir).join("uploads"))
             .map_err(|e| Error::blob_store(format!("cannot create {dir}: {e}")))?;
         let local = Arc::new(
             LocalFileSystem::new_with_prefix(dir)
@@ -100,7 +127,7 @@ impl BlobStore {
         let sink = match &self.local {
             Some(local) => {
                 let path = local.path_to_filesystem(&key).map_err(Error::blob_store)?;
-                UploadSink::Local(LocalWriter::start(path, self.fsync))
+                UploadSink::Local(LocalWriter::create(path, self.fsync).await?)
             }
             None => {
                 let upload = self
@@ -113,7 +140,7 @@ impl BlobStore {
                         upload,
                         MULTIPART_PART_BYTES,
                     )),
-                    Hasher::start(),
+                    ChunkWorker::new(sha2::Sha256::new()),
                 )
             }
         };
@@ -127,32 +154,53 @@ impl BlobStore {
         })
     }
 
-    /// Moves a finished upload to its content address. Returns `true` when the blob was
-    /// already there (the upload is discarded: deduplicated).
-    pub async fn promote(&self, mut temp: TempBlob, sha256: &Sha256) -> Result<bool, Error> {
+    /// Moves a finished upload of `size` bytes to its content address. Returns `true` when
+    /// valid content was already there (the upload is discarded: deduplicated). Content at
+    /// the address that fails verification is quarantined and replaced by the upload.
+    pub async fn promote(
+        &self,
+        mut temp: TempBlob,
+        sha256: &Sha256,
+        size: u64,
+    ) -> Result<bool, Error> {
         let key = blob_key(sha256);
-        let deduplicated = match self.store.head(&key).await {
-            Ok(_) => true,
-            Err(object_store::Error::NotFound { .. }) => false,
-            Err(e) => return Err(Error::blob_store(e)),
+        let Some(local) = &self.local else {
+            if self.remote_intact(&key, sha256, size).await? {
+                return Ok(true); // `temp` deletes the upload when dropped
+            }
+            // Two uploads of the same content may race here; both write identical bytes, so
+            // whichever rename lands last is as good as the first.
+            self.store
+                .rename(&temp.key, &key)
+                .await
+                .map_err(Error::blob_store)?;
+            temp.armed = false;
+            return Ok(false);
         };
-        if deduplicated {
-            return Ok(true); // `temp` deletes the upload when dropped
-        }
-        // Two uploads of the same content may race here; both write identical bytes, so
-        // whichever rename lands last is as good as the first.
-        self.store
-            .rename(&temp.key, &key)
-            .await
+        let source = local
+            .path_to_filesystem(&temp.key)
             .map_err(Error::blob_store)?;
-        temp.armed = false;
-        Ok(false)
+        let target = local.path_to_filesystem(&key).map_err(Error::blob_store)?;
+        let quarantine = self.quarantine_path(local, sha256)?;
+        let (fsync, digest) = (self.fsync, sha256.clone());
+        let deduplicated = blocking(move || {
+            if local_intact(&target, &digest, size, !fsync, &quarantine)? {
+                return Ok(true);
+            }
+            rename_durably(&source, &target, fsync)?;
+            Ok(false)
+        })
+        .await?;
+        if !deduplicated {
+            temp.armed = false;
+        }
+        Ok(deduplicated)
     }
 
     /// Stores a small blob held in memory in one step: written to a temporary upload and
     /// renamed to its content address (one blocking task on a local directory), or put
-    /// directly (object stores make a single PUT appear atomically). Returns `true` when the
-    /// content was already stored.
+    /// directly (object stores make a single PUT appear atomically). Returns `true` when
+    /// valid content was already stored.
     pub async fn put_small(
         &self,
         upload_id: &str,
@@ -160,8 +208,9 @@ impl BlobStore {
         sha256: &Sha256,
     ) -> Result<bool, Error> {
         let key = blob_key(sha256);
+        let size = data.len() as u64;
         let Some(local) = &self.local else {
-            let deduplicated = self.contains(sha256).await?;
+            let deduplicated = self.remote_intact(&key, sha256, size).await?;
             if !deduplicated {
                 self.store
                     .put(&key, data.into())
@@ -174,9 +223,10 @@ impl BlobStore {
             .path_to_filesystem(&upload_key(upload_id))
             .map_err(Error::blob_store)?;
         let target = local.path_to_filesystem(&key).map_err(Error::blob_store)?;
-        let fsync = self.fsync;
-        let stored = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
-            if target.exists() {
+        let quarantine = self.quarantine_path(local, sha256)?;
+        let (fsync, digest) = (self.fsync, sha256.clone());
+        blocking(move || {
+            if local_intact(&target, &digest, size, !fsync, &quarantine)? {
                 return Ok(true);
             }
             let written = (|| {
@@ -185,21 +235,7 @@ impl BlobStore {
                 if fsync {
                     file.sync_data()?;
                 }
-                // Most pushes land in an existing directory: try the rename first.
-                match std::fs::rename(&temp, &target) {
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        if let Some(dir) = target.parent() {
-                            std::fs::create_dir_all(dir)?;
-                        }
-                        std::fs::rename(&temp, &target)?;
-                    }
-                    other => other?,
-                }
-                // The rename itself must survive a crash before the artifact row commits.
-                if fsync && let Some(dir) = target.parent() {
-                    std::fs::File::open(dir)?.sync_all()?;
-                }
-                Ok(())
+                rename_durably(&temp, &target, fsync)
             })();
             if written.is_err() {
                 let _ = std::fs::remove_file(&temp);
@@ -207,11 +243,11 @@ impl BlobStore {
             written.map(|()| false)
         })
         .await
-        .map_err(|e| Error::Internal(format!("blob writer panicked: {e}")))?;
-        stored.map_err(Error::blob_store)
     }
 
-    /// Streams `range` of a blob in chunks of [`READ_CHUNK_BYTES`].
+    /// Streams `range` of a blob: chunks of 64 KiB growing to [`READ_CHUNK_BYTES`] on a local
+    /// directory, [`READ_CHUNK_BYTES`] from an object store. A blob that is missing, or
+    /// shorter than `range`, is [`Error::DataLoss`] (up front when that is already visible).
     pub async fn read(
         &self,
         sha256: &Sha256,
@@ -223,18 +259,39 @@ impl BlobStore {
         let key = blob_key(sha256);
         if let Some(local) = &self.local {
             let path = local.path_to_filesystem(&key).map_err(Error::blob_store)?;
-            return Ok(read_local(path, range));
+            let digest = sha256.clone();
+            let end = range.end;
+            // Opening on the pool (not on a runtime thread) and checking the length first
+            // turns a missing or truncated blob into DATA_LOSS before any byte is sent.
+            let file = tokio::task::spawn_blocking(move || {
+                let file = std::fs::File::open(&path)?;
+                let len = file.metadata()?.len();
+                if len < end {
+                    return Err(short_blob(&digest, len, end));
+                }
+                Ok(file)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("blob open task failed: {e}")))?
+            .map_err(|e| io_read_error(sha256, e))?;
+            return Ok(LocalRead::new(file, sha256.clone(), range).boxed());
         }
         let options = GetOptions {
-            range: Some(GetRange::Bounded(range)),
+            range: Some(GetRange::Bounded(range.clone())),
             ..Default::default()
         };
-        let result = self
-            .store
-            .get_opts(&key, options)
-            .await
-            .map_err(Error::blob_store)?;
-        Ok(rechunk(result.into_stream()))
+        let result = match self.store.get_opts(&key, options).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(Error::DataLoss(format!("blob {sha256} is missing")));
+            }
+            Err(e) => return Err(Error::blob_store(e)),
+        };
+        Ok(rechunk(
+            result.into_stream(),
+            sha256.clone(),
+            range.end - range.start,
+        ))
     }
 
     /// Whether a blob is stored (for tests and the sweeper).
@@ -248,13 +305,58 @@ impl BlobStore {
 
     /// Keys of uploads in progress or abandoned (for tests and the sweeper).
     pub async fn list_uploads(&self) -> Result<Vec<String>, Error> {
-        let prefix = ObjectPath::from("uploads");
+        self.list(&ObjectPath::from("uploads")).await
+    }
+
+    /// Keys of quarantined blobs (for tests and operators).
+    pub async fn list_quarantined(&self) -> Result<Vec<String>, Error> {
+        self.list(&ObjectPath::from(QUARANTINE_PREFIX)).await
+    }
+
+    async fn list(&self, prefix: &ObjectPath) -> Result<Vec<String>, Error> {
         let mut keys = Vec::new();
-        let mut listing = self.store.list(Some(&prefix));
+        let mut listing = self.store.list(Some(prefix));
         while let Some(meta) = listing.next().await {
             keys.push(meta.map_err(Error::blob_store)?.location.to_string());
         }
         Ok(keys)
+    }
+
+    /// A fresh quarantine location for a damaged blob (several may be found over time).
+    fn quarantine_path(&self, local: &LocalFileSystem, sha256: &Sha256) -> Result<PathBuf, Error> {
+        local
+            .path_to_filesystem(&quarantine_key(sha256))
+            .map_err(Error::blob_store)
+    }
+
+    /// Whether an object store holds intact content at `key`. A single PUT or a completed
+    /// multipart upload appears atomically there, so the size is the check that matters; a
+    /// wrong size is quarantined (copied aside) so the caller replaces it.
+    async fn remote_intact(
+        &self,
+        key: &ObjectPath,
+        sha256: &Sha256,
+        size: u64,
+    ) -> Result<bool, Error> {
+        let meta = match self.store.head(key).await {
+            Ok(meta) => meta,
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(Error::blob_store(e)),
+        };
+        if meta.size == size {
+            return Ok(true);
+        }
+        tracing::warn!(
+            sha256 = %sha256,
+            found = meta.size,
+            expected = size,
+            "damaged blob quarantined and replaced"
+        );
+        self.store
+            .copy(key, &quarantine_key(sha256))
+            .await
+            .map_err(Error::blob_store)?;
+        Ok(false)
     }
 }
 
@@ -267,6 +369,139 @@ fn blob_key(sha256: &Sha256) -> ObjectPath {
     ObjectPath::from(format!("blobs/sha256/{}/{}/{hex}", &hex[0..2], &hex[2..4]))
 }
 
+fn quarantine_key(sha256: &Sha256) -> ObjectPath {
+    ObjectPath::from(format!(
+        "{QUARANTINE_PREFIX}/{}.{}",
+        sha256.as_str(),
+        uuid::Uuid::new_v4().simple()
+    ))
+}
+
+/// Runs bounded file work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Internal(format!("blob file task failed: {e}")))?
+        .map_err(Error::blob_store)
+}
+
+/// The error of a blob file that is shorter than an artifact needs.
+fn short_blob(sha256: &Sha256, len: u64, needed: u64) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        format!("blob {sha256} holds {len} bytes, its artifact needs {needed}"),
+    )
+}
+
+/// A local read failure: a missing or short file is lost data; anything else (permissions,
+/// I/O errors, a full descriptor table) is the store being unavailable.
+fn io_read_error(sha256: &Sha256, err: std::io::Error) -> Error {
+    match err.kind() {
+        std::io::ErrorKind::NotFound => Error::DataLoss(format!("blob {sha256} is missing: {err}")),
+        std::io::ErrorKind::UnexpectedEof => Error::DataLoss(err.to_string()),
+        _ => Error::blob_store(err),
+    }
+}
+
+/// Whether `target` holds the blob `sha256` of `size` bytes. A file of the wrong size, or
+/// (with `check_digest`) the wrong content, is moved to `quarantine` and `false` returned,
+/// so the caller puts good content in its place.
+fn local_intact(
+    target: &Path,
+    sha256: &Sha256,
+    size: u64,
+    check_digest: bool,
+    quarantine: &Path,
+) -> std::io::Result<bool> {
+    let found = match std::fs::metadata(target) {
+        Ok(meta) => meta.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let damage = if found != size {
+        Some(format!("{found} bytes, expected {size}"))
+    } else if check_digest {
+        let mut hasher = sha2::Sha256::new();
+        match std::fs::File::open(target) {
+            Ok(mut file) => {
+                std::io::copy(&mut file, &mut hasher)?;
+            }
+            // Replaced or quarantined by a concurrent push since the metadata call.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        let digest = Sha256::from_digest(&hasher.finalize().into());
+        (digest != *sha256).then(|| format!("content hashes to {digest}"))
+    } else {
+        None
+    };
+    let Some(damage) = damage else {
+        return Ok(true);
+    };
+    tracing::warn!(sha256 = %sha256, %damage, "damaged blob quarantined and replaced");
+    if let Some(dir) = quarantine.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::rename(target, quarantine) {
+        Ok(()) => Ok(false),
+        // A concurrent push quarantined it first.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Renames `source` to `target`, creating `target`'s missing directories. With `fsync`, every
+/// directory created is fsynced into its parent and the rename into `target`'s directory, so
+/// the blob's whole path survives a crash once this returns.
+fn rename_durably(source: &Path, target: &Path, fsync: bool) -> std::io::Result<()> {
+    // Most pushes land in an existing directory: try the rename first.
+    match std::fs::rename(source, target) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && source.exists() => {
+            if let Some(dir) = target.parent() {
+                create_dirs_durably(dir, fsync)?;
+            }
+            std::fs::rename(source, target)?;
+        }
+        other => other?,
+    }
+    if fsync && let Some(dir) = target.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// `create_dir_all` that (with `fsync`) fsyncs the parent of each directory it creates, top
+/// down, so no new directory entry on the path is lost in a crash. A directory another task
+/// created meanwhile is synced too: its creator may not have got that far yet.
+fn create_dirs_durably(dir: &Path, fsync: bool) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut next = Some(dir);
+    while let Some(candidate) = next {
+        if candidate.is_dir() {
+            break;
+        }
+        missing.push(candidate);
+        next = candidate.parent();
+    }
+    for created in missing.into_iter().rev() {
+        match std::fs::create_dir(created) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        if fsync && let Some(parent) = created.parent() {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// An upload being written.
 pub struct Upload {
     sink: UploadSink,
@@ -274,21 +509,28 @@ pub struct Upload {
 }
 
 enum UploadSink {
-    /// Hashes and writes on one blocking thread.
+    /// Hashes and writes a local file, a chunk per blocking task.
     Local(LocalWriter),
-    /// Parts go to the object store; a blocking thread hashes alongside.
-    Multipart(Option<WriteMultipart>, Hasher),
+    /// Parts go to the object store; hashing runs a chunk per blocking task alongside.
+    Multipart(Option<WriteMultipart>, ChunkWorker<sha2::Sha256>),
 }
 
 impl Upload {
-    /// Appends a chunk; waits while the writer is behind (backpressure).
+    /// Appends a chunk. Returns once the previous chunk is hashed and written and this one
+    /// is handed to the pool, so at most one chunk is in flight per upload (backpressure).
     pub async fn write(&mut self, chunk: Bytes) -> Result<(), Error> {
         match &mut self.sink {
             UploadSink::Local(writer) => writer.write(chunk).await,
             UploadSink::Multipart(Some(upload), hasher) => {
-                hasher.update(chunk.clone()).await?;
+                let hashed = chunk.clone();
+                hasher
+                    .submit(move |hasher| {
+                        hasher.update(&hashed);
+                        Ok(())
+                    })
+                    .await?;
                 upload
-                    .wait_for_capacity(2)
+                    .wait_for_capacity(MULTIPART_PARTS_IN_FLIGHT)
                     .await
                     .map_err(Error::blob_store)?;
                 upload.put(chunk);
@@ -306,7 +548,7 @@ impl Upload {
         let digest = match &mut self.sink {
             UploadSink::Local(writer) => writer.finish().await?,
             UploadSink::Multipart(upload, hasher) => {
-                let digest = hasher.finish().await?;
+                let digest = <[u8; 32]>::from(hasher.idle().await?.finalize());
                 if let Some(upload) = upload.take() {
                     upload.finish().await.map_err(Error::blob_store)?;
                 }
@@ -317,46 +559,45 @@ impl Upload {
     }
 }
 
-/// SHA-256 on a blocking thread fed through a small queue, so hashing overlaps receiving.
-struct Hasher {
-    queue: Option<mpsc::Sender<Bytes>>,
-    done: Option<tokio::task::JoinHandle<[u8; 32]>>,
+/// State that is worked on one chunk at a time on the blocking pool while the caller goes on
+/// receiving: `submit` waits for the previous chunk's task, then hands the next one over.
+/// Nothing waits on a channel, so no thread is held between chunks.
+struct ChunkWorker<S> {
+    idle: Option<S>,
+    busy: Option<JoinHandle<std::io::Result<S>>>,
 }
 
-impl Hasher {
-    fn start() -> Self {
-        let (queue, mut chunks) = mpsc::channel::<Bytes>(WRITE_QUEUE_CHUNKS);
-        let done = tokio::task::spawn_blocking(move || {
-            let mut hasher = sha2::Sha256::new();
-            while let Some(chunk) = chunks.blocking_recv() {
-                hasher.update(&chunk);
-            }
-            <[u8; 32]>::from(hasher.finalize())
-        });
+impl<S: Send + 'static> ChunkWorker<S> {
+    fn new(state: S) -> Self {
         Self {
-            queue: Some(queue),
-            done: Some(done),
+            idle: Some(state),
+            busy: None,
         }
     }
 
-    async fn update(&mut self, chunk: Bytes) -> Result<(), Error> {
-        match &self.queue {
-            Some(queue) => queue
-                .send(chunk)
+    /// The state, once the chunk in flight (if any) is done.
+    async fn idle(&mut self) -> Result<S, Error> {
+        if let Some(busy) = self.busy.take() {
+            return busy
                 .await
-                .map_err(|_| Error::Internal("hashing task stopped".into())),
-            None => Err(Error::Internal("hash already finished".into())),
+                .map_err(|e| Error::Internal(format!("upload task failed: {e}")))?
+                .map_err(Error::blob_store);
         }
+        self.idle
+            .take()
+            .ok_or_else(|| Error::Internal("upload already finished or failed".into()))
     }
 
-    async fn finish(&mut self) -> Result<[u8; 32], Error> {
-        self.queue = None;
-        match self.done.take() {
-            Some(done) => done
-                .await
-                .map_err(|e| Error::Internal(format!("hashing task failed: {e}"))),
-            None => Err(Error::Internal("hash already finished".into())),
-        }
+    async fn submit(
+        &mut self,
+        work: impl FnOnce(&mut S) -> std::io::Result<()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let mut state = self.idle().await?;
+        self.busy = Some(tokio::task::spawn_blocking(move || {
+            work(&mut state)?;
+            Ok(state)
+        }));
+        Ok(())
     }
 }
 
@@ -401,6 +642,7 @@ impl Drop for TempBlob {
         }
         if let Some(local) = &self.store.local {
             // A local unlink is one cheap syscall: do it now, so it is gone when we return.
+            // A chunk task still writing keeps the unlinked inode until it closes the file.
             if let Ok(path) = local.path_to_filesystem(&self.key) {
                 let _ = std::fs::remove_file(path);
             }
@@ -414,213 +656,204 @@ impl Drop for TempBlob {
     }
 }
 
-/// Hashes and writes an upload to a local file on one blocking thread fed through a small
-/// queue: one hand-off per chunk, and the receiving task never waits on the disk or the hash.
+/// Hashes and writes an upload to a local file, a chunk per blocking task, overlapping the
+/// receipt of the next chunk. The file is created before the first chunk, so whoever drops
+/// the upload finds a file to remove.
 struct LocalWriter {
-    queue: Option<mpsc::Sender<WriteOp>>,
-    done: Option<tokio::task::JoinHandle<std::io::Result<[u8; 32]>>>,
-}
-
-enum WriteOp {
-    Data(Bytes),
-    /// End of upload: flush (and fsync) and keep the file. A queue that closes without this
-    /// means the upload was abandoned, and the file is removed.
-    Finish,
+    file: Arc<std::fs::File>,
+    hasher: ChunkWorker<sha2::Sha256>,
+    fsync: bool,
+    unflushed: usize,
+    /// A background flush in progress (see [`BACKGROUND_FLUSH_BYTES`]).
+    flushing: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 impl LocalWriter {
-    fn start(path: PathBuf, fsync: bool) -> Self {
-        let (queue, mut ops) = mpsc::channel::<WriteOp>(WRITE_QUEUE_CHUNKS);
-        let done = tokio::task::spawn_blocking(move || {
-            let result = (|| {
-                let mut file = match std::fs::File::create(&path) {
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        if let Some(dir) = path.parent() {
-                            std::fs::create_dir_all(dir)?;
-                        }
-                        std::fs::File::create(&path)?
-                    }
-                    other => other?,
-                };
-                let mut hasher = sha2::Sha256::new();
-                let mut flusher = Flusher::default();
-                while let Some(op) = ops.blocking_recv() {
-                    match op {
-                        WriteOp::Data(chunk) => {
-                            hasher.update(&chunk);
-                            file.write_all(&chunk)?;
-                            if fsync {
-                                flusher.wrote(&file, chunk.len());
-                            }
-                        }
-                        WriteOp::Finish => {
-                            flusher.stop();
-                            if fsync {
-                                file.sync_data()?;
-                            }
-                            return Ok(Some(<[u8; 32]>::from(hasher.finalize())));
-                        }
-                    }
+    async fn create(path: PathBuf, fsync: bool) -> Result<Self, Error> {
+        let file = blocking(move || match std::fs::File::create(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
                 }
-                Ok(None)
-            })();
-            match result {
-                Ok(Some(digest)) => Ok(digest),
-                Ok(None) => {
-                    let _ = std::fs::remove_file(&path);
-                    Err(std::io::Error::other("upload abandoned"))
-                }
-                Err(e) => {
-                    let _ = std::fs::remove_file(&path);
-                    Err(e)
-                }
+                std::fs::File::create(&path)
             }
-        });
-        Self {
-            queue: Some(queue),
-            done: Some(done),
-        }
+            other => other,
+        })
+        .await?;
+        Ok(Self {
+            file: Arc::new(file),
+            hasher: ChunkWorker::new(sha2::Sha256::new()),
+            fsync,
+            unflushed: 0,
+            flushing: None,
+        })
     }
 
     async fn write(&mut self, chunk: Bytes) -> Result<(), Error> {
-        let sent = match &self.queue {
-            Some(queue) => queue.send(WriteOp::Data(chunk)).await.is_ok(),
-            None => false,
-        };
-        if sent {
-            Ok(())
-        } else {
-            // The writer stopped early: its result says why.
-            Err(self.join().await.err().unwrap_or_else(|| {
-                Error::Internal("upload writer stopped without an error".into())
-            }))
+        let len = chunk.len();
+        let file = self.file.clone();
+        self.hasher
+            .submit(move |hasher| {
+                hasher.update(&chunk);
+                (&*file).write_all(&chunk)
+            })
+            .await?;
+        if self.fsync {
+            self.unflushed += len;
+            let idle = self.flushing.as_ref().is_none_or(JoinHandle::is_finished);
+            if self.unflushed >= BACKGROUND_FLUSH_BYTES && idle {
+                self.unflushed = 0;
+                let file = self.file.clone();
+                // Best effort: the fsync in `finish` is the one that counts.
+                self.flushing = Some(tokio::task::spawn_blocking(move || file.sync_data()));
+            }
         }
+        Ok(())
     }
 
     async fn finish(&mut self) -> Result<[u8; 32], Error> {
-        if let Some(queue) = self.queue.take() {
-            let _ = queue.send(WriteOp::Finish).await;
+        let hasher = self.hasher.idle().await?;
+        if let Some(flushing) = self.flushing.take() {
+            let _ = flushing.await;
         }
-        self.join().await
-    }
-
-    async fn join(&mut self) -> Result<[u8; 32], Error> {
-        self.queue = None;
-        match self.done.take() {
-            Some(handle) => match handle.await {
-                Ok(result) => result.map_err(Error::blob_store),
-                Err(e) => Err(Error::Internal(format!("upload writer panicked: {e}"))),
-            },
-            None => Err(Error::Internal("upload writer already joined".into())),
+        if self.fsync {
+            let file = self.file.clone();
+            blocking(move || file.sync_data()).await?;
         }
+        Ok(hasher.finalize().into())
     }
 }
 
-/// Flushes a large upload to disk in the background while it is still being written, so the
-/// fsync before commit finds little left to do: with durability on, a big push then costs
-/// about the longer of receiving and writing its bytes rather than their sum.
-#[derive(Default)]
-struct Flusher {
-    unflushed: usize,
-    running: Option<(std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<()>)>,
+/// Reads `range` of an open local file, a chunk per blocking task: the first chunk is
+/// [`FIRST_READ_CHUNK_BYTES`] and each next one twice as large up to [`READ_CHUNK_BYTES`].
+/// Once at full size, the next chunk is read while the consumer sends the current one; a
+/// consumer that stops polling leaves at most that one chunk behind, and no thread.
+struct LocalRead {
+    file: Arc<std::fs::File>,
+    sha256: Sha256,
+    next: u64,
+    end: u64,
+    chunk: usize,
+    reading: Option<JoinHandle<std::io::Result<Vec<u8>>>>,
+    done: bool,
 }
 
-impl Flusher {
-    const EVERY_BYTES: usize = 32 * 1024 * 1024;
-
-    fn wrote(&mut self, file: &std::fs::File, bytes: usize) {
-        self.unflushed += bytes;
-        if self.unflushed < Self::EVERY_BYTES {
-            return;
-        }
-        self.unflushed = 0;
-        if self.running.is_none() {
-            let Ok(file) = file.try_clone() else { return };
-            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-            let thread = std::thread::spawn(move || {
-                while rx.recv().is_ok() {
-                    // Best effort: the final fsync before commit is the one that counts.
-                    let _ = file.sync_data();
-                }
-            });
-            self.running = Some((tx, thread));
-        }
-        if let Some((tx, _)) = &self.running {
-            // A flush already pending covers this one too.
-            let _ = tx.try_send(());
+impl LocalRead {
+    fn new(file: std::fs::File, sha256: Sha256, range: Range<u64>) -> Self {
+        Self {
+            file: Arc::new(file),
+            sha256,
+            next: range.start,
+            end: range.end,
+            chunk: FIRST_READ_CHUNK_BYTES,
+            reading: None,
+            done: false,
         }
     }
 
-    fn stop(&mut self) {
-        if let Some((tx, thread)) = self.running.take() {
-            drop(tx);
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for Flusher {
-    fn drop(&mut self) {
-        // An abandoned upload: let the flusher finish its current round and exit.
-        if let Some((tx, _)) = self.running.take() {
-            drop(tx);
-        }
-    }
-}
-
-/// Reads `range` of a local file on a blocking thread, a chunk ahead of the consumer.
-fn read_local(path: PathBuf, range: Range<u64>) -> BoxStream<'static, Result<Bytes, Error>> {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, Error>>(2);
-    tokio::task::spawn_blocking(move || {
-        let read = || -> std::io::Result<()> {
-            let mut file = std::fs::File::open(&path)?;
-            file.seek(SeekFrom::Start(range.start))?;
-            let mut remaining = range.end - range.start;
-            while remaining > 0 {
-                let want = remaining.min(READ_CHUNK_BYTES as u64) as usize;
-                // read_to_end fills spare capacity without zeroing it first.
-                let mut buf = Vec::with_capacity(want);
-                (&mut file).take(want as u64).read_to_end(&mut buf)?;
-                if buf.len() != want {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "blob is shorter than its artifact",
-                    ));
-                }
-                remaining -= want as u64;
-                if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
-                    return Ok(()); // the reader went away: stop quietly
-                }
+    /// Starts reading the next chunk on the pool. The chunk's position is `self.next`, which
+    /// only moves when the chunk comes back, so reads are strictly sequential.
+    fn start(&mut self) {
+        let want = (self.end - self.next).min(self.chunk as u64);
+        let (file, offset, sha256) = (self.file.clone(), self.next, self.sha256.clone());
+        self.reading = Some(tokio::task::spawn_blocking(move || {
+            let mut file = &*file;
+            file.seek(SeekFrom::Start(offset))?;
+            // read_to_end fills spare capacity without zeroing it first.
+            let mut buf = Vec::with_capacity(want as usize);
+            file.take(want).read_to_end(&mut buf)?;
+            if (buf.len() as u64) < want {
+                return Err(short_blob(
+                    &sha256,
+                    offset + buf.len() as u64,
+                    offset + want,
+                ));
             }
-            Ok(())
-        };
-        if let Err(e) = read() {
-            let _ = tx.blocking_send(Err(Error::blob_store(e)));
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
+            Ok(buf)
+        }));
+    }
 }
 
-/// Regroups an object-store byte stream into [`READ_CHUNK_BYTES`] chunks.
+impl Stream for LocalRead {
+    type Item = Result<Bytes, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if self.reading.is_none() {
+            if self.next >= self.end {
+                self.done = true;
+                return Poll::Ready(None);
+            }
+            self.start();
+        }
+        let Some(reading) = self.reading.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let read = std::task::ready!(Pin::new(reading).poll(cx));
+        self.reading = None;
+        let buf = match read {
+            Ok(Ok(buf)) => buf,
+            Ok(Err(e)) => {
+                self.done = true;
+                return Poll::Ready(Some(Err(io_read_error(&self.sha256, e))));
+            }
+            Err(e) => {
+                self.done = true;
+                return Poll::Ready(Some(Err(Error::Internal(format!(
+                    "blob read task failed: {e}"
+                )))));
+            }
+        };
+        self.next += buf.len() as u64;
+        let flowing = self.chunk == READ_CHUNK_BYTES;
+        self.chunk = (self.chunk * 2).min(READ_CHUNK_BYTES);
+        if flowing && self.next < self.end {
+            self.start(); // read ahead: the consumer is keeping up
+        }
+        Poll::Ready(Some(Ok(Bytes::from(buf))))
+    }
+}
+
+/// Regroups an object-store byte stream into [`READ_CHUNK_BYTES`] chunks, and reports a
+/// stream that ends before `expected` bytes as lost data.
 fn rechunk(
     input: BoxStream<'static, object_store::Result<Bytes>>,
+    sha256: Sha256,
+    expected: u64,
 ) -> BoxStream<'static, Result<Bytes, Error>> {
     stream::unfold(
-        (input, BytesMut::new(), false),
-        |(mut input, mut buf, mut ended)| async move {
-            loop {
-                if buf.len() >= READ_CHUNK_BYTES || (ended && !buf.is_empty()) {
-                    let take = buf.len().min(READ_CHUNK_BYTES);
-                    let chunk = buf.split_to(take).freeze();
-                    return Some((Ok(chunk), (input, buf, ended)));
-                }
-                if ended {
-                    return None;
-                }
-                match input.next().await {
-                    Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
-                    Some(Err(e)) => return Some((Err(Error::blob_store(e)), (input, buf, true))),
-                    None => ended = true,
+        (input, BytesMut::new(), false, 0u64),
+        move |(mut input, mut buf, mut ended, mut received)| {
+            let sha256 = sha256.clone();
+            async move {
+                loop {
+                    if buf.len() >= READ_CHUNK_BYTES || (ended && !buf.is_empty()) {
+                        let take = buf.len().min(READ_CHUNK_BYTES);
+                        let chunk = buf.split_to(take).freeze();
+                        return Some((Ok(chunk), (input, buf, ended, received)));
+                    }
+                    if ended {
+                        return None;
+                    }
+                    match input.next().await {
+                        Some(Ok(bytes)) => {
+                            received += bytes.len() as u64;
+                            buf.extend_from_slice(&bytes);
+                        }
+                        Some(Err(e)) => {
+                            return Some((Err(Error::blob_store(e)), (input, buf, true, received)));
+                        }
+                        None if received < expected => {
+                            let lost = Error::DataLoss(format!(
+                                "blob {sha256} ended after {received} of {expected} bytes"
+                            ));
+                            buf.clear();
+                            return Some((Err(lost), (input, buf, true, received)));
+                        }
+                        None => ended = true,
+                    }
                 }
             }
         },
@@ -651,7 +884,7 @@ mod tests {
             sha,
             "the upload hashes what it writes"
         );
-        assert!(!store.promote(temp, &sha).await.unwrap());
+        assert!(!store.promote(temp, &sha, data.len() as u64).await.unwrap());
         assert!(store.contains(&sha).await.unwrap());
 
         let chunks: Vec<Bytes> = store
@@ -661,14 +894,20 @@ mod tests {
             .map(|c| c.unwrap())
             .collect()
             .await;
-        assert!(chunks.iter().all(|c| c.len() <= READ_CHUNK_BYTES));
+        assert!(
+            chunks
+                .iter()
+                .all(|c| (1..=READ_CHUNK_BYTES).contains(&c.len())),
+            "{:?}",
+            chunks.iter().map(Bytes::len).collect::<Vec<_>>()
+        );
         assert_eq!(chunks.concat(), &data[5..]);
 
         // The same content again is deduplicated and its upload removed.
         let mut again = store.begin_upload("u2").await.unwrap();
         again.write(Bytes::from(data.clone())).await.unwrap();
         let (temp, _) = again.finish().await.unwrap();
-        assert!(store.promote(temp, &sha).await.unwrap());
+        assert!(store.promote(temp, &sha, data.len() as u64).await.unwrap());
         tokio::task::yield_now().await;
         // An abandoned upload leaves nothing.
         let mut abandoned = store.begin_upload("u3").await.unwrap();

@@ -39,6 +39,10 @@ pub enum Error {
     /// A dependency (database, blob store) failed in a way worth retrying.
     #[error("{what} unavailable: {cause}")]
     Unavailable { what: &'static str, cause: String },
+    /// Stored content is missing or damaged (a blob removed or truncated behind the
+    /// service's back): not retryable. Logged with its cause, never sent to the client.
+    #[error("data loss: {0}")]
+    DataLoss(String),
     /// A bug or broken invariant; logged with its cause, never sent to the client.
     #[error("internal error: {0}")]
     Internal(String),

@@ -181,7 +181,7 @@ impl ArtifactService {
             let (size, sha256, temp) = self
                 .receive(&spec, &upload_id, &mut reservation, chunks)
                 .await?;
-            let deduplicated = self.blobs.promote(temp, &sha256).await?;
+            let deduplicated = self.blobs.promote(temp, &sha256, size as u64).await?;
             (size, sha256, PushedBlob::Stored { deduplicated })
         };
 
@@ -350,7 +350,7 @@ impl ArtifactService {
         let content = self.store.inline_content(&artifact.sha256).await?;
         match content {
             Some(content) if content.len() as i64 != artifact.size => {
-                Err(Error::Internal(format!(
+                Err(Error::DataLoss(format!(
                     "blob {} holds {} bytes in the database, its artifact {}",
                     artifact.sha256.as_str(),
                     content.len(),
