@@ -187,9 +187,20 @@ pub struct Config {
     #[arg(long, env = "ARTIFACTD_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
-    /// A Push that sends nothing for this long is aborted and its upload removed.
+    /// A Push that sends nothing for this long is aborted and its upload removed; a Pull
+    /// whose client reads nothing for this long is abandoned (DEADLINE_EXCEEDED).
     #[arg(long, env = "ARTIFACTD_STREAM_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub stream_idle_timeout: Duration,
+
+    /// Push and Pull streams open at once, over all connections; more are refused with
+    /// RESOURCE_EXHAUSTED. Bounds the memory and file descriptors stalled streams can hold.
+    #[arg(
+        long,
+        env = "ARTIFACTD_MAX_STREAMS",
+        default_value_t = 2048,
+        value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..=1_000_000), |n| n as usize)
+    )]
+    pub max_streams: usize,
 
     /// Apply pending migrations at start-up (under a lock on Postgres).
     #[arg(long, env = "ARTIFACTD_MIGRATE_ON_START", default_value_t = true, action = ArgAction::Set)]
@@ -303,6 +314,7 @@ impl Config {
             redis_prefix: String::new(),
             metering: true,
             stream_idle_timeout: Duration::from_secs(60),
+            max_streams: 2048,
             request_timeout: Duration::from_secs(30),
             migrate_on_start: true,
         }

@@ -76,6 +76,7 @@ pub struct App {
     clock: Arc<dyn Clock>,
     drain_timeout: Duration,
     stream_idle_timeout: Duration,
+    max_streams: usize,
     request_timeout: Duration,
 }
 
@@ -133,6 +134,7 @@ impl App {
             clock: clock_for_tokens,
             drain_timeout: config.drain_timeout,
             stream_idle_timeout: config.stream_idle_timeout,
+            max_streams: config.max_streams,
             request_timeout: config.request_timeout,
         })
     }
@@ -179,6 +181,7 @@ pub async fn serve(
         app.artifacts.clone(),
         app.auth.clone(),
         app.stream_idle_timeout,
+        app.max_streams,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);

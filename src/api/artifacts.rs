@@ -1,11 +1,20 @@
 //! `artifactd.v1.ArtifactService`.
+//!
+//! Streams are bounded here, at the edge: at most `max_streams` Push and Pull streams are
+//! open at once (RESOURCE_EXHAUSTED beyond), a Push that sends nothing for the idle timeout
+//! is aborted, and a Pull whose client reads nothing for as long is abandoned (see
+//! [`IdlePull`]).
 
 use std::pin::Pin;
-
-use bytes::Bytes;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
@@ -21,8 +30,12 @@ pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
 pub struct ArtifactApi {
     artifacts: service::ArtifactService,
     auth: Authenticator,
-    /// A Push that sends nothing for this long is aborted (and its upload removed).
+    /// A Push that sends nothing for this long is aborted (and its upload removed); a Pull
+    /// whose client reads nothing for this long is abandoned.
     idle_timeout: Duration,
+    /// One permit per open Push or Pull stream.
+    streams: Arc<Semaphore>,
+    max_streams: usize,
 }
 
 impl ArtifactApi {
@@ -30,12 +43,28 @@ impl ArtifactApi {
         artifacts: service::ArtifactService,
         auth: Authenticator,
         idle_timeout: Duration,
+        max_streams: usize,
     ) -> Self {
         Self {
             artifacts,
             auth,
             idle_timeout,
+            streams: Arc::new(Semaphore::new(max_streams)),
+            max_streams,
         }
+    }
+
+    /// A slot for one more stream, or RESOURCE_EXHAUSTED when all are taken. Refusing at
+    /// once (rather than queueing) keeps a flood of stalled streams from holding up others
+    /// and tells well-behaved clients to back off.
+    fn stream_slot(&self) -> Result<OwnedSemaphorePermit, Error> {
+        self.streams.clone().try_acquire_owned().map_err(|_| {
+            Error::ResourceExhausted(format!(
+                "the server has its maximum of {} Push and Pull streams open \
+                 (ARTIFACTD_MAX_STREAMS); retry later",
+                self.max_streams
+            ))
+        })
     }
 }
 
@@ -55,6 +84,7 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
         request: Request<Streaming<pb::PushRequest>>,
     ) -> Result<Response<pb::PushResponse>, Status> {
         let principal = self.auth.authenticate_grpc(request.metadata())?;
+        let _slot = self.stream_slot()?;
         let mut messages = request.into_inner();
         let first = tokio::time::timeout(self.idle_timeout, messages.message())
             .await
@@ -113,6 +143,7 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
             length: request.length,
         };
         authorize(&principal, Access::ReadArtifacts(&spec.target.scope))?;
+        let slot = self.stream_slot()?;
         let pull = self.artifacts.pull(spec).await?;
         let head = futures::stream::once(futures::future::ready(Ok(pb::PullResponse {
             msg: Some(pull_response::Msg::Artifact(convert::artifact(
@@ -126,7 +157,15 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
                 })
                 .map_err(Status::from)
         });
-        Ok(Response::new(Box::pin(head.chain(body))))
+        // Yielding once after the metadata lets the transport send it and come back for
+        // content only when the client has room for it (HTTP/2 flow control): a client that
+        // opens a Pull and reads nothing then costs no blob read and no buffered chunk.
+        let stream: PullResponseStream = Box::pin(head.chain(yield_once()).chain(body));
+        Ok(Response::new(Box::pin(IdlePull::new(
+            stream,
+            slot,
+            self.idle_timeout,
+        ))))
     }
 
     async fn stat(
@@ -191,6 +230,20 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
     }
 }
 
+/// An empty stream that is pending once (waking itself at once) before it ends.
+fn yield_once<T>() -> impl Stream<Item = T> {
+    let mut yielded = false;
+    futures::stream::poll_fn(move |cx| {
+        if yielded {
+            Poll::Ready(None)
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+}
+
 /// One Push message after the header: a chunk, or an error naming what is wrong.
 fn push_chunk(message: Result<pb::PushRequest, Status>) -> Result<Bytes, Error> {
     match message {
@@ -216,5 +269,133 @@ fn push_chunk(message: Result<pb::PushRequest, Status>) -> Result<Bytes, Error> 
             Err(Error::invalid("msg", "empty message: set header or chunk"))
         }
         Err(status) => Err(crate::error::from_client_stream(&status)),
+    }
+}
+
+/// A Pull response stream that gives up on a client which reads nothing for `timeout`.
+///
+/// The transport asks for the next message only when the client has made room for it
+/// (HTTP/2 flow control), so the time since a message was handed out without the next being
+/// asked for is the time the client has not read. Past `timeout` a watchdog abandons the
+/// stream: the blob reader (open file, read-ahead) and the stream slot are released at once,
+/// and the next time the transport asks, the stream ends with DEADLINE_EXCEEDED. What stays
+/// until the client reads again or its connection closes is the one message the transport
+/// already holds for it.
+struct IdlePull {
+    shared: Arc<Mutex<PullState>>,
+    /// Stops the watchdog when the stream ends or is dropped.
+    _watchdog: DropGuard,
+    timeout: Duration,
+}
+
+struct PullState {
+    /// `None` once finished or abandoned.
+    inner: Option<PullResponseStream>,
+    slot: Option<OwnedSemaphorePermit>,
+    /// When the last message was handed out, while the next has not been asked for.
+    handed_out: Option<Instant>,
+    abandoned: bool,
+}
+
+impl PullState {
+    fn idle_past(&self, timeout: Duration) -> bool {
+        self.handed_out
+            .is_some_and(|since| since.elapsed() >= timeout)
+    }
+
+    fn abandon(&mut self, timeout: Duration) {
+        if self.inner.take().is_some() {
+            tracing::info!(
+                idle = %humantime::format_duration(timeout),
+                "pull abandoned: the client read nothing"
+            );
+        }
+        self.slot = None;
+        self.handed_out = None;
+        self.abandoned = true;
+    }
+}
+
+fn lock(state: &Mutex<PullState>) -> MutexGuard<'_, PullState> {
+    // The state stays consistent under a panic elsewhere (every update is one assignment).
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl IdlePull {
+    fn new(inner: PullResponseStream, slot: OwnedSemaphorePermit, timeout: Duration) -> Self {
+        let shared = Arc::new(Mutex::new(PullState {
+            inner: Some(inner),
+            slot: Some(slot),
+            handed_out: None,
+            abandoned: false,
+        }));
+        let stop = CancellationToken::new();
+        tokio::spawn(watchdog(Arc::downgrade(&shared), timeout, stop.clone()));
+        Self {
+            shared,
+            _watchdog: stop.drop_guard(),
+            timeout,
+        }
+    }
+}
+
+/// Abandons the stream once its client has read nothing for `timeout`. Holds only a weak
+/// reference, so it never keeps a finished stream alive.
+async fn watchdog(state: Weak<Mutex<PullState>>, timeout: Duration, stop: CancellationToken) {
+    loop {
+        let deadline = {
+            let Some(state) = state.upgrade() else { return };
+            let state = lock(&state);
+            if state.inner.is_none() {
+                return;
+            }
+            state.handed_out.unwrap_or_else(Instant::now) + timeout
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+        let Some(state) = state.upgrade() else { return };
+        let mut state = lock(&state);
+        if state.idle_past(timeout) {
+            state.abandon(timeout);
+            return;
+        }
+    }
+}
+
+impl Stream for IdlePull {
+    type Item = Result<pb::PullResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let timeout = self.timeout;
+        let mut state = lock(&self.shared);
+        if state.idle_past(timeout) {
+            state.abandon(timeout);
+        }
+        if state.abandoned {
+            state.abandoned = false; // report once, then end
+            return Poll::Ready(Some(Err(Error::DeadlineExceeded(format!(
+                "the client read nothing for {}; the pull was abandoned",
+                humantime::format_duration(timeout)
+            ))
+            .into())));
+        }
+        state.handed_out = None;
+        let Some(inner) = state.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let next = inner.poll_next_unpin(cx);
+        match &next {
+            Poll::Ready(Some(_)) => state.handed_out = Some(Instant::now()),
+            Poll::Ready(None) => {
+                state.inner = None;
+                state.slot = None;
+            }
+            Poll::Pending => {}
+        }
+        next
     }
 }
