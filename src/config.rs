@@ -164,6 +164,12 @@ pub struct Config {
     #[arg(long, env = "ARTIFACTD_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// How long after a month ends its bill is finalized into an invoice (late usage records
+    /// still count until then; after, they are billed on the open month as corrections).
+    /// At most 72h.
+    #[arg(long, env = "ARTIFACTD_INVOICE_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub invoice_grace: Duration,
+
     /// Plan given to a project the first time it is seen (`free`, `team`, `enterprise` or
     /// one created with PlanService).
     #[arg(long, env = "ARTIFACTD_DEFAULT_PLAN", default_value = "free")]
@@ -241,6 +247,12 @@ impl Config {
     /// Refuses settings that must not run: no authentication on a reachable address
     /// (unless explicitly insecure), or `jwt` without a key.
     pub fn validate(&self) -> Result<(), Error> {
+        if self.invoice_grace > Duration::from_secs(72 * 3600) {
+            return Err(Error::invalid(
+                "ARTIFACTD_INVOICE_GRACE",
+                "must be at most 72h: a month's invoice must not wait longer",
+            ));
+        }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(Error::invalid(
                 "ARTIFACTD_TLS_CERT",
@@ -300,6 +312,7 @@ impl Config {
             inline_blob_bytes: 16 * 1024,
             max_artifact_bytes: 5 * GIB,
             drain_timeout: Duration::from_secs(30),
+            invoice_grace: Duration::from_secs(3600),
             auth: AuthMode::None,
             jwt_secret: None,
             jwt_public_key_file: None,

@@ -113,7 +113,8 @@ impl App {
             clock.clone(),
             config.default_plan.clone(),
             config.metering,
-        );
+        )
+        .with_invoice_grace(config.invoice_grace);
         let accounts = Accounts::new(store.clone(), metering.clone(), clock.clone());
         let clock_for_tokens = clock.clone();
         let artifacts = ArtifactService::new(

@@ -77,6 +77,7 @@ fn metered_plan(id: &str, policy: pb::OveragePolicy, storage_limit: Option<i64>)
         max_artifact_bytes: 100 * GIB,
         max_retention_days: 365,
         overage_policy: policy as i32,
+        version: 0,
     }
 }
 
@@ -616,10 +617,12 @@ async fn retention_is_bounded_by_the_plan_and_applies_to_new_pushes(backend: Bac
     );
 
     let t0 = server.clock.now();
+    let plan_max = t0.to_seconds_nanos().0 + 30 * 86_400;
     let old = push(&mut c.artifacts, header(job("ret", "j"), "old.bin"), b"old")
         .await
         .unwrap();
-    assert_eq!(old.artifact.unwrap().expires_at, None);
+    // Nothing set: the plan's maximum is the default.
+    assert_eq!(old.artifact.unwrap().expires_at.unwrap().seconds, plan_max);
     c.controls
         .update_usage_controls(set(7, false))
         .await
@@ -635,7 +638,8 @@ async fn retention_is_bounded_by_the_plan_and_applies_to_new_pushes(backend: Bac
         .await
         .unwrap();
     assert_eq!(
-        untouched.expires_at, None,
+        untouched.expires_at.unwrap().seconds,
+        plan_max,
         "new retention applies to new artifacts only"
     );
 
@@ -818,12 +822,14 @@ async fn daily_usage_and_projects_usage(backend: Backend) {
         })
         .collect();
     let gib = GIB as i128;
+    // The clock stands at the start of the 3rd: that day is counted up to now (nothing
+    // yet), never through its end.
     assert_eq!(
         figures,
         [
             ("2026-11-01", format!("{}.000000", gib * 43_200), GIB),
             ("2026-11-02", format!("{}.000000", gib * 86_400), GIB),
-            ("2026-11-03", format!("{}.000000", gib * 86_400), GIB),
+            ("2026-11-03", "0.000000".to_owned(), GIB),
         ]
     );
     let small_days = c

@@ -33,6 +33,20 @@ impl BillingApi {
         let principal = self.auth.authenticate_grpc(request.metadata())?;
         Ok(authorize(&principal, access)?)
     }
+
+    /// Authenticates, then parses the request's project id, then authorizes: an
+    /// unauthenticated request is UNAUTHENTICATED whatever its fields hold.
+    fn allow_project<T>(
+        &self,
+        request: &Request<T>,
+        project_id: &str,
+        access: impl for<'a> Fn(&'a ProjectId) -> Access<'a>,
+    ) -> Result<ProjectId, Status> {
+        let principal = self.auth.authenticate_grpc(request.metadata())?;
+        let project = ProjectId::parse("project_id", project_id)?;
+        authorize(&principal, access(&project))?;
+        Ok(project)
+    }
 }
 
 fn project_id(value: &str) -> Result<ProjectId, Status> {
@@ -105,12 +119,35 @@ impl plan_service_server::PlanService for BillingApi {
         Ok(Response::new(convert::project(&record)))
     }
 
+    async fn list_project_plan_history(
+        &self,
+        request: Request<pb::ListProjectPlanHistoryRequest>,
+    ) -> Result<Response<pb::ListProjectPlanHistoryResponse>, Status> {
+        let project =
+            self.allow_project(&request, &request.get_ref().project_id, |p| {
+                Access::ReadUsage(p)
+            })?;
+        let history = self.accounts.plan_history(&project).await?;
+        Ok(Response::new(pb::ListProjectPlanHistoryResponse {
+            periods: history
+                .iter()
+                .map(|(plan, from, to)| pb::PlanPeriod {
+                    plan: Some(convert::plan(plan)),
+                    from: Some(timestamp(*from)),
+                    to: to.map(timestamp),
+                })
+                .collect(),
+        }))
+    }
+
     async fn get_project(
         &self,
         request: Request<pb::GetProjectRequest>,
     ) -> Result<Response<pb::Project>, Status> {
-        let project = project_id(&request.get_ref().project_id)?;
-        self.allow(&request, Access::ReadUsage(&project))?;
+        let project =
+            self.allow_project(&request, &request.get_ref().project_id, |p| {
+                Access::ReadUsage(p)
+            })?;
         let record = self.accounts.get_project(&project).await?;
         Ok(Response::new(convert::project(&record)))
     }
@@ -122,8 +159,10 @@ impl usage_control_service_server::UsageControlService for BillingApi {
         &self,
         request: Request<pb::GetUsageControlsRequest>,
     ) -> Result<Response<pb::UsageControls>, Status> {
-        let project = project_id(&request.get_ref().project_id)?;
-        self.allow(&request, Access::ReadControls(&project))?;
+        let project =
+            self.allow_project(&request, &request.get_ref().project_id, |p| {
+                Access::ReadControls(p)
+            })?;
         let controls = self.accounts.controls(&project).await?;
         Ok(Response::new(convert::controls(&controls)))
     }
@@ -132,11 +171,18 @@ impl usage_control_service_server::UsageControlService for BillingApi {
         &self,
         request: Request<pb::UpdateUsageControlsRequest>,
     ) -> Result<Response<pb::UsageControls>, Status> {
-        let project = project_id(&request.get_ref().project_id)?;
-        self.allow(&request, Access::WriteControls(&project))?;
+        let project =
+            self.allow_project(&request, &request.get_ref().project_id, |p| {
+                Access::WriteControls(p)
+            })?;
         let request = request.into_inner();
-        let mask = ControlsMask::parse(&request.update_mask.map(|m| m.paths).unwrap_or_default())?;
         let update = convert::controls_from_proto(request.controls.unwrap_or_default());
+        let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
+        let mask = if paths.is_empty() {
+            ControlsMask::present(&update)
+        } else {
+            ControlsMask::parse(&paths)?
+        };
         let controls = self
             .accounts
             .update_controls(&project, update, mask, request.apply_to_existing)
@@ -148,8 +194,10 @@ impl usage_control_service_server::UsageControlService for BillingApi {
         &self,
         request: Request<pb::ListUsageAlertsRequest>,
     ) -> Result<Response<pb::ListUsageAlertsResponse>, Status> {
-        let project = project_id(&request.get_ref().project_id)?;
-        self.allow(&request, Access::ReadUsage(&project))?;
+        let project =
+            self.allow_project(&request, &request.get_ref().project_id, |p| {
+                Access::ReadUsage(p)
+            })?;
         let request = request.into_inner();
         let alerts = self
             .metering
@@ -178,8 +226,10 @@ impl usage_service_server::UsageService for BillingApi {
         &self,
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::Usage>, Status> {
-        let project = project_id(&request.get_ref().project_id)?;
-        self.allow(&request, Access::ReadUsage(&project))?;
+        let project =
+            self.allow_project(&request, &request.get_ref().project_id, |p| {
+                Access::ReadUsage(p)
+            })?;
         let request = request.into_inner();
         let start = convert::required_timestamp("start", request.start)?;
         let end = convert::required_timestamp("end", request.end)?;
@@ -187,7 +237,7 @@ impl usage_service_server::UsageService for BillingApi {
         Ok(Response::new(pb::Usage {
             project_id: project.to_string(),
             start: Some(timestamp(start)),
-            end: Some(timestamp(end)),
+            end: Some(timestamp(usage.end)),
             storage_byte_seconds: crate::domain::metering::byte_seconds(usage.storage_byte_micros),
             storage_gib_months: usage.storage_gib_months,
             egress_bytes: convert::saturate(usage.egress_bytes),
@@ -201,8 +251,10 @@ impl usage_service_server::UsageService for BillingApi {
         &self,
         request: Request<pb::GetBillRequest>,
     ) -> Result<Response<pb::Bill>, Status> {
-        let project = project_id(&request.get_ref().project_id)?;
-        self.allow(&request, Access::ReadUsage(&project))?;
+        let project =
+            self.allow_project(&request, &request.get_ref().project_id, |p| {
+                Access::ReadUsage(p)
+            })?;
         let request = request.into_inner();
         let bill = self.metering.bill(&project, month(&request.month)?).await?;
         Ok(Response::new(convert::bill(&bill)))
@@ -212,8 +264,10 @@ impl usage_service_server::UsageService for BillingApi {
         &self,
         request: Request<pb::ListDailyUsageRequest>,
     ) -> Result<Response<pb::ListDailyUsageResponse>, Status> {
-        let project = project_id(&request.get_ref().project_id)?;
-        self.allow(&request, Access::ReadUsage(&project))?;
+        let project =
+            self.allow_project(&request, &request.get_ref().project_id, |p| {
+                Access::ReadUsage(p)
+            })?;
         let request = request.into_inner();
         let first = parse_day("start_day", &request.start_day)?;
         let last = parse_day("end_day", &request.end_day)?;

@@ -164,6 +164,7 @@ pub fn saturate(value: i128) -> i64 {
 pub fn plan(p: &Plan) -> pb::Plan {
     pb::Plan {
         id: p.id.clone(),
+        version: p.version,
         name: p.name.clone(),
         currency: p.currency.clone(),
         included_storage_gib_months: p.included_storage_gib_months,
@@ -195,6 +196,8 @@ pub fn plan_from_proto(p: Option<pb::Plan>) -> Result<Plan, Error> {
     };
     Ok(Plan {
         id: p.id,
+        // Assigned by the store: a new plan is version 1, an update the next version.
+        version: 0,
         name: p.name,
         currency: p.currency,
         included_storage_gib_months: p.included_storage_gib_months,
@@ -249,6 +252,11 @@ fn line_item(l: &LineItem) -> pb::LineItem {
         billable: l.billable.to_decimal(),
         unit_price_micros: l.unit_price_micros,
         amount_micros: saturate(l.amount_micros),
+        plan_id: l.plan_id.clone(),
+        plan_version: l.plan_version,
+        service_start: Some(timestamp(l.period_start)),
+        service_end: Some(timestamp(l.period_end)),
+        correction_for_month: l.correction_for.map(|m| m.to_string()).unwrap_or_default(),
     }
 }
 
@@ -269,6 +277,8 @@ pub fn bill(b: &Bill) -> pb::Bill {
             .map(|(lines, _)| lines.iter().map(line_item).collect())
             .unwrap_or_default(),
         projected_total_micros: b.projected.as_ref().map(|(_, total)| saturate(*total)),
+        plan_version: b.plan.version,
+        finalized_at: b.finalized_at.map(timestamp),
     }
 }
 

@@ -76,6 +76,20 @@ impl Month {
         }
     }
 
+    pub fn previous(self) -> Self {
+        if self.month == 1 {
+            Self {
+                year: self.year - 1,
+                month: 12,
+            }
+        } else {
+            Self {
+                year: self.year,
+                month: self.month - 1,
+            }
+        }
+    }
+
     pub fn seconds(self) -> i64 {
         // Saturating: only the two clipped months at the i64 limits come near.
         self.end()
@@ -255,6 +269,40 @@ impl Quantity {
         }
     }
 
+    /// `max(0, self − other)` for quantities over any denominators (as stored: reduced).
+    pub fn saturating_sub_any(self, other: Quantity) -> Self {
+        if self.denominator == other.denominator {
+            return self.saturating_sub(other).reduced();
+        }
+        let g = gcd(self.denominator, other.denominator).max(1);
+        let lcm = self.denominator / g * other.denominator;
+        Self {
+            numerator: (self.numerator * (lcm / self.denominator)
+                - other.numerator * (lcm / other.denominator))
+                .max(0),
+            denominator: lcm,
+        }
+        .reduced()
+    }
+
+    /// The same amount over a denominator `factor` times larger.
+    fn scaled(self, factor: i128) -> Self {
+        Self {
+            numerator: self.numerator * factor,
+            denominator: self.denominator * factor,
+        }
+    }
+
+    /// The same amount in lowest terms (what is stored and shown does not depend on how a
+    /// quantity was reached).
+    pub fn reduced(self) -> Self {
+        let g = gcd(self.numerator, self.denominator).max(1);
+        Self {
+            numerator: self.numerator / g,
+            denominator: self.denominator / g,
+        }
+    }
+
     /// Six decimals, rounded half-up: how quantities are shown.
     pub fn to_decimal(self) -> String {
         decimal(self.numerator, self.denominator, 6)
@@ -262,14 +310,13 @@ impl Quantity {
 
     /// `self × price`, rounded half-up to whole micro-units.
     pub fn price(self, micros_per_unit: i64) -> i128 {
-        div_round_half_up(
-            self.numerator * i128::from(micros_per_unit),
-            self.denominator,
-        )
+        let q = self.reduced();
+        div_round_half_up(q.numerator * i128::from(micros_per_unit), q.denominator)
     }
 }
 
-/// One meter's line on a bill.
+/// One line on a bill: a meter's usage within one plan segment of the month (or, with
+/// `correction_for`, usage of an already invoiced month that arrived after its invoice).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LineItem {
     pub meter: Meter,
@@ -278,55 +325,133 @@ pub struct LineItem {
     pub billable: Quantity,
     pub unit_price_micros: i64,
     pub amount_micros: i128,
+    pub plan_id: String,
+    pub plan_version: i32,
+    /// The service period the line covers (a plan segment of the month).
+    pub period_start: Timestamp,
+    pub period_end: Timestamp,
+    pub correction_for: Option<Month>,
+}
+
+/// A stretch of a month billed under one plan version: `[from, to)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub plan: Plan,
+    pub from: Timestamp,
+    pub to: Timestamp,
+}
+
+impl Segment {
+    fn micros(&self) -> i128 {
+        i128::from(self.to.as_micros() - self.from.as_micros())
+    }
 }
 
 impl LineItem {
-    pub fn new(meter: Meter, usage: Quantity, included_units: i64, unit_price_micros: i64) -> Self {
-        let included = Quantity::whole_units(included_units, usage);
+    /// A meter's line for `usage` within `segment` of `month`. The included amount is the
+    /// plan's included units prorated by the segment's share of the month, kept as an exact
+    /// fraction (the usage is moved onto a denominator that makes it exact), so the one
+    /// rounding step of a line stays the money rounding in [`Quantity::price`]. A segment
+    /// covering the whole month includes exactly the plan's units.
+    pub fn new(
+        meter: Meter,
+        usage: Quantity,
+        included_units: i64,
+        unit_price_micros: i64,
+        segment: &Segment,
+        month: Month,
+    ) -> Self {
+        let month_micros = i128::from(month.seconds()) * MICROS;
+        let seg_micros = segment.micros().clamp(0, month_micros);
+        let (usage, included) = if seg_micros == month_micros {
+            (usage, Quantity::whole_units(included_units, usage))
+        } else {
+            // included = units × seg / month of the unit: over a denominator that is a
+            // multiple of the month's length it is an exact integer numerator.
+            let usage = if usage.denominator % month_micros == 0 {
+                usage
+            } else {
+                usage.scaled(month_micros)
+            };
+            let included = Quantity {
+                numerator: i128::from(included_units)
+                    * (usage.denominator / month_micros)
+                    * seg_micros,
+                denominator: usage.denominator,
+            };
+            (usage, included)
+        };
         let billable = usage.saturating_sub(included);
         Self {
             meter,
-            usage,
-            included,
-            billable,
+            usage: usage.reduced(),
+            included: included.reduced(),
+            billable: billable.reduced(),
             unit_price_micros,
             amount_micros: billable.price(unit_price_micros),
+            plan_id: segment.plan.id.clone(),
+            plan_version: segment.plan.version,
+            period_start: segment.from,
+            period_end: segment.to,
+            correction_for: None,
         }
     }
 }
 
-/// The usage a month's bill is computed from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The usage a bill (or one segment of it) is computed from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MonthUsage {
     pub storage_byte_micros: i128,
     pub egress_bytes: i128,
     pub ingress_bytes: i128,
 }
 
-/// A bill's line items (storage, egress, ingress) and total for `usage` over `month`.
-pub fn bill_lines(plan: &Plan, month: Month, usage: &MonthUsage) -> (Vec<LineItem>, i128) {
-    let lines = vec![
+/// A segment's line items: storage, egress, ingress.
+pub fn segment_lines(segment: &Segment, month: Month, usage: &MonthUsage) -> Vec<LineItem> {
+    let plan = &segment.plan;
+    vec![
         LineItem::new(
             Meter::Storage,
             Quantity::gib_months(usage.storage_byte_micros, month),
             plan.included_storage_gib_months,
             plan.storage_price_micros,
+            segment,
+            month,
         ),
         LineItem::new(
             Meter::Egress,
             Quantity::gib(usage.egress_bytes),
             plan.included_egress_gib,
             plan.egress_price_micros,
+            segment,
+            month,
         ),
         LineItem::new(
             Meter::Ingress,
             Quantity::gib(usage.ingress_bytes),
             0,
             plan.ingress_price_micros,
+            segment,
+            month,
         ),
-    ];
-    let total = lines.iter().map(|l| l.amount_micros).sum();
+    ]
+}
+
+/// A bill's line items and total for `usage` over the whole `month` under one plan.
+pub fn bill_lines(plan: &Plan, month: Month, usage: &MonthUsage) -> (Vec<LineItem>, i128) {
+    let segment = Segment {
+        plan: plan.clone(),
+        from: month.start(),
+        to: month.end(),
+    };
+    let lines = segment_lines(&segment, month, usage);
+    let total = total(&lines);
     (lines, total)
+}
+
+/// The sum of rounded line items.
+pub fn total(lines: &[LineItem]) -> i128 {
+    lines.iter().map(|l| l.amount_micros).sum()
 }
 
 /// Byte-microseconds as exact byte-seconds (six decimals are exact: 10^6 µs per second).

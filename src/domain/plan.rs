@@ -32,6 +32,9 @@ impl OveragePolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub id: String,
+    /// Which version of the plan these figures are: `UpdatePlan` makes a new one effective
+    /// from that instant, and bills use the version in effect over each stretch of a month.
+    pub version: i32,
     pub name: String,
     pub currency: String,
     pub included_storage_gib_months: i64,
@@ -104,6 +107,15 @@ pub struct UsageControls {
 }
 
 impl UsageControls {
+    /// The retention an artifact of `kind` gets when its push sets none: the project's
+    /// setting clamped to the plan's maximum, else the plan's maximum.
+    pub fn effective_retention_days(&self, kind: super::ScopeKind, plan: &Plan) -> i32 {
+        self.retention_days(kind)
+            .map_or(plan.max_retention_days, |days| {
+                days.min(plan.max_retention_days)
+            })
+    }
+
     pub fn retention_days(&self, kind: super::ScopeKind) -> Option<i32> {
         match kind {
             super::ScopeKind::Job => self.retention_job_days,
@@ -114,18 +126,30 @@ impl UsageControls {
 
     /// Checks the controls against the plan they live under.
     pub fn validate(&self, plan: &Plan) -> Result<()> {
-        for (field, days) in [
-            ("controls.retention_job_days", self.retention_job_days),
+        self.validate_fields(plan, ControlsMask::ALL)
+    }
+
+    /// Checks the masked fields against the plan they live under.
+    pub fn validate_fields(&self, plan: &Plan, mask: ControlsMask) -> Result<()> {
+        for (field, days, set) in [
+            (
+                "controls.retention_job_days",
+                self.retention_job_days,
+                mask.retention_job_days,
+            ),
             (
                 "controls.retention_workflow_days",
                 self.retention_workflow_days,
+                mask.retention_workflow_days,
             ),
             (
                 "controls.retention_project_days",
                 self.retention_project_days,
+                mask.retention_project_days,
             ),
         ] {
-            if let Some(days) = days
+            if set
+                && let Some(days) = days
                 && !(1..=plan.max_retention_days).contains(&days)
             {
                 return Err(Error::invalid(
@@ -180,3 +204,103 @@ impl UsageControls {
             .collect()
     }
 }
+
+/// Which usage-control fields an update sets (the request's field mask).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ControlsMask {
+    pub retention_job_days: bool,
+    pub retention_workflow_days: bool,
+    pub retention_project_days: bool,
+    pub spend_cap_micros: bool,
+    pub storage_cap_bytes: bool,
+    pub alert_thresholds: bool,
+}
+
+impl ControlsMask {
+    pub const ALL: Self = Self {
+        retention_job_days: true,
+        retention_workflow_days: true,
+        retention_project_days: true,
+        spend_cap_micros: true,
+        storage_cap_bytes: true,
+        alert_thresholds: true,
+    };
+
+    /// The fields an update without a mask sets: those present in it. (An empty mask used
+    /// to mean every field, so a request with no controls wiped every control.)
+    pub fn present(update: &UsageControls) -> Self {
+        Self {
+            retention_job_days: update.retention_job_days.is_some(),
+            retention_workflow_days: update.retention_workflow_days.is_some(),
+            retention_project_days: update.retention_project_days.is_some(),
+            spend_cap_micros: update.spend_cap_micros.is_some(),
+            storage_cap_bytes: update.storage_cap_bytes.is_some(),
+            alert_thresholds: !update.alert_thresholds.is_empty(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Parses field-mask paths; an empty list gives an empty mask.
+    pub fn parse(paths: &[String]) -> Result<Self, Error> {
+        let mut mask = Self::default();
+        for path in paths {
+            match path.as_str() {
+                "retention_job_days" => mask.retention_job_days = true,
+                "retention_workflow_days" => mask.retention_workflow_days = true,
+                "retention_project_days" => mask.retention_project_days = true,
+                "spend_cap_micros" => mask.spend_cap_micros = true,
+                "storage_cap_bytes" => mask.storage_cap_bytes = true,
+                "alert_thresholds" => mask.alert_thresholds = true,
+                other => {
+                    return Err(Error::invalid(
+                        "update_mask",
+                        format!("{other:?} is not a UsageControls field"),
+                    ));
+                }
+            }
+        }
+        Ok(mask)
+    }
+
+    pub fn apply(self, current: &UsageControls, update: UsageControls) -> UsageControls {
+        fn pick<T>(set: bool, new: T, old: T) -> T {
+            if set { new } else { old }
+        }
+        UsageControls {
+            retention_job_days: pick(
+                self.retention_job_days,
+                update.retention_job_days,
+                current.retention_job_days,
+            ),
+            retention_workflow_days: pick(
+                self.retention_workflow_days,
+                update.retention_workflow_days,
+                current.retention_workflow_days,
+            ),
+            retention_project_days: pick(
+                self.retention_project_days,
+                update.retention_project_days,
+                current.retention_project_days,
+            ),
+            spend_cap_micros: pick(
+                self.spend_cap_micros,
+                update.spend_cap_micros,
+                current.spend_cap_micros,
+            ),
+            storage_cap_bytes: pick(
+                self.storage_cap_bytes,
+                update.storage_cap_bytes,
+                current.storage_cap_bytes,
+            ),
+            alert_thresholds: if self.alert_thresholds {
+                update.alert_thresholds
+            } else {
+                current.alert_thresholds.clone()
+            },
+        }
+    }
+}
+

@@ -2,94 +2,11 @@
 
 use std::sync::Arc;
 
-use crate::domain::{Clock, Error, Plan, ProjectId, ScopeKind, UsageControls};
+use crate::domain::{
+    Clock, ControlsMask, Error, Plan, ProjectId, ScopeKind, Timestamp, UsageControls,
+};
 use crate::service::Metering;
 use crate::store::{ProjectRecord, Store};
-
-/// Which usage-control fields an update sets (the request's field mask).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ControlsMask {
-    pub retention_job_days: bool,
-    pub retention_workflow_days: bool,
-    pub retention_project_days: bool,
-    pub spend_cap_micros: bool,
-    pub storage_cap_bytes: bool,
-    pub alert_thresholds: bool,
-}
-
-impl ControlsMask {
-    pub const ALL: Self = Self {
-        retention_job_days: true,
-        retention_workflow_days: true,
-        retention_project_days: true,
-        spend_cap_micros: true,
-        storage_cap_bytes: true,
-        alert_thresholds: true,
-    };
-
-    /// Parses field-mask paths; an empty mask means every field.
-    pub fn parse(paths: &[String]) -> Result<Self, Error> {
-        if paths.is_empty() {
-            return Ok(Self::ALL);
-        }
-        let mut mask = Self::default();
-        for path in paths {
-            match path.as_str() {
-                "retention_job_days" => mask.retention_job_days = true,
-                "retention_workflow_days" => mask.retention_workflow_days = true,
-                "retention_project_days" => mask.retention_project_days = true,
-                "spend_cap_micros" => mask.spend_cap_micros = true,
-                "storage_cap_bytes" => mask.storage_cap_bytes = true,
-                "alert_thresholds" => mask.alert_thresholds = true,
-                other => {
-                    return Err(Error::invalid(
-                        "update_mask",
-                        format!("{other:?} is not a UsageControls field"),
-                    ));
-                }
-            }
-        }
-        Ok(mask)
-    }
-
-    fn apply(self, current: &UsageControls, update: UsageControls) -> UsageControls {
-        fn pick<T>(set: bool, new: T, old: T) -> T {
-            if set { new } else { old }
-        }
-        UsageControls {
-            retention_job_days: pick(
-                self.retention_job_days,
-                update.retention_job_days,
-                current.retention_job_days,
-            ),
-            retention_workflow_days: pick(
-                self.retention_workflow_days,
-                update.retention_workflow_days,
-                current.retention_workflow_days,
-            ),
-            retention_project_days: pick(
-                self.retention_project_days,
-                update.retention_project_days,
-                current.retention_project_days,
-            ),
-            spend_cap_micros: pick(
-                self.spend_cap_micros,
-                update.spend_cap_micros,
-                current.spend_cap_micros,
-            ),
-            storage_cap_bytes: pick(
-                self.storage_cap_bytes,
-                update.storage_cap_bytes,
-                current.storage_cap_bytes,
-            ),
-            alert_thresholds: if self.alert_thresholds {
-                update.alert_thresholds
-            } else {
-                current.alert_thresholds.clone()
-            },
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct Accounts {
@@ -109,13 +26,36 @@ impl Accounts {
 
     pub async fn create_plan(&self, plan: Plan) -> Result<Plan, Error> {
         plan.validate()?;
-        self.store.create_plan(&plan, self.clock.now()).await?;
-        Ok(plan)
+        self.store.create_plan(&plan, self.clock.now()).await
     }
 
+    /// A new version of the plan, effective now. Months already billed keep the versions
+    /// they were billed with; a lower maximum retention clamps the future expiry of every
+    /// live artifact of the plan's projects (never into the past).
     pub async fn update_plan(&self, plan: Plan) -> Result<Plan, Error> {
         plan.validate()?;
-        self.store.update_plan(&plan, self.clock.now()).await?;
+        let now = self.clock.now();
+        let current = self.get_plan(&plan.id).await?;
+        if current.currency != plan.currency {
+            return Err(Error::invalid(
+                "plan.currency",
+                format!(
+                    "a plan's currency cannot change ({} to {}): bills would mix currencies; \
+                     create a new plan instead",
+                    current.currency, plan.currency
+                ),
+            ));
+        }
+        let plan = self.store.update_plan(&plan, now).await?;
+        if plan.max_retention_days < current.max_retention_days {
+            let changed = self
+                .store
+                .clamp_expirations(None, Some(&plan.id), plan.max_retention_days, now)
+                .await?;
+            tracing::info!(plan = %plan.id, changed, "retention clamped to the plan's new maximum");
+        }
+        self.metering.forget_all().await;
+        tracing::info!(plan = %plan.id, version = plan.version, "plan updated");
         Ok(plan)
     }
 
@@ -130,15 +70,25 @@ impl Accounts {
         self.store.list_plans().await
     }
 
+    /// Puts the project on a plan from now on; what it used before stays billed under the
+    /// plan it was on. Retention settings and live artifacts' expiry are clamped to the new
+    /// plan's maximum (never into the past).
     pub async fn assign_plan(
         &self,
         project: &ProjectId,
         plan_id: &str,
     ) -> Result<ProjectRecord, Error> {
-        let record = self
-            .store
-            .assign_plan(project, plan_id, self.clock.now())
-            .await?;
+        let now = self.clock.now();
+        if let Some(existing) = self.store.get_project(project).await?
+            && let Some(plan) = self.store.get_plan(plan_id).await?
+            && plan.currency != existing.plan.currency
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "project {project} is billed in {}; plan {plan_id:?} is in {}",
+                existing.plan.currency, plan.currency
+            )));
+        }
+        let record = self.store.assign_plan(project, plan_id, now).await?;
         // Limits changed: let the hot figures be rebuilt against the new plan.
         self.metering.forget(project).await;
         tracing::info!(project = %project, plan = plan_id, "plan assigned");
@@ -152,13 +102,22 @@ impl Accounts {
             .ok_or_else(|| Error::NotFound(format!("no project {project}")))
     }
 
-    pub async fn controls(&self, project: &ProjectId) -> Result<UsageControls, Error> {
-        Ok(self.metering.project(project).await?.controls)
+    /// The plan versions the project has been on, oldest first.
+    pub async fn plan_history(
+        &self,
+        project: &ProjectId,
+    ) -> Result<Vec<(Plan, Timestamp, Option<Timestamp>)>, Error> {
+        self.store.plan_history(project).await
     }
 
-    /// Sets the masked fields, checked against the project's plan. With
-    /// `apply_to_existing`, live artifacts of each scope kind whose retention was set get
-    /// their expiry recomputed.
+    pub async fn controls(&self, project: &ProjectId) -> Result<UsageControls, Error> {
+        Ok(self.get_project(project).await?.controls)
+    }
+
+    /// Sets the masked fields, and only those, checked against the project's plan, in one
+    /// statement (concurrent updates of different fields both survive). With
+    /// `apply_to_existing`, artifacts live now of each scope kind whose retention was set
+    /// get their expiry recomputed (never into the past; ended artifacts are untouched).
     pub async fn update_controls(
         &self,
         project: &ProjectId,
@@ -166,11 +125,22 @@ impl Accounts {
         mask: ControlsMask,
         apply_to_existing: bool,
     ) -> Result<UsageControls, Error> {
-        let record = self.metering.project(project).await?;
-        let controls = mask.apply(&record.controls, update);
-        controls.validate(&record.plan)?;
+        if mask.is_empty() {
+            return Err(Error::invalid(
+                "update_mask",
+                "names no field and the request sets none: nothing to update",
+            ));
+        }
+        // A write: the project is created on the default plan if new, so caps can be set
+        // before the first push. (Reads never create projects.)
+        let record = self.metering.project_for_push(project).await?;
+        update.validate_fields(&record.plan, mask)?;
         let now = self.clock.now();
-        self.store.update_controls(project, &controls, now).await?;
+        let controls = self
+            .store
+            .update_controls(project, &update, &mask, now)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no project {project}")))?;
         self.metering.forget(project).await;
         if apply_to_existing {
             for (kind, set) in [
@@ -178,7 +148,8 @@ impl Accounts {
                 (ScopeKind::Workflow, mask.retention_workflow_days),
                 (ScopeKind::Project, mask.retention_project_days),
             ] {
-                if let (true, Some(days)) = (set, controls.retention_days(kind)) {
+                if set {
+                    let days = controls.effective_retention_days(kind, &record.plan);
                     let changed = self
                         .store
                         .recompute_expirations(project, kind, days, now)

@@ -123,7 +123,9 @@ impl ArtifactService {
         {
             return replay(&spec, artifact, deduplicated);
         }
-        let record = self.metering.project(project).await?;
+        let record = self.metering.project_for_push(project).await?;
+        // The push's own expire_in (within the plan's maximum), else the project's setting
+        // clamped to the plan's maximum, else the plan's maximum: nothing outlives its plan.
         let retention_micros = match spec.expire_in_micros {
             Some(ttl) => {
                 let max = i64::from(record.plan.max_retention_days) * DAY_MICROS;
@@ -138,10 +140,13 @@ impl ArtifactService {
                 }
                 Some(ttl)
             }
-            None => record
-                .controls
-                .retention_days(spec.target.scope.kind())
-                .map(|days| i64::from(days) * DAY_MICROS),
+            None => Some(
+                i64::from(
+                    record
+                        .controls
+                        .effective_retention_days(spec.target.scope.kind(), &record.plan),
+                ) * DAY_MICROS,
+            ),
         };
         // A small push is refused by its commit as cheaply as by a lookup now; a large one
         // is checked before its bytes are read.

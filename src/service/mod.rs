@@ -6,6 +6,7 @@ pub mod artifacts;
 pub mod metering;
 pub mod tokens;
 
-pub use accounts::{Accounts, ControlsMask};
+pub use crate::domain::ControlsMask;
+pub use accounts::Accounts;
 pub use artifacts::{ArtifactService, ListPage, PullSpec, PullStream, PushOutcome, PushSpec};
 pub use metering::{Bill, DailyUsage, Metering, UsageReport};

@@ -98,6 +98,8 @@ pub mod plan {
         pub overage_policy: String,
         pub created_at: i64,
         pub updated_at: i64,
+        /// The current version (see `plan_versions`).
+        pub version: i32,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

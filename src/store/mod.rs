@@ -3,6 +3,7 @@
 
 mod artifacts;
 pub mod entities;
+mod invoices;
 mod plans;
 mod quota;
 mod usage;
@@ -17,6 +18,7 @@ use sea_orm::{
 use crate::domain::Error;
 
 pub use artifacts::{NewArtifact, PushCommit, PushedBlob, already_exists};
+pub use invoices::Invoice;
 pub use plans::ProjectRecord;
 pub use quota::{QuotaBase, QuotaCheck};
 pub use usage::UsageAlert;

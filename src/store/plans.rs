@@ -1,11 +1,19 @@
-//! Plans, projects (their plan and usage controls) and retention recomputation.
+//! Plans and their versions, projects (their plan history and usage controls) and retention
+//! recomputation.
+//!
+//! The past is never rewritten here: `UpdatePlan` appends a plan version effective from now,
+//! `AssignPlan` appends a row to the project's plan history effective from now, and
+//! retention changes only move the future end of artifacts live at that instant.
 
 use sea_orm::sea_query::{Expr, OnConflict};
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, ExprTrait, QueryFilter, QueryOrder};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, ExprTrait, QueryFilter,
+    QueryOrder, TransactionTrait, Value,
+};
 
 use super::entities::{artifact, plan, project};
 use super::{Store, artifacts::is_unique_violation, db_error};
-use crate::domain::metering::DAY_MICROS;
+use crate::domain::metering::{DAY_MICROS, Segment};
 use crate::domain::{Error, OveragePolicy, Plan, ProjectId, ScopeKind, Timestamp, UsageControls};
 
 /// A project's plan and controls.
@@ -15,6 +23,28 @@ pub struct ProjectRecord {
     pub plan: Plan,
     pub controls: UsageControls,
     pub created_at: Timestamp,
+}
+
+/// The plan columns, in the order [`plan_values`] gives them, shared by `plans` and
+/// `plan_versions`.
+const PLAN_COLUMNS: &str = "name, currency, included_storage_gib_months, included_egress_gib, \
+     storage_price_micros, egress_price_micros, ingress_price_micros, storage_limit_bytes, \
+     max_artifact_bytes, max_retention_days, overage_policy";
+
+fn plan_values(plan: &Plan) -> Vec<Value> {
+    vec![
+        plan.name.clone().into(),
+        plan.currency.clone().into(),
+        plan.included_storage_gib_months.into(),
+        plan.included_egress_gib.into(),
+        plan.storage_price_micros.into(),
+        plan.egress_price_micros.into(),
+        plan.ingress_price_micros.into(),
+        plan.storage_limit_bytes.into(),
+        plan.max_artifact_bytes.into(),
+        plan.max_retention_days.into(),
+        plan.overage_policy.as_str().into(),
+    ]
 }
 
 impl Store {
@@ -38,36 +68,234 @@ impl Store {
             .collect()
     }
 
-    pub async fn create_plan(&self, plan: &Plan, now: Timestamp) -> Result<(), Error> {
-        match plan::Entity::insert(plan_to_active(plan, now, true))
-            .exec_without_returning(&self.db)
+    /// Creates a plan at version 1. Its first version is effective from the beginning of
+    /// time: no project can have been on it before, and a project's first plan covers its
+    /// whole past (see `project_plans`).
+    pub async fn create_plan(&self, plan: &Plan, now: Timestamp) -> Result<Plan, Error> {
+        let plan = Plan {
+            version: 1,
+            ..plan.clone()
+        };
+        let txn = self.db.begin().await.map_err(db_error)?;
+        let mut values = vec![plan.id.clone().into()];
+        values.extend(plan_values(&plan));
+        values.extend([now.as_micros().into(), now.as_micros().into()]);
+        let inserted = txn
+            .execute_raw(self.statement(
+                &format!(
+                    "INSERT INTO plans (id, {PLAN_COLUMNS}, created_at, updated_at, version) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)"
+                ),
+                values,
+            ))
+            .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => {
+                return Err(Error::AlreadyExists(format!(
+                    "plan {:?} already exists",
+                    plan.id
+                )));
+            }
+            Err(e) => return Err(db_error(e)),
+        }
+        self.insert_plan_version(&txn, &plan, Timestamp::from_micros(0), now)
+            .await?;
+        txn.commit().await.map_err(db_error)?;
+        Ok(plan)
+    }
+
+    async fn insert_plan_version<C: ConnectionTrait>(
+        &self,
+        db: &C,
+        plan: &Plan,
+        effective_from: Timestamp,
+        now: Timestamp,
+    ) -> Result<(), Error> {
+        let mut values = vec![
+            plan.id.clone().into(),
+            plan.version.into(),
+            effective_from.as_micros().into(),
+        ];
+        values.extend(plan_values(plan));
+        values.push(now.as_micros().into());
+        match db
+            .execute_raw(self.statement(
+                &format!(
+                    "INSERT INTO plan_versions (plan_id, version, effective_from, {PLAN_COLUMNS}, \
+                     created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                ),
+                values,
+            ))
             .await
         {
             Ok(_) => Ok(()),
-            Err(e) if is_unique_violation(&e) => Err(Error::AlreadyExists(format!(
-                "plan {:?} already exists",
+            Err(e) if is_unique_violation(&e) => Err(Error::FailedPrecondition(format!(
+                "plan {:?} was changed by another request at the same instant; retry",
                 plan.id
             ))),
             Err(e) => Err(db_error(e)),
         }
     }
 
-    pub async fn update_plan(&self, plan: &Plan, now: Timestamp) -> Result<(), Error> {
-        let mut active = plan_to_active(plan, now, false);
-        active.created_at = sea_orm::ActiveValue::NotSet;
-        let updated = plan::Entity::update_many()
-            .set(active)
-            .filter(plan::Column::Id.eq(plan.id.as_str()))
-            .exec(&self.db)
+    /// Makes `plan`'s figures a new version effective from `now`. Bills of everything
+    /// before `now` keep the versions they were computed with. Returns the new version.
+    pub async fn update_plan(&self, plan: &Plan, now: Timestamp) -> Result<Plan, Error> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        let mut values = plan_values(plan);
+        values.push(now.as_micros().into());
+        values.push(plan.id.clone().into());
+        let assignments = PLAN_COLUMNS
+            .split(',')
+            .map(|c| format!("{} = ?", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let row = txn
+            .query_one_raw(self.statement(
+                &format!(
+                    "UPDATE plans SET {assignments}, updated_at = ?, version = version + 1 \
+                     WHERE id = ? RETURNING version"
+                ),
+                values,
+            ))
             .await
-            .map_err(db_error)?;
-        if updated.rows_affected == 0 {
-            return Err(Error::NotFound(format!("no plan {:?}", plan.id)));
-        }
-        Ok(())
+            .map_err(db_error)?
+            .ok_or_else(|| Error::NotFound(format!("no plan {:?}", plan.id)))?;
+        let version: i32 = row.try_get_by_index(0).map_err(db_error)?;
+        let plan = Plan {
+            version,
+            ..plan.clone()
+        };
+        self.insert_plan_version(&txn, &plan, now, now).await?;
+        txn.commit().await.map_err(db_error)?;
+        Ok(plan)
     }
 
-    /// The project's record, creating it on `default_plan` the first time it is seen.
+    /// Every version of `plan_id`, oldest first, with the instant each took effect.
+    async fn plan_versions(&self, plan_id: &str) -> Result<Vec<(Timestamp, Plan)>, Error> {
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                &format!(
+                    "SELECT effective_from, plan_id, version, {PLAN_COLUMNS} FROM plan_versions \
+                     WHERE plan_id = ? ORDER BY effective_from"
+                ),
+                vec![plan_id.into()],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                let get_i64 = |i| r.try_get_by_index::<i64>(i).map_err(db_error);
+                let get_str = |i| r.try_get_by_index::<String>(i).map_err(db_error);
+                let policy = get_str(13)?;
+                Ok((
+                    Timestamp::from_micros(get_i64(0)?),
+                    Plan {
+                        id: get_str(1)?,
+                        version: r.try_get_by_index(2).map_err(db_error)?,
+                        name: get_str(3)?,
+                        currency: get_str(4)?,
+                        included_storage_gib_months: get_i64(5)?,
+                        included_egress_gib: get_i64(6)?,
+                        storage_price_micros: get_i64(7)?,
+                        egress_price_micros: get_i64(8)?,
+                        ingress_price_micros: get_i64(9)?,
+                        storage_limit_bytes: r.try_get_by_index(10).map_err(db_error)?,
+                        max_artifact_bytes: get_i64(11)?,
+                        max_retention_days: r.try_get_by_index(12).map_err(db_error)?,
+                        overage_policy: OveragePolicy::from_db(&policy).ok_or_else(|| {
+                            Error::Internal(format!("plan version has overage policy {policy:?}"))
+                        })?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// One version of a plan.
+    pub async fn plan_version(&self, plan_id: &str, version: i32) -> Result<Plan, Error> {
+        self.plan_versions(plan_id)
+            .await?
+            .into_iter()
+            .map(|(_, plan)| plan)
+            .find(|plan| plan.version == version)
+            .ok_or_else(|| Error::Internal(format!("plan {plan_id:?} has no version {version}")))
+    }
+
+    /// The project's plan history: (from, plan id), oldest first; each row lasts until the
+    /// next. Empty for a project never seen.
+    async fn project_plan_rows(&self, project: &ProjectId) -> Result<Vec<(i64, String)>, Error> {
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT valid_from, plan_id FROM project_plans WHERE project_id = ? \
+                 ORDER BY valid_from",
+                vec![project.as_str().into()],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get_by_index(0).map_err(db_error)?,
+                    r.try_get_by_index(1).map_err(db_error)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// The plan versions the project was on over `[from, to)`, as consecutive segments
+    /// covering the range: the project's plan history cut by each plan's version changes.
+    /// A project's first plan, and a plan's first version, cover everything before them.
+    /// NOT_FOUND for a project never seen.
+    pub async fn plan_segments(
+        &self,
+        project: &ProjectId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<Segment>, Error> {
+        let assignments = self.project_plan_rows(project).await?;
+        if assignments.is_empty() {
+            return Err(Error::NotFound(format!("no project {project}")));
+        }
+        let mut segments = Vec::new();
+        for (i, (valid_from, plan_id)) in assignments.iter().enumerate() {
+            let start = if i == 0 { i64::MIN } else { *valid_from };
+            let end = assignments.get(i + 1).map_or(i64::MAX, |next| next.0);
+            let (a, b) = (
+                Ord::max(start, from.as_micros()),
+                Ord::min(end, to.as_micros()),
+            );
+            if a >= b {
+                continue;
+            }
+            let versions = self.plan_versions(plan_id).await?;
+            for (j, (effective, plan)) in versions.iter().enumerate() {
+                let v_start = if j == 0 { i64::MIN } else { effective.as_micros() };
+                let v_end = versions
+                    .get(j + 1)
+                    .map_or(i64::MAX, |next| next.0.as_micros());
+                let (c, d) = (Ord::max(v_start, a), Ord::min(v_end, b));
+                if c < d {
+                    segments.push(Segment {
+                        plan: plan.clone(),
+                        from: Timestamp::from_micros(c),
+                        to: Timestamp::from_micros(d),
+                    });
+                }
+            }
+        }
+        if segments.is_empty() {
+            return Err(Error::Internal(format!(
+                "project {project} has no plan version covering the range"
+            )));
+        }
+        Ok(segments)
+    }
+
+    /// The project's record, creating it on `default_plan` the first time it is seen (only
+    /// pushes and admin calls create projects).
     pub async fn ensure_project(
         &self,
         project: &ProjectId,
@@ -77,18 +305,44 @@ impl Store {
         if let Some(record) = self.get_project(project).await? {
             return Ok(record);
         }
-        project::Entity::insert(new_project(project, default_plan, now))
+        let txn = self.db.begin().await.map_err(db_error)?;
+        self.insert_project(&txn, project, default_plan, now)
+            .await
+            .map_err(db_error)?;
+        txn.commit().await.map_err(db_error)?;
+        self.get_project(project).await?.ok_or_else(|| {
+            Error::Internal(format!("project {project} vanished after being created"))
+        })
+    }
+
+    /// Inserts a project and its first plan-history row (from 0: the first plan covers
+    /// everything before), unless it exists.
+    async fn insert_project<C: ConnectionTrait>(
+        &self,
+        db: &C,
+        project: &ProjectId,
+        plan_id: &str,
+        now: Timestamp,
+    ) -> Result<(), sea_orm::DbErr> {
+        project::Entity::insert(new_project(project, plan_id, now))
             .on_conflict(
                 OnConflict::column(project::Column::ProjectId)
                     .do_nothing()
                     .to_owned(),
             )
-            .exec_without_returning(&self.db)
-            .await
-            .map_err(db_error)?;
-        self.get_project(project).await?.ok_or_else(|| {
-            Error::Internal(format!("project {project} vanished after being created"))
-        })
+            .exec_without_returning(db)
+            .await?;
+        db.execute_raw(self.statement(
+            "INSERT INTO project_plans (project_id, valid_from, plan_id, assigned_at) \
+             VALUES (?, 0, ?, ?) ON CONFLICT DO NOTHING",
+            vec![
+                project.as_str().into(),
+                plan_id.into(),
+                now.as_micros().into(),
+            ],
+        ))
+        .await?;
+        Ok(())
     }
 
     pub async fn get_project(&self, project: &ProjectId) -> Result<Option<ProjectRecord>, Error> {
@@ -108,72 +362,158 @@ impl Store {
         Ok(Some(project_to_domain(row, plan)?))
     }
 
-    /// Puts a project on a plan, creating the project if needed.
+    /// Puts a project on a plan from `now` on (creating the project if needed): a new row in
+    /// its plan history, so what was used before `now` stays billed under the old plan. The
+    /// project's retention settings are clamped to the new plan's maximum.
     pub async fn assign_plan(
         &self,
         project: &ProjectId,
         plan_id: &str,
         now: Timestamp,
     ) -> Result<ProjectRecord, Error> {
-        if self.get_plan(plan_id).await?.is_none() {
+        let Some(plan) = self.get_plan(plan_id).await? else {
             return Err(Error::NotFound(format!("no plan {plan_id:?}")));
-        }
-        project::Entity::insert(new_project(project, plan_id, now))
-            .on_conflict(
-                OnConflict::column(project::Column::ProjectId)
-                    .update_columns([project::Column::PlanId, project::Column::UpdatedAt])
-                    .to_owned(),
-            )
-            .exec_without_returning(&self.db)
+        };
+        let txn = self.db.begin().await.map_err(db_error)?;
+        let current: Option<String> = project::Entity::find_by_id(project.as_str().to_owned())
+            .one(&txn)
             .await
-            .map_err(db_error)?;
+            .map_err(db_error)?
+            .map(|p| p.plan_id);
+        match current {
+            None => self
+                .insert_project(&txn, project, plan_id, now)
+                .await
+                .map_err(db_error)?,
+            Some(current) if current == plan_id => {}
+            Some(_) => {
+                txn.execute_raw(self.statement(
+                    "INSERT INTO project_plans (project_id, valid_from, plan_id, assigned_at) \
+                     VALUES (?, ?, ?, ?) ON CONFLICT (project_id, valid_from) \
+                     DO UPDATE SET plan_id = excluded.plan_id, assigned_at = excluded.assigned_at",
+                    vec![
+                        project.as_str().into(),
+                        now.as_micros().into(),
+                        plan_id.into(),
+                        now.as_micros().into(),
+                    ],
+                ))
+                .await
+                .map_err(db_error)?;
+                let max = plan.max_retention_days;
+                txn.execute_raw(self.statement(
+                    "UPDATE projects SET plan_id = ?, updated_at = ?, \
+                     retention_job_days = CASE WHEN retention_job_days > ? THEN ? ELSE retention_job_days END, \
+                     retention_workflow_days = CASE WHEN retention_workflow_days > ? THEN ? ELSE retention_workflow_days END, \
+                     retention_project_days = CASE WHEN retention_project_days > ? THEN ? ELSE retention_project_days END \
+                     WHERE project_id = ?",
+                    vec![
+                        plan_id.into(),
+                        now.as_micros().into(),
+                        max.into(),
+                        max.into(),
+                        max.into(),
+                        max.into(),
+                        max.into(),
+                        max.into(),
+                        project.as_str().into(),
+                    ],
+                ))
+                .await
+                .map_err(db_error)?;
+            }
+        }
+        txn.commit().await.map_err(db_error)?;
+        self.clamp_expirations(Some(project), None, plan.max_retention_days, now)
+            .await?;
         self.get_project(project)
             .await?
             .ok_or_else(|| Error::Internal(format!("project {project} missing after assign")))
     }
 
+    /// The project's plan history, oldest first: each plan version it was on and from when
+    /// to when (`None`: still in effect).
+    pub async fn plan_history(
+        &self,
+        project: &ProjectId,
+    ) -> Result<Vec<(Plan, Timestamp, Option<Timestamp>)>, Error> {
+        let segments = self
+            .plan_segments(
+                project,
+                Timestamp::from_micros(i64::MIN),
+                Timestamp::from_micros(i64::MAX),
+            )
+            .await?;
+        Ok(segments
+            .into_iter()
+            .map(|s| {
+                let from = Timestamp::from_micros(Ord::max(s.from.as_micros(), 0));
+                let to = (s.to.as_micros() != i64::MAX).then_some(s.to);
+                (s.plan, from, to)
+            })
+            .collect())
+    }
+
+    /// Writes the masked control fields, and only those, in one statement that returns the
+    /// row it updated: concurrent updates of different fields both survive. `None` when the
+    /// project does not exist.
     pub async fn update_controls(
         &self,
         project: &ProjectId,
-        controls: &UsageControls,
+        update: &UsageControls,
+        mask: &crate::domain::ControlsMask,
         now: Timestamp,
-    ) -> Result<(), Error> {
-        project::Entity::update_many()
-            .col_expr(
+    ) -> Result<Option<UsageControls>, Error> {
+        let mut query = project::Entity::update_many()
+            .col_expr(project::Column::UpdatedAt, Expr::value(now.as_micros()));
+        if mask.retention_job_days {
+            query = query.col_expr(
                 project::Column::RetentionJobDays,
-                Expr::value(controls.retention_job_days),
-            )
-            .col_expr(
+                Expr::value(update.retention_job_days),
+            );
+        }
+        if mask.retention_workflow_days {
+            query = query.col_expr(
                 project::Column::RetentionWorkflowDays,
-                Expr::value(controls.retention_workflow_days),
-            )
-            .col_expr(
+                Expr::value(update.retention_workflow_days),
+            );
+        }
+        if mask.retention_project_days {
+            query = query.col_expr(
                 project::Column::RetentionProjectDays,
-                Expr::value(controls.retention_project_days),
-            )
-            .col_expr(
+                Expr::value(update.retention_project_days),
+            );
+        }
+        if mask.spend_cap_micros {
+            query = query.col_expr(
                 project::Column::SpendCapMicros,
-                Expr::value(controls.spend_cap_micros),
-            )
-            .col_expr(
+                Expr::value(update.spend_cap_micros),
+            );
+        }
+        if mask.storage_cap_bytes {
+            query = query.col_expr(
                 project::Column::StorageCapBytes,
-                Expr::value(controls.storage_cap_bytes),
-            )
-            .col_expr(
+                Expr::value(update.storage_cap_bytes),
+            );
+        }
+        if mask.alert_thresholds {
+            query = query.col_expr(
                 project::Column::AlertThresholds,
-                Expr::value(controls.thresholds_to_db()),
-            )
-            .col_expr(project::Column::UpdatedAt, Expr::value(now.as_micros()))
+                Expr::value(update.thresholds_to_db()),
+            );
+        }
+        let rows = query
             .filter(project::Column::ProjectId.eq(project.as_str()))
-            .exec(&self.db)
+            .exec_with_returning(&self.db)
             .await
             .map_err(db_error)?;
-        Ok(())
+        Ok(rows.into_iter().next().map(|row| controls_from_row(&row)))
     }
 
-    /// Re-derives `expires_at` of a scope kind's live, unkept artifacts from a new retention:
-    /// `created_at + days`, but never in the past — an artifact does not retroactively stop
-    /// costing. Returns how many artifacts changed.
+    /// Re-derives `expires_at` of a scope kind's artifacts live at `now` (not kept, not yet
+    /// expired) from a new retention: `created_at + days`, but never before `now`. Artifacts
+    /// that already ended — deleted, replaced or expired, swept or not — are not touched, so
+    /// no past window changes. Returns how many artifacts changed.
     pub async fn recompute_expirations(
         &self,
         project: &ProjectId,
@@ -183,42 +523,66 @@ impl Store {
     ) -> Result<u64, Error> {
         let ttl = i64::from(days) * DAY_MICROS;
         let now = now.as_micros();
-        let scope = || {
-            artifact::Entity::update_many()
-                .filter(artifact::Column::ProjectId.eq(project.as_str()))
-                .filter(artifact::Column::ScopeKind.eq(kind.as_str()))
-                .filter(artifact::Column::DeletedAt.is_null())
-                .filter(artifact::Column::Keep.eq(false))
-        };
-        let future = scope()
-            .col_expr(
-                artifact::Column::ExpiresAt,
-                Expr::col(artifact::Column::CreatedAt).add(ttl),
-            )
-            .col_expr(
-                artifact::Column::BillingEnd,
-                Expr::col(artifact::Column::CreatedAt).add(ttl),
-            )
-            .filter(artifact::Column::CreatedAt.gte(now - ttl))
+        let end = Expr::case(
+            Expr::col(artifact::Column::CreatedAt).add(ttl).lt(now),
+            Expr::value(now),
+        )
+        .finally(Expr::col(artifact::Column::CreatedAt).add(ttl));
+        let changed = artifact::Entity::update_many()
+            .col_expr(artifact::Column::ExpiresAt, end.clone().into())
+            .col_expr(artifact::Column::BillingEnd, end.into())
+            .filter(artifact::Column::ProjectId.eq(project.as_str()))
+            .filter(artifact::Column::ScopeKind.eq(kind.as_str()))
+            .filter(live_at(now))
             .exec(&self.db)
             .await
             .map_err(db_error)?;
-        let past = scope()
-            .col_expr(artifact::Column::ExpiresAt, Expr::value(now))
-            .col_expr(artifact::Column::BillingEnd, Expr::value(now))
-            .filter(artifact::Column::CreatedAt.lt(now - ttl))
+        Ok(changed.rows_affected)
+    }
+
+    /// Clamps the expiry of live artifacts (of one project, or of every project on one
+    /// plan) to `created_at + max_days`, never before `now`: a plan's maximum retention
+    /// bounds every artifact under it. Returns how many changed.
+    pub async fn clamp_expirations(
+        &self,
+        project: Option<&ProjectId>,
+        plan_id: Option<&str>,
+        max_days: i32,
+        now: Timestamp,
+    ) -> Result<u64, Error> {
+        let ttl = i64::from(max_days) * DAY_MICROS;
+        let now = now.as_micros();
+        let end = Expr::case(
+            Expr::col(artifact::Column::CreatedAt).add(ttl).lt(now),
+            Expr::value(now),
+        )
+        .finally(Expr::col(artifact::Column::CreatedAt).add(ttl));
+        let mut query = artifact::Entity::update_many()
+            .col_expr(artifact::Column::ExpiresAt, end.clone().into())
+            .col_expr(artifact::Column::BillingEnd, end.into())
+            .filter(live_at(now))
             .filter(
-                artifact::Column::BillingEnd
+                Expr::col(artifact::Column::ExpiresAt)
                     .is_null()
-                    .or(artifact::Column::BillingEnd.gt(now)),
-            )
-            .exec(&self.db)
-            .await
-            .map_err(db_error)?;
-        self.forget_snapshots(&self.db, project, Timestamp::from_micros(now))
-            .await
-            .map_err(db_error)?;
-        Ok(future.rows_affected + past.rows_affected)
+                    .or(Expr::col(artifact::Column::ExpiresAt)
+                        .gt(Expr::col(artifact::Column::CreatedAt).add(ttl))),
+            );
+        if let Some(project) = project {
+            query = query.filter(artifact::Column::ProjectId.eq(project.as_str()));
+        }
+        if let Some(plan_id) = plan_id {
+            query = query.filter(
+                artifact::Column::ProjectId.in_subquery(
+                    sea_orm::sea_query::Query::select()
+                        .column(project::Column::ProjectId)
+                        .from(project::Entity)
+                        .and_where(project::Column::PlanId.eq(plan_id))
+                        .to_owned(),
+                ),
+            );
+        }
+        let changed = query.exec(&self.db).await.map_err(db_error)?;
+        Ok(changed.rows_affected)
     }
 
     pub async fn list_project_ids(&self) -> Result<Vec<String>, Error> {
@@ -231,6 +595,19 @@ impl Store {
             .map(|p| p.project_id)
             .collect())
     }
+}
+
+/// Artifacts live at `now`: not ended, not kept, and not expired yet (whether or not a
+/// sweeper has marked them).
+fn live_at(now: i64) -> sea_orm::Condition {
+    sea_orm::Condition::all()
+        .add(artifact::Column::DeletedAt.is_null())
+        .add(artifact::Column::Keep.eq(false))
+        .add(
+            artifact::Column::BillingEnd
+                .is_null()
+                .or(artifact::Column::BillingEnd.gt(now)),
+        )
 }
 
 fn new_project(project: &ProjectId, plan_id: &str, now: Timestamp) -> project::ActiveModel {
@@ -248,29 +625,6 @@ fn new_project(project: &ProjectId, plan_id: &str, now: Timestamp) -> project::A
     }
 }
 
-fn plan_to_active(plan: &Plan, now: Timestamp, creating: bool) -> plan::ActiveModel {
-    plan::ActiveModel {
-        id: Set(plan.id.clone()),
-        name: Set(plan.name.clone()),
-        currency: Set(plan.currency.clone()),
-        included_storage_gib_months: Set(plan.included_storage_gib_months),
-        included_egress_gib: Set(plan.included_egress_gib),
-        storage_price_micros: Set(plan.storage_price_micros),
-        egress_price_micros: Set(plan.egress_price_micros),
-        ingress_price_micros: Set(plan.ingress_price_micros),
-        storage_limit_bytes: Set(plan.storage_limit_bytes),
-        max_artifact_bytes: Set(plan.max_artifact_bytes),
-        max_retention_days: Set(plan.max_retention_days),
-        overage_policy: Set(plan.overage_policy.as_str().to_owned()),
-        created_at: if creating {
-            Set(now.as_micros())
-        } else {
-            sea_orm::ActiveValue::NotSet
-        },
-        updated_at: Set(now.as_micros()),
-    }
-}
-
 fn plan_to_domain(row: plan::Model) -> Result<Plan, Error> {
     Ok(Plan {
         overage_policy: OveragePolicy::from_db(&row.overage_policy).ok_or_else(|| {
@@ -280,6 +634,7 @@ fn plan_to_domain(row: plan::Model) -> Result<Plan, Error> {
             ))
         })?,
         id: row.id,
+        version: row.version,
         name: row.name,
         currency: row.currency,
         included_storage_gib_months: row.included_storage_gib_months,
@@ -293,19 +648,23 @@ fn plan_to_domain(row: plan::Model) -> Result<Plan, Error> {
     })
 }
 
+fn controls_from_row(row: &project::Model) -> UsageControls {
+    UsageControls {
+        retention_job_days: row.retention_job_days,
+        retention_workflow_days: row.retention_workflow_days,
+        retention_project_days: row.retention_project_days,
+        spend_cap_micros: row.spend_cap_micros,
+        storage_cap_bytes: row.storage_cap_bytes,
+        alert_thresholds: UsageControls::thresholds_from_db(&row.alert_thresholds),
+    }
+}
+
 fn project_to_domain(row: project::Model, plan: Plan) -> Result<ProjectRecord, Error> {
     Ok(ProjectRecord {
         project_id: ProjectId::parse("project_id", &row.project_id)
             .map_err(|_| Error::Internal(format!("bad project id {:?}", row.project_id)))?,
         plan,
-        controls: UsageControls {
-            retention_job_days: row.retention_job_days,
-            retention_workflow_days: row.retention_workflow_days,
-            retention_project_days: row.retention_project_days,
-            spend_cap_micros: row.spend_cap_micros,
-            storage_cap_bytes: row.storage_cap_bytes,
-            alert_thresholds: UsageControls::thresholds_from_db(&row.alert_thresholds),
-        },
+        controls: controls_from_row(&row),
         created_at: Timestamp::from_micros(row.created_at),
     })
 }

@@ -425,6 +425,42 @@ impl Store {
         Ok((bytes + added - ended, count + added_n - ended_n))
     }
 
+    /// Byte-microseconds the artifacts stored at `now` will cost until `end`, each until its
+    /// billing end if that comes first: stored(now) × (end − now) − Σ size × (end −
+    /// billing_end) over those ending before `end`.
+    pub async fn future_storage_byte_micros(
+        &self,
+        project: &ProjectId,
+        now: Timestamp,
+        end: Timestamp,
+    ) -> Result<i128, Error> {
+        if end <= now {
+            return Ok(0);
+        }
+        let (stored, _) = self.stored_at(project, now).await?;
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT size, billing_end FROM artifacts WHERE project_id = ? \
+                 AND billing_end > ? AND billing_end < ? AND created_at <= ?",
+                vec![
+                    project.as_str().into(),
+                    now.as_micros().into(),
+                    end.as_micros().into(),
+                    now.as_micros().into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        let mut ending = 0i128;
+        for r in &rows {
+            let size: i64 = r.try_get_by_index(0).map_err(db_error)?;
+            let billing_end: i64 = r.try_get_by_index(1).map_err(db_error)?;
+            ending += i128::from(size) * i128::from(end.as_micros() - billing_end);
+        }
+        Ok(i128::from(stored) * i128::from(end.as_micros() - now.as_micros()) - ending)
+    }
+
     fn note_rollup(&self, at: Timestamp) {
         self.rollup_horizon
             .fetch_max(at.as_micros(), std::sync::atomic::Ordering::SeqCst);

@@ -4,7 +4,7 @@
 use super::Metering;
 use super::billing::Extra;
 use super::enforcement::storage_limit;
-use crate::domain::metering::{Meter, Month};
+use crate::domain::metering::{MICROS, Meter, Month};
 use crate::domain::plan::GIB;
 use crate::domain::{Error, ProjectId};
 use crate::store::{ProjectRecord, UsageAlert};
@@ -32,7 +32,13 @@ impl Metering {
             let seen = self
                 .alerted
                 .lock()
-                .map(|mut set| !set.insert(key))
+                .map(|mut set| {
+                    // Bounded: forgetting only costs a redundant (idempotent) insert.
+                    if set.len() >= 100_000 {
+                        set.clear();
+                    }
+                    !set.insert(key)
+                })
                 .unwrap_or(false);
             if seen {
                 continue;
@@ -64,22 +70,41 @@ impl Metering {
         if record.controls.alert_thresholds.is_empty() {
             return;
         }
-        if let Ok((stored, _)) = self.store.stored_at(project, self.clock.now()).await {
-            let (basis, limit) = match storage_limit(&record) {
-                Some(limit) => ("storage_limit", i128::from(limit)),
-                None => (
-                    "included_storage",
-                    i128::from(record.plan.included_storage_gib_months) * i128::from(GIB),
-                ),
-            };
-            self.check_alerts(
-                &record,
-                Meter::Storage.as_str(),
-                basis,
-                stored.into(),
-                limit,
-            )
-            .await;
+        // Like with like: bytes stored now against a limit in bytes; without one, the
+        // month's projected storage (byte-microseconds, stored bytes carried to month end)
+        // against the included GiB-months in the same unit.
+        let now = self.clock.now();
+        let figures = match storage_limit(&record) {
+            Some(limit) => self
+                .store
+                .stored_at(project, now)
+                .await
+                .map(|(stored, _)| ("storage_limit", i128::from(stored), i128::from(limit))),
+            None => {
+                let month = Month::containing(now);
+                let month_micros = i128::from(month.seconds()) * MICROS;
+                let so_far = self
+                    .store
+                    .storage_byte_micros(project, month.start(), now, now)
+                    .await;
+                let future = self
+                    .store
+                    .future_storage_byte_micros(project, now, month.end())
+                    .await;
+                so_far.and_then(|a| future.map(|b| a + b)).map(|projected| {
+                    (
+                        "included_storage",
+                        projected,
+                        i128::from(record.plan.included_storage_gib_months)
+                            * i128::from(GIB)
+                            * month_micros,
+                    )
+                })
+            }
+        };
+        if let Ok((basis, figure, limit)) = figures {
+            self.check_alerts(&record, Meter::Storage.as_str(), basis, figure, limit)
+                .await;
         }
         if let Some(cap) = record.controls.spend_cap_micros
             && let Ok(projected) = self.projected_total(&record, Extra::default()).await

@@ -1,15 +1,27 @@
 //! Usage and bills: figures over a range, a month's bill with its projection, daily usage
 //! and every project's totals.
+//!
+//! A month is billed per plan segment (the project's plan history cut by plan version
+//! changes), each at its own prices with included quotas prorated by its share of the
+//! month. Once the month has ended plus the invoice grace, its bill is finalized into an
+//! invoice and served from there: nothing that happens later changes it. A network record
+//! that arrives for an invoiced month is billed on the open month as a correction line
+//! naming the month it belongs to.
 
 use super::{Bill, DailyUsage, Metering, UsageReport};
 use crate::domain::metering::{
-    self, DAY_MICROS, Meter, Month, MonthUsage, bill_lines, byte_micros, split_by_month,
+    self, DAY_MICROS, LineItem, Meter, Month, MonthUsage, Quantity, Segment, byte_micros,
+    segment_lines, split_by_month, total,
 };
 use crate::domain::{Error, ProjectId, Timestamp};
-use crate::store::ProjectRecord;
+use crate::store::{Invoice, ProjectRecord};
 
 /// Longest range ListDailyUsage answers in one call.
 pub const MAX_DAILY_RANGE_DAYS: i64 = 366;
+/// How many invoiced months before the open one are checked for late network records.
+/// Records are dated when they are written, so only a record retried across a month end
+/// can be late; three months is far beyond any retry.
+const CORRECTION_LOOKBACK_MONTHS: usize = 3;
 
 /// Usage not yet recorded that a spend-cap check adds to the projection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -20,9 +32,17 @@ pub struct Extra {
     pub ingress_bytes: i64,
 }
 
+/// A bill computed from rows (not an invoice).
+struct Draft {
+    segments: Vec<Segment>,
+    lines: Vec<LineItem>,
+    usage: MonthUsage,
+}
+
 impl Metering {
-    /// The current month's projected total (what is stored carried to month end, network to
-    /// date) with `extra` on top: what the spend cap is checked against.
+    /// The current month's projected total (what is stored carried to month end or its
+    /// expiry, network to date, open corrections) with `extra` on top: what the spend cap
+    /// is checked against.
     pub(super) async fn projected_total(
         &self,
         record: &ProjectRecord,
@@ -30,39 +50,46 @@ impl Metering {
     ) -> Result<i128, Error> {
         let now = self.clock.now();
         let month = Month::containing(now);
-        let usage = self.month_usage(&record.project_id, month, now).await?;
-        let (stored, _) = self.store.stored_at(&record.project_id, now).await?;
-        let mut projected =
-            project_to_month_end(usage, month, now, stored.saturating_add(extra.stored_bytes));
-        projected.egress_bytes += i128::from(extra.egress_bytes);
-        projected.ingress_bytes += i128::from(extra.ingress_bytes);
-        Ok(bill_lines(&record.plan, month, &projected).1)
+        let draft = self.draft(&record.project_id, month, now).await?;
+        let (_, projected) = self
+            .projection(&record.project_id, month, now, &draft, extra)
+            .await?;
+        Ok(projected)
     }
 
-    /// Usage of `month` up to `until` (the whole month when it has passed).
-    pub(super) async fn month_usage(
+    /// Usage of `[from, to)` up to now: storage integrated until `min(to, now)`, network
+    /// records dated before `to` and not after now (a record dated this very microsecond
+    /// counts).
+    async fn usage_between(
         &self,
         project: &ProjectId,
-        month: Month,
-        until: Timestamp,
+        from: Timestamp,
+        to: Timestamp,
     ) -> Result<MonthUsage, Error> {
-        let end = month.end().min(until).max(month.start());
-        Ok(MonthUsage {
-            storage_byte_micros: self
+        let now = self.clock.now();
+        let storage_to = to.min(now);
+        let network_to = to.min(now.saturating_add_micros(1));
+        let mut usage = MonthUsage::default();
+        if storage_to > from {
+            usage.storage_byte_micros = self
                 .store
-                .storage_byte_micros(project, month.start(), end, self.clock.now())
-                .await?,
-            egress_bytes: self
+                .storage_byte_micros(project, from, storage_to, now)
+                .await?;
+        }
+        if network_to > from {
+            usage.egress_bytes = self
                 .store
-                .network_bytes(project, Meter::Egress, month.start(), end)
-                .await?,
-            ingress_bytes: self
+                .network_bytes(project, Meter::Egress, from, network_to)
+                .await?;
+            usage.ingress_bytes = self
                 .store
-                .network_bytes(project, Meter::Ingress, month.start(), end)
-                .await?,
-        })
+                .network_bytes(project, Meter::Ingress, from, network_to)
+                .await?;
+        }
+        Ok(usage)
     }
 
+    /// Usage over `[from, to)` clamped to now: nothing is reported for the future.
     pub async fn usage(
         &self,
         project: &ProjectId,
@@ -72,58 +99,261 @@ impl Metering {
         if to <= from {
             return Err(Error::invalid("end", "must be after start"));
         }
+        self.project(project).await?;
+        let now = self.clock.now();
+        let end = to.min(now);
         let mut parts = Vec::new();
         let mut total = 0i128;
-        for (month, start, end) in split_by_month(from, to) {
+        for (month, start, part_end) in split_by_month(from, end) {
             let bm = self
                 .store
-                .storage_byte_micros(project, start, end, self.clock.now())
+                .storage_byte_micros(project, start, part_end, now)
                 .await?;
             total += bm;
             parts.push((month, bm));
         }
-        let now = self.clock.now();
         let (stored_bytes, live_artifacts) = self.store.stored_at(project, now).await?;
+        // Records dated this very microsecond count.
+        let network_end = to.min(now.saturating_add_micros(1)).max(from);
+        let network = |meter| self.store.network_bytes(project, meter, from, network_end);
         Ok(UsageReport {
+            end: end.max(from),
             storage_byte_micros: total,
             storage_gib_months: metering::gib_months_over(&parts),
-            egress_bytes: self
-                .store
-                .network_bytes(project, Meter::Egress, from, to)
-                .await?,
-            ingress_bytes: self
-                .store
-                .network_bytes(project, Meter::Ingress, from, to)
-                .await?,
+            egress_bytes: network(Meter::Egress).await?,
+            ingress_bytes: network(Meter::Ingress).await?,
             stored_bytes,
             live_artifacts,
         })
     }
 
+    /// The month's bill: the invoice once the month is finalized (finalizing it on first
+    /// read after the grace if the finalizer has not yet), else a draft from rows with a
+    /// projection for the current month.
     pub async fn bill(&self, project: &ProjectId, month: Month) -> Result<Bill, Error> {
-        let record = self.project(project).await?;
         let now = self.clock.now();
-        let usage = self.month_usage(project, month, now).await?;
-        let (lines, total_micros) = bill_lines(&record.plan, month, &usage);
-        let closed = now >= month.end();
-        let projected = if !closed && now >= month.start() {
-            let (stored, _) = self.store.stored_at(project, now).await?;
-            let projected = project_to_month_end(usage, month, now, stored);
-            Some(bill_lines(&record.plan, month, &projected))
+        if now >= self.finalizes_at(month) {
+            let invoice = self.finalize(project, month).await?;
+            return Ok(Bill::from_invoice(invoice));
+        }
+        let record = self.project(project).await?;
+        let draft = self.draft(project, month, now).await?;
+        let total_micros = total(&draft.lines);
+        let projected = if now >= month.start() && now < month.end() {
+            Some(
+                self.projection(project, month, now, &draft, Extra::default())
+                    .await?,
+            )
         } else {
             None
         };
         Ok(Bill {
             project_id: project.clone(),
-            plan: record.plan,
+            plan: draft
+                .segments
+                .last()
+                .map_or(record.plan, |s| s.plan.clone()),
             month,
-            lines,
+            lines: draft.lines,
             total_micros,
-            closed,
+            closed: false,
+            finalized_at: None,
             projected,
         })
     }
 
+    /// When `month`'s bill is frozen: its end plus the grace for late records.
+    pub fn finalizes_at(&self, month: Month) -> Timestamp {
+        month.end().saturating_add_micros(self.invoice_grace_micros)
+    }
+
+    /// Finalizes `month` for `project` (idempotent: an existing invoice is returned as it
+    /// is) and returns the stored invoice.
+    pub async fn finalize(&self, project: &ProjectId, month: Month) -> Result<Invoice, Error> {
+        if let Some(invoice) = self.store.invoice(project, month).await? {
+            return Ok(invoice);
+        }
+        let now = self.clock.now();
+        if now < self.finalizes_at(month) {
+            return Err(Error::FailedPrecondition(format!(
+                "{month} cannot be finalized before its grace period ends"
+            )));
+        }
+        let draft = self.draft(project, month, now).await?;
+        let plan = draft
+            .segments
+            .last()
+            .map(|s| s.plan.clone())
+            .ok_or_else(|| Error::Internal(format!("{month} has no plan segment")))?;
+        let invoice = Invoice {
+            project_id: project.clone(),
+            month,
+            plan,
+            total_micros: total(&draft.lines),
+            lines: draft.lines,
+            usage: draft.usage,
+            finalized_at: now,
+        };
+        self.store.insert_invoice(&invoice).await?;
+        let stored = self.store.invoice(project, month).await?.ok_or_else(|| {
+            Error::Internal(format!("invoice of {month} missing after finalizing"))
+        })?;
+        if stored.finalized_at == now {
+            tracing::info!(project = %project, %month, total_micros = %stored.total_micros, "invoice finalized");
+        }
+        Ok(stored)
+    }
+
+    /// The month's lines from rows: each plan segment's usage up to now, then corrections
+    /// for late records of invoiced months.
+    async fn draft(&self, project: &ProjectId, month: Month, now: Timestamp) -> Result<Draft, Error> {
+        let segments = self
+            .store
+            .plan_segments(project, month.start(), month.end())
+            .await?;
+        let mut lines = Vec::new();
+        let mut usage = MonthUsage::default();
+        for segment in &segments {
+            let used = self.usage_between(project, segment.from, segment.to).await?;
+            usage.storage_byte_micros += used.storage_byte_micros;
+            usage.egress_bytes += used.egress_bytes;
+            usage.ingress_bytes += used.ingress_bytes;
+            lines.extend(segment_lines(segment, month, &used));
+        }
+        lines.extend(self.corrections(project, month).await?);
+        Ok(Draft {
+            segments,
+            lines,
+            usage,
+        })
+    }
+
+    /// Correction lines for network records of invoiced months before `month` that arrived
+    /// after their invoice (and after any earlier correction): the month re-billed from
+    /// rows at its own plan segments, minus what was already billed for it.
+    async fn corrections(&self, project: &ProjectId, month: Month) -> Result<Vec<LineItem>, Error> {
+        let mut first = month;
+        for _ in 0..CORRECTION_LOOKBACK_MONTHS {
+            first = first.previous();
+        }
+        let invoices = self
+            .store
+            .invoices_between(project, first, month.previous())
+            .await?;
+        let mut lines = Vec::new();
+        for invoice in &invoices {
+            let billed = |meter: Meter| -> (i128, i128) {
+                // (bytes, micros) billed for this invoice's month so far: its own lines plus
+                // corrections for it on later invoices.
+                let own = invoice.lines.iter().filter(|l| l.meter == meter && l.correction_for.is_none());
+                let later = invoices
+                    .iter()
+                    .filter(|i| i.month > invoice.month)
+                    .flat_map(|i| i.lines.iter())
+                    .filter(|l| l.meter == meter && l.correction_for == Some(invoice.month));
+                let own_bytes = match meter {
+                    Meter::Egress => invoice.usage.egress_bytes,
+                    _ => invoice.usage.ingress_bytes,
+                };
+                let later: Vec<&LineItem> = later.collect();
+                let bytes = own_bytes
+                    + later
+                        .iter()
+                        .map(|l| l.usage.numerator * i128::from(crate::domain::plan::GIB) / l.usage.denominator)
+                        .sum::<i128>();
+                let micros = own.map(|l| l.amount_micros).sum::<i128>()
+                    + later.iter().map(|l| l.amount_micros).sum::<i128>();
+                (bytes, micros)
+            };
+            let m = invoice.month;
+            for meter in [Meter::Egress, Meter::Ingress] {
+                let now_bytes = self
+                    .store
+                    .network_bytes(project, meter, m.start(), m.end())
+                    .await?;
+                let (bytes, micros) = billed(meter);
+                if now_bytes == bytes {
+                    continue;
+                }
+                // Re-bill the month's meter at its own segments with today's rows.
+                let segments = self.store.plan_segments(project, m.start(), m.end()).await?;
+                let mut amount = 0i128;
+                for segment in &segments {
+                    let used = self
+                        .store
+                        .network_bytes(project, meter, segment.from, segment.to)
+                        .await?;
+                    let (units, price) = match meter {
+                        Meter::Egress => (segment.plan.included_egress_gib, segment.plan.egress_price_micros),
+                        _ => (0, segment.plan.ingress_price_micros),
+                    };
+                    amount += LineItem::new(meter, Quantity::gib(used), units, price, segment, m)
+                        .amount_micros;
+                }
+                let last = segments
+                    .last()
+                    .ok_or_else(|| Error::Internal(format!("{m} has no plan segment")))?;
+                let delta = Quantity::gib(now_bytes - bytes).reduced();
+                lines.push(LineItem {
+                    meter,
+                    usage: delta,
+                    included: Quantity { numerator: 0, denominator: delta.denominator },
+                    billable: delta,
+                    unit_price_micros: match meter {
+                        Meter::Egress => last.plan.egress_price_micros,
+                        _ => last.plan.ingress_price_micros,
+                    },
+                    amount_micros: amount - micros,
+                    plan_id: last.plan.id.clone(),
+                    plan_version: last.plan.version,
+                    period_start: m.start(),
+                    period_end: m.end(),
+                    correction_for: Some(m),
+                });
+            }
+        }
+        Ok(lines)
+    }
+
+    /// The current month's lines with what is stored now carried to month end (each
+    /// artifact until its expiry if that comes first) plus `extra`, in the last segment.
+    async fn projection(
+        &self,
+        project: &ProjectId,
+        month: Month,
+        now: Timestamp,
+        draft: &Draft,
+        extra: Extra,
+    ) -> Result<(Vec<LineItem>, i128), Error> {
+        let future = self
+            .store
+            .future_storage_byte_micros(project, now, month.end())
+            .await?;
+        let remaining = i128::from((month.end().as_micros() - now.as_micros()).max(0));
+        let mut lines = Vec::new();
+        for segment in &draft.segments {
+            let mut used = self.usage_between(project, segment.from, segment.to).await?;
+            if segment.from <= now && now < segment.to {
+                used.storage_byte_micros +=
+                    future + i128::from(extra.stored_bytes) * remaining;
+                used.egress_bytes += i128::from(extra.egress_bytes);
+                used.ingress_bytes += i128::from(extra.ingress_bytes);
+            }
+            lines.extend(segment_lines(segment, month, &used));
+        }
+        lines.extend(
+            draft
+                .lines
+                .iter()
+                .filter(|l| l.correction_for.is_some())
+                .cloned(),
+        );
+        let total = total(&lines);
+        Ok((lines, total))
+    }
+
+    /// Per UTC day: storage integrated over the day, bytes stored at its end, network.
+    /// Days are counted up to now: today until now, later days as zero.
     pub async fn daily(
         &self,
         project: &ProjectId,
@@ -141,21 +371,37 @@ impl Metering {
                 format!("the range is {days} days; at most {MAX_DAILY_RANGE_DAYS} per call"),
             ));
         }
-        let intervals = self.store.storage_intervals(project, first_day, to).await?;
+        self.project(project).await?;
+        let now = self.clock.now();
+        let until = to.min(now).max(first_day);
+        let network_until = to.min(now.saturating_add_micros(1)).max(first_day);
+        let intervals = self
+            .store
+            .storage_intervals(project, first_day, until)
+            .await?;
         let egress = self
             .store
-            .network_bytes_daily(project, Meter::Egress, first_day, to)
+            .network_bytes_daily(project, Meter::Egress, first_day, network_until)
             .await?;
         let ingress = self
             .store
-            .network_bytes_daily(project, Meter::Ingress, first_day, to)
+            .network_bytes_daily(project, Meter::Ingress, first_day, network_until)
             .await?;
         let lookup =
             |rows: &[(i64, i64)], day: i64| rows.iter().find(|r| r.0 == day).map_or(0, |r| r.1);
         Ok((0..days)
             .map(|d| {
                 let start = first_day.saturating_add_micros(d * DAY_MICROS);
-                let end = start.saturating_add_micros(DAY_MICROS);
+                let end = start.saturating_add_micros(DAY_MICROS).min(now);
+                if start > now {
+                    return DailyUsage {
+                        day: start,
+                        storage_byte_micros: 0,
+                        stored_bytes_at_end: 0,
+                        egress_bytes: 0,
+                        ingress_bytes: 0,
+                    };
+                }
                 let last_instant = Timestamp::from_micros(end.as_micros() - 1);
                 DailyUsage {
                     day: start,
@@ -191,16 +437,17 @@ impl Metering {
     }
 }
 
-/// Current stored bytes carried from `now` to month end, plus network to date.
-fn project_to_month_end(
-    usage: MonthUsage,
-    month: Month,
-    now: Timestamp,
-    stored: i64,
-) -> MonthUsage {
-    let remaining = (month.end().as_micros() - now.as_micros()).max(0);
-    MonthUsage {
-        storage_byte_micros: usage.storage_byte_micros + i128::from(stored) * i128::from(remaining),
-        ..usage
+impl Bill {
+    fn from_invoice(invoice: Invoice) -> Self {
+        Self {
+            project_id: invoice.project_id,
+            plan: invoice.plan,
+            month: invoice.month,
+            lines: invoice.lines,
+            total_micros: invoice.total_micros,
+            closed: true,
+            finalized_at: Some(invoice.finalized_at),
+            projected: None,
+        }
     }
 }

@@ -37,6 +37,8 @@ pub struct Metering {
     /// Off: no usage is recorded and no quota enforced (plans still set size and retention
     /// limits). For benchmarks and deployments that bill elsewhere.
     enabled: bool,
+    /// How long after a month's end its bill is finalized (late records still count).
+    invoice_grace_micros: i64,
     /// Alerts already recorded by this process, to skip re-inserting them on every push.
     alerted: Arc<Mutex<HashSet<String>>>,
     /// Recently read project records (plan and controls), so a push costs no lookup.
@@ -46,6 +48,10 @@ pub struct Metering {
 /// How long a project's plan and controls are reused. Changes made through this process
 /// apply at once; other replicas see them within this time.
 pub const PROJECT_CACHE_TTL: Duration = Duration::from_secs(5);
+/// How long after a month ends its bill is finalized, by default.
+pub const DEFAULT_INVOICE_GRACE: Duration = Duration::from_secs(3600);
+/// Most project records cached at once.
+const PROJECT_CACHE_ENTRIES: usize = 10_000;
 
 impl std::fmt::Debug for Metering {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -59,6 +65,8 @@ impl std::fmt::Debug for Metering {
 /// Usage of one project over a range.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageReport {
+    /// The end the figures were computed to: the requested end, or now if that is earlier.
+    pub end: Timestamp,
     pub storage_byte_micros: i128,
     /// GiB-months, six decimals, each calendar month weighted by its own length.
     pub storage_gib_months: String,
@@ -75,7 +83,9 @@ pub struct Bill {
     pub month: Month,
     pub lines: Vec<LineItem>,
     pub total_micros: i128,
+    /// Finalized: served from its invoice, never to change.
     pub closed: bool,
+    pub finalized_at: Option<Timestamp>,
     /// For the current month: current stored bytes carried to month end plus egress and
     /// ingress to date.
     pub projected: Option<(Vec<LineItem>, i128)>,
@@ -104,9 +114,16 @@ impl Metering {
             clock,
             default_plan,
             enabled,
+            invoice_grace_micros: DEFAULT_INVOICE_GRACE.as_micros() as i64,
             alerted: Arc::default(),
             projects: Arc::default(),
         }
+    }
+
+    /// Sets how long after a month's end its bill is finalized.
+    pub fn with_invoice_grace(mut self, grace: Duration) -> Self {
+        self.invoice_grace_micros = i64::try_from(grace.as_micros()).unwrap_or(i64::MAX);
+        self
     }
 
     pub fn enabled(&self) -> bool {
@@ -117,23 +134,59 @@ impl Metering {
         self.clock.now()
     }
 
-    /// The project's plan and controls; a project seen for the first time gets the default
-    /// plan.
-    pub async fn project(&self, project: &ProjectId) -> Result<ProjectRecord, Error> {
-        if let Ok(cache) = self.projects.lock()
-            && let Some((record, read_at)) = cache.get(project)
-            && read_at.elapsed() < PROJECT_CACHE_TTL
-        {
-            return Ok(record.clone());
+    /// The project's plan and controls, for a push: a project seen for the first time is
+    /// created on the default plan. Only pushes (and admin calls) create projects.
+    pub async fn project_for_push(&self, project: &ProjectId) -> Result<ProjectRecord, Error> {
+        if let Some(record) = self.cached(project) {
+            return Ok(record);
         }
         let record = self
             .store
             .ensure_project(project, &self.default_plan, self.clock.now())
             .await?;
-        if let Ok(mut cache) = self.projects.lock() {
-            cache.insert(project.clone(), (record.clone(), Instant::now()));
-        }
+        self.remember(&record);
         Ok(record)
+    }
+
+    /// The project's plan and controls; NOT_FOUND for a project never seen. Never writes.
+    pub async fn project(&self, project: &ProjectId) -> Result<ProjectRecord, Error> {
+        if let Some(record) = self.cached(project) {
+            return Ok(record);
+        }
+        let record = self
+            .store
+            .get_project(project)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no project {project}")))?;
+        self.remember(&record);
+        Ok(record)
+    }
+
+    fn cached(&self, project: &ProjectId) -> Option<ProjectRecord> {
+        let cache = self.projects.lock().ok()?;
+        let (record, read_at) = cache.get(project)?;
+        (read_at.elapsed() < PROJECT_CACHE_TTL).then(|| record.clone())
+    }
+
+    /// Caches a record; the cache is bounded (entries older than the TTL are dropped when it
+    /// fills, and if all are fresh it is cleared), so a flood of project ids cannot grow it.
+    fn remember(&self, record: &ProjectRecord) {
+        if let Ok(mut cache) = self.projects.lock() {
+            if cache.len() >= PROJECT_CACHE_ENTRIES {
+                cache.retain(|_, (_, read_at)| read_at.elapsed() < PROJECT_CACHE_TTL);
+                if cache.len() >= PROJECT_CACHE_ENTRIES {
+                    cache.clear();
+                }
+            }
+            cache.insert(record.project_id.clone(), (record.clone(), Instant::now()));
+        }
+    }
+
+    /// A plan changed: every cached project record may be stale.
+    pub async fn forget_all(&self) {
+        if let Ok(mut cache) = self.projects.lock() {
+            cache.clear();
+        }
     }
 
     /// Artifacts ended by a delete stop counting against limits at once.

@@ -1,0 +1,215 @@
+//! Finalized invoices: a month's bill frozen once, served from these rows ever after.
+//!
+//! Inserting is idempotent and safe with several replicas: the invoice row is inserted with
+//! `ON CONFLICT DO NOTHING` and its lines only by the transaction that inserted it, so
+//! whichever replica finalizes first wins and every reader then sees the same rows.
+
+use sea_orm::{ConnectionTrait, TransactionTrait};
+
+use super::{Store, db_error};
+use crate::domain::metering::{LineItem, Meter, Month, MonthUsage, Quantity};
+use crate::domain::{Error, Plan, ProjectId, Timestamp};
+
+/// A month's bill as finalized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invoice {
+    pub project_id: ProjectId,
+    pub month: Month,
+    /// The plan version in effect at the end of the month.
+    pub plan: Plan,
+    pub lines: Vec<LineItem>,
+    pub total_micros: i128,
+    /// The month's own usage (corrections of earlier months excluded).
+    pub usage: MonthUsage,
+    pub finalized_at: Timestamp,
+}
+
+impl Store {
+    /// Freezes `invoice` unless the month was finalized already (by this or another
+    /// replica); either way the stored invoice is what callers serve afterwards.
+    pub async fn insert_invoice(&self, invoice: &Invoice) -> Result<(), Error> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        let inserted = txn
+            .execute_raw(self.statement(
+                "INSERT INTO invoices (project_id, month, period_start, period_end, finalized_at, \
+                 plan_id, plan_version, currency, total_micros, storage_byte_micros, egress_bytes, \
+                 ingress_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                vec![
+                    invoice.project_id.as_str().into(),
+                    invoice.month.to_string().into(),
+                    invoice.month.start().as_micros().into(),
+                    invoice.month.end().as_micros().into(),
+                    invoice.finalized_at.as_micros().into(),
+                    invoice.plan.id.clone().into(),
+                    invoice.plan.version.into(),
+                    invoice.plan.currency.clone().into(),
+                    to_i64("total_micros", invoice.total_micros)?.into(),
+                    invoice.usage.storage_byte_micros.to_string().into(),
+                    to_i64("egress_bytes", invoice.usage.egress_bytes)?.into(),
+                    to_i64("ingress_bytes", invoice.usage.ingress_bytes)?.into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        if inserted.rows_affected() == 1 {
+            for (n, line) in invoice.lines.iter().enumerate() {
+                txn.execute_raw(self.statement(
+                    "INSERT INTO invoice_lines (project_id, month, line_no, meter, plan_id, \
+                     plan_version, period_start, period_end, correction_for, usage_numerator, \
+                     usage_denominator, included_numerator, included_denominator, \
+                     unit_price_micros, amount_micros) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    vec![
+                        invoice.project_id.as_str().into(),
+                        invoice.month.to_string().into(),
+                        (n as i32).into(),
+                        line.meter.as_str().into(),
+                        line.plan_id.clone().into(),
+                        line.plan_version.into(),
+                        line.period_start.as_micros().into(),
+                        line.period_end.as_micros().into(),
+                        line.correction_for.map(|m| m.to_string()).into(),
+                        line.usage.numerator.to_string().into(),
+                        line.usage.denominator.to_string().into(),
+                        line.included.numerator.to_string().into(),
+                        line.included.denominator.to_string().into(),
+                        line.unit_price_micros.into(),
+                        to_i64("amount_micros", line.amount_micros)?.into(),
+                    ],
+                ))
+                .await
+                .map_err(db_error)?;
+            }
+        }
+        txn.commit().await.map_err(db_error)
+    }
+
+    /// The finalized invoice of `month`, if any.
+    pub async fn invoice(
+        &self,
+        project: &ProjectId,
+        month: Month,
+    ) -> Result<Option<Invoice>, Error> {
+        Ok(self
+            .invoices_between(project, month, month)
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    /// Finalized invoices of months `first..=last`, oldest first.
+    pub async fn invoices_between(
+        &self,
+        project: &ProjectId,
+        first: Month,
+        last: Month,
+    ) -> Result<Vec<Invoice>, Error> {
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT month, finalized_at, plan_id, plan_version, total_micros, \
+                 storage_byte_micros, egress_bytes, ingress_bytes FROM invoices \
+                 WHERE project_id = ? AND month >= ? AND month <= ? ORDER BY month",
+                vec![
+                    project.as_str().into(),
+                    first.to_string().into(),
+                    last.to_string().into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        let mut invoices = Vec::with_capacity(rows.len());
+        for r in rows {
+            let month: String = r.try_get_by_index(0).map_err(db_error)?;
+            let month = Month::parse("month", &month)
+                .map_err(|_| Error::Internal(format!("invoice with month {month:?}")))?;
+            let plan_id: String = r.try_get_by_index(2).map_err(db_error)?;
+            let plan_version: i32 = r.try_get_by_index(3).map_err(db_error)?;
+            let storage: String = r.try_get_by_index(5).map_err(db_error)?;
+            invoices.push(Invoice {
+                project_id: project.clone(),
+                month,
+                plan: self.plan_version(&plan_id, plan_version).await?,
+                lines: self.invoice_lines(project, month).await?,
+                total_micros: i128::from(r.try_get_by_index::<i64>(4).map_err(db_error)?),
+                usage: MonthUsage {
+                    storage_byte_micros: parse_i128(&storage)?,
+                    egress_bytes: i128::from(r.try_get_by_index::<i64>(6).map_err(db_error)?),
+                    ingress_bytes: i128::from(r.try_get_by_index::<i64>(7).map_err(db_error)?),
+                },
+                finalized_at: Timestamp::from_micros(r.try_get_by_index(1).map_err(db_error)?),
+            });
+        }
+        Ok(invoices)
+    }
+
+    async fn invoice_lines(
+        &self,
+        project: &ProjectId,
+        month: Month,
+    ) -> Result<Vec<LineItem>, Error> {
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT meter, plan_id, plan_version, period_start, period_end, correction_for, \
+                 usage_numerator, usage_denominator, included_numerator, included_denominator, \
+                 unit_price_micros, amount_micros FROM invoice_lines \
+                 WHERE project_id = ? AND month = ? ORDER BY line_no",
+                vec![project.as_str().into(), month.to_string().into()],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                let text = |i| r.try_get_by_index::<String>(i).map_err(db_error);
+                let meter = match text(0)?.as_str() {
+                    "storage" => Meter::Storage,
+                    "egress" => Meter::Egress,
+                    "ingress" => Meter::Ingress,
+                    other => return Err(Error::Internal(format!("invoice line meter {other:?}"))),
+                };
+                let correction_for = r
+                    .try_get_by_index::<Option<String>>(5)
+                    .map_err(db_error)?
+                    .map(|m| {
+                        Month::parse("correction_for", &m)
+                            .map_err(|_| Error::Internal(format!("invoice line month {m:?}")))
+                    })
+                    .transpose()?;
+                let usage = Quantity {
+                    numerator: parse_i128(&text(6)?)?,
+                    denominator: parse_i128(&text(7)?)?,
+                };
+                let included = Quantity {
+                    numerator: parse_i128(&text(8)?)?,
+                    denominator: parse_i128(&text(9)?)?,
+                };
+                Ok(LineItem {
+                    meter,
+                    usage,
+                    included,
+                    billable: usage.saturating_sub_any(included),
+                    unit_price_micros: r.try_get_by_index(10).map_err(db_error)?,
+                    amount_micros: i128::from(r.try_get_by_index::<i64>(11).map_err(db_error)?),
+                    plan_id: text(1)?,
+                    plan_version: r.try_get_by_index(2).map_err(db_error)?,
+                    period_start: Timestamp::from_micros(
+                        r.try_get_by_index(3).map_err(db_error)?,
+                    ),
+                    period_end: Timestamp::from_micros(r.try_get_by_index(4).map_err(db_error)?),
+                    correction_for,
+                })
+            })
+            .collect()
+    }
+}
+
+fn parse_i128(text: &str) -> Result<i128, Error> {
+    text.parse()
+        .map_err(|_| Error::Internal(format!("invoice figure {text:?} is not an integer")))
+}
+
+fn to_i64(field: &str, value: i128) -> Result<i64, Error> {
+    i64::try_from(value)
+        .map_err(|_| Error::Internal(format!("invoice {field} {value} exceeds int64")))
+}
