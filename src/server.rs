@@ -243,6 +243,8 @@ pub async fn serve(
     };
 
     tracing::info!(%grpc_addr, %http_addr, "artifactd serving");
+    // Last month's invoices, frozen on every replica (idempotent), until draining starts.
+    tokio::spawn(app.metering.clone().run_finalizer(stop_grpc.clone()));
     let listeners = Listeners {
         grpc: tokio::spawn(async move { grpc.await.map_err(|e| e.to_string()) }),
         http: tokio::spawn(async move { http.await.map_err(|e| e.to_string()) }),

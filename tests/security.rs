@@ -264,6 +264,18 @@ async fn every_rpc_for_every_role_and_target() {
                 expect(reads_usage),
                 "GetProject: {at}"
             );
+            assert_eq!(
+                code(
+                    c.plans
+                        .list_project_plan_history(authed(
+                            pb::ListProjectPlanHistoryRequest { project_id: p() },
+                            token
+                        ))
+                        .await
+                ),
+                expect(reads_usage),
+                "ListProjectPlanHistory: {at}"
+            );
             let now = prost_types::Timestamp {
                 seconds: TEST_EPOCH_SECONDS,
                 nanos: 0,
@@ -471,6 +483,138 @@ async fn every_rpc_for_every_role_and_target() {
             expect(all_usage),
             "ListProjectsUsage: {role}"
         );
+    }
+    server.stop().await;
+}
+
+/// Authenticate, then authorize, then validate: a request without a token is
+/// UNAUTHENTICATED even when its fields are invalid (a bad project id, a bad month).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_comes_before_invalid_argument() {
+    let (server, mut c) = secured_server().await;
+    let bad = || "not a valid id!".to_owned();
+    let codes = [
+        (
+            "GetBill",
+            code(
+                c.usage
+                    .get_bill(pb::GetBillRequest {
+                        project_id: bad(),
+                        month: "13-2026".into(),
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "GetUsage",
+            code(
+                c.usage
+                    .get_usage(pb::GetUsageRequest {
+                        project_id: bad(),
+                        start: None,
+                        end: None,
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "ListDailyUsage",
+            code(
+                c.usage
+                    .list_daily_usage(pb::ListDailyUsageRequest {
+                        project_id: bad(),
+                        start_day: "x".into(),
+                        end_day: "y".into(),
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "ListProjectsUsage",
+            code(
+                c.usage
+                    .list_projects_usage(pb::ListProjectsUsageRequest {
+                        month: "bad".into(),
+                        page_size: -1,
+                        page_token: "%%".into(),
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "GetUsageControls",
+            code(
+                c.controls
+                    .get_usage_controls(pb::GetUsageControlsRequest { project_id: bad() })
+                    .await,
+            ),
+        ),
+        (
+            "UpdateUsageControls",
+            code(
+                c.controls
+                    .update_usage_controls(pb::UpdateUsageControlsRequest {
+                        project_id: bad(),
+                        controls: None,
+                        update_mask: Some(prost_types::FieldMask {
+                            paths: vec!["nope".into()],
+                        }),
+                        apply_to_existing: false,
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "ListUsageAlerts",
+            code(
+                c.controls
+                    .list_usage_alerts(pb::ListUsageAlertsRequest {
+                        project_id: bad(),
+                        month: "bad".into(),
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "GetProject",
+            code(
+                c.plans
+                    .get_project(pb::GetProjectRequest { project_id: bad() })
+                    .await,
+            ),
+        ),
+        (
+            "ListProjectPlanHistory",
+            code(
+                c.plans
+                    .list_project_plan_history(pb::ListProjectPlanHistoryRequest {
+                        project_id: bad(),
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "AssignPlan",
+            code(
+                c.plans
+                    .assign_plan(pb::AssignPlanRequest {
+                        project_id: bad(),
+                        plan_id: String::new(),
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "CreatePlan",
+            code(
+                c.plans
+                    .create_plan(pb::CreatePlanRequest { plan: None })
+                    .await,
+            ),
+        ),
+    ];
+    for (rpc, code) in codes {
+        assert_eq!(code, Code::Unauthenticated, "{rpc}");
     }
     server.stop().await;
 }

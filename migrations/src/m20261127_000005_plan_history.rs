@@ -76,7 +76,7 @@ CREATE TABLE invoices (
     ingress_bytes        BIGINT NOT NULL,
     PRIMARY KEY (project_id, month)
 );
-CREATE INDEX invoices_month_total ON invoices (month, total_micros, project_id);
+CREATE INDEX invoices_month_total ON invoices (month, total_micros DESC, project_id);
 CREATE TABLE invoice_lines (
     project_id           TEXT NOT NULL,
     month                TEXT NOT NULL,

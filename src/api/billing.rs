@@ -5,7 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, timestamp};
 use crate::auth::Authenticator;
-use crate::domain::metering::{Month, format_day, parse_day};
+use crate::domain::metering::{Month, Quantity, format_day, parse_day};
 use crate::domain::{Access, Error, ProjectId, authorize};
 use crate::pb::v1::{
     self as pb, plan_service_server, usage_control_service_server, usage_service_server,
@@ -51,6 +51,24 @@ impl BillingApi {
 
 fn project_id(value: &str) -> Result<ProjectId, Status> {
     Ok(ProjectId::parse("project_id", value)?)
+}
+
+/// ListProjectsUsage page tokens: the last row's `total:project`, base64url. Opaque to
+/// clients; a token that does not decode is INVALID_ARGUMENT.
+fn encode_usage_token(total: i64, project: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{total}:{project}"))
+}
+
+fn decode_usage_token(token: &str) -> Result<(i64, String), Status> {
+    use base64::Engine;
+    let bad = || Error::invalid("page_token", "is not a token this listing returned");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (total, project) = text.split_once(':').ok_or_else(bad)?;
+    Ok((total.parse().map_err(|_| bad())?, project.to_owned()))
 }
 
 fn month(value: &str) -> Result<Month, Status> {
@@ -123,10 +141,9 @@ impl plan_service_server::PlanService for BillingApi {
         &self,
         request: Request<pb::ListProjectPlanHistoryRequest>,
     ) -> Result<Response<pb::ListProjectPlanHistoryResponse>, Status> {
-        let project =
-            self.allow_project(&request, &request.get_ref().project_id, |p| {
-                Access::ReadUsage(p)
-            })?;
+        let project = self.allow_project(&request, &request.get_ref().project_id, |p| {
+            Access::ReadUsage(p)
+        })?;
         let history = self.accounts.plan_history(&project).await?;
         Ok(Response::new(pb::ListProjectPlanHistoryResponse {
             periods: history
@@ -144,10 +161,9 @@ impl plan_service_server::PlanService for BillingApi {
         &self,
         request: Request<pb::GetProjectRequest>,
     ) -> Result<Response<pb::Project>, Status> {
-        let project =
-            self.allow_project(&request, &request.get_ref().project_id, |p| {
-                Access::ReadUsage(p)
-            })?;
+        let project = self.allow_project(&request, &request.get_ref().project_id, |p| {
+            Access::ReadUsage(p)
+        })?;
         let record = self.accounts.get_project(&project).await?;
         Ok(Response::new(convert::project(&record)))
     }
@@ -159,10 +175,9 @@ impl usage_control_service_server::UsageControlService for BillingApi {
         &self,
         request: Request<pb::GetUsageControlsRequest>,
     ) -> Result<Response<pb::UsageControls>, Status> {
-        let project =
-            self.allow_project(&request, &request.get_ref().project_id, |p| {
-                Access::ReadControls(p)
-            })?;
+        let project = self.allow_project(&request, &request.get_ref().project_id, |p| {
+            Access::ReadControls(p)
+        })?;
         let controls = self.accounts.controls(&project).await?;
         Ok(Response::new(convert::controls(&controls)))
     }
@@ -171,10 +186,9 @@ impl usage_control_service_server::UsageControlService for BillingApi {
         &self,
         request: Request<pb::UpdateUsageControlsRequest>,
     ) -> Result<Response<pb::UsageControls>, Status> {
-        let project =
-            self.allow_project(&request, &request.get_ref().project_id, |p| {
-                Access::WriteControls(p)
-            })?;
+        let project = self.allow_project(&request, &request.get_ref().project_id, |p| {
+            Access::WriteControls(p)
+        })?;
         let request = request.into_inner();
         let update = convert::controls_from_proto(request.controls.unwrap_or_default());
         let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
@@ -194,10 +208,9 @@ impl usage_control_service_server::UsageControlService for BillingApi {
         &self,
         request: Request<pb::ListUsageAlertsRequest>,
     ) -> Result<Response<pb::ListUsageAlertsResponse>, Status> {
-        let project =
-            self.allow_project(&request, &request.get_ref().project_id, |p| {
-                Access::ReadUsage(p)
-            })?;
+        let project = self.allow_project(&request, &request.get_ref().project_id, |p| {
+            Access::ReadUsage(p)
+        })?;
         let request = request.into_inner();
         let alerts = self
             .metering
@@ -226,10 +239,9 @@ impl usage_service_server::UsageService for BillingApi {
         &self,
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::Usage>, Status> {
-        let project =
-            self.allow_project(&request, &request.get_ref().project_id, |p| {
-                Access::ReadUsage(p)
-            })?;
+        let project = self.allow_project(&request, &request.get_ref().project_id, |p| {
+            Access::ReadUsage(p)
+        })?;
         let request = request.into_inner();
         let start = convert::required_timestamp("start", request.start)?;
         let end = convert::required_timestamp("end", request.end)?;
@@ -251,10 +263,9 @@ impl usage_service_server::UsageService for BillingApi {
         &self,
         request: Request<pb::GetBillRequest>,
     ) -> Result<Response<pb::Bill>, Status> {
-        let project =
-            self.allow_project(&request, &request.get_ref().project_id, |p| {
-                Access::ReadUsage(p)
-            })?;
+        let project = self.allow_project(&request, &request.get_ref().project_id, |p| {
+            Access::ReadUsage(p)
+        })?;
         let request = request.into_inner();
         let bill = self.metering.bill(&project, month(&request.month)?).await?;
         Ok(Response::new(convert::bill(&bill)))
@@ -264,10 +275,9 @@ impl usage_service_server::UsageService for BillingApi {
         &self,
         request: Request<pb::ListDailyUsageRequest>,
     ) -> Result<Response<pb::ListDailyUsageResponse>, Status> {
-        let project =
-            self.allow_project(&request, &request.get_ref().project_id, |p| {
-                Access::ReadUsage(p)
-            })?;
+        let project = self.allow_project(&request, &request.get_ref().project_id, |p| {
+            Access::ReadUsage(p)
+        })?;
         let request = request.into_inner();
         let first = parse_day("start_day", &request.start_day)?;
         let last = parse_day("end_day", &request.end_day)?;
@@ -300,32 +310,32 @@ impl usage_service_server::UsageService for BillingApi {
             0 => 100,
             n => n.min(1000) as usize,
         };
-        let offset = match request.page_token.as_str() {
-            "" => 0,
-            token => token.parse::<usize>().map_err(|_| {
-                Error::invalid("page_token", "is not a token this listing returned")
-            })?,
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => Some(decode_usage_token(token)?),
         };
-        let bills = self.metering.projects_usage(month).await?;
-        let next = offset + page_size;
-        let next_page_token = if next < bills.len() {
-            next.to_string()
-        } else {
-            String::new()
+        let rows = self
+            .metering
+            .projects_usage(month, after, page_size as u64 + 1)
+            .await?;
+        let more = rows.len() > page_size;
+        let rows = &rows[..rows.len().min(page_size)];
+        let next_page_token = match rows.last() {
+            Some(last) if more => encode_usage_token(last.total_micros, &last.project_id),
+            _ => String::new(),
         };
         Ok(Response::new(pb::ListProjectsUsageResponse {
-            projects: bills
+            projects: rows
                 .iter()
-                .skip(offset)
-                .take(page_size)
-                .map(|bill| pb::ProjectUsage {
-                    project_id: bill.project_id.to_string(),
-                    plan_id: bill.plan.id.clone(),
-                    currency: bill.plan.currency.clone(),
-                    storage_gib_months: bill.lines[0].usage.to_decimal(),
-                    egress_bytes: convert::saturate(bill.lines[1].usage.numerator),
-                    ingress_bytes: convert::saturate(bill.lines[2].usage.numerator),
-                    total_micros: convert::saturate(bill.total_micros),
+                .map(|row| pb::ProjectUsage {
+                    project_id: row.project_id.clone(),
+                    plan_id: row.plan_id.clone(),
+                    currency: row.currency.clone(),
+                    storage_gib_months: Quantity::gib_months(row.storage_byte_micros, month)
+                        .to_decimal(),
+                    egress_bytes: row.egress_bytes,
+                    ingress_bytes: row.ingress_bytes,
+                    total_micros: row.total_micros,
                 })
                 .collect(),
             next_page_token,

@@ -303,4 +303,3 @@ impl ControlsMask {
         }
     }
 }
-

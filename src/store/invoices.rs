@@ -193,9 +193,7 @@ impl Store {
                     amount_micros: i128::from(r.try_get_by_index::<i64>(11).map_err(db_error)?),
                     plan_id: text(1)?,
                     plan_version: r.try_get_by_index(2).map_err(db_error)?,
-                    period_start: Timestamp::from_micros(
-                        r.try_get_by_index(3).map_err(db_error)?,
-                    ),
+                    period_start: Timestamp::from_micros(r.try_get_by_index(3).map_err(db_error)?),
                     period_end: Timestamp::from_micros(r.try_get_by_index(4).map_err(db_error)?),
                     correction_for,
                 })
@@ -212,4 +210,90 @@ fn parse_i128(text: &str) -> Result<i128, Error> {
 fn to_i64(field: &str, value: i128) -> Result<i64, Error> {
     i64::try_from(value)
         .map_err(|_| Error::Internal(format!("invoice {field} {value} exceeds int64")))
+}
+
+/// One row of the all-projects listing of a finalized month.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvoiceSummary {
+    pub project_id: String,
+    pub plan_id: String,
+    pub currency: String,
+    pub total_micros: i64,
+    pub storage_byte_micros: i128,
+    pub egress_bytes: i64,
+    pub ingress_bytes: i64,
+}
+
+impl Store {
+    /// Projects that existed before `month` ended and have no invoice for it yet.
+    pub async fn projects_without_invoice(
+        &self,
+        month: Month,
+        limit: u64,
+    ) -> Result<Vec<ProjectId>, Error> {
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT p.project_id FROM projects p WHERE p.created_at < ? AND NOT EXISTS \
+                 (SELECT 1 FROM invoices i WHERE i.project_id = p.project_id AND i.month = ?) \
+                 ORDER BY p.project_id LIMIT ?",
+                vec![
+                    month.end().as_micros().into(),
+                    month.to_string().into(),
+                    i64::try_from(limit).unwrap_or(i64::MAX).into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get_by_index(0).map_err(db_error)?;
+                ProjectId::parse("project_id", &id)
+                    .map_err(|_| Error::Internal(format!("bad project id {id:?} in projects")))
+            })
+            .collect()
+    }
+
+    /// A page of `month`'s invoices, largest total first, then by project id, after the
+    /// `(total, project)` of the previous page's last row (keyset paging: stable, and one
+    /// index range scan whatever the page).
+    pub async fn invoices_page(
+        &self,
+        month: Month,
+        after: Option<(i64, String)>,
+        limit: u64,
+    ) -> Result<Vec<InvoiceSummary>, Error> {
+        let (total, project) = after.unwrap_or((i64::MAX, String::new()));
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT project_id, plan_id, currency, total_micros, storage_byte_micros, \
+                 egress_bytes, ingress_bytes FROM invoices WHERE month = ? \
+                 AND (total_micros < ? OR (total_micros = ? AND project_id > ?)) \
+                 ORDER BY total_micros DESC, project_id LIMIT ?",
+                vec![
+                    month.to_string().into(),
+                    total.into(),
+                    total.into(),
+                    project.into(),
+                    i64::try_from(limit).unwrap_or(i64::MAX).into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                let text = |i| r.try_get_by_index::<String>(i).map_err(db_error);
+                Ok(InvoiceSummary {
+                    project_id: text(0)?,
+                    plan_id: text(1)?,
+                    currency: text(2)?,
+                    total_micros: r.try_get_by_index(3).map_err(db_error)?,
+                    storage_byte_micros: parse_i128(&text(4)?)?,
+                    egress_bytes: r.try_get_by_index(5).map_err(db_error)?,
+                    ingress_bytes: r.try_get_by_index(6).map_err(db_error)?,
+                })
+            })
+            .collect()
+    }
 }

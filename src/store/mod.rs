@@ -18,7 +18,7 @@ use sea_orm::{
 use crate::domain::Error;
 
 pub use artifacts::{NewArtifact, PushCommit, PushedBlob, already_exists};
-pub use invoices::Invoice;
+pub use invoices::{Invoice, InvoiceSummary};
 pub use plans::ProjectRecord;
 pub use quota::{QuotaBase, QuotaCheck};
 pub use usage::UsageAlert;

@@ -272,7 +272,11 @@ impl Store {
             }
             let versions = self.plan_versions(plan_id).await?;
             for (j, (effective, plan)) in versions.iter().enumerate() {
-                let v_start = if j == 0 { i64::MIN } else { effective.as_micros() };
+                let v_start = if j == 0 {
+                    i64::MIN
+                } else {
+                    effective.as_micros()
+                };
                 let v_end = versions
                     .get(j + 1)
                     .map_or(i64::MAX, |next| next.0.as_micros());

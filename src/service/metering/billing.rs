@@ -9,12 +9,14 @@
 //! naming the month it belongs to.
 
 use super::{Bill, DailyUsage, Metering, UsageReport};
+use crate::domain::metering::MICROS;
 use crate::domain::metering::{
     self, DAY_MICROS, LineItem, Meter, Month, MonthUsage, Quantity, Segment, byte_micros,
     segment_lines, split_by_month, total,
 };
+use crate::domain::plan::GIB;
 use crate::domain::{Error, ProjectId, Timestamp};
-use crate::store::{Invoice, ProjectRecord};
+use crate::store::{Invoice, InvoiceSummary, ProjectRecord};
 
 /// Longest range ListDailyUsage answers in one call.
 pub const MAX_DAILY_RANGE_DAYS: i64 = 366;
@@ -50,7 +52,7 @@ impl Metering {
     ) -> Result<i128, Error> {
         let now = self.clock.now();
         let month = Month::containing(now);
-        let draft = self.draft(&record.project_id, month, now).await?;
+        let draft = self.draft(&record.project_id, month).await?;
         let (_, projected) = self
             .projection(&record.project_id, month, now, &draft, extra)
             .await?;
@@ -137,7 +139,7 @@ impl Metering {
             return Ok(Bill::from_invoice(invoice));
         }
         let record = self.project(project).await?;
-        let draft = self.draft(project, month, now).await?;
+        let draft = self.draft(project, month).await?;
         let total_micros = total(&draft.lines);
         let projected = if now >= month.start() && now < month.end() {
             Some(
@@ -179,7 +181,7 @@ impl Metering {
                 "{month} cannot be finalized before its grace period ends"
             )));
         }
-        let draft = self.draft(project, month, now).await?;
+        let draft = self.draft(project, month).await?;
         let plan = draft
             .segments
             .last()
@@ -206,7 +208,7 @@ impl Metering {
 
     /// The month's lines from rows: each plan segment's usage up to now, then corrections
     /// for late records of invoiced months.
-    async fn draft(&self, project: &ProjectId, month: Month, now: Timestamp) -> Result<Draft, Error> {
+    async fn draft(&self, project: &ProjectId, month: Month) -> Result<Draft, Error> {
         let segments = self
             .store
             .plan_segments(project, month.start(), month.end())
@@ -214,7 +216,9 @@ impl Metering {
         let mut lines = Vec::new();
         let mut usage = MonthUsage::default();
         for segment in &segments {
-            let used = self.usage_between(project, segment.from, segment.to).await?;
+            let used = self
+                .usage_between(project, segment.from, segment.to)
+                .await?;
             usage.storage_byte_micros += used.storage_byte_micros;
             usage.egress_bytes += used.egress_bytes;
             usage.ingress_bytes += used.ingress_bytes;
@@ -245,7 +249,10 @@ impl Metering {
             let billed = |meter: Meter| -> (i128, i128) {
                 // (bytes, micros) billed for this invoice's month so far: its own lines plus
                 // corrections for it on later invoices.
-                let own = invoice.lines.iter().filter(|l| l.meter == meter && l.correction_for.is_none());
+                let own = invoice
+                    .lines
+                    .iter()
+                    .filter(|l| l.meter == meter && l.correction_for.is_none());
                 let later = invoices
                     .iter()
                     .filter(|i| i.month > invoice.month)
@@ -259,7 +266,10 @@ impl Metering {
                 let bytes = own_bytes
                     + later
                         .iter()
-                        .map(|l| l.usage.numerator * i128::from(crate::domain::plan::GIB) / l.usage.denominator)
+                        .map(|l| {
+                            l.usage.numerator * i128::from(crate::domain::plan::GIB)
+                                / l.usage.denominator
+                        })
                         .sum::<i128>();
                 let micros = own.map(|l| l.amount_micros).sum::<i128>()
                     + later.iter().map(|l| l.amount_micros).sum::<i128>();
@@ -276,7 +286,10 @@ impl Metering {
                     continue;
                 }
                 // Re-bill the month's meter at its own segments with today's rows.
-                let segments = self.store.plan_segments(project, m.start(), m.end()).await?;
+                let segments = self
+                    .store
+                    .plan_segments(project, m.start(), m.end())
+                    .await?;
                 let mut amount = 0i128;
                 for segment in &segments {
                     let used = self
@@ -284,7 +297,10 @@ impl Metering {
                         .network_bytes(project, meter, segment.from, segment.to)
                         .await?;
                     let (units, price) = match meter {
-                        Meter::Egress => (segment.plan.included_egress_gib, segment.plan.egress_price_micros),
+                        Meter::Egress => (
+                            segment.plan.included_egress_gib,
+                            segment.plan.egress_price_micros,
+                        ),
                         _ => (0, segment.plan.ingress_price_micros),
                     };
                     amount += LineItem::new(meter, Quantity::gib(used), units, price, segment, m)
@@ -297,7 +313,10 @@ impl Metering {
                 lines.push(LineItem {
                     meter,
                     usage: delta,
-                    included: Quantity { numerator: 0, denominator: delta.denominator },
+                    included: Quantity {
+                        numerator: 0,
+                        denominator: delta.denominator,
+                    },
                     billable: delta,
                     unit_price_micros: match meter {
                         Meter::Egress => last.plan.egress_price_micros,
@@ -332,10 +351,11 @@ impl Metering {
         let remaining = i128::from((month.end().as_micros() - now.as_micros()).max(0));
         let mut lines = Vec::new();
         for segment in &draft.segments {
-            let mut used = self.usage_between(project, segment.from, segment.to).await?;
+            let mut used = self
+                .usage_between(project, segment.from, segment.to)
+                .await?;
             if segment.from <= now && now < segment.to {
-                used.storage_byte_micros +=
-                    future + i128::from(extra.stored_bytes) * remaining;
+                used.storage_byte_micros += future + i128::from(extra.stored_bytes) * remaining;
                 used.egress_bytes += i128::from(extra.egress_bytes);
                 used.ingress_bytes += i128::from(extra.ingress_bytes);
             }
@@ -420,22 +440,114 @@ impl Metering {
             .collect())
     }
 
-    /// Every project's bill for `month`, largest total first.
-    pub async fn projects_usage(&self, month: Month) -> Result<Vec<Bill>, Error> {
-        let mut bills = Vec::new();
+    /// A page of every project's totals for `month`, largest first (ties by project id),
+    /// after the `(total, project)` the previous page ended with.
+    ///
+    /// A finalized month reads its invoices with one keyset query (invoices still missing
+    /// — the finalizer normally writes them within minutes of the grace — are finalized
+    /// first). The open month has no invoices: each project's draft is computed and sorted,
+    /// which costs a bill per project.
+    pub async fn projects_usage(
+        &self,
+        month: Month,
+        after: Option<(i64, String)>,
+        limit: u64,
+    ) -> Result<Vec<InvoiceSummary>, Error> {
+        let now = self.clock.now();
+        if now >= self.finalizes_at(month) {
+            self.finalize_month(month).await?;
+            return self.store.invoices_page(month, after, limit).await;
+        }
+        let mut rows = Vec::new();
         for id in self.store.list_project_ids().await? {
             let project = ProjectId::parse("project_id", &id)
                 .map_err(|_| Error::Internal(format!("bad project id {id:?} in projects")))?;
-            bills.push(self.bill(&project, month).await?);
+            let bill = self.bill(&project, month).await?;
+            let usage = |meter: Meter| -> i128 {
+                bill.lines
+                    .iter()
+                    .filter(|l| l.meter == meter && l.correction_for.is_none())
+                    .map(|l| {
+                        l.usage.numerator * (i128::from(GIB) * MICROS * i128::from(month.seconds()))
+                            / l.usage.denominator
+                    })
+                    .sum()
+            };
+            let bytes = |meter: Meter| -> i64 {
+                let q: i128 = bill
+                    .lines
+                    .iter()
+                    .filter(|l| l.meter == meter && l.correction_for.is_none())
+                    .map(|l| l.usage.numerator * i128::from(GIB) / l.usage.denominator)
+                    .sum();
+                i64::try_from(q).unwrap_or(i64::MAX)
+            };
+            rows.push(InvoiceSummary {
+                project_id: id,
+                plan_id: bill.plan.id.clone(),
+                currency: bill.plan.currency.clone(),
+                total_micros: i64::try_from(bill.total_micros).unwrap_or(i64::MAX),
+                storage_byte_micros: usage(Meter::Storage),
+                egress_bytes: bytes(Meter::Egress),
+                ingress_bytes: bytes(Meter::Ingress),
+            });
         }
-        bills.sort_by(|a, b| {
+        rows.sort_by(|a, b| {
             b.total_micros
                 .cmp(&a.total_micros)
                 .then_with(|| a.project_id.cmp(&b.project_id))
         });
-        Ok(bills)
+        Ok(rows
+            .into_iter()
+            .filter(|r| match &after {
+                Some((total, project)) => {
+                    r.total_micros < *total || (r.total_micros == *total && r.project_id > *project)
+                }
+                None => true,
+            })
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            .collect())
+    }
+
+    /// Finalizes `month` for every project that existed before it ended, in batches.
+    pub async fn finalize_month(&self, month: Month) -> Result<u64, Error> {
+        let mut finalized = 0;
+        loop {
+            let missing = self.store.projects_without_invoice(month, 500).await?;
+            if missing.is_empty() {
+                return Ok(finalized);
+            }
+            for project in &missing {
+                self.finalize(project, month).await?;
+                finalized += 1;
+            }
+        }
+    }
+
+    /// Finalizes the previous month's invoices once its grace is over, then every few
+    /// minutes, until `stop` is cancelled. Safe on every replica at once.
+    pub async fn run_finalizer(self, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            let month = Month::containing(self.clock.now()).previous();
+            if self.clock.now() >= self.finalizes_at(month) {
+                match self.finalize_month(month).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(%month, invoices = n, "month finalized"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, %month, "finalizing invoices failed; will retry")
+                    }
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(FINALIZER_INTERVAL) => {}
+            }
+        }
     }
 }
+
+/// How often the finalizer looks for months to finalize.
+const FINALIZER_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl Bill {
     fn from_invoice(invoice: Invoice) -> Self {
