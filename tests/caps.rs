@@ -72,6 +72,7 @@ fn plan(id: &str, policy: pb::OveragePolicy) -> pb::Plan {
         max_artifact_bytes: 100 * GIB,
         max_retention_days: 365,
         overage_policy: policy as i32,
+        version: 0,
     }
 }
 

@@ -119,6 +119,11 @@ async fn usage_ranges_at_the_int64_limits_are_invalid(backend: Backend) {
             err.message()
         );
     }
+    // A sane range of a project that exists (reads never create projects) is answered.
+    let mut artifacts = server.client().await;
+    push(&mut artifacts, header(job("p", "j"), "a.txt"), b"a")
+        .await
+        .unwrap();
     let fine = usage
         .get_usage(GetUsageRequest {
             project_id: "p".into(),

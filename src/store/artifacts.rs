@@ -494,7 +494,7 @@ fn to_domain(model: artifact::Model) -> Result<Artifact, Error> {
     let kind = ScopeKind::from_db(&model.scope_kind).ok_or_else(|| corrupt("a bad scope_kind"))?;
     let scope = Scope::parse("scope", &model.project_id, kind, &model.scope_id)
         .map_err(|_| corrupt("a bad scope"))?;
-    let path = ArtifactPath::parse("path", &model.path).map_err(|_| corrupt("a bad path"))?;
+    let path = ArtifactPath::from_stored(&model.path).map_err(|_| corrupt("a bad path"))?;
     let sha256 = Sha256::parse("sha256", &model.sha256).map_err(|_| corrupt("a bad sha256"))?;
     Ok(Artifact {
         id: model.id,
