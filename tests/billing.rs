@@ -931,3 +931,73 @@ async fn two_replicas_finalize_a_month_once() {
     other.stop().await;
     server.stop().await;
 }
+
+/// The README's plain SQL recomputes every line of a closed invoice that spans a plan
+/// change, from the artifact log, the usage events and the plan versions alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_sql_recomputes_a_closed_invoice() {
+    let Some(server) = TestServer::start_with(Backend::Postgres, |_| {}).await else {
+        return;
+    };
+    let mut c = clients_at(server.grpc_addr).await;
+    create(&mut c, plan("s1", 1, 1_234_567, 345_678)).await;
+    create(&mut c, plan("s2", 3, 2_000_001, 99_999)).await;
+    assign(&mut c, "sql", "s1").await;
+    server.clock.set(at(2026, 11, 1, 5));
+    record_artifact(&server, "sql", "a.bin", 3 * GIB + 12_345, None).await;
+    egress(&server, "sql", 5 * GIB + 777, at(2026, 11, 3, 0)).await;
+    server.clock.set(at(2026, 11, 9, 13));
+    record_artifact(
+        &server,
+        "sql",
+        "b.bin",
+        7 * GIB + 1,
+        Some(at(2026, 11, 20, 7)),
+    )
+    .await;
+    server.clock.set(at(2026, 11, 12, 17));
+    assign(&mut c, "sql", "s2").await;
+    egress(&server, "sql", 4 * GIB + 3, at(2026, 11, 12, 18)).await;
+    server.clock.set(at(2026, 11, 21, 0));
+    c.plans
+        .update_plan(pb::UpdatePlanRequest {
+            plan: Some(plan("s2", 2, 3_000_003, 150_000)),
+        })
+        .await
+        .unwrap();
+    egress(&server, "sql", 9 * GIB, at(2026, 11, 25, 0)).await;
+    server.clock.set(at(2026, 12, 1, 3));
+    let invoice = bill(&mut c, "sql", "2026-11").await;
+    assert!(invoice.closed);
+    assert_eq!(invoice.line_items.len(), 9, "three segments of three lines");
+
+    let readme = include_str!("../README.md");
+    let marker = readme
+        .find("<!-- invoice-recompute-sql -->")
+        .expect("the README marks its SQL");
+    let block = &readme[marker..];
+    let start = block.find("```sql\n").unwrap() + "```sql\n".len();
+    let sql = &block[start..start + block[start..].find("```").unwrap()];
+    let conn = Database::connect(server.db.url.as_str()).await.unwrap();
+    let rows = conn
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            format!("SELECT line_no, amount_micros, recomputed::text FROM ({sql}) AS q"),
+            ["sql".into(), "2026-11".into()],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 9);
+    let mut total = 0i64;
+    for row in &rows {
+        let line: i32 = row.try_get_by_index(0).unwrap();
+        let stored: i64 = row.try_get_by_index(1).unwrap();
+        let recomputed: String = row.try_get_by_index(2).unwrap();
+        assert_eq!(recomputed, stored.to_string(), "line {line}");
+        total += stored;
+    }
+    assert_eq!(total, invoice.total_micros);
+    assert!(invoice.total_micros > 0);
+    let _ = conn.close().await;
+    server.stop().await;
+}
