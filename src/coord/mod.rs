@@ -89,8 +89,15 @@ struct Inner {
     /// Reservations this process holds, refreshed until settled: (entries key, id).
     held: std::sync::Mutex<HashMap<(String, String), ()>>,
     tasks: TaskTracker,
+    /// Called when shutdown drains: work in flight (pulls stuck on a slow client) hands
+    /// what it has to the tracker before the process goes.
+    on_drain: std::sync::Mutex<HashMap<u64, DrainHook>>,
+    next_hook: std::sync::atomic::AtomicU64,
     redis_down_logged: AtomicBool,
 }
+
+/// A callback run once at drain.
+pub type DrainHook = Arc<dyn Fn() + Send + Sync>;
 
 /// The in-process stand-in: figures with their expiry, and per pool the reservation
 /// entries with their deadlines.
@@ -241,6 +248,8 @@ impl Counters {
             local: std::sync::Mutex::new(Local::default()),
             held: std::sync::Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
+            on_drain: std::sync::Mutex::new(HashMap::new()),
+            next_hook: std::sync::atomic::AtomicU64::new(0),
             redis_down_logged: AtomicBool::new(false),
         });
         // Outside a runtime (never in the service) nothing refreshes: reservations then
@@ -270,9 +279,32 @@ impl Counters {
         }
     }
 
-    /// Waits up to `deadline` for tracked tasks (releases, egress records) to finish.
-    /// Returns whether they all did.
+    /// Registers `hook` to run when shutdown drains; returns its id for
+    /// [`Counters::forget_on_drain`].
+    pub fn on_drain(&self, hook: DrainHook) -> u64 {
+        let id = self.inner.next_hook.fetch_add(1, Ordering::Relaxed);
+        self.hooks().insert(id, hook);
+        id
+    }
+
+    pub fn forget_on_drain(&self, id: u64) {
+        self.hooks().remove(&id);
+    }
+
+    fn hooks(&self) -> std::sync::MutexGuard<'_, HashMap<u64, DrainHook>> {
+        self.inner
+            .on_drain
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs the drain hooks, then waits up to `deadline` for tracked tasks (releases,
+    /// egress records) to finish. Returns whether they all did.
     pub async fn drain(&self, deadline: Duration) -> bool {
+        let hooks: Vec<DrainHook> = self.hooks().values().cloned().collect();
+        for hook in hooks {
+            hook();
+        }
         self.inner.tasks.close();
         tokio::time::timeout(deadline, self.inner.tasks.wait())
             .await

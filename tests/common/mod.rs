@@ -278,6 +278,15 @@ impl TestServer {
         }
     }
 
+    /// Stops the server and waits for it to drain, keeping its database (and this handle)
+    /// for a look at what it left behind.
+    pub async fn shut_down(&mut self) {
+        self.trigger_shutdown();
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task");
+        }
+    }
+
     /// Stops the server and waits for it to drain.
     pub async fn stop(mut self) {
         self.trigger_shutdown();

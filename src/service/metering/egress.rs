@@ -8,6 +8,7 @@
 //! month's egress figure.
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use futures::stream::BoxStream;
 
 use super::Metering;
 use super::enforcement::PullAdmission;
-use crate::coord::{Pool, Release};
+use crate::coord::{Counters, Pool, Release};
 use crate::domain::metering::{Meter, Month};
 use crate::domain::plan::GIB;
 use crate::domain::{Error, ProjectId};
@@ -68,16 +69,27 @@ impl Metering {
         if !self.enabled {
             return chunks;
         }
+        let meter = Arc::new(Mutex::new(EgressMeter {
+            stream_id: uuid::Uuid::new_v4().simple().to_string(),
+            admission,
+            refreshed: std::time::Instant::now(),
+            sent: 0,
+            recorded: 0,
+            seq: 0,
+        }));
+        // At shutdown a pull stuck on a slow client records what it sent so far; whatever
+        // it sends after that (at most what the client's window takes) is not billed.
+        let weak = Arc::downgrade(&meter);
+        let hook = self.counters.on_drain(Arc::new(move || {
+            if let Some(meter) = weak.upgrade() {
+                lock(&meter).flush(false);
+            }
+        }));
         Box::pin(MeteredPull {
             inner: chunks,
-            meter: EgressMeter {
-                stream_id: uuid::Uuid::new_v4().simple().to_string(),
-                admission,
-                refreshed: std::time::Instant::now(),
-                sent: 0,
-                recorded: 0,
-                seq: 0,
-            },
+            meter,
+            hook,
+            counters: self.counters.clone(),
         })
     }
 
@@ -172,7 +184,24 @@ struct EgressRecord {
 
 struct MeteredPull {
     inner: BoxStream<'static, Result<Bytes, Error>>,
-    meter: EgressMeter,
+    meter: Arc<Mutex<EgressMeter>>,
+    /// This pull's drain hook.
+    hook: u64,
+    counters: Counters,
+}
+
+impl Drop for MeteredPull {
+    fn drop(&mut self) {
+        self.counters.forget_on_drain(self.hook);
+        lock(&self.meter).flush(true);
+    }
+}
+
+fn lock(meter: &Mutex<EgressMeter>) -> std::sync::MutexGuard<'_, EgressMeter> {
+    // A poisoned lock only means a panic mid-update of plain counters.
+    meter
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 struct EgressMeter {
@@ -256,13 +285,14 @@ impl Stream for MeteredPull {
         let polled = self.inner.as_mut().poll_next(cx);
         match &polled {
             Poll::Ready(Some(Ok(chunk))) => {
-                self.meter.sent += chunk.len() as i64;
-                if self.meter.sent - self.meter.recorded >= EGRESS_CHECKPOINT_BYTES {
-                    self.meter.flush(false);
+                let mut meter = lock(&self.meter);
+                meter.sent += chunk.len() as i64;
+                if meter.sent - meter.recorded >= EGRESS_CHECKPOINT_BYTES {
+                    meter.flush(false);
                 }
-                self.meter.keep_alive();
+                meter.keep_alive();
             }
-            Poll::Ready(None) => self.meter.flush(true),
+            Poll::Ready(None) => lock(&self.meter).flush(true),
             _ => {}
         }
         polled
