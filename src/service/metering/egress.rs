@@ -76,13 +76,20 @@ impl Metering {
             sent: 0,
             recorded: 0,
             seq: 0,
+            closed: false,
         }));
-        // At shutdown a pull stuck on a slow client records what it sent so far; whatever
-        // it sends after that (at most what the client's window takes) is not billed.
+        // At shutdown a pull stuck on a slow client records what it sent so far and is cut:
+        // it sends nothing after that, so nothing goes unbilled.
         let weak = Arc::downgrade(&meter);
         let hook = self.counters.on_drain(Arc::new(move || {
             if let Some(meter) = weak.upgrade() {
-                lock(&meter).flush(false);
+                let mut meter = lock(&meter);
+                // Records what was sent and releases the rest of the reservation while the
+                // database is still open.
+                meter.flush(true);
+                // Nothing more is sent unbilled: the next poll ends the stream UNAVAILABLE
+                // (the client resumes from its offset elsewhere).
+                meter.closed = true;
             }
         }));
         Box::pin(MeteredPull {
@@ -211,6 +218,8 @@ struct EgressMeter {
     sent: i64,
     recorded: i64,
     seq: u32,
+    /// Shutdown recorded this stream: it may send nothing more.
+    closed: bool,
 }
 
 impl EgressMeter {
@@ -282,6 +291,20 @@ impl Stream for MeteredPull {
     type Item = Result<Bytes, Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        {
+            let mut meter = lock(&self.meter);
+            if meter.closed {
+                if meter.seq == u32::MAX {
+                    return Poll::Ready(None);
+                }
+                meter.flush(true);
+                meter.seq = u32::MAX;
+                return Poll::Ready(Some(Err(Error::Unavailable {
+                    what: "server",
+                    cause: "shutting down".into(),
+                })));
+            }
+        }
         let polled = self.inner.as_mut().poll_next(cx);
         match &polled {
             Poll::Ready(Some(Ok(chunk))) => {
