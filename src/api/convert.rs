@@ -8,12 +8,11 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use crate::domain::artifact::parse_mode;
 use crate::domain::metering::LineItem;
 use crate::domain::{
-    Artifact, ArtifactPath, Error, OveragePolicy, Plan, Scope, ScopeKind, ScopedPath, Sha256,
-    Timestamp, UsageControls,
+    Artifact, ArtifactPath, Error, OveragePolicy, Plan, ProjectRecord, Scope, ScopeKind,
+    ScopedPath, Sha256, Timestamp, UsageControls,
 };
 use crate::pb::v1 as pb;
 use crate::service::{Bill, PushSpec};
-use crate::store::ProjectRecord;
 
 /// Longest idempotency key accepted, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;

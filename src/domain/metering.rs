@@ -454,6 +454,18 @@ pub fn total(lines: &[LineItem]) -> i128 {
     lines.iter().map(|l| l.amount_micros).sum()
 }
 
+/// One project's totals for a month, as the all-projects listing shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectTotals {
+    pub project_id: String,
+    pub plan_id: String,
+    pub currency: String,
+    pub total_micros: i64,
+    pub storage_byte_micros: i128,
+    pub egress_bytes: i64,
+    pub ingress_bytes: i64,
+}
+
 /// Byte-microseconds as exact byte-seconds (six decimals are exact: 10^6 µs per second).
 pub fn byte_seconds(byte_micros: i128) -> String {
     decimal(byte_micros, MICROS, 6)

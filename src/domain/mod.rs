@@ -13,5 +13,5 @@ pub use access::{Access, Principal, Role, authorize};
 pub use artifact::{Artifact, Sha256};
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{Error, Result};
-pub use plan::{ControlsMask, OveragePolicy, Plan, UsageControls};
+pub use plan::{ControlsMask, OveragePolicy, Plan, ProjectRecord, UsageControls};
 pub use scope::{ArtifactPath, ProjectId, Scope, ScopeKind, ScopedPath};

@@ -303,3 +303,12 @@ impl ControlsMask {
         }
     }
 }
+
+/// A project's plan and controls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectRecord {
+    pub project_id: super::ProjectId,
+    pub plan: Plan,
+    pub controls: UsageControls,
+    pub created_at: super::Timestamp,
+}

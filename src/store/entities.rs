@@ -77,37 +77,6 @@ pub mod push_idempotency {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod plan {
-    use sea_orm::entity::prelude::*;
-
-    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
-    #[sea_orm(table_name = "plans")]
-    pub struct Model {
-        #[sea_orm(primary_key, auto_increment = false)]
-        pub id: String,
-        pub name: String,
-        pub currency: String,
-        pub included_storage_gib_months: i64,
-        pub included_egress_gib: i64,
-        pub storage_price_micros: i64,
-        pub egress_price_micros: i64,
-        pub ingress_price_micros: i64,
-        pub storage_limit_bytes: Option<i64>,
-        pub max_artifact_bytes: i64,
-        pub max_retention_days: i32,
-        pub overage_policy: String,
-        pub created_at: i64,
-        pub updated_at: i64,
-        /// The current version (see `plan_versions`).
-        pub version: i32,
-    }
-
-    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-    pub enum Relation {}
-
-    impl ActiveModelBehavior for ActiveModel {}
-}
-
 pub mod project {
     use sea_orm::entity::prelude::*;
 

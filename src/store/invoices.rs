@@ -7,7 +7,9 @@
 use sea_orm::{ConnectionTrait, TransactionTrait};
 
 use super::{Store, db_error};
-use crate::domain::metering::{LineItem, Meter, Month, MonthUsage, Quantity};
+use crate::domain::metering::{
+    LineItem, Meter, Month, MonthUsage, ProjectTotals as InvoiceSummary, Quantity,
+};
 use crate::domain::{Error, Plan, ProjectId, Timestamp};
 
 /// A month's bill as finalized.
@@ -210,18 +212,6 @@ fn parse_i128(text: &str) -> Result<i128, Error> {
 fn to_i64(field: &str, value: i128) -> Result<i64, Error> {
     i64::try_from(value)
         .map_err(|_| Error::Internal(format!("invoice {field} {value} exceeds int64")))
-}
-
-/// One row of the all-projects listing of a finalized month.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InvoiceSummary {
-    pub project_id: String,
-    pub plan_id: String,
-    pub currency: String,
-    pub total_micros: i64,
-    pub storage_byte_micros: i128,
-    pub egress_bytes: i64,
-    pub ingress_bytes: i64,
 }
 
 impl Store {

@@ -17,9 +17,10 @@ use sea_orm::{
 
 use crate::domain::Error;
 
+pub use crate::domain::ProjectRecord;
+pub use crate::domain::metering::ProjectTotals as InvoiceSummary;
 pub use artifacts::{NewArtifact, PushCommit, PushedBlob, already_exists};
-pub use invoices::{Invoice, InvoiceSummary};
-pub use plans::ProjectRecord;
+pub use invoices::Invoice;
 pub use quota::{QuotaBase, QuotaCheck};
 pub use usage::UsageAlert;
 

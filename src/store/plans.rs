@@ -11,19 +11,12 @@ use sea_orm::{
     QueryOrder, TransactionTrait, Value,
 };
 
-use super::entities::{artifact, plan, project};
+use super::entities::{artifact, project};
 use super::{Store, artifacts::is_unique_violation, db_error};
 use crate::domain::metering::{DAY_MICROS, Segment};
-use crate::domain::{Error, OveragePolicy, Plan, ProjectId, ScopeKind, Timestamp, UsageControls};
-
-/// A project's plan and controls.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProjectRecord {
-    pub project_id: ProjectId,
-    pub plan: Plan,
-    pub controls: UsageControls,
-    pub created_at: Timestamp,
-}
+use crate::domain::{
+    Error, OveragePolicy, Plan, ProjectId, ProjectRecord, ScopeKind, Timestamp, UsageControls,
+};
 
 /// The plan columns, in the order [`plan_values`] gives them, shared by `plans` and
 /// `plan_versions`.
@@ -49,23 +42,27 @@ fn plan_values(plan: &Plan) -> Vec<Value> {
 
 impl Store {
     pub async fn get_plan(&self, id: &str) -> Result<Option<Plan>, Error> {
-        plan::Entity::find_by_id(id.to_owned())
-            .one(&self.db)
+        let row = self
+            .db
+            .query_one_raw(self.statement(
+                &format!("SELECT id, version, {PLAN_COLUMNS} FROM plans WHERE id = ?"),
+                vec![id.into()],
+            ))
             .await
-            .map_err(db_error)?
-            .map(plan_to_domain)
-            .transpose()
+            .map_err(db_error)?;
+        row.map(|r| plan_from_row(&r, 0)).transpose()
     }
 
     pub async fn list_plans(&self) -> Result<Vec<Plan>, Error> {
-        plan::Entity::find()
-            .order_by_asc(plan::Column::Id)
-            .all(&self.db)
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                &format!("SELECT id, version, {PLAN_COLUMNS} FROM plans ORDER BY id"),
+                vec![],
+            ))
             .await
-            .map_err(db_error)?
-            .into_iter()
-            .map(plan_to_domain)
-            .collect()
+            .map_err(db_error)?;
+        rows.iter().map(|r| plan_from_row(r, 0)).collect()
     }
 
     /// Creates a plan at version 1. Its first version is effective from the beginning of
@@ -186,29 +183,8 @@ impl Store {
             .map_err(db_error)?;
         rows.iter()
             .map(|r| {
-                let get_i64 = |i| r.try_get_by_index::<i64>(i).map_err(db_error);
-                let get_str = |i| r.try_get_by_index::<String>(i).map_err(db_error);
-                let policy = get_str(13)?;
-                Ok((
-                    Timestamp::from_micros(get_i64(0)?),
-                    Plan {
-                        id: get_str(1)?,
-                        version: r.try_get_by_index(2).map_err(db_error)?,
-                        name: get_str(3)?,
-                        currency: get_str(4)?,
-                        included_storage_gib_months: get_i64(5)?,
-                        included_egress_gib: get_i64(6)?,
-                        storage_price_micros: get_i64(7)?,
-                        egress_price_micros: get_i64(8)?,
-                        ingress_price_micros: get_i64(9)?,
-                        storage_limit_bytes: r.try_get_by_index(10).map_err(db_error)?,
-                        max_artifact_bytes: get_i64(11)?,
-                        max_retention_days: r.try_get_by_index(12).map_err(db_error)?,
-                        overage_policy: OveragePolicy::from_db(&policy).ok_or_else(|| {
-                            Error::Internal(format!("plan version has overage policy {policy:?}"))
-                        })?,
-                    },
-                ))
+                let effective: i64 = r.try_get_by_index(0).map_err(db_error)?;
+                Ok((Timestamp::from_micros(effective), plan_from_row(r, 1)?))
             })
             .collect()
     }
@@ -629,26 +605,28 @@ fn new_project(project: &ProjectId, plan_id: &str, now: Timestamp) -> project::A
     }
 }
 
-fn plan_to_domain(row: plan::Model) -> Result<Plan, Error> {
+/// A plan from a row holding `id, version, PLAN_COLUMNS` from column `first` on: the one
+/// place plan columns become a [`Plan`] (the other direction is [`plan_values`]).
+fn plan_from_row(r: &sea_orm::QueryResult, first: usize) -> Result<Plan, Error> {
+    let i64_at = |i: usize| r.try_get_by_index::<i64>(first + i).map_err(db_error);
+    let text_at = |i: usize| r.try_get_by_index::<String>(first + i).map_err(db_error);
+    let id = text_at(0)?;
+    let policy = text_at(12)?;
     Ok(Plan {
-        overage_policy: OveragePolicy::from_db(&row.overage_policy).ok_or_else(|| {
-            Error::Internal(format!(
-                "plan {} has overage policy {:?}",
-                row.id, row.overage_policy
-            ))
-        })?,
-        id: row.id,
-        version: row.version,
-        name: row.name,
-        currency: row.currency,
-        included_storage_gib_months: row.included_storage_gib_months,
-        included_egress_gib: row.included_egress_gib,
-        storage_price_micros: row.storage_price_micros,
-        egress_price_micros: row.egress_price_micros,
-        ingress_price_micros: row.ingress_price_micros,
-        storage_limit_bytes: row.storage_limit_bytes,
-        max_artifact_bytes: row.max_artifact_bytes,
-        max_retention_days: row.max_retention_days,
+        overage_policy: OveragePolicy::from_db(&policy)
+            .ok_or_else(|| Error::Internal(format!("plan {id} has overage policy {policy:?}")))?,
+        version: r.try_get_by_index(first + 1).map_err(db_error)?,
+        name: text_at(2)?,
+        currency: text_at(3)?,
+        included_storage_gib_months: i64_at(4)?,
+        included_egress_gib: i64_at(5)?,
+        storage_price_micros: i64_at(6)?,
+        egress_price_micros: i64_at(7)?,
+        ingress_price_micros: i64_at(8)?,
+        storage_limit_bytes: r.try_get_by_index(first + 9).map_err(db_error)?,
+        max_artifact_bytes: i64_at(10)?,
+        max_retention_days: r.try_get_by_index(first + 11).map_err(db_error)?,
+        id,
     })
 }
 
