@@ -1001,3 +1001,29 @@ async fn the_readme_sql_recomputes_a_closed_invoice() {
     let _ = conn.close().await;
     server.stop().await;
 }
+
+/// GetUsage answers ranges of up to ten years; a longer one is INVALID_ARGUMENT naming `end`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_ranges_are_capped() {
+    let Some(server) = TestServer::start_with(Backend::Sqlite, |_| {}).await else {
+        return;
+    };
+    let mut c = clients_at(server.grpc_addr).await;
+    assign(&mut c, "cap", "team").await;
+    let ask = |days: i64| pb::GetUsageRequest {
+        project_id: "cap".into(),
+        start: Some(ts(at(2020, 1, 1, 0))),
+        end: Some(ts(
+            at(2020, 1, 1, 0).saturating_add_micros(days * DAY * 1_000_000)
+        )),
+    };
+    c.usage.get_usage(ask(3660)).await.unwrap();
+    let err = c.usage.get_usage(ask(3661)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("end: the range is 3661 days"),
+        "{}",
+        err.message()
+    );
+    server.stop().await;
+}

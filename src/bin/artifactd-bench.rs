@@ -1995,11 +1995,22 @@ fn projects(args: &ProjectsArgs) -> anyhow::Result<()> {
             page_size: i32::try_from(args.page_size).unwrap_or(100),
             page_token: token,
         };
+        // The server's finalizer freezes the month at start-up; the listing answers
+        // UNAVAILABLE ("retry later") until it has.
         let started = Instant::now();
-        client
-            .list_projects_usage(request(String::new()))
-            .await
-            .context("ListProjectsUsage (finalizing)")?;
+        loop {
+            match client.list_projects_usage(request(String::new())).await {
+                Ok(_) => break,
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    ensure!(
+                        started.elapsed() < Duration::from_secs(1200),
+                        "the month was not finalized within 20 minutes"
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(status) => return Err(status).context("ListProjectsUsage"),
+            }
+        }
         let finalize = started.elapsed();
         let mut pages = Vec::new();
         let mut token = String::new();
@@ -2052,7 +2063,7 @@ fn projects(args: &ProjectsArgs) -> anyhow::Result<()> {
         args.page_size
     );
     println!(
-        "  first call (finalizes {} invoices):  {:.1} s",
+        "  finalizing {} invoices (the server's finalizer, from start-up):  {:.1} s",
         args.projects,
         finalize.as_secs_f64()
     );

@@ -167,6 +167,44 @@ impl Store {
         Ok(total)
     }
 
+    /// Σ size × |[created_at, billing_end) ∩ [from, to)| straight from the artifact log, in
+    /// one query and without touching the rollups: for finalizing a month, done once. On
+    /// Postgres the products are split at 2^21 so each stays in int8 while the sum is
+    /// exact numeric; SQLite streams the rows and sums in i128.
+    pub async fn storage_byte_micros_scan(
+        &self,
+        project: &ProjectId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<i128, Error> {
+        if to <= from {
+            return Ok(0);
+        }
+        if self.db.get_database_backend() != DbBackend::Postgres {
+            let intervals = self.storage_intervals(project, from, to).await?;
+            return Ok(byte_micros(&intervals, from, to));
+        }
+        let row = self
+            .db
+            .query_one_raw(self.statement(
+                "SELECT (COALESCE(SUM((size >> 21) * (LEAST(COALESCE(billing_end, $3), $3) \
+                   - GREATEST(created_at, $2))) * 2097152 \
+                   + SUM((size & 2097151) * (LEAST(COALESCE(billing_end, $3), $3) \
+                   - GREATEST(created_at, $2))), 0))::text \
+                 FROM artifacts WHERE project_id = $1 AND created_at < $3 \
+                 AND (billing_end IS NULL OR billing_end > $2)",
+                vec![
+                    project.as_str().into(),
+                    from.as_micros().into(),
+                    to.as_micros().into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| Error::Internal("storage sum returned no row".into()))?;
+        parse_integer(&row.try_get_by_index::<String>(0).map_err(db_error)?)
+    }
+
     async fn cached_days(
         &self,
         project: &ProjectId,

@@ -8,6 +8,8 @@
 //! that arrives for an invoiced month is billed on the open month as a correction line
 //! naming the month it belongs to.
 
+use futures::StreamExt;
+
 use super::{Bill, DailyUsage, Metering, UsageReport};
 use crate::domain::metering::MICROS;
 use crate::domain::metering::{
@@ -20,6 +22,8 @@ use crate::store::{Invoice, InvoiceSummary, ProjectRecord};
 
 /// Longest range ListDailyUsage answers in one call.
 pub const MAX_DAILY_RANGE_DAYS: i64 = 366;
+/// Longest range GetUsage answers in one call (ten years): bounds the work of one call.
+pub const MAX_USAGE_RANGE_DAYS: i64 = 3660;
 /// How many invoiced months before the open one are checked for late network records.
 /// Records are dated when they are written, so only a record retried across a month end
 /// can be late; three months is far beyond any retry.
@@ -67,16 +71,22 @@ impl Metering {
         project: &ProjectId,
         from: Timestamp,
         to: Timestamp,
+        direct: bool,
     ) -> Result<MonthUsage, Error> {
         let now = self.clock.now();
         let storage_to = to.min(now);
         let network_to = to.min(now.saturating_add_micros(1));
         let mut usage = MonthUsage::default();
         if storage_to > from {
-            usage.storage_byte_micros = self
-                .store
-                .storage_byte_micros(project, from, storage_to, now)
-                .await?;
+            usage.storage_byte_micros = if direct {
+                self.store
+                    .storage_byte_micros_scan(project, from, storage_to)
+                    .await?
+            } else {
+                self.store
+                    .storage_byte_micros(project, from, storage_to, now)
+                    .await?
+            };
         }
         if network_to > from {
             usage.egress_bytes = self
@@ -100,6 +110,13 @@ impl Metering {
     ) -> Result<UsageReport, Error> {
         if to <= from {
             return Err(Error::invalid("end", "must be after start"));
+        }
+        let days = (to.as_micros() - from.as_micros()) / DAY_MICROS;
+        if days > MAX_USAGE_RANGE_DAYS {
+            return Err(Error::invalid(
+                "end",
+                format!("the range is {days} days; at most {MAX_USAGE_RANGE_DAYS} per call"),
+            ));
         }
         self.project(project).await?;
         let now = self.clock.now();
@@ -181,7 +198,7 @@ impl Metering {
                 "{month} cannot be finalized before its grace period ends"
             )));
         }
-        let draft = self.draft(project, month).await?;
+        let draft = self.draft_with(project, month, true).await?;
         let plan = draft
             .segments
             .last()
@@ -209,6 +226,17 @@ impl Metering {
     /// The month's lines from rows: each plan segment's usage up to now, then corrections
     /// for late records of invoiced months.
     async fn draft(&self, project: &ProjectId, month: Month) -> Result<Draft, Error> {
+        self.draft_with(project, month, false).await
+    }
+
+    /// `direct`: storage summed straight from the artifact log in one query (finalizing a
+    /// month, done once) instead of through the day rollups that make repeated bills cheap.
+    async fn draft_with(
+        &self,
+        project: &ProjectId,
+        month: Month,
+        direct: bool,
+    ) -> Result<Draft, Error> {
         let segments = self
             .store
             .plan_segments(project, month.start(), month.end())
@@ -217,7 +245,7 @@ impl Metering {
         let mut usage = MonthUsage::default();
         for segment in &segments {
             let used = self
-                .usage_between(project, segment.from, segment.to)
+                .usage_between(project, segment.from, segment.to, direct)
                 .await?;
             usage.storage_byte_micros += used.storage_byte_micros;
             usage.egress_bytes += used.egress_bytes;
@@ -352,7 +380,7 @@ impl Metering {
         let mut lines = Vec::new();
         for segment in &draft.segments {
             let mut used = self
-                .usage_between(project, segment.from, segment.to)
+                .usage_between(project, segment.from, segment.to, false)
                 .await?;
             if segment.from <= now && now < segment.to {
                 used.storage_byte_micros += future + i128::from(extra.stored_bytes) * remaining;
@@ -443,9 +471,9 @@ impl Metering {
     /// A page of every project's totals for `month`, largest first (ties by project id),
     /// after the `(total, project)` the previous page ended with.
     ///
-    /// A finalized month reads its invoices with one keyset query (invoices still missing
-    /// — the finalizer normally writes them within minutes of the grace — are finalized
-    /// first). The open month has no invoices: each project's draft is computed and sorted,
+    /// A finalized month reads its invoices with one keyset query. Invoices still missing
+    /// (the finalizer writes them right after the grace) are finalized first when they are
+    /// few; otherwise the call is UNAVAILABLE until the finalizer has caught up. The open month has no invoices: each project's draft is computed and sorted,
     /// which costs a bill per project.
     pub async fn projects_usage(
         &self,
@@ -455,7 +483,21 @@ impl Metering {
     ) -> Result<Vec<InvoiceSummary>, Error> {
         let now = self.clock.now();
         if now >= self.finalizes_at(month) {
-            self.finalize_month(month).await?;
+            // A few stragglers are finalized here; a whole month's worth is the finalizer's
+            // work (it starts at once on every replica), and the listing says to retry.
+            let missing = self
+                .store
+                .projects_without_invoice(month, INLINE_FINALIZE_LIMIT + 1)
+                .await?;
+            if missing.len() as u64 > INLINE_FINALIZE_LIMIT {
+                return Err(Error::Unavailable {
+                    what: "invoices",
+                    cause: format!("{month} is still being finalized"),
+                });
+            }
+            for project in &missing {
+                self.finalize(project, month).await?;
+            }
             return self.store.invoices_page(month, after, limit).await;
         }
         let mut rows = Vec::new();
@@ -517,8 +559,14 @@ impl Metering {
             if missing.is_empty() {
                 return Ok(finalized);
             }
-            for project in &missing {
-                self.finalize(project, month).await?;
+            // A few projects at a time: each is a handful of round trips.
+            let results: Vec<Result<Invoice, Error>> = futures::stream::iter(missing)
+                .map(|project| async move { self.finalize(&project, month).await })
+                .buffer_unordered(FINALIZE_CONCURRENCY)
+                .collect()
+                .await;
+            for result in results {
+                result?;
                 finalized += 1;
             }
         }
@@ -545,6 +593,11 @@ impl Metering {
         }
     }
 }
+
+/// Projects the finalizer freezes at once.
+const FINALIZE_CONCURRENCY: usize = 8;
+/// Most invoices a listing call finalizes itself before asking the caller to retry.
+const INLINE_FINALIZE_LIMIT: u64 = 100;
 
 /// How often the finalizer looks for months to finalize.
 const FINALIZER_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
