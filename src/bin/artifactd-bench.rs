@@ -1426,6 +1426,12 @@ async fn populate_with(
     ))
     .await
     .context("inserting the project")?;
+    db.execute_unprepared(&format!(
+        "INSERT INTO project_plans (project_id, valid_from, plan_id, assigned_at) \
+         VALUES ('{BIG_PROJECT}', 0, '{BIG_PLAN}', 0)"
+    ))
+    .await
+    .context("inserting the project's plan history")?;
     let insert = started.elapsed();
 
     // Not in a transaction: execute_unprepared sends it on its own.

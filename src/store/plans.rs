@@ -231,9 +231,15 @@ impl Store {
         from: Timestamp,
         to: Timestamp,
     ) -> Result<Vec<Segment>, Error> {
-        let assignments = self.project_plan_rows(project).await?;
+        let mut assignments = self.project_plan_rows(project).await?;
         if assignments.is_empty() {
-            return Err(Error::NotFound(format!("no project {project}")));
+            // A project row written without its history (by hand, or by a tool that
+            // predates it) has been on its current plan all along.
+            let record = self
+                .get_project(project)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("no project {project}")))?;
+            assignments.push((0, record.plan.id));
         }
         let mut segments = Vec::new();
         for (i, (valid_from, plan_id)) in assignments.iter().enumerate() {
