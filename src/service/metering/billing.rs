@@ -41,6 +41,8 @@ pub struct Extra {
 /// A bill computed from rows (not an invoice).
 struct Draft {
     segments: Vec<Segment>,
+    /// Each segment's usage to date, in the order of `segments`.
+    used: Vec<MonthUsage>,
     lines: Vec<LineItem>,
     usage: MonthUsage,
 }
@@ -243,6 +245,7 @@ impl Metering {
             .await?;
         let mut lines = Vec::new();
         let mut usage = MonthUsage::default();
+        let mut per_segment = Vec::with_capacity(segments.len());
         for segment in &segments {
             let used = self
                 .usage_between(project, segment.from, segment.to, direct)
@@ -251,10 +254,12 @@ impl Metering {
             usage.egress_bytes += used.egress_bytes;
             usage.ingress_bytes += used.ingress_bytes;
             lines.extend(segment_lines(segment, month, &used));
+            per_segment.push(used);
         }
         lines.extend(self.corrections(project, month).await?);
         Ok(Draft {
             segments,
+            used: per_segment,
             lines,
             usage,
         })
@@ -378,10 +383,8 @@ impl Metering {
             .await?;
         let remaining = i128::from((month.end().as_micros() - now.as_micros()).max(0));
         let mut lines = Vec::new();
-        for segment in &draft.segments {
-            let mut used = self
-                .usage_between(project, segment.from, segment.to, false)
-                .await?;
+        for (segment, used) in draft.segments.iter().zip(&draft.used) {
+            let mut used = *used;
             if segment.from <= now && now < segment.to {
                 used.storage_byte_micros += future + i128::from(extra.stored_bytes) * remaining;
                 used.egress_bytes += i128::from(extra.egress_bytes);
