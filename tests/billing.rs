@@ -11,20 +11,16 @@ mod common;
 use std::sync::Arc;
 
 use artifactd::domain::Timestamp;
-use artifactd::domain::metering::{Meter, days_from_civil};
+use artifactd::domain::metering::Meter;
 use artifactd::domain::{ArtifactPath, Clock, ManualClock, ProjectId, Scope, ScopeKind, Sha256};
-use artifactd::pb::v1::{
-    self as pb, plan_service_client::PlanServiceClient,
-    usage_control_service_client::UsageControlServiceClient,
-    usage_service_client::UsageServiceClient,
-};
+use artifactd::pb::v1 as pb;
 use artifactd::server::{self, App};
 use artifactd::store::{NewArtifact, PushedBlob};
+use common::billing::*;
 use common::*;
 use prost::Message;
 use sea_orm::{ConnectionTrait, Database};
 use tonic::Code;
-use tonic::transport::Channel;
 
 on_both_backends!(
     a_mid_month_plan_change_is_prorated_and_the_closed_month_never_moves,
@@ -40,36 +36,6 @@ on_both_backends!(
 
 const GIB: i64 = 1 << 30;
 const DAY: i64 = 86_400;
-
-fn at(y: i32, m: u32, d: u32, h: i64) -> Timestamp {
-    Timestamp::from_seconds(days_from_civil(y, m, d) * DAY + h * 3600)
-}
-
-fn ts(t: Timestamp) -> prost_types::Timestamp {
-    let (seconds, nanos) = t.to_seconds_nanos();
-    prost_types::Timestamp { seconds, nanos }
-}
-
-struct Clients {
-    plans: PlanServiceClient<Channel>,
-    usage: UsageServiceClient<Channel>,
-    controls: UsageControlServiceClient<Channel>,
-    artifacts: pb::artifact_service_client::ArtifactServiceClient<Channel>,
-}
-
-async fn clients_at(addr: std::net::SocketAddr) -> Clients {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    Clients {
-        plans: PlanServiceClient::new(channel.clone()),
-        usage: UsageServiceClient::new(channel.clone()),
-        controls: UsageControlServiceClient::new(channel.clone()),
-        artifacts: pb::artifact_service_client::ArtifactServiceClient::new(channel),
-    }
-}
 
 /// BILL plan: `storage` / `egress` micro-units per GiB-month / GiB, `included` of each.
 fn plan(id: &str, included: i64, storage: i64, egress: i64) -> pb::Plan {

@@ -6,18 +6,13 @@
 
 mod common;
 
-use artifactd::domain::metering::{Meter, days_from_civil};
+use artifactd::domain::metering::Meter;
 use artifactd::domain::{Clock, ProjectId, Timestamp};
-use artifactd::pb::v1::{
-    self as pb, artifact_service_client::ArtifactServiceClient,
-    plan_service_client::PlanServiceClient,
-    usage_control_service_client::UsageControlServiceClient,
-    usage_service_client::UsageServiceClient,
-};
+use artifactd::pb::v1::{self as pb, artifact_service_client::ArtifactServiceClient};
+use common::billing::*;
 use common::*;
 use tokio::sync::mpsc;
 use tonic::Code;
-use tonic::transport::Channel;
 
 on_both_backends!(
     twenty_concurrent_pushes_end_under_the_cap,
@@ -30,32 +25,6 @@ on_both_backends!(
 
 const GIB: i64 = 1 << 30;
 const KIB: i64 = 1024;
-
-fn at(y: i32, m: u32, d: u32, h: i64) -> Timestamp {
-    Timestamp::from_seconds(days_from_civil(y, m, d) * 86_400 + h * 3600)
-}
-
-fn ts(t: Timestamp) -> prost_types::Timestamp {
-    let (seconds, nanos) = t.to_seconds_nanos();
-    prost_types::Timestamp { seconds, nanos }
-}
-
-struct Clients {
-    plans: PlanServiceClient<Channel>,
-    usage: UsageServiceClient<Channel>,
-    controls: UsageControlServiceClient<Channel>,
-    artifacts: ArtifactServiceClient<Channel>,
-}
-
-async fn clients(server: &TestServer) -> Clients {
-    let channel = server.channel().await;
-    Clients {
-        plans: PlanServiceClient::new(channel.clone()),
-        usage: UsageServiceClient::new(channel.clone()),
-        controls: UsageControlServiceClient::new(channel.clone()),
-        artifacts: ArtifactServiceClient::new(channel),
-    }
-}
 
 /// 1.000000 per GiB-month stored and per GiB sent, nothing included.
 fn plan(id: &str, policy: pb::OveragePolicy) -> pb::Plan {
@@ -74,21 +43,6 @@ fn plan(id: &str, policy: pb::OveragePolicy) -> pb::Plan {
         overage_policy: policy as i32,
         version: 0,
     }
-}
-
-async fn put_on_plan(c: &mut Clients, project: &str, plan: pb::Plan) {
-    let plan_id = plan.id.clone();
-    c.plans
-        .create_plan(pb::CreatePlanRequest { plan: Some(plan) })
-        .await
-        .unwrap();
-    c.plans
-        .assign_plan(pb::AssignPlanRequest {
-            project_id: project.into(),
-            plan_id,
-        })
-        .await
-        .unwrap();
 }
 
 async fn set_storage_cap(c: &mut Clients, project: &str, cap: i64) {

@@ -5,17 +5,12 @@
 
 mod common;
 
-use artifactd::domain::metering::days_from_civil;
 use artifactd::domain::{ArtifactPath, Clock, Scope, ScopeKind, Sha256, Timestamp};
-use artifactd::pb::v1::{
-    self as pb, plan_service_client::PlanServiceClient,
-    usage_control_service_client::UsageControlServiceClient,
-    usage_service_client::UsageServiceClient,
-};
+use artifactd::pb::v1 as pb;
 use artifactd::store::{NewArtifact, PushedBlob};
+use common::billing::*;
 use common::*;
 use tonic::Code;
-use tonic::transport::Channel;
 
 on_both_backends!(
     githubs_worked_example_bills_exactly,
@@ -36,32 +31,6 @@ on_both_backends!(
 
 const GIB: i64 = 1 << 30;
 
-fn at(y: i32, m: u32, d: u32, h: i64) -> Timestamp {
-    Timestamp::from_seconds(days_from_civil(y, m, d) * 86_400 + h * 3600)
-}
-
-fn ts(t: Timestamp) -> prost_types::Timestamp {
-    let (seconds, nanos) = t.to_seconds_nanos();
-    prost_types::Timestamp { seconds, nanos }
-}
-
-struct Clients {
-    plans: PlanServiceClient<Channel>,
-    usage: UsageServiceClient<Channel>,
-    controls: UsageControlServiceClient<Channel>,
-    artifacts: pb::artifact_service_client::ArtifactServiceClient<Channel>,
-}
-
-async fn clients(server: &TestServer) -> Clients {
-    let channel = server.channel().await;
-    Clients {
-        plans: PlanServiceClient::new(channel.clone()),
-        usage: UsageServiceClient::new(channel.clone()),
-        controls: UsageControlServiceClient::new(channel.clone()),
-        artifacts: pb::artifact_service_client::ArtifactServiceClient::new(channel),
-    }
-}
-
 /// A plan with round prices: 1.000000 per GiB-month and per GiB, nothing included.
 fn metered_plan(id: &str, policy: pb::OveragePolicy, storage_limit: Option<i64>) -> pb::Plan {
     pb::Plan {
@@ -79,21 +48,6 @@ fn metered_plan(id: &str, policy: pb::OveragePolicy, storage_limit: Option<i64>)
         overage_policy: policy as i32,
         version: 0,
     }
-}
-
-async fn put_on_plan(c: &mut Clients, project: &str, plan: pb::Plan) {
-    let plan_id = plan.id.clone();
-    c.plans
-        .create_plan(pb::CreatePlanRequest { plan: Some(plan) })
-        .await
-        .unwrap();
-    c.plans
-        .assign_plan(pb::AssignPlanRequest {
-            project_id: project.into(),
-            plan_id,
-        })
-        .await
-        .unwrap();
 }
 
 /// Records an artifact of any logical size without streaming its bytes (the storage meter

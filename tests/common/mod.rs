@@ -8,6 +8,8 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod billing;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
