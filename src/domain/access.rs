@@ -70,7 +70,7 @@ pub enum Access<'a> {
     WriteArtifacts(&'a Scope),
     /// Delete.
     DeleteArtifacts(&'a Scope),
-    /// GetUsage, GetBill, ListDailyUsage, ListUsageAlerts, GetProject.
+    /// GetUsage, GetBill, ListDailyUsage, ListUsageAlerts, GetProject, ListProjectPlanHistory.
     ReadUsage(&'a ProjectId),
     /// Usage of every project (ListProjectsUsage).
     ReadAllUsage,
