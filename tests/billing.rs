@@ -32,6 +32,7 @@ on_both_backends!(
     reads_never_create_projects,
     concurrent_control_updates_both_survive,
     a_database_from_the_previous_schema_bills_the_same,
+    an_old_month_is_finalized_when_listed,
 );
 
 const GIB: i64 = 1 << 30;
@@ -991,5 +992,68 @@ async fn usage_ranges_are_capped() {
         "{}",
         err.message()
     );
+    server.stop().await;
+}
+
+/// An older month nobody finalized (the finalizer takes only last month) is finalized in
+/// the background when a listing asks for it: UNAVAILABLE first, then every project, in
+/// keyset pages that neither repeat nor skip.
+async fn an_old_month_is_finalized_when_listed(backend: Backend) {
+    let Some(server) = TestServer::start_with(backend, |_| {}).await else {
+        return;
+    };
+    let mut c = clients_at(server.grpc_addr).await;
+    server.clock.set(at(2026, 9, 1, 0));
+    for i in 0..150 {
+        let project = format!("old{i:03}");
+        assign(&mut c, &project, "team").await;
+        egress(&server, &project, (i % 7 + 1) * GIB, at(2026, 9, 10, 0)).await;
+    }
+    server.clock.set(at(2026, 11, 15, 0));
+    let list = |token: String| pb::ListProjectsUsageRequest {
+        month: "2026-09".into(),
+        page_size: 100,
+        page_token: token,
+    };
+    let first = c.usage.list_projects_usage(list(String::new())).await;
+    assert_eq!(first.unwrap_err().code(), Code::Unavailable);
+    let mut page = None;
+    for _ in 0..600 {
+        match c.usage.list_projects_usage(list(String::new())).await {
+            Ok(response) => {
+                page = Some(response.into_inner());
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable);
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let page = page.expect("the month was finalized in the background");
+    assert_eq!(page.projects.len(), 100);
+    let rest = c
+        .usage
+        .list_projects_usage(list(page.next_page_token.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.projects.len(), 50);
+    assert!(rest.next_page_token.is_empty());
+    let all: Vec<(i64, String)> = page
+        .projects
+        .iter()
+        .chain(&rest.projects)
+        .map(|p| (p.total_micros, p.project_id.clone()))
+        .collect();
+    let mut sorted = all.clone();
+    sorted.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    assert_eq!(all, sorted, "largest first, ties by project id");
+    let mut ids: Vec<&String> = all.iter().map(|p| &p.1).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 150);
+    // 7 GiB sent on team (100 GiB included): nothing billable; the listing carries bytes.
+    assert!(all.iter().all(|p| p.0 == 0));
     server.stop().await;
 }

@@ -493,6 +493,9 @@ impl Metering {
                 .projects_without_invoice(month, INLINE_FINALIZE_LIMIT + 1)
                 .await?;
             if missing.len() as u64 > INLINE_FINALIZE_LIMIT {
+                // The finalizer only takes last month; an older month a listing asks for
+                // (a deployment upgraded mid-year) is finalized in the background, once.
+                self.finalize_in_background(month);
                 return Err(Error::Unavailable {
                     what: "invoices",
                     cause: format!("{month} is still being finalized"),
@@ -573,6 +576,28 @@ impl Metering {
                 finalized += 1;
             }
         }
+    }
+
+    /// Starts finalizing `month` for every project on a task of its own, unless this process
+    /// already is. Idempotent like every finalization.
+    fn finalize_in_background(&self, month: Month) {
+        let started = self
+            .finalizing
+            .lock()
+            .map(|mut months| months.insert(month))
+            .unwrap_or(false);
+        if !started {
+            return;
+        }
+        let metering = self.clone();
+        self.counters.spawn(async move {
+            if let Err(e) = metering.finalize_month(month).await {
+                tracing::warn!(error = %e, %month, "finalizing invoices failed; a later listing retries");
+            }
+            if let Ok(mut months) = metering.finalizing.lock() {
+                months.remove(&month);
+            }
+        });
     }
 
     /// Finalizes the previous month's invoices once its grace is over, then every few

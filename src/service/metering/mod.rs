@@ -41,6 +41,8 @@ pub struct Metering {
     invoice_grace_micros: i64,
     /// Alerts already recorded by this process, to skip re-inserting them on every push.
     alerted: Arc<Mutex<HashSet<String>>>,
+    /// Months being finalized in the background because a listing asked for them.
+    finalizing: Arc<Mutex<HashSet<Month>>>,
     /// Recently read project records (plan and controls), so a push costs no lookup.
     projects: Arc<Mutex<HashMap<ProjectId, (ProjectRecord, Instant)>>>,
 }
@@ -116,6 +118,7 @@ impl Metering {
             enabled,
             invoice_grace_micros: DEFAULT_INVOICE_GRACE.as_micros() as i64,
             alerted: Arc::default(),
+            finalizing: Arc::default(),
             projects: Arc::default(),
         }
     }
