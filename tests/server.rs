@@ -279,7 +279,23 @@ async fn grpc_and_http_over_tls() {
     if let Ok(channel) = plain {
         let mut client =
             artifactd::pb::v1::artifact_service_client::ArtifactServiceClient::new(channel);
-        assert!(stat(&mut client, job("p", "j"), "tls.txt").await.is_err());
+        // The TLS listener reads the plaintext preface as a bad record and closes. No gRPC
+        // status comes back: the client reports its broken connection, as INTERNAL ("h2
+        // protocol error", a GOAWAY seen) or UNKNOWN ("transport error", the pipe closed
+        // first) depending on which side notices first.
+        let refused = stat(&mut client, job("p", "j"), "tls.txt")
+            .await
+            .unwrap_err();
+        let expected = match refused.code() {
+            tonic::Code::Internal => "h2 protocol error",
+            tonic::Code::Unknown => "transport error",
+            other => panic!("plaintext to a TLS listener gave {other:?}: {refused:?}"),
+        };
+        assert!(refused.message().contains(expected), "{refused:?}");
+        assert!(
+            std::error::Error::source(&refused).is_some(),
+            "a client-side transport failure, not a status from the server: {refused:?}"
+        );
     }
 
     // HTTP probes over TLS.
