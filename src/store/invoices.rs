@@ -99,6 +99,39 @@ impl Store {
             .next())
     }
 
+    /// The network bytes each invoice of months `first..=last` billed for its own month.
+    pub async fn invoiced_network(
+        &self,
+        project: &ProjectId,
+        first: Month,
+        last: Month,
+    ) -> Result<Vec<(Month, i64, i64)>, Error> {
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT month, egress_bytes, ingress_bytes FROM invoices \
+                 WHERE project_id = ? AND month >= ? AND month <= ? ORDER BY month",
+                vec![
+                    project.as_str().into(),
+                    first.to_string().into(),
+                    last.to_string().into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                let month: String = r.try_get_by_index(0).map_err(db_error)?;
+                Ok((
+                    Month::parse("month", &month)
+                        .map_err(|_| Error::Internal(format!("invoice with month {month:?}")))?,
+                    r.try_get_by_index(1).map_err(db_error)?,
+                    r.try_get_by_index(2).map_err(db_error)?,
+                ))
+            })
+            .collect()
+    }
+
     /// Finalized invoices of months `first..=last`, oldest first.
     pub async fn invoices_between(
         &self,

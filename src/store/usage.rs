@@ -133,8 +133,7 @@ impl Store {
             return Ok(0);
         }
         if self.db.get_database_backend() != DbBackend::Postgres {
-            let intervals = self.storage_intervals(project, from, to).await?;
-            return Ok(byte_micros(&intervals, from, to));
+            return self.storage_byte_micros_scan(project, from, to).await;
         }
         let first_day = day_start(from);
         let mut total = 0i128;

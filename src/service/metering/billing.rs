@@ -77,7 +77,7 @@ impl Metering {
     ) -> Result<MonthUsage, Error> {
         let now = self.clock.now();
         let storage_to = to.min(now);
-        let network_to = to.min(now.saturating_add_micros(1));
+        let network_to = network_end(to, now);
         let mut usage = MonthUsage::default();
         if storage_to > from {
             usage.storage_byte_micros = if direct {
@@ -135,8 +135,8 @@ impl Metering {
         }
         let (stored_bytes, live_artifacts) = self.store.stored_at(project, now).await?;
         // Records dated this very microsecond count.
-        let network_end = to.min(now.saturating_add_micros(1)).max(from);
-        let network = |meter| self.store.network_bytes(project, meter, from, network_end);
+        let network_to = network_end(to, now).max(from);
+        let network = |meter| self.store.network_bytes(project, meter, from, network_to);
         Ok(UsageReport {
             end: end.max(from),
             storage_byte_micros: total,
@@ -157,7 +157,6 @@ impl Metering {
             let invoice = self.finalize(project, month).await?;
             return Ok(Bill::from_invoice(invoice));
         }
-        let record = self.project(project).await?;
         let draft = self.draft(project, month).await?;
         let total_micros = total(&draft.lines);
         let projected = if now >= month.start() && now < month.end() {
@@ -170,10 +169,7 @@ impl Metering {
         };
         Ok(Bill {
             project_id: project.clone(),
-            plan: draft
-                .segments
-                .last()
-                .map_or(record.plan, |s| s.plan.clone()),
+            plan: draft.plan()?,
             month,
             lines: draft.lines,
             total_micros,
@@ -201,11 +197,7 @@ impl Metering {
             )));
         }
         let draft = self.draft_with(project, month, true).await?;
-        let plan = draft
-            .segments
-            .last()
-            .map(|s| s.plan.clone())
-            .ok_or_else(|| Error::Internal(format!("{month} has no plan segment")))?;
+        let plan = draft.plan()?;
         let invoice = Invoice {
             project_id: project.clone(),
             month,
@@ -272,6 +264,29 @@ impl Metering {
         let mut first = month;
         for _ in 0..CORRECTION_LOOKBACK_MONTHS {
             first = first.previous();
+        }
+        // The common case, cheaply: every invoiced month's network records still add up to
+        // what its invoice billed, so there is nothing to correct.
+        let mut unchanged = true;
+        for (m, egress, ingress) in self
+            .store
+            .invoiced_network(project, first, month.previous())
+            .await?
+        {
+            let now_egress = self
+                .store
+                .network_bytes(project, Meter::Egress, m.start(), m.end());
+            let now_ingress = self
+                .store
+                .network_bytes(project, Meter::Ingress, m.start(), m.end());
+            if now_egress.await? != i128::from(egress) || now_ingress.await? != i128::from(ingress)
+            {
+                unchanged = false;
+                break;
+            }
+        }
+        if unchanged {
+            return Ok(Vec::new());
         }
         let invoices = self
             .store
@@ -425,7 +440,7 @@ impl Metering {
         self.project(project).await?;
         let now = self.clock.now();
         let until = to.min(now).max(first_day);
-        let network_until = to.min(now.saturating_add_micros(1)).max(first_day);
+        let network_until = network_end(to, now).max(first_day);
         let intervals = self
             .store
             .storage_intervals(project, first_day, until)
@@ -629,6 +644,22 @@ const INLINE_FINALIZE_LIMIT: u64 = 100;
 
 /// How often the finalizer looks for months to finalize.
 const FINALIZER_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
+
+impl Draft {
+    /// The plan version in effect at the end of the month (plan segments are never empty).
+    fn plan(&self) -> Result<crate::domain::Plan, Error> {
+        self.segments
+            .last()
+            .map(|s| s.plan.clone())
+            .ok_or_else(|| Error::Internal("a month without plan segments".into()))
+    }
+}
+
+/// The exclusive end of network records counted up to `to` at `now`: a record dated this
+/// very microsecond counts, nothing later does.
+fn network_end(to: Timestamp, now: Timestamp) -> Timestamp {
+    to.min(now.saturating_add_micros(1))
+}
 
 impl Bill {
     fn from_invoice(invoice: Invoice) -> Self {
