@@ -79,6 +79,21 @@ if grpcurl -plaintext -d '{"project_id": "demo", "controls": {"retention_job_day
 fi
 grep -q "plan's maximum retention" "$dir/err" || fail "retention: $(cat "$dir/err")"
 
+# Lifecycle: keep and unkeep a folder; retention rules set, read back and dry-run.
+grpcurl -plaintext -d "{\"scope\": $scope, \"path\": \"logs\", \"recursive\": true}" "$addr" artifactd.v1.ArtifactService/Keep \
+  | grep -q '"keptCount": "1"' || fail "keep"
+grpcurl -plaintext -d "{\"scope\": $scope, \"path\": \"logs/hello.txt\"}" "$addr" artifactd.v1.ArtifactService/Stat \
+  | grep -q '"keep": true' || fail "stat after keep"
+grpcurl -plaintext -d "{\"scope\": $scope, \"path\": \"logs\", \"recursive\": true}" "$addr" artifactd.v1.ArtifactService/Unkeep \
+  | grep -q '"unkeptCount": "1"' || fail "unkeep"
+policy='{"job_rules": [{"selector": "logs/debug/**", "max_age": "86400s"}, {"selector": "**/*.xml", "max_age": "604800s"}], "project_rules": [{"selector": "releases/**", "max_age": "2592000s"}]}'
+grpcurl -plaintext -d "{\"project_id\": \"demo\", \"policy\": $policy}" "$addr" artifactd.v1.UsageControlService/DryRunRetention \
+  | grep -q '"selector": "releases/\*\*"' || fail "dry run"
+grpcurl -plaintext -d "{\"project_id\": \"demo\", \"policy\": $policy, \"apply_to_existing\": true}" "$addr" \
+  artifactd.v1.UsageControlService/SetRetentionPolicy | grep -q '"selector": "logs/debug/\*\*"' || fail "set retention policy"
+grpcurl -plaintext -d '{"project_id": "demo"}' "$addr" artifactd.v1.UsageControlService/GetRetentionPolicy \
+  | grep -q '"maxAge": "604800s"' || fail "get retention policy"
+
 kill -TERM "$pid"
 status=0
 wait "$pid" || status=$?

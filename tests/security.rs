@@ -211,6 +211,31 @@ async fn every_rpc_for_every_role_and_target() {
                 ))
                 .await;
             assert_eq!(code(list), expect(read), "List: {at}");
+            // Keep and Unkeep: the same principals as Delete.
+            let kept = c
+                .artifacts
+                .keep(authed(
+                    pb::KeepRequest {
+                        scope: Some(scope.clone()),
+                        path: "a.txt".into(),
+                        recursive: false,
+                    },
+                    token,
+                ))
+                .await;
+            assert_eq!(code(kept), expect(delete), "Keep: {at}");
+            let unkept = c
+                .artifacts
+                .unkeep(authed(
+                    pb::UnkeepRequest {
+                        scope: Some(scope.clone()),
+                        path: "a.txt".into(),
+                        recursive: false,
+                    },
+                    token,
+                ))
+                .await;
+            assert_eq!(code(unkept), expect(delete), "Unkeep: {at}");
             let deleted = c
                 .artifacts
                 .delete(authed(
@@ -377,6 +402,59 @@ async fn every_rpc_for_every_role_and_target() {
                 ),
                 expect(controls),
                 "UpdateUsageControls: {at}"
+            );
+            assert_eq!(
+                code(
+                    c.controls
+                        .get_retention_policy(authed(
+                            pb::GetRetentionPolicyRequest { project_id: p() },
+                            token
+                        ))
+                        .await
+                ),
+                expect(controls),
+                "GetRetentionPolicy: {at}"
+            );
+            let policy = pb::RetentionPolicy {
+                job_rules: vec![pb::RetentionRule {
+                    selector: "logs/**".into(),
+                    max_age: Some(prost_types::Duration {
+                        seconds: 86_400,
+                        nanos: 0,
+                    }),
+                }],
+                ..Default::default()
+            };
+            assert_eq!(
+                code(
+                    c.controls
+                        .set_retention_policy(authed(
+                            pb::SetRetentionPolicyRequest {
+                                project_id: p(),
+                                policy: Some(policy.clone()),
+                                apply_to_existing: false,
+                            },
+                            token
+                        ))
+                        .await
+                ),
+                expect(controls),
+                "SetRetentionPolicy: {at}"
+            );
+            assert_eq!(
+                code(
+                    c.controls
+                        .dry_run_retention(authed(
+                            pb::DryRunRetentionRequest {
+                                project_id: p(),
+                                policy: Some(policy),
+                            },
+                            token
+                        ))
+                        .await
+                ),
+                expect(controls),
+                "DryRunRetention: {at}"
             );
         }
     }
@@ -560,6 +638,47 @@ async fn unauthenticated_comes_before_invalid_argument() {
                             paths: vec!["nope".into()],
                         }),
                         apply_to_existing: false,
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "SetRetentionPolicy",
+            code(
+                c.controls
+                    .set_retention_policy(pb::SetRetentionPolicyRequest {
+                        project_id: bad(),
+                        policy: Some(pb::RetentionPolicy {
+                            job_rules: vec![pb::RetentionRule {
+                                selector: "[".into(),
+                                max_age: None,
+                            }],
+                            ..Default::default()
+                        }),
+                        apply_to_existing: true,
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "DryRunRetention",
+            code(
+                c.controls
+                    .dry_run_retention(pb::DryRunRetentionRequest {
+                        project_id: bad(),
+                        policy: None,
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "Keep",
+            code(
+                c.artifacts
+                    .keep(pb::KeepRequest {
+                        scope: None,
+                        path: "../x".into(),
+                        recursive: false,
                     })
                     .await,
             ),

@@ -11,6 +11,7 @@ mod m20261122_000004_inline_blobs;
 mod m20261127_000005_plan_history;
 mod m20261127_000006_scoped_idempotency;
 mod m20261127_000007_quota_reservations;
+mod m20261127_000008_retention_rules;
 
 pub struct Migrator;
 
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000005_plan_history::Migration),
             Box::new(m20261127_000006_scoped_idempotency::Migration),
             Box::new(m20261127_000007_quota_reservations::Migration),
+            Box::new(m20261127_000008_retention_rules::Migration),
         ]
     }
 }

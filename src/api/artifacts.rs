@@ -212,12 +212,7 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let principal = self.auth.authenticate_grpc(request.metadata())?;
         let request = request.into_inner();
-        // A folder may be named with a trailing slash ("dist/") when deleting recursively.
-        let path = match request.path.strip_suffix('/') {
-            Some(folder) if request.recursive => folder,
-            _ => request.path.as_str(),
-        };
-        let target = convert::scoped_path("", request.scope.as_ref(), path)?;
+        let target = folder_target(request.scope.as_ref(), &request.path, request.recursive)?;
         authorize(&principal, Access::DeleteArtifacts(&target.scope))?;
         let (deleted_count, deleted_bytes) = self
             .artifacts
@@ -228,6 +223,50 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
             deleted_bytes,
         }))
     }
+
+    async fn keep(
+        &self,
+        request: Request<pb::KeepRequest>,
+    ) -> Result<Response<pb::KeepResponse>, Status> {
+        let principal = self.auth.authenticate_grpc(request.metadata())?;
+        let request = request.into_inner();
+        let target = folder_target(request.scope.as_ref(), &request.path, request.recursive)?;
+        authorize(&principal, Access::KeepArtifacts(&target.scope))?;
+        let kept_count = self
+            .artifacts
+            .set_keep(&target.scope, &target.path, request.recursive, true)
+            .await?;
+        Ok(Response::new(pb::KeepResponse { kept_count }))
+    }
+
+    async fn unkeep(
+        &self,
+        request: Request<pb::UnkeepRequest>,
+    ) -> Result<Response<pb::UnkeepResponse>, Status> {
+        let principal = self.auth.authenticate_grpc(request.metadata())?;
+        let request = request.into_inner();
+        let target = folder_target(request.scope.as_ref(), &request.path, request.recursive)?;
+        authorize(&principal, Access::KeepArtifacts(&target.scope))?;
+        let unkept_count = self
+            .artifacts
+            .set_keep(&target.scope, &target.path, request.recursive, false)
+            .await?;
+        Ok(Response::new(pb::UnkeepResponse { unkept_count }))
+    }
+}
+
+/// The target of a Delete, Keep or Unkeep: a folder may be named with a trailing slash
+/// ("dist/") when `recursive`.
+fn folder_target(
+    scope: Option<&pb::Scope>,
+    path: &str,
+    recursive: bool,
+) -> Result<crate::domain::ScopedPath, Error> {
+    let path = match path.strip_suffix('/') {
+        Some(folder) if recursive => folder,
+        _ => path,
+    };
+    convert::scoped_path("", scope, path)
 }
 
 /// An empty stream that is pending once (waking itself at once) before it ends.

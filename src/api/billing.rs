@@ -204,6 +204,67 @@ impl usage_control_service_server::UsageControlService for BillingApi {
         Ok(Response::new(convert::controls(&controls)))
     }
 
+    async fn get_retention_policy(
+        &self,
+        request: Request<pb::GetRetentionPolicyRequest>,
+    ) -> Result<Response<pb::RetentionPolicy>, Status> {
+        let project = self.allow_project(&request, &request.get_ref().project_id, |p| {
+            Access::ReadControls(p)
+        })?;
+        let policy = self.accounts.retention().policy(&project).await?;
+        Ok(Response::new(convert::retention_policy(&policy)))
+    }
+
+    async fn set_retention_policy(
+        &self,
+        request: Request<pb::SetRetentionPolicyRequest>,
+    ) -> Result<Response<pb::SetRetentionPolicyResponse>, Status> {
+        let project = self.allow_project(&request, &request.get_ref().project_id, |p| {
+            Access::WriteControls(p)
+        })?;
+        let request = request.into_inner();
+        let rules = convert::retention_rules_from_proto(request.policy.unwrap_or_default())?;
+        let (policy, updated) = self
+            .accounts
+            .retention()
+            .set_policy(&project, rules, request.apply_to_existing)
+            .await?;
+        Ok(Response::new(pb::SetRetentionPolicyResponse {
+            policy: Some(convert::retention_policy(&policy)),
+            updated_artifacts: updated as i64,
+        }))
+    }
+
+    async fn dry_run_retention(
+        &self,
+        request: Request<pb::DryRunRetentionRequest>,
+    ) -> Result<Response<pb::DryRunRetentionResponse>, Status> {
+        let project = self.allow_project(&request, &request.get_ref().project_id, |p| {
+            Access::ReadControls(p)
+        })?;
+        let rules = request
+            .into_inner()
+            .policy
+            .map(convert::retention_rules_from_proto)
+            .transpose()?;
+        let (at, figures) = self.accounts.retention().dry_run(&project, rules).await?;
+        Ok(Response::new(pb::DryRunRetentionResponse {
+            at: Some(timestamp(at)),
+            artifacts: figures.iter().map(|f| f.artifacts).sum(),
+            bytes: figures.iter().map(|f| f.bytes).sum(),
+            rules: figures
+                .iter()
+                .map(|f| pb::RuleDryRun {
+                    scope_kind: convert::scope_kind(f.kind) as i32,
+                    position: f.position as u32,
+                    rule: Some(convert::retention_rule(&f.rule)),
+                    artifacts: f.artifacts,
+                    bytes: f.bytes,
+                })
+                .collect(),
+        }))
+    }
+
     async fn list_usage_alerts(
         &self,
         request: Request<pb::ListUsageAlertsRequest>,

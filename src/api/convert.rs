@@ -8,10 +8,11 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use crate::domain::artifact::parse_mode;
 use crate::domain::metering::LineItem;
 use crate::domain::{
-    Artifact, ArtifactPath, Error, OveragePolicy, Plan, ProjectRecord, Scope, ScopeKind,
-    ScopedPath, Sha256, Timestamp, UsageControls,
+    Artifact, ArtifactPath, Error, OveragePolicy, Plan, ProjectRecord, RetentionPolicy,
+    RetentionRule, Scope, ScopeKind, ScopedPath, Sha256, Timestamp, UsageControls,
 };
 use crate::pb::v1 as pb;
+use crate::service::retention::RequestRules;
 use crate::service::{Bill, PushSpec};
 
 /// Longest idempotency key accepted, in bytes.
@@ -125,16 +126,19 @@ pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds, nanos }
 }
 
-pub fn artifact(a: &Artifact) -> pb::Artifact {
-    let kind = match a.scope.kind() {
+pub fn scope_kind(kind: ScopeKind) -> pb::ScopeKind {
+    match kind {
         ScopeKind::Job => pb::ScopeKind::Job,
         ScopeKind::Workflow => pb::ScopeKind::Workflow,
         ScopeKind::Project => pb::ScopeKind::Project,
-    };
+    }
+}
+
+pub fn artifact(a: &Artifact) -> pb::Artifact {
     pb::Artifact {
         scope: Some(pb::Scope {
             project_id: a.scope.project().as_str().to_owned(),
-            kind: kind as i32,
+            kind: scope_kind(a.scope.kind()) as i32,
             id: a.scope.id().to_owned(),
         }),
         path: a.path.as_str().to_owned(),
@@ -230,6 +234,51 @@ pub fn controls_from_proto(c: pb::UsageControls) -> UsageControls {
         spend_cap_micros: c.spend_cap_micros,
         storage_cap_bytes: c.storage_cap_bytes,
         alert_thresholds: c.alert_thresholds,
+    }
+}
+
+/// A request's retention rules per scope kind, with each `max_age` in microseconds (the
+/// service checks them against the plan). Durations that are not positive are
+/// INVALID_ARGUMENT naming the rule, e.g. `policy.job_rules[2].max_age`.
+pub fn retention_rules_from_proto(policy: pb::RetentionPolicy) -> Result<RequestRules, Error> {
+    let kind = |kind: ScopeKind, rules: Vec<pb::RetentionRule>| {
+        let rules = rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, rule)| {
+                let field = format!("policy.{}_rules[{i}].max_age", kind.as_str());
+                let age = rule
+                    .max_age
+                    .map(|d| duration_micros(&field, d))
+                    .transpose()?;
+                Ok((rule.selector, age))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok::<_, Error>((kind, rules))
+    };
+    Ok([
+        kind(ScopeKind::Job, policy.job_rules)?,
+        kind(ScopeKind::Workflow, policy.workflow_rules)?,
+        kind(ScopeKind::Project, policy.project_rules)?,
+    ])
+}
+
+pub fn retention_rule(rule: &RetentionRule) -> pb::RetentionRule {
+    pb::RetentionRule {
+        selector: rule.selector.clone(),
+        max_age: Some(prost_types::Duration {
+            seconds: rule.max_age_micros.div_euclid(1_000_000),
+            nanos: (rule.max_age_micros.rem_euclid(1_000_000) * 1_000) as i32,
+        }),
+    }
+}
+
+pub fn retention_policy(policy: &RetentionPolicy) -> pb::RetentionPolicy {
+    let rules = |kind| policy.rules(kind).iter().map(retention_rule).collect();
+    pb::RetentionPolicy {
+        job_rules: rules(ScopeKind::Job),
+        workflow_rules: rules(ScopeKind::Workflow),
+        project_rules: rules(ScopeKind::Project),
     }
 }
 

@@ -70,6 +70,9 @@ pub enum Access<'a> {
     WriteArtifacts(&'a Scope),
     /// Delete.
     DeleteArtifacts(&'a Scope),
+    /// Keep, Unkeep: pinning changes how long an artifact is stored and billed, so the same
+    /// principals as Delete (a job only in its own job scope).
+    KeepArtifacts(&'a Scope),
     /// GetUsage, GetBill, ListDailyUsage, ListUsageAlerts, GetProject, ListProjectPlanHistory.
     ReadUsage(&'a ProjectId),
     /// Usage of every project (ListProjectsUsage).
@@ -105,7 +108,8 @@ fn allowed(p: &Principal, access: Access<'_>) -> bool {
         (Role::Admin, _) => true,
         (Role::Maintainer, Access::ReadArtifacts(s))
         | (Role::Maintainer, Access::WriteArtifacts(s))
-        | (Role::Maintainer, Access::DeleteArtifacts(s)) => own_project(s.project()),
+        | (Role::Maintainer, Access::DeleteArtifacts(s))
+        | (Role::Maintainer, Access::KeepArtifacts(s)) => own_project(s.project()),
         (Role::Maintainer, Access::ReadUsage(project))
         | (Role::Maintainer, Access::ReadControls(project))
         | (Role::Maintainer, Access::WriteControls(project)) => own_project(project),
@@ -116,7 +120,7 @@ fn allowed(p: &Principal, access: Access<'_>) -> bool {
         (Role::Job, Access::ReadArtifacts(s)) | (Role::Job, Access::WriteArtifacts(s)) => {
             own_project(s.project()) && job_reaches(p, s)
         }
-        (Role::Job, Access::DeleteArtifacts(s)) => {
+        (Role::Job, Access::DeleteArtifacts(s)) | (Role::Job, Access::KeepArtifacts(s)) => {
             own_project(s.project())
                 && s.kind() == ScopeKind::Job
                 && p.job.as_deref() == Some(s.id())
@@ -139,6 +143,7 @@ fn describe(access: Access<'_>) -> String {
         Access::ReadArtifacts(s) => format!("read artifacts in {s}"),
         Access::WriteArtifacts(s) => format!("push artifacts to {s}"),
         Access::DeleteArtifacts(s) => format!("delete artifacts in {s}"),
+        Access::KeepArtifacts(s) => format!("keep or unkeep artifacts in {s}"),
         Access::ReadUsage(p) => format!("read usage of project {p}"),
         Access::ReadAllUsage => "read every project's usage".into(),
         Access::ReadControls(p) => format!("read usage controls of project {p}"),
@@ -203,6 +208,16 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "a job token for project p may not delete artifacts in project p"
+        );
+        assert!(authorize(&token, Access::KeepArtifacts(&scope(ScopeKind::Job, "j1"))).is_ok());
+        let err = authorize(
+            &token,
+            Access::KeepArtifacts(&scope(ScopeKind::Workflow, "w1")),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "a job token for project p may not keep or unkeep artifacts in workflow w1 of project p"
         );
         let other = Scope::parse("s", "q", ScopeKind::Job, "j1").unwrap();
         assert!(authorize(&token, Access::ReadArtifacts(&other)).is_err());

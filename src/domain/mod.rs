@@ -7,6 +7,7 @@ pub mod clock;
 pub mod error;
 pub mod metering;
 pub mod plan;
+pub mod retention;
 pub mod scope;
 
 pub use access::{Access, Principal, Role, authorize};
@@ -14,4 +15,5 @@ pub use artifact::{Artifact, Sha256};
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{Error, Result};
 pub use plan::{ControlsMask, OveragePolicy, Plan, ProjectRecord, UsageControls};
+pub use retention::{RetentionPolicy, RetentionRule};
 pub use scope::{ArtifactPath, ProjectId, Scope, ScopeKind, ScopedPath};

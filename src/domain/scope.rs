@@ -130,6 +130,8 @@ pub enum ScopeKind {
 }
 
 impl ScopeKind {
+    pub const ALL: [Self; 3] = [Self::Job, Self::Workflow, Self::Project];
+
     /// The name stored in the database and shown in messages.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -6,22 +6,30 @@ use crate::domain::{
     Clock, ControlsMask, Error, Plan, ProjectId, ScopeKind, Timestamp, UsageControls,
 };
 use crate::service::Metering;
+use crate::service::retention::Retention;
 use crate::store::{ProjectRecord, Store};
 
 #[derive(Debug, Clone)]
 pub struct Accounts {
     store: Store,
     metering: Metering,
+    retention: Retention,
     clock: Arc<dyn Clock>,
 }
 
 impl Accounts {
     pub fn new(store: Store, metering: Metering, clock: Arc<dyn Clock>) -> Self {
         Self {
+            retention: Retention::new(store.clone(), metering.clone(), clock.clone()),
             store,
             metering,
             clock,
         }
+    }
+
+    /// Retention rules: the policy RPCs and the dry run.
+    pub fn retention(&self) -> &Retention {
+        &self.retention
     }
 
     pub async fn create_plan(&self, plan: Plan) -> Result<Plan, Error> {
@@ -117,7 +125,8 @@ impl Accounts {
     /// Sets the masked fields, and only those, checked against the project's plan, in one
     /// statement (concurrent updates of different fields both survive). With
     /// `apply_to_existing`, artifacts live now of each scope kind whose retention was set
-    /// get their expiry recomputed (never into the past; ended artifacts are untouched).
+    /// get their expiry recomputed (never into the past; ended and kept artifacts are
+    /// untouched, and so are those a retention rule selects: the rule wins for them).
     pub async fn update_controls(
         &self,
         project: &ProjectId,
@@ -151,8 +160,8 @@ impl Accounts {
                 if set {
                     let days = controls.effective_retention_days(kind, &record.plan);
                     let changed = self
-                        .store
-                        .recompute_expirations(project, kind, days, now)
+                        .retention
+                        .apply_setting(project, kind, days, now)
                         .await?;
                     tracing::info!(project = %project, scope = kind.as_str(), days, changed, "retention applied to existing artifacts");
                 }

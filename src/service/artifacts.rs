@@ -1,4 +1,4 @@
-//! Push, Pull, Stat, List and Delete.
+//! Push, Pull, Stat, List, Delete, Keep and Unkeep.
 //!
 //! Push follows the crash-safe order of DESIGN.md: the header is checked before any byte is
 //! read; bytes stream into a temporary upload while a separate blocking task hashes them;
@@ -17,9 +17,10 @@ use futures::stream::{BoxStream, Stream, StreamExt};
 use sha2::Digest;
 
 use crate::blob::BlobStore;
-use crate::domain::metering::DAY_MICROS;
+use crate::domain::retention::resolve_lifetime;
 use crate::domain::{Artifact, ArtifactPath, Clock, Error, Scope, ScopedPath, Sha256, Timestamp};
 use crate::service::metering::{Metering, Reservation};
+use crate::service::retention::Retention;
 use crate::store::{NewArtifact, PushCommit, PushedBlob, Store};
 
 /// Pushes declaring at most this many bytes are received into memory and stored in one
@@ -74,6 +75,7 @@ pub struct ArtifactService {
     blobs: BlobStore,
     clock: Arc<dyn Clock>,
     metering: Metering,
+    retention: Retention,
     max_artifact_bytes: i64,
     /// Declared pushes of at most this many bytes keep their content in the database.
     inline_blob_bytes: i64,
@@ -89,6 +91,7 @@ impl ArtifactService {
         inline_blob_bytes: i64,
     ) -> Self {
         Self {
+            retention: Retention::new(store.clone(), metering.clone(), clock.clone()),
             store,
             blobs,
             clock,
@@ -124,30 +127,25 @@ impl ArtifactService {
             return replay(&spec, artifact, deduplicated);
         }
         let record = self.metering.project_for_push(project).await?;
-        // The push's own expire_in (within the plan's maximum), else the project's setting
-        // clamped to the plan's maximum, else the plan's maximum: nothing outlives its plan.
-        let retention_micros = match spec.expire_in_micros {
-            Some(ttl) => {
-                let max = i64::from(record.plan.max_retention_days) * DAY_MICROS;
-                if ttl > max {
-                    return Err(Error::invalid(
-                        "header.expire_in",
-                        format!(
-                            "is longer than the {} plan's maximum retention of {} days",
-                            record.plan.id, record.plan.max_retention_days
-                        ),
-                    ));
-                }
-                Some(ttl)
+        // The push's own expire_in (within the plan's maximum), else the first matching
+        // retention rule, else the project's setting, else the plan's maximum: nothing
+        // outlives its plan.
+        let kind = spec.target.scope.kind();
+        let rule_age = match spec.expire_in_micros {
+            Some(_) => None,
+            None => {
+                self.retention
+                    .rule_age(project, kind, spec.target.path.as_str())
+                    .await?
             }
-            None => Some(
-                i64::from(
-                    record
-                        .controls
-                        .effective_retention_days(spec.target.scope.kind(), &record.plan),
-                ) * DAY_MICROS,
-            ),
         };
+        let lifetime = resolve_lifetime(
+            spec.expire_in_micros,
+            rule_age,
+            &record.controls,
+            kind,
+            &record.plan,
+        )?;
         // A small push is refused by its commit as cheaply as by a lookup now; a large one
         // is checked before its bytes are read.
         let small = spec
@@ -157,7 +155,7 @@ impl ArtifactService {
             && !small
             && self
                 .store
-                .find_live(&spec.target.scope, &spec.target.path)
+                .find_live(&spec.target.scope, &spec.target.path, self.clock.now())
                 .await?
                 .is_some()
         {
@@ -190,20 +188,17 @@ impl ArtifactService {
             (size, sha256, PushedBlob::Stored { deduplicated })
         };
 
+        let created_at = self.clock.now();
         let new = NewArtifact {
             scope: spec.target.scope.clone(),
             path: spec.target.path.clone(),
             size,
             sha256,
             mode: spec.mode,
-            created_at: self.clock.now(),
-            expires_at: None,
+            created_at,
+            expires_at: Some(created_at.saturating_add_micros(lifetime)),
             upload_id,
             record_ingress: self.metering.enabled(),
-        };
-        let new = NewArtifact {
-            expires_at: retention_micros.map(|ttl| new.created_at.saturating_add_micros(ttl)),
-            ..new
         };
         match self
             .store
@@ -368,7 +363,7 @@ impl ArtifactService {
 
     pub async fn stat(&self, scope: &Scope, path: &ArtifactPath) -> Result<Artifact, Error> {
         self.store
-            .find_live(scope, path)
+            .find_live(scope, path, self.clock.now())
             .await?
             .ok_or_else(|| Error::NotFound(format!("no artifact {:?} in {scope}", path.as_str())))
     }
@@ -388,7 +383,13 @@ impl ArtifactService {
         // One extra row tells whether another page follows without a second query.
         let mut artifacts = self
             .store
-            .list_live(scope, prefix, after, u64::from(page_size) + 1)
+            .list_live(
+                scope,
+                prefix,
+                after,
+                u64::from(page_size) + 1,
+                self.clock.now(),
+            )
             .await?;
         let next_after = if artifacts.len() > page_size as usize {
             artifacts.truncate(page_size as usize);
@@ -427,6 +428,45 @@ impl ArtifactService {
         self.metering.on_deleted(scope.project(), bytes).await;
         tracing::info!(project = %scope.project(), scope = scope.kind().as_str(), count, bytes, "artifacts deleted");
         Ok((count, bytes))
+    }
+
+    /// Pins (`keep`) or releases the artifacts live at `path`, and under it as a folder with
+    /// `recursive`. Returns how many changed; NOT_FOUND when nothing live is there (an
+    /// artifact that ended stays ended). Idempotent: keeping a kept artifact changes nothing.
+    pub async fn set_keep(
+        &self,
+        scope: &Scope,
+        path: &ArtifactPath,
+        recursive: bool,
+        keep: bool,
+    ) -> Result<i64, Error> {
+        let change = self
+            .store
+            .set_keep(scope, path, recursive, keep, self.clock.now())
+            .await?;
+        if !change.found {
+            return Err(Error::NotFound(format!(
+                "no live artifact {:?} in {scope}{}",
+                path.as_str(),
+                if recursive {
+                    ""
+                } else {
+                    " (for a folder, set recursive)"
+                }
+            )));
+        }
+        if !keep && change.changed > 0 {
+            // An unkept artifact past its expiry ends now: let the stored figure be rebuilt.
+            self.metering.forget(scope.project()).await;
+        }
+        tracing::info!(
+            project = %scope.project(),
+            scope = scope.kind().as_str(),
+            keep,
+            changed = change.changed,
+            "artifact pins changed"
+        );
+        Ok(change.changed)
     }
 
     pub fn now(&self) -> Timestamp {

@@ -1,7 +1,13 @@
 //! The artifact log: inserting pushes (with overwrite and idempotency), reading live
-//! artifacts, and ending them. "Live" means `deleted_at IS NULL`; a partial unique index
-//! keeps at most one live artifact per (project, scope, path), which is what makes
-//! concurrent pushes to one path race safely.
+//! artifacts, and ending them.
+//!
+//! "Live" is defined once, by [`live_at`](super::lifecycle::live_at) (the lifecycle contract of DESIGN.md): a row is live
+//! at `now` iff `deleted_at IS NULL AND (billing_end IS NULL OR billing_end > now)`, so an
+//! artifact is gone for every read at its expiry, to the microsecond, whether or not anything
+//! has marked it ended yet. A partial unique index keeps at most one unended row per
+//! (project, scope, path), which is what makes concurrent pushes to one path race safely; a
+//! push to the path of an expired row first marks that row ended at its expiry
+//! ([`expired_at`](super::lifecycle::expired_at)), in the push's own transaction.
 
 use bytes::Bytes;
 use sea_orm::sea_query::{Expr, OnConflict};
@@ -12,6 +18,7 @@ use sea_orm::{
 };
 
 use super::entities::{artifact, blob, push_idempotency, usage_event};
+use super::lifecycle::{expired_at, live_at, mark_expired};
 use super::{Store, db_error};
 use crate::domain::{
     Artifact, ArtifactPath, Error, Scope, ScopeKind, Sha256, Timestamp, scope::prefix_upper_bound,
@@ -146,7 +153,12 @@ impl Store {
             && idempotency_key.is_none()
             && self.db.get_database_backend() == DbBackend::Postgres
         {
-            return self.commit_new_in_one_statement(new, blob).await;
+            match self.commit_new_in_one_statement(new, blob).await {
+                // The path is taken, perhaps by an expired row nothing has marked yet: the
+                // transaction below marks it and inserts, or conflicts again if it is live.
+                Err(err) if is_unique_violation(&err) => {}
+                other => return other,
+            }
         }
         let now = new.created_at.as_micros();
         let txn = self.db.begin().await?;
@@ -166,10 +178,16 @@ impl Store {
         .await?;
         let deduplicated = blob.deduplicated(blob_rows);
 
+        // An expired row still holds the path in the unique index: it ends at its expiry,
+        // with no force needed, and billing is unchanged.
+        mark_expired(at_path(&new.scope, &new.path).filter(expired_at(new.created_at)))
+            .exec(&txn)
+            .await?;
         let mut replaced = false;
         let mut replaced_bytes = 0;
         if force {
-            let ended = live_at(&new.scope, &new.path)
+            let ended = at_path(&new.scope, &new.path)
+                .filter(live_at(new.created_at))
                 .col_expr(artifact::Column::DeletedAt, Expr::value(now))
                 .col_expr(artifact::Column::EndReason, Expr::value("overwritten"))
                 .col_expr(artifact::Column::BillingEnd, billing_end_at(now))
@@ -325,16 +343,17 @@ impl Store {
         Ok(Some((to_domain(model)?, record.deduplicated)))
     }
 
-    /// The live artifact at a path, if any.
+    /// The artifact live at `now` at a path, if any.
     pub async fn find_live(
         &self,
         scope: &Scope,
         path: &ArtifactPath,
+        now: Timestamp,
     ) -> Result<Option<Artifact>, Error> {
         artifact::Entity::find()
             .filter(in_scope(scope))
             .filter(artifact::Column::Path.eq(path.as_str()))
-            .filter(artifact::Column::DeletedAt.is_null())
+            .filter(live_at(now))
             .one(&self.db)
             .await
             .map_err(db_error)?
@@ -355,19 +374,20 @@ impl Store {
         Ok(content.flatten().map(Bytes::from))
     }
 
-    /// Up to `limit` live artifacts whose path starts with `prefix` and sorts after `after`,
-    /// in path (byte) order. Keyset paging: rows added or removed elsewhere in the listing
-    /// never shift a page boundary, so pages have no duplicates and no gaps.
+    /// Up to `limit` artifacts live at `now` whose path starts with `prefix` and sorts after
+    /// `after`, in path (byte) order. Keyset paging: rows added or removed elsewhere in the
+    /// listing never shift a page boundary, so pages have no duplicates and no gaps.
     pub async fn list_live(
         &self,
         scope: &Scope,
         prefix: &str,
         after: Option<&str>,
         limit: u64,
+        now: Timestamp,
     ) -> Result<Vec<Artifact>, Error> {
         let mut query = artifact::Entity::find()
             .filter(in_scope(scope))
-            .filter(artifact::Column::DeletedAt.is_null());
+            .filter(live_at(now));
         if !prefix.is_empty() {
             query = query.filter(artifact::Column::Path.gte(prefix));
             if let Some(upper) = prefix_upper_bound(prefix) {
@@ -388,8 +408,9 @@ impl Store {
             .collect()
     }
 
-    /// Ends the live artifact at `path` and, with `recursive`, every live artifact under it
-    /// as a folder. Returns how many ended and their total size.
+    /// Ends the artifact live at `path` and, with `recursive`, every artifact live under it
+    /// as a folder. Returns how many ended and their total size. Expired rows are not live:
+    /// they already ended at their expiry, and a delete does not move that end.
     ///
     /// A folder may hold millions of files, so they end 1,000 per statement:
     /// memory and each statement's lock time stay bounded. Each batch commits on its own, so
@@ -403,20 +424,14 @@ impl Store {
     ) -> Result<(i64, i64), Error> {
         use sea_orm::QueryTrait;
         const END_BATCH_ROWS: u64 = 1000;
-        let mut matching = artifact::Column::Path.eq(path.as_str());
-        if recursive {
-            let (low, high) = path.folder_range();
-            matching = matching.or(artifact::Column::Path
-                .gte(low)
-                .and(artifact::Column::Path.lt(high)));
-        }
+        let matching = at_or_under(path, recursive);
         let (mut count, mut bytes) = (0i64, 0i64);
         loop {
             let batch = artifact::Entity::find()
                 .select_only()
                 .column(artifact::Column::Id)
                 .filter(in_scope(scope))
-                .filter(artifact::Column::DeletedAt.is_null())
+                .filter(live_at(now))
                 .filter(matching.clone())
                 .limit(END_BATCH_ROWS)
                 .into_query();
@@ -429,7 +444,7 @@ impl Store {
                 )
                 .filter(artifact::Column::Id.in_subquery(batch))
                 // A concurrent delete may have ended some of the batch in between.
-                .filter(artifact::Column::DeletedAt.is_null())
+                .filter(live_at(now))
                 .exec_with_returning(&self.db)
                 .await
                 .map_err(db_error)?;
@@ -451,18 +466,31 @@ impl Store {
     }
 }
 
-fn in_scope(scope: &Scope) -> sea_orm::Condition {
+/// Rows at `path`, and with `recursive` under it as a folder.
+pub(super) fn at_or_under(path: &ArtifactPath, recursive: bool) -> sea_orm::Condition {
+    let mut matching = sea_orm::Condition::any().add(artifact::Column::Path.eq(path.as_str()));
+    if recursive {
+        let (low, high) = path.folder_range();
+        matching = matching.add(
+            artifact::Column::Path
+                .gte(low)
+                .and(artifact::Column::Path.lt(high)),
+        );
+    }
+    matching
+}
+
+pub(super) fn in_scope(scope: &Scope) -> sea_orm::Condition {
     sea_orm::Condition::all()
         .add(artifact::Column::ProjectId.eq(scope.project().as_str()))
         .add(artifact::Column::ScopeKind.eq(scope.kind().as_str()))
         .add(artifact::Column::ScopeId.eq(scope.id()))
 }
 
-fn live_at(scope: &Scope, path: &ArtifactPath) -> sea_orm::UpdateMany<artifact::Entity> {
+fn at_path(scope: &Scope, path: &ArtifactPath) -> sea_orm::UpdateMany<artifact::Entity> {
     artifact::Entity::update_many()
         .filter(in_scope(scope))
         .filter(artifact::Column::Path.eq(path.as_str()))
-        .filter(artifact::Column::DeletedAt.is_null())
 }
 
 /// `billing_end` for a live artifact ending at `now`: unchanged when it already stopped
@@ -489,7 +517,7 @@ pub fn already_exists(scope: &Scope, path: &ArtifactPath) -> Error {
 
 /// Rows were validated on the way in; a row that fails here means the database was edited
 /// by hand, which is an internal error rather than the client's.
-fn to_domain(model: artifact::Model) -> Result<Artifact, Error> {
+pub(super) fn to_domain(model: artifact::Model) -> Result<Artifact, Error> {
     let corrupt = |what: &str| Error::Internal(format!("artifact row {} has {what}", model.id));
     let kind = ScopeKind::from_db(&model.scope_kind).ok_or_else(|| corrupt("a bad scope_kind"))?;
     let scope = Scope::parse("scope", &model.project_id, kind, &model.scope_id)

@@ -4,8 +4,10 @@
 mod artifacts;
 pub mod entities;
 mod invoices;
+pub mod lifecycle;
 mod plans;
 mod quota;
+mod retention;
 mod usage;
 
 use std::time::Duration;
@@ -21,7 +23,9 @@ pub use crate::domain::ProjectRecord;
 pub use crate::domain::metering::ProjectTotals as InvoiceSummary;
 pub use artifacts::{NewArtifact, PushCommit, PushedBlob, already_exists};
 pub use invoices::Invoice;
+pub use lifecycle::PinChange;
 pub use quota::{QuotaBase, QuotaCheck};
+pub use retention::LiveArtifact;
 pub use usage::UsageAlert;
 
 /// Arbitrary but fixed key of the Postgres advisory lock that serialises migrations across

@@ -12,6 +12,7 @@ use sea_orm::{
 };
 
 use super::entities::{artifact, project};
+use super::lifecycle::{lifetime_end, live_at, unpinned};
 use super::{Store, artifacts::is_unique_violation, db_error};
 use crate::domain::metering::{DAY_MICROS, Segment};
 use crate::domain::{
@@ -507,19 +508,14 @@ impl Store {
         days: i32,
         now: Timestamp,
     ) -> Result<u64, Error> {
-        let ttl = i64::from(days) * DAY_MICROS;
-        let now = now.as_micros();
-        let end = Expr::case(
-            Expr::col(artifact::Column::CreatedAt).add(ttl).lt(now),
-            Expr::value(now),
-        )
-        .finally(Expr::col(artifact::Column::CreatedAt).add(ttl));
+        let end = lifetime_end(i64::from(days) * DAY_MICROS, now);
         let changed = artifact::Entity::update_many()
-            .col_expr(artifact::Column::ExpiresAt, end.clone().into())
-            .col_expr(artifact::Column::BillingEnd, end.into())
+            .col_expr(artifact::Column::ExpiresAt, end.clone())
+            .col_expr(artifact::Column::BillingEnd, end)
             .filter(artifact::Column::ProjectId.eq(project.as_str()))
             .filter(artifact::Column::ScopeKind.eq(kind.as_str()))
             .filter(live_at(now))
+            .filter(unpinned())
             .exec(&self.db)
             .await
             .map_err(db_error)?;
@@ -537,16 +533,12 @@ impl Store {
         now: Timestamp,
     ) -> Result<u64, Error> {
         let ttl = i64::from(max_days) * DAY_MICROS;
-        let now = now.as_micros();
-        let end = Expr::case(
-            Expr::col(artifact::Column::CreatedAt).add(ttl).lt(now),
-            Expr::value(now),
-        )
-        .finally(Expr::col(artifact::Column::CreatedAt).add(ttl));
+        let end = lifetime_end(ttl, now);
         let mut query = artifact::Entity::update_many()
-            .col_expr(artifact::Column::ExpiresAt, end.clone().into())
-            .col_expr(artifact::Column::BillingEnd, end.into())
+            .col_expr(artifact::Column::ExpiresAt, end.clone())
+            .col_expr(artifact::Column::BillingEnd, end)
             .filter(live_at(now))
+            .filter(unpinned())
             .filter(
                 Expr::col(artifact::Column::ExpiresAt)
                     .is_null()
@@ -581,19 +573,6 @@ impl Store {
             .map(|p| p.project_id)
             .collect())
     }
-}
-
-/// Artifacts live at `now`: not ended, not kept, and not expired yet (whether or not a
-/// sweeper has marked them).
-fn live_at(now: i64) -> sea_orm::Condition {
-    sea_orm::Condition::all()
-        .add(artifact::Column::DeletedAt.is_null())
-        .add(artifact::Column::Keep.eq(false))
-        .add(
-            artifact::Column::BillingEnd
-                .is_null()
-                .or(artifact::Column::BillingEnd.gt(now)),
-        )
 }
 
 fn new_project(project: &ProjectId, plan_id: &str, now: Timestamp) -> project::ActiveModel {
