@@ -1094,9 +1094,12 @@ async fn applying_retention_never_touches_ended_or_kept_artifacts(backend: Backe
 async fn ended_rows(server: &TestServer, now: Timestamp) -> Vec<Row> {
     let mut all = Vec::new();
     for path in ["deleted.bin", "over.bin", "kept.bin", "expired.bin"] {
-        all.extend(rows(server, "p", path).await.into_iter().filter(|row| {
-            row.4 || row.2.is_some_and(|end| end < now.as_micros())
-        }));
+        all.extend(
+            rows(server, "p", path)
+                .await
+                .into_iter()
+                .filter(|row| row.4 || row.2.is_some_and(|end| end < now.as_micros())),
+        );
     }
     all
 }
