@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/artifactd/v1/controls.proto",
                 "proto/artifactd/v1/usage.proto",
                 "proto/artifactd/v1/token.proto",
+                "proto/artifactd/v1/job.proto",
             ],
             &["proto"],
         )?;

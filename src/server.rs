@@ -28,6 +28,8 @@ use tonic::transport::server::TcpIncoming;
 use crate::api::artifacts::ArtifactApi;
 use crate::api::billing::BillingApi;
 use crate::api::deadline::UnaryDeadlineLayer;
+use crate::api::http::Downloads;
+use crate::api::jobs::JobApi;
 use crate::api::tokens::TokenApi;
 use crate::auth::Authenticator;
 use crate::blob::BlobStore;
@@ -35,12 +37,13 @@ use crate::config::{AuthMode, Config};
 use crate::coord::Counters;
 use crate::domain::{Clock, Error};
 use crate::pb::v1::artifact_service_server::ArtifactServiceServer;
+use crate::pb::v1::job_service_server::JobServiceServer;
 use crate::pb::v1::plan_service_server::PlanServiceServer;
 use crate::pb::v1::token_service_server::TokenServiceServer;
 use crate::pb::v1::usage_control_service_server::UsageControlServiceServer;
 use crate::pb::v1::usage_service_server::UsageServiceServer;
 use crate::service::tokens::Tokens;
-use crate::service::{Accounts, ArtifactService, Metering};
+use crate::service::{Accounts, ArtifactService, Jobs, Metering};
 use crate::store::Store;
 
 /// Largest gRPC message accepted or sent: a 1 MiB chunk plus framing, well under tonic's
@@ -54,13 +57,14 @@ const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// What grpc.health.v1 reports on: the server as a whole (`""`) and every API service.
-pub const HEALTH_SERVICES: [&str; 6] = [
+pub const HEALTH_SERVICES: [&str; 7] = [
     "",
     "artifactd.v1.ArtifactService",
     "artifactd.v1.PlanService",
     "artifactd.v1.UsageService",
     "artifactd.v1.UsageControlService",
     "artifactd.v1.TokenService",
+    "artifactd.v1.JobService",
 ];
 
 /// Everything a running server holds.
@@ -70,6 +74,7 @@ pub struct App {
     pub artifacts: ArtifactService,
     pub metering: Metering,
     pub accounts: Accounts,
+    pub jobs: Jobs,
     pub auth: Authenticator,
     /// PEM certificate chain and key, when serving TLS.
     tls: Option<(Vec<u8>, Vec<u8>)>,
@@ -116,6 +121,7 @@ impl App {
         )
         .with_invoice_grace(config.invoice_grace);
         let accounts = Accounts::new(store.clone(), metering.clone(), clock.clone());
+        let jobs = Jobs::new(store.clone(), metering.clone(), clock.clone());
         let clock_for_tokens = clock.clone();
         let artifacts = ArtifactService::new(
             store.clone(),
@@ -130,6 +136,7 @@ impl App {
             artifacts,
             metering,
             accounts,
+            jobs,
             auth,
             tls,
             clock: clock_for_tokens,
@@ -180,6 +187,7 @@ pub async fn serve(
 
     let artifact_service = ArtifactServiceServer::new(ArtifactApi::new(
         app.artifacts.clone(),
+        app.jobs.clone(),
         app.auth.clone(),
         app.stream_idle_timeout,
         app.max_streams,
@@ -215,6 +223,10 @@ pub async fn serve(
         .add_service(PlanServiceServer::new(billing.clone()))
         .add_service(UsageServiceServer::new(billing.clone()))
         .add_service(UsageControlServiceServer::new(billing))
+        .add_service(JobServiceServer::new(JobApi::new(
+            app.jobs.clone(),
+            app.auth.clone(),
+        )))
         .add_service(TokenServiceServer::new(TokenApi::new(
             app.auth.clone(),
             Tokens::new(app.auth.clone(), app.clock.clone()),
@@ -227,7 +239,8 @@ pub async fn serve(
         .with_state(HttpState {
             ready: ready.clone(),
             store: app.store.clone(),
-        });
+        })
+        .merge(Downloads::new(app.artifacts.clone(), app.jobs.clone(), app.auth.clone()).router());
     let http: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &app.tls {
         None => Box::pin(
             axum::serve(http_listener, router)

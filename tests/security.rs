@@ -9,7 +9,7 @@ use artifactd::auth::{Authenticator, Claims};
 use artifactd::config::{AuthMode, Secret};
 use artifactd::pb::v1::{
     self as pb, artifact_service_client::ArtifactServiceClient,
-    plan_service_client::PlanServiceClient,
+    job_service_client::JobServiceClient, plan_service_client::PlanServiceClient,
     usage_control_service_client::UsageControlServiceClient,
     usage_service_client::UsageServiceClient,
 };
@@ -56,6 +56,7 @@ struct Clients {
     plans: PlanServiceClient<Channel>,
     usage: UsageServiceClient<Channel>,
     controls: UsageControlServiceClient<Channel>,
+    jobs: JobServiceClient<Channel>,
 }
 
 async fn secured_server() -> (TestServer, Clients) {
@@ -70,7 +71,8 @@ async fn secured_server() -> (TestServer, Clients) {
         artifacts: ArtifactServiceClient::new(channel.clone()),
         plans: PlanServiceClient::new(channel.clone()),
         usage: UsageServiceClient::new(channel.clone()),
-        controls: UsageControlServiceClient::new(channel),
+        controls: UsageControlServiceClient::new(channel.clone()),
+        jobs: JobServiceClient::new(channel),
     };
     (server, clients)
 }
@@ -459,6 +461,102 @@ async fn every_rpc_for_every_role_and_target() {
         }
     }
 
+    // JobService: the control plane (maintainer, admin) reports jobs; job tokens read their
+    // project's latest jobs too; billing readers neither.
+    let register = |project: &str, job_id: String| pb::RegisterJobRequest {
+        project_id: project.into(),
+        workflow_id: "w1".into(),
+        job_id,
+        job_name: "build".into(),
+        r#ref: "main".into(),
+    };
+    for project_id in ["p", "q"] {
+        c.jobs
+            .register_job(authed(register(project_id, "passed".into()), &admin))
+            .await
+            .unwrap();
+        c.jobs
+            .finish_job(authed(
+                pb::FinishJobRequest {
+                    project_id: project_id.into(),
+                    job_id: "passed".into(),
+                    status: pb::JobStatus::Passed as i32,
+                },
+                &admin,
+            ))
+            .await
+            .unwrap();
+    }
+    for (i, (role, token)) in principals.iter().enumerate() {
+        for project_id in ["p", "q"] {
+            let own = project_id == "p";
+            let reports = match *role {
+                "admin" => true,
+                "maintainer" => own,
+                _ => false,
+            };
+            let reads_latest = match *role {
+                "admin" => true,
+                "maintainer" | "job" => own,
+                _ => false,
+            };
+            let expect = |allowed: bool| {
+                if allowed {
+                    Code::Ok
+                } else {
+                    Code::PermissionDenied
+                }
+            };
+            let at = format!("{role} on project {project_id}");
+            let job_id = format!("j-{i}");
+            c.jobs
+                .register_job(authed(register(project_id, job_id.clone()), &admin))
+                .await
+                .unwrap();
+            assert_eq!(
+                code(
+                    c.jobs
+                        .register_job(authed(register(project_id, format!("r-{i}")), token))
+                        .await
+                ),
+                expect(reports),
+                "RegisterJob: {at}"
+            );
+            assert_eq!(
+                code(
+                    c.jobs
+                        .finish_job(authed(
+                            pb::FinishJobRequest {
+                                project_id: project_id.into(),
+                                job_id,
+                                status: pb::JobStatus::Failed as i32,
+                            },
+                            token
+                        ))
+                        .await
+                ),
+                expect(reports),
+                "FinishJob: {at}"
+            );
+            assert_eq!(
+                code(
+                    c.jobs
+                        .get_latest_job(authed(
+                            pb::GetLatestJobRequest {
+                                project_id: project_id.into(),
+                                r#ref: "main".into(),
+                                job_name: "build".into(),
+                            },
+                            token
+                        ))
+                        .await
+                ),
+                expect(reads_latest),
+                "GetLatestJob: {at}"
+            );
+        }
+    }
+
     // Admin-only RPCs, and the all-projects usage listing.
     for (i, (role, token)) in principals.iter().enumerate() {
         let admin_role = *role == "admin";
@@ -728,6 +826,40 @@ async fn unauthenticated_comes_before_invalid_argument() {
             code(
                 c.plans
                     .create_plan(pb::CreatePlanRequest { plan: None })
+                    .await,
+            ),
+        ),
+        (
+            "RegisterJob",
+            code(
+                c.jobs
+                    .register_job(pb::RegisterJobRequest {
+                        project_id: bad(),
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "FinishJob",
+            code(
+                c.jobs
+                    .finish_job(pb::FinishJobRequest {
+                        project_id: bad(),
+                        job_id: String::new(),
+                        status: 99,
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "GetLatestJob",
+            code(
+                c.jobs
+                    .get_latest_job(pb::GetLatestJobRequest {
+                        project_id: bad(),
+                        ..Default::default()
+                    })
                     .await,
             ),
         ),
@@ -1177,4 +1309,210 @@ async fn public_key_tokens_from_a_control_plane() {
         assert_eq!(refused.code(), Code::FailedPrecondition, "{public}");
         server.stop().await;
     }
+}
+
+/// Every HTTP download route × every role × own and other targets, with the exact status:
+/// 200 (204 for DELETE) when the role matrix allows, 403 when not, 401 without a valid
+/// token — whichever way the token comes (Bearer, JOB-TOKEN, ?job_token=).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_routes_for_every_role_and_target() {
+    use common::http::{get, send};
+    use hyper::{Method, StatusCode};
+
+    let (server, mut c) = secured_server().await;
+    let addr = server.http_addr;
+    let admin = token("admin", None, None, None);
+    let principals = [
+        ("job", token("job", Some("p"), Some("w1"), Some("j1"))),
+        ("maintainer", token("maintainer", Some("p"), None, None)),
+        (
+            "billing_reader",
+            token("billing_reader", Some("p"), None, None),
+        ),
+        ("admin", admin.clone()),
+    ];
+    // (target, scope, route prefix)
+    let targets = [
+        (
+            "own_job",
+            job("p", "j1"),
+            "/api/v1/projects/p/jobs/j1/artifacts",
+        ),
+        (
+            "sibling_job",
+            job("p", "j2"),
+            "/api/v1/projects/p/jobs/j2/artifacts",
+        ),
+        (
+            "own_workflow",
+            workflow("p", "w1"),
+            "/api/v1/projects/p/workflows/w1/artifacts",
+        ),
+        (
+            "other_workflow",
+            workflow("p", "w2"),
+            "/api/v1/projects/p/workflows/w2/artifacts",
+        ),
+        ("project", project("p"), "/api/v1/projects/p/artifacts"),
+        (
+            "other_project",
+            job("q", "j1"),
+            "/api/v1/projects/q/jobs/j1/artifacts",
+        ),
+    ];
+    let artifact_rules = |role: &str, target: &str| -> (bool, bool) {
+        match (role, target) {
+            ("admin", _) => (true, true),
+            ("maintainer", "other_project") => (false, false),
+            ("maintainer", _) => (true, true),
+            ("job", "own_job") => (true, true),
+            ("job", "own_workflow" | "project") => (true, false),
+            _ => (false, false),
+        }
+    };
+    for (_, scope, _) in &targets {
+        assert_eq!(
+            push_as(&mut c, &admin, scope.clone(), "a.txt").await,
+            Code::Ok
+        );
+    }
+    for project_id in ["p", "q"] {
+        c.jobs
+            .register_job(authed(
+                pb::RegisterJobRequest {
+                    project_id: project_id.into(),
+                    workflow_id: "w1".into(),
+                    job_id: "j1".into(),
+                    job_name: "build".into(),
+                    r#ref: "main".into(),
+                },
+                &admin,
+            ))
+            .await
+            .unwrap();
+        c.jobs
+            .finish_job(authed(
+                pb::FinishJobRequest {
+                    project_id: project_id.into(),
+                    job_id: "j1".into(),
+                    status: pb::JobStatus::Passed as i32,
+                },
+                &admin,
+            ))
+            .await
+            .unwrap();
+    }
+    let allowed = |ok: bool, yes: StatusCode| if ok { yes } else { StatusCode::FORBIDDEN };
+    for (role, token) in &principals {
+        let bearer = format!("Bearer {token}");
+        let auth = [("authorization", bearer.as_str())];
+        for (target, scope, route) in &targets {
+            let (read, delete) = artifact_rules(role, target);
+            let at = format!("{role} on {target}");
+            let file = get(addr, &format!("{route}/a.txt"), &auth).await;
+            assert_eq!(file.status, allowed(read, StatusCode::OK), "file: {at}");
+            let zip = get(addr, route, &auth).await;
+            assert_eq!(zip.status, allowed(read, StatusCode::OK), "zip: {at}");
+            // Refused before any lookup: a missing file answers like an existing one.
+            let missing = get(addr, &format!("{route}/missing"), &auth).await;
+            assert_eq!(
+                missing.status,
+                allowed(read, StatusCode::NOT_FOUND),
+                "missing: {at}"
+            );
+            if route.contains("/jobs/") {
+                let deleted = send(addr, Method::DELETE, route, &auth).await;
+                assert_eq!(
+                    deleted.status,
+                    allowed(delete, StatusCode::NO_CONTENT),
+                    "DELETE: {at}"
+                );
+                if delete {
+                    assert_eq!(
+                        push_as(&mut c, &admin, scope.clone(), "a.txt").await,
+                        Code::Ok
+                    );
+                }
+            }
+        }
+        for project_id in ["p", "q"] {
+            let own = project_id == "p";
+            let reads_latest = match *role {
+                "admin" => true,
+                "maintainer" | "job" => own,
+                _ => false,
+            };
+            let at = format!("{role} on project {project_id}");
+            let base = format!("/api/v1/projects/{project_id}/jobs/artifacts/main");
+            let zip = get(addr, &format!("{base}/download?job=build"), &auth).await;
+            assert_eq!(
+                zip.status,
+                allowed(reads_latest, StatusCode::OK),
+                "latest zip: {at}"
+            );
+            let raw = get(addr, &format!("{base}/raw/a.txt?job=build"), &auth).await;
+            assert_eq!(
+                raw.status,
+                allowed(reads_latest, StatusCode::OK),
+                "latest raw: {at}"
+            );
+        }
+    }
+
+    // The other two ways a job token comes, and the ways it does not.
+    let job_token = token("job", Some("p"), Some("w1"), Some("j1"));
+    let file = "/api/v1/projects/p/jobs/j1/artifacts/a.txt";
+    let by_header = get(addr, file, &[("job-token", &job_token)]).await;
+    assert_eq!(
+        (by_header.status, by_header.text().as_str()),
+        (StatusCode::OK, "matrix")
+    );
+    let by_query = get(addr, &format!("{file}?job_token={job_token}"), &[]).await;
+    assert_eq!(by_query.status, StatusCode::OK);
+    let sibling = get(
+        addr,
+        &format!("/api/v1/projects/p/jobs/j2/artifacts/a.txt?job_token={job_token}"),
+        &[],
+    )
+    .await;
+    assert_eq!(sibling.status, StatusCode::FORBIDDEN);
+    assert!(
+        sibling.text().contains("may not read artifacts"),
+        "{}",
+        sibling.text()
+    );
+    for (headers, why) in [
+        (vec![], "a bearer token is required"),
+        (vec![("authorization", "Bearer nope")], "malformed"),
+        (
+            vec![("authorization", "Basic abc")],
+            "must be `Bearer <token>`",
+        ),
+        (vec![("job-token", "x.y.z")], "malformed"),
+    ] {
+        // Unauthenticated comes before any validation: even a bad path is 401.
+        for route in [
+            file,
+            "/api/v1/projects/p/jobs/j1/artifacts/a/../b",
+            "/api/v1/projects/p/jobs/artifacts/main/download",
+        ] {
+            let reply = get(addr, route, &headers).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::UNAUTHORIZED,
+                "{route} {headers:?}"
+            );
+            assert_eq!(reply.header("www-authenticate"), "Bearer");
+            assert!(reply.text().contains(why), "{}", reply.text());
+        }
+    }
+    let delete = send(
+        addr,
+        Method::DELETE,
+        "/api/v1/projects/p/jobs/j1/artifacts",
+        &[],
+    )
+    .await;
+    assert_eq!(delete.status, StatusCode::UNAUTHORIZED);
+    server.stop().await;
 }

@@ -12,6 +12,7 @@ mod m20261127_000005_plan_history;
 mod m20261127_000006_scoped_idempotency;
 mod m20261127_000007_quota_reservations;
 mod m20261127_000008_retention_rules;
+mod m20261127_000009_jobs;
 
 pub struct Migrator;
 
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000006_scoped_idempotency::Migration),
             Box::new(m20261127_000007_quota_reservations::Migration),
             Box::new(m20261127_000008_retention_rules::Migration),
+            Box::new(m20261127_000009_jobs::Migration),
         ]
     }
 }

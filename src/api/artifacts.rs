@@ -19,9 +19,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
 use crate::auth::Authenticator;
-use crate::domain::{Access, Error, authorize, scope::parse_prefix};
-use crate::pb::v1::{self as pb, artifact_service_server, pull_response, push_request};
-use crate::service::{self, PullSpec};
+use crate::domain::{Access, Error, JobLabel, ProjectId, authorize, scope::parse_prefix};
+use crate::pb::v1::{
+    self as pb, artifact_service_server, pull_archive_request, pull_archive_response,
+    pull_response, push_request,
+};
+use crate::service::{self, ArchiveSpec, PullSpec};
 
 /// Largest chunk a Push message may carry. Pull sends at most this much too.
 pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
@@ -29,6 +32,7 @@ pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct ArtifactApi {
     artifacts: service::ArtifactService,
+    jobs: service::Jobs,
     auth: Authenticator,
     /// A Push that sends nothing for this long is aborted (and its upload removed); a Pull
     /// whose client reads nothing for this long is abandoned.
@@ -41,12 +45,14 @@ pub struct ArtifactApi {
 impl ArtifactApi {
     pub fn new(
         artifacts: service::ArtifactService,
+        jobs: service::Jobs,
         auth: Authenticator,
         idle_timeout: Duration,
         max_streams: usize,
     ) -> Self {
         Self {
             artifacts,
+            jobs,
             auth,
             idle_timeout,
             streams: Arc::new(Semaphore::new(max_streams)),
@@ -75,7 +81,8 @@ fn idle(timeout: Duration) -> Error {
     ))
 }
 
-type PullResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PullResponse, Status>> + Send>>;
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+type PullResponseStream = ResponseStream<pb::PullResponse>;
 
 #[tonic::async_trait]
 impl artifact_service_server::ArtifactService for ArtifactApi {
@@ -161,6 +168,73 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
         // content only when the client has room for it (HTTP/2 flow control): a client that
         // opens a Pull and reads nothing then costs no blob read and no buffered chunk.
         let stream: PullResponseStream = Box::pin(head.chain(yield_once()).chain(body));
+        Ok(Response::new(Box::pin(IdlePull::new(
+            stream,
+            slot,
+            self.idle_timeout,
+        ))))
+    }
+
+    type PullArchiveStream = ResponseStream<pb::PullArchiveResponse>;
+
+    async fn pull_archive(
+        &self,
+        request: Request<pb::PullArchiveRequest>,
+    ) -> Result<Response<Self::PullArchiveStream>, Status> {
+        let principal = self.auth.authenticate_grpc(request.metadata())?;
+        let request = request.into_inner();
+        let deflate = request.deflate;
+        let spec = match request.source {
+            Some(pull_archive_request::Source::Folder(folder)) => {
+                let scope = convert::scope("folder.scope", folder.scope.as_ref())?;
+                authorize(&principal, Access::ReadArtifacts(&scope))?;
+                let prefix = parse_prefix("folder.prefix", &folder.prefix)?;
+                ArchiveSpec {
+                    scope,
+                    prefix,
+                    deflate,
+                }
+            }
+            Some(pull_archive_request::Source::LatestJob(latest)) => {
+                let project = ProjectId::parse("latest_job.project_id", &latest.project_id)?;
+                authorize(&principal, Access::ReadLatestJobs(&project))?;
+                let git_ref = JobLabel::parse("latest_job.ref", &latest.r#ref)?;
+                let name = JobLabel::parse("latest_job.job_name", &latest.job_name)?;
+                ArchiveSpec {
+                    scope: self.jobs.latest_scope(&project, &git_ref, &name).await?,
+                    prefix: String::new(),
+                    deflate,
+                }
+            }
+            None => {
+                return Err(Error::invalid("source", "set folder or latest_job").into());
+            }
+        };
+        let slot = self.stream_slot()?;
+        let info = pb::ArchiveInfo {
+            scope: Some(convert::scope_message(&spec.scope)),
+            prefix: spec.prefix.clone(),
+            files: 0,
+            content_bytes: 0,
+        };
+        let archive = self.artifacts.archive(spec).await?;
+        let info = pb::ArchiveInfo {
+            files: i64::try_from(archive.files).unwrap_or(i64::MAX),
+            content_bytes: i64::try_from(archive.content_bytes).unwrap_or(i64::MAX),
+            ..info
+        };
+        let head = futures::stream::once(futures::future::ready(Ok(pb::PullArchiveResponse {
+            msg: Some(pull_archive_response::Msg::Info(info)),
+        })));
+        let body = archive.chunks.map(|chunk| {
+            chunk
+                .map(|chunk| pb::PullArchiveResponse {
+                    msg: Some(pull_archive_response::Msg::Chunk(chunk)),
+                })
+                .map_err(Status::from)
+        });
+        let stream: ResponseStream<pb::PullArchiveResponse> =
+            Box::pin(head.chain(yield_once()).chain(body));
         Ok(Response::new(Box::pin(IdlePull::new(
             stream,
             slot,
@@ -320,23 +394,23 @@ fn push_chunk(message: Result<pb::PushRequest, Status>) -> Result<Bytes, Error> 
 /// and the next time the transport asks, the stream ends with DEADLINE_EXCEEDED. What stays
 /// until the client reads again or its connection closes is the one message the transport
 /// already holds for it.
-struct IdlePull {
-    shared: Arc<Mutex<PullState>>,
+struct IdlePull<T> {
+    shared: Arc<Mutex<PullState<T>>>,
     /// Stops the watchdog when the stream ends or is dropped.
     _watchdog: DropGuard,
     timeout: Duration,
 }
 
-struct PullState {
+struct PullState<T> {
     /// `None` once finished or abandoned.
-    inner: Option<PullResponseStream>,
+    inner: Option<ResponseStream<T>>,
     slot: Option<OwnedSemaphorePermit>,
     /// When the last message was handed out, while the next has not been asked for.
     handed_out: Option<Instant>,
     abandoned: bool,
 }
 
-impl PullState {
+impl<T> PullState<T> {
     fn idle_past(&self, timeout: Duration) -> bool {
         self.handed_out
             .is_some_and(|since| since.elapsed() >= timeout)
@@ -355,15 +429,15 @@ impl PullState {
     }
 }
 
-fn lock(state: &Mutex<PullState>) -> MutexGuard<'_, PullState> {
+fn lock<T>(state: &Mutex<PullState<T>>) -> MutexGuard<'_, PullState<T>> {
     // The state stays consistent under a panic elsewhere (every update is one assignment).
     state
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl IdlePull {
-    fn new(inner: PullResponseStream, slot: OwnedSemaphorePermit, timeout: Duration) -> Self {
+impl<T: Send + 'static> IdlePull<T> {
+    fn new(inner: ResponseStream<T>, slot: OwnedSemaphorePermit, timeout: Duration) -> Self {
         let shared = Arc::new(Mutex::new(PullState {
             inner: Some(inner),
             slot: Some(slot),
@@ -382,7 +456,7 @@ impl IdlePull {
 
 /// Abandons the stream once its client has read nothing for `timeout`. Holds only a weak
 /// reference, so it never keeps a finished stream alive.
-async fn watchdog(state: Weak<Mutex<PullState>>, timeout: Duration, stop: CancellationToken) {
+async fn watchdog<T>(state: Weak<Mutex<PullState<T>>>, timeout: Duration, stop: CancellationToken) {
     loop {
         let deadline = {
             let Some(state) = state.upgrade() else { return };
@@ -405,8 +479,8 @@ async fn watchdog(state: Weak<Mutex<PullState>>, timeout: Duration, stop: Cancel
     }
 }
 
-impl Stream for IdlePull {
-    type Item = Result<pb::PullResponse, Status>;
+impl<T> Stream for IdlePull<T> {
+    type Item = Result<T, Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let timeout = self.timeout;

@@ -8,8 +8,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use crate::domain::artifact::parse_mode;
 use crate::domain::metering::LineItem;
 use crate::domain::{
-    Artifact, ArtifactPath, Error, OveragePolicy, Plan, ProjectRecord, RetentionPolicy,
-    RetentionRule, Scope, ScopeKind, ScopedPath, Sha256, Timestamp, UsageControls,
+    Artifact, ArtifactPath, Error, Job, JobStatus, OveragePolicy, Plan, ProjectRecord,
+    RetentionPolicy, RetentionRule, Scope, ScopeKind, ScopedPath, Sha256, Timestamp, UsageControls,
 };
 use crate::pb::v1 as pb;
 use crate::service::retention::RequestRules;
@@ -134,13 +134,17 @@ pub fn scope_kind(kind: ScopeKind) -> pb::ScopeKind {
     }
 }
 
+pub fn scope_message(scope: &Scope) -> pb::Scope {
+    pb::Scope {
+        project_id: scope.project().as_str().to_owned(),
+        kind: scope_kind(scope.kind()) as i32,
+        id: scope.id().to_owned(),
+    }
+}
+
 pub fn artifact(a: &Artifact) -> pb::Artifact {
     pb::Artifact {
-        scope: Some(pb::Scope {
-            project_id: a.scope.project().as_str().to_owned(),
-            kind: scope_kind(a.scope.kind()) as i32,
-            id: a.scope.id().to_owned(),
-        }),
+        scope: Some(scope_message(&a.scope)),
         path: a.path.as_str().to_owned(),
         size: a.size,
         sha256: a.sha256.as_str().to_owned(),
@@ -148,6 +152,7 @@ pub fn artifact(a: &Artifact) -> pb::Artifact {
         created_at: Some(timestamp(a.created_at)),
         expires_at: a.expires_at.map(timestamp),
         keep: a.keep,
+        kept_latest: a.kept_latest,
     }
 }
 
@@ -223,6 +228,7 @@ pub fn controls(c: &UsageControls) -> pb::UsageControls {
         spend_cap_micros: c.spend_cap_micros,
         storage_cap_bytes: c.storage_cap_bytes,
         alert_thresholds: c.alert_thresholds.clone(),
+        keep_latest_per_ref: Some(c.keeps_latest_per_ref()),
     }
 }
 
@@ -234,6 +240,7 @@ pub fn controls_from_proto(c: pb::UsageControls) -> UsageControls {
         spend_cap_micros: c.spend_cap_micros,
         storage_cap_bytes: c.storage_cap_bytes,
         alert_thresholds: c.alert_thresholds,
+        keep_latest_per_ref: c.keep_latest_per_ref,
     }
 }
 
@@ -347,6 +354,39 @@ pub fn decode_page_token(token: &str, prefix: &str) -> Result<Option<String>, Er
         return Err(bad());
     }
     Ok(Some(after))
+}
+
+pub fn job(j: &Job) -> pb::Job {
+    let status = match j.status {
+        JobStatus::Running => pb::JobStatus::Running,
+        JobStatus::Passed => pb::JobStatus::Passed,
+        JobStatus::Failed => pb::JobStatus::Failed,
+        JobStatus::Canceled => pb::JobStatus::Canceled,
+    };
+    pb::Job {
+        project_id: j.project.as_str().to_owned(),
+        workflow_id: j.workflow_id.clone(),
+        job_id: j.job_id.clone(),
+        job_name: j.name.as_str().to_owned(),
+        r#ref: j.git_ref.as_str().to_owned(),
+        status: status as i32,
+        registered_at: Some(timestamp(j.registered_at)),
+        finished_at: j.finished_at.map(timestamp),
+        latest: j.latest,
+    }
+}
+
+/// A FinishJob status: PASSED, FAILED or CANCELED.
+pub fn finished_status(value: i32) -> Result<JobStatus, Error> {
+    match pb::JobStatus::try_from(value) {
+        Ok(pb::JobStatus::Passed) => Ok(JobStatus::Passed),
+        Ok(pb::JobStatus::Failed) => Ok(JobStatus::Failed),
+        Ok(pb::JobStatus::Canceled) => Ok(JobStatus::Canceled),
+        _ => Err(Error::invalid(
+            "status",
+            format!("{value} is not an end; must be PASSED, FAILED or CANCELED"),
+        )),
+    }
 }
 
 #[cfg(test)]

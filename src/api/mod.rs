@@ -5,4 +5,6 @@ pub mod artifacts;
 pub mod billing;
 pub mod convert;
 pub mod deadline;
+pub mod http;
+pub mod jobs;
 pub mod tokens;

@@ -81,6 +81,15 @@ pub enum Access<'a> {
     ReadControls(&'a ProjectId),
     /// UpdateUsageControls.
     WriteControls(&'a ProjectId),
+    /// RegisterJob, FinishJob: what the CI control plane reports. Not job tokens: a job
+    /// that could mark itself PASSED could make its artifacts "the latest on main" that
+    /// release pipelines download, and pin them.
+    ReportJobs(&'a ProjectId),
+    /// GetLatestJob and the artifacts of the latest PASSED job of a (ref, job name)
+    /// (archives and raw files by ref). Job tokens of the project may, as GitLab's
+    /// CI_JOB_TOKEN may download a ref's latest successful artifacts: they are the
+    /// published results of finished jobs. Billing readers may not (usage only).
+    ReadLatestJobs(&'a ProjectId),
     /// Plans, plan assignment, token issuing.
     Administer,
 }
@@ -112,7 +121,10 @@ fn allowed(p: &Principal, access: Access<'_>) -> bool {
         | (Role::Maintainer, Access::KeepArtifacts(s)) => own_project(s.project()),
         (Role::Maintainer, Access::ReadUsage(project))
         | (Role::Maintainer, Access::ReadControls(project))
-        | (Role::Maintainer, Access::WriteControls(project)) => own_project(project),
+        | (Role::Maintainer, Access::WriteControls(project))
+        | (Role::Maintainer, Access::ReportJobs(project))
+        | (Role::Maintainer, Access::ReadLatestJobs(project))
+        | (Role::Job, Access::ReadLatestJobs(project)) => own_project(project),
         (Role::BillingReader, Access::ReadUsage(project)) => {
             p.project.is_none() || own_project(project)
         }
@@ -148,6 +160,8 @@ fn describe(access: Access<'_>) -> String {
         Access::ReadAllUsage => "read every project's usage".into(),
         Access::ReadControls(p) => format!("read usage controls of project {p}"),
         Access::WriteControls(p) => format!("change usage controls of project {p}"),
+        Access::ReportJobs(p) => format!("register or finish jobs of project {p}"),
+        Access::ReadLatestJobs(p) => format!("read the latest jobs of project {p}"),
         Access::Administer => "administer plans and tokens".into(),
     }
 }
@@ -222,5 +236,13 @@ mod tests {
         let other = Scope::parse("s", "q", ScopeKind::Job, "j1").unwrap();
         assert!(authorize(&token, Access::ReadArtifacts(&other)).is_err());
         assert!(authorize(&token, Access::ReadUsage(&project("p"))).is_err());
+        // Jobs: a job token reads its project's latest jobs but reports none.
+        assert!(authorize(&token, Access::ReadLatestJobs(&project("p"))).is_ok());
+        assert!(authorize(&token, Access::ReadLatestJobs(&project("q"))).is_err());
+        let err = authorize(&token, Access::ReportJobs(&project("p"))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "a job token for project p may not register or finish jobs of project p"
+        );
     }
 }

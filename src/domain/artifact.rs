@@ -71,6 +71,9 @@ pub struct Artifact {
     pub created_at: Timestamp,
     pub expires_at: Option<Timestamp>,
     pub keep: bool,
+    /// Kept as an artifact of the latest PASSED job of its (ref, job name)
+    /// (`keep_latest_per_ref`): it does not expire while that lasts.
+    pub kept_latest: bool,
 }
 
 #[cfg(test)]

@@ -104,6 +104,8 @@ pub struct UsageControls {
     pub storage_cap_bytes: Option<i64>,
     /// Percentages of the included quota (or cap) at which an alert is recorded.
     pub alert_thresholds: Vec<u32>,
+    /// GitLab's "keep artifacts from most recent successful jobs"; `None`: the default, on.
+    pub keep_latest_per_ref: Option<bool>,
 }
 
 impl UsageControls {
@@ -114,6 +116,11 @@ impl UsageControls {
             .map_or(plan.max_retention_days, |days| {
                 days.min(plan.max_retention_days)
             })
+    }
+
+    /// Whether the latest PASSED job's artifacts of each (ref, name) are kept (default on).
+    pub fn keeps_latest_per_ref(&self) -> bool {
+        self.keep_latest_per_ref.unwrap_or(true)
     }
 
     pub fn retention_days(&self, kind: super::ScopeKind) -> Option<i32> {
@@ -214,6 +221,7 @@ pub struct ControlsMask {
     pub spend_cap_micros: bool,
     pub storage_cap_bytes: bool,
     pub alert_thresholds: bool,
+    pub keep_latest_per_ref: bool,
 }
 
 impl ControlsMask {
@@ -224,6 +232,7 @@ impl ControlsMask {
         spend_cap_micros: true,
         storage_cap_bytes: true,
         alert_thresholds: true,
+        keep_latest_per_ref: true,
     };
 
     /// The fields an update without a mask sets: those present in it. (An empty mask used
@@ -236,6 +245,7 @@ impl ControlsMask {
             spend_cap_micros: update.spend_cap_micros.is_some(),
             storage_cap_bytes: update.storage_cap_bytes.is_some(),
             alert_thresholds: !update.alert_thresholds.is_empty(),
+            keep_latest_per_ref: update.keep_latest_per_ref.is_some(),
         }
     }
 
@@ -254,6 +264,7 @@ impl ControlsMask {
                 "spend_cap_micros" => mask.spend_cap_micros = true,
                 "storage_cap_bytes" => mask.storage_cap_bytes = true,
                 "alert_thresholds" => mask.alert_thresholds = true,
+                "keep_latest_per_ref" => mask.keep_latest_per_ref = true,
                 other => {
                     return Err(Error::invalid(
                         "update_mask",
@@ -300,6 +311,11 @@ impl ControlsMask {
             } else {
                 current.alert_thresholds.clone()
             },
+            keep_latest_per_ref: pick(
+                self.keep_latest_per_ref,
+                update.keep_latest_per_ref,
+                current.keep_latest_per_ref,
+            ),
         }
     }
 }

@@ -168,6 +168,12 @@ impl Accounts {
             }
             self.metering.forget(project).await;
         }
+        if mask.keep_latest_per_ref {
+            // Pins follow the setting at once; a release never ends anything before now.
+            let change = self.store.apply_keep_latest(project, now).await?;
+            tracing::info!(project = %project, on = controls.keeps_latest_per_ref(), pinned = change.pinned, released = change.released, "keep_latest_per_ref applied");
+            self.metering.forget(project).await;
+        }
         Ok(controls)
     }
 }

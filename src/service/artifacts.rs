@@ -1,4 +1,5 @@
-//! Push, Pull, Stat, List, Delete, Keep and Unkeep.
+//! Push, Pull, Stat, List, Delete, Keep, Unkeep and archives (zips of a folder, built as
+//! they stream).
 //!
 //! Push follows the crash-safe order of DESIGN.md: the header is checked before any byte is
 //! read; bytes stream into a temporary upload while a separate blocking task hashes them;
@@ -19,6 +20,7 @@ use sha2::Digest;
 use crate::blob::BlobStore;
 use crate::domain::retention::resolve_lifetime;
 use crate::domain::{Artifact, ArtifactPath, Clock, Error, Scope, ScopedPath, Sha256, Timestamp};
+use crate::service::archive::{ArchiveEntry, archive_size_bound, stream_archive};
 use crate::service::metering::{Metering, Reservation};
 use crate::service::retention::Retention;
 use crate::store::{NewArtifact, PushCommit, PushedBlob, Store};
@@ -62,6 +64,27 @@ pub struct PullStream {
     pub artifact: Artifact,
     pub chunks: BoxStream<'static, Result<Bytes, Error>>,
 }
+
+/// A validated archive request: every file live now under `prefix` in `scope`.
+#[derive(Debug, Clone)]
+pub struct ArchiveSpec {
+    pub scope: Scope,
+    /// A folder prefix ("" for the whole scope).
+    pub prefix: String,
+    /// Deflate the entries instead of storing them.
+    pub deflate: bool,
+}
+
+/// A zip on its way out: what it holds, then its bytes.
+pub struct ArchiveDownload {
+    pub files: u64,
+    /// Total size of the files (the zip adds headers, or deflate shrinks it).
+    pub content_bytes: u64,
+    pub chunks: BoxStream<'static, Result<Bytes, Error>>,
+}
+
+/// Artifacts read from the database per page while an archive is written.
+const ARCHIVE_PAGE: u64 = 500;
 
 pub struct ListPage {
     pub artifacts: Vec<Artifact>,
@@ -341,6 +364,111 @@ impl ArtifactService {
         Ok(PullStream { artifact, chunks })
     }
 
+    /// A zip of every file live now under a prefix, streamed as it is built; NOT_FOUND when
+    /// there is none (as GitLab answers 404 for a job without artifacts). Egress is metered
+    /// as the zip's bytes handed to the client, reserved up front at the zip's largest size.
+    pub async fn archive(&self, spec: ArchiveSpec) -> Result<ArchiveDownload, Error> {
+        let now = self.clock.now();
+        let (files, content_bytes, path_bytes) = self
+            .store
+            .archive_summary(&spec.scope, &spec.prefix, now)
+            .await?;
+        if files == 0 {
+            return Err(Error::NotFound(format!(
+                "no artifact under {:?} in {}",
+                spec.prefix, spec.scope
+            )));
+        }
+        let record = self.metering.project(spec.scope.project()).await?;
+        let bound = archive_size_bound(files, content_bytes, path_bytes, spec.deflate);
+        let admission = self
+            .metering
+            .admit_pull(&record, i64::try_from(bound).unwrap_or(i64::MAX))
+            .await?;
+        let entries = self.archive_entries(spec.scope, spec.prefix, now);
+        let chunks = stream_archive(entries, spec.deflate);
+        Ok(ArchiveDownload {
+            files,
+            content_bytes,
+            chunks: self.metering.meter_pull(admission, chunks),
+        })
+    }
+
+    /// The entries of an archive, read a page at a time (files live at `now`, path order),
+    /// each opened only when the archive reaches it.
+    fn archive_entries(
+        &self,
+        scope: Scope,
+        prefix: String,
+        now: Timestamp,
+    ) -> BoxStream<'static, Result<ArchiveEntry, Error>> {
+        struct Pages {
+            service: ArtifactService,
+            scope: Scope,
+            prefix: String,
+            now: Timestamp,
+            page: std::collections::VecDeque<Artifact>,
+            after: Option<String>,
+            done: bool,
+        }
+        let pages = Pages {
+            service: self.clone(),
+            scope,
+            prefix,
+            now,
+            page: Default::default(),
+            after: None,
+            done: false,
+        };
+        futures::stream::unfold(pages, |mut p| async move {
+            if p.page.is_empty() && !p.done {
+                let fetched = p
+                    .service
+                    .store
+                    .list_live(&p.scope, &p.prefix, p.after.as_deref(), ARCHIVE_PAGE, p.now)
+                    .await;
+                match fetched {
+                    Ok(page) => {
+                        p.done = (page.len() as u64) < ARCHIVE_PAGE;
+                        p.after = page.last().map(|a| a.path.as_str().to_owned());
+                        p.page = page.into();
+                    }
+                    Err(e) => {
+                        p.done = true;
+                        return Some((Err(e), p));
+                    }
+                }
+            }
+            let artifact = p.page.pop_front()?;
+            let entry = p.service.archive_entry(artifact).await;
+            if entry.is_err() {
+                p.done = true;
+                p.page.clear();
+            }
+            Some((entry, p))
+        })
+        .boxed()
+    }
+
+    async fn archive_entry(&self, artifact: Artifact) -> Result<ArchiveEntry, Error> {
+        let content = match self.inline_content(&artifact).await? {
+            Some(content) => {
+                futures::stream::iter((!content.is_empty()).then_some(Ok(content))).boxed()
+            }
+            None => {
+                self.blobs
+                    .read(&artifact.sha256, 0..artifact.size as u64)
+                    .await?
+            }
+        };
+        Ok(ArchiveEntry {
+            path: artifact.path.as_str().to_owned(),
+            mode: artifact.mode,
+            modified: artifact.created_at,
+            content,
+        })
+    }
+
     /// The content of a small artifact whose blob lives in the database. Only artifacts
     /// small enough to have been inlined (under any setting) need the lookup.
     async fn inline_content(&self, artifact: &Artifact) -> Result<Option<Bytes>, Error> {
@@ -412,7 +540,7 @@ impl ArtifactService {
     ) -> Result<(i64, i64), Error> {
         let (count, bytes) = self
             .store
-            .end_live(scope, path, recursive, self.clock.now())
+            .end_live(scope, Some(path), recursive, self.clock.now())
             .await?;
         if count == 0 {
             let hint = if recursive {
@@ -467,6 +595,21 @@ impl ArtifactService {
             "artifact pins changed"
         );
         Ok(change.changed)
+    }
+
+    /// Ends every live artifact of a scope (GitLab's DELETE of a job's artifacts); NOT_FOUND
+    /// when it had none.
+    pub async fn delete_scope(&self, scope: &Scope) -> Result<(i64, i64), Error> {
+        let (count, bytes) = self
+            .store
+            .end_live(scope, None, true, self.clock.now())
+            .await?;
+        if count == 0 {
+            return Err(Error::NotFound(format!("no artifact in {scope}")));
+        }
+        self.metering.on_deleted(scope.project(), bytes).await;
+        tracing::info!(project = %scope.project(), scope = scope.kind().as_str(), count, bytes, "artifacts deleted");
+        Ok((count, bytes))
     }
 
     pub fn now(&self) -> Timestamp {

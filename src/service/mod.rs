@@ -2,13 +2,19 @@
 //! the blob store and the clock. No gRPC types come in or go out.
 
 pub mod accounts;
+pub mod archive;
 pub mod artifacts;
+pub mod jobs;
 pub mod metering;
 pub mod retention;
 pub mod tokens;
 
 pub use crate::domain::ControlsMask;
 pub use accounts::Accounts;
-pub use artifacts::{ArtifactService, ListPage, PullSpec, PullStream, PushOutcome, PushSpec};
+pub use artifacts::{
+    ArchiveDownload, ArchiveSpec, ArtifactService, ListPage, PullSpec, PullStream, PushOutcome,
+    PushSpec,
+};
+pub use jobs::Jobs;
 pub use metering::{Bill, DailyUsage, Metering, UsageReport};
 pub use retention::{PolicyExpired, PolicyExpiredPages, Retention, RuleFigures};

@@ -39,8 +39,15 @@ pub struct NewArtifact {
     pub record_ingress: bool,
 }
 
+/// The jobs row of an artifact's job (project `?`, job id `?`) when that job is the latest
+/// PASSED one of its (ref, name) and its project keeps latest artifacts (`keeps_artifacts`);
+/// share-locked on Postgres (see [`Store::pins_as_latest`]).
+const PINNED_AS_LATEST: &str =
+    "SELECT 1 FROM jobs WHERE project_id = ? AND job_id = ? AND keeps_artifacts";
+
 impl NewArtifact {
-    fn into_artifact(self, id: i64) -> Artifact {
+    /// The artifact as committed; `pinned`: kept as one of the latest job's (no end).
+    fn into_artifact(self, id: i64, pinned: bool) -> Artifact {
         Artifact {
             id,
             scope: self.scope,
@@ -51,6 +58,7 @@ impl NewArtifact {
             created_at: self.created_at,
             expires_at: self.expires_at,
             keep: false,
+            kept_latest: pinned,
         }
     }
 }
@@ -183,6 +191,7 @@ impl Store {
         mark_expired(at_path(&new.scope, &new.path).filter(expired_at(new.created_at)))
             .exec(&txn)
             .await?;
+        let pinned = self.pins_as_latest(&txn, &new.scope).await?;
         let mut replaced = false;
         let mut replaced_bytes = 0;
         if force {
@@ -213,7 +222,12 @@ impl Store {
             deleted_at: Set(None),
             end_reason: Set(None),
             upload_id: Set(new.upload_id.clone()),
-            billing_end: Set(new.expires_at.map(Timestamp::as_micros)),
+            billing_end: Set(if pinned {
+                None
+            } else {
+                new.expires_at.map(Timestamp::as_micros)
+            }),
+            kept_latest: Set(pinned),
         })
         .exec(&txn)
         .await?;
@@ -251,11 +265,40 @@ impl Store {
         txn.commit().await?;
 
         Ok(PushCommit::Created {
-            artifact: new.clone().into_artifact(id),
+            artifact: new.clone().into_artifact(id, pinned),
             replaced,
             replaced_bytes,
             deduplicated,
         })
+    }
+
+    /// Whether an artifact pushed now to `scope` is pinned as one of the latest job's
+    /// (`keep_latest_per_ref`): its scope is a job that is the latest PASSED one of its
+    /// (ref, name), and the project's setting is on (`jobs.keeps_artifacts`). On Postgres
+    /// the job's row is share-locked until the push commits, so a newer job passing or the
+    /// setting switching (both update that row) waits for this push and then sees (and
+    /// releases) it, or this push waits for them and sees their result.
+    async fn pins_as_latest<C: ConnectionTrait>(
+        &self,
+        db: &C,
+        scope: &Scope,
+    ) -> Result<bool, DbErr> {
+        if scope.kind() != ScopeKind::Job {
+            return Ok(false);
+        }
+        let row = db
+            .query_one_raw(self.statement(
+                &format!(
+                    "SELECT EXISTS ({PINNED_AS_LATEST}{}) AS pinned",
+                    self.lock_clause("FOR SHARE")
+                ),
+                vec![scope.project().as_str().into(), scope.id().into()],
+            ))
+            .await?;
+        match row {
+            Some(row) => row.try_get_by_index(0),
+            None => Ok(false),
+        }
     }
 
     /// The common push (new path, no idempotency key) on Postgres: blob row, artifact row
@@ -276,12 +319,18 @@ impl Store {
                 DbBackend::Postgres,
                 "WITH blob AS (INSERT INTO blobs (sha256, size, created_at, content) \
                    VALUES ($1, $2, $3, $13) ON CONFLICT DO NOTHING RETURNING 1), \
+                 pin AS (SELECT $5 = 'job' AND EXISTS (SELECT 1 FROM jobs \
+                   WHERE project_id = $4 AND job_id = $6 AND keeps_artifacts FOR SHARE) \
+                   AS pinned), \
                  artifact AS (INSERT INTO artifacts (project_id, scope_kind, scope_id, path, \
-                   size, sha256, mode, created_at, expires_at, keep, upload_id, billing_end) \
-                   VALUES ($4, $5, $6, $7, $2, $1, $8, $3, $9, false, $10, $9) RETURNING id), \
+                   size, sha256, mode, created_at, expires_at, keep, upload_id, billing_end, \
+                   kept_latest) \
+                   SELECT $4, $5, $6, $7, $2, $1, $8, $3, $9, false, $10, \
+                   CASE WHEN pin.pinned THEN NULL ELSE $9 END, pin.pinned FROM pin \
+                   RETURNING id, kept_latest), \
                  ingress AS (INSERT INTO usage_events (id, project_id, meter, bytes, occurred_at) \
                    SELECT $11, $4, 'ingress', $2, $3 WHERE $12) \
-                 SELECT id, (SELECT count(*) FROM blob) FROM artifact",
+                 SELECT id, (SELECT count(*) FROM blob), kept_latest FROM artifact",
                 [
                     new.sha256.as_str().into(),
                     new.size.into(),
@@ -302,8 +351,9 @@ impl Store {
             .ok_or_else(|| DbErr::RecordNotInserted)?;
         let id: i64 = row.try_get_by_index(0)?;
         let blob_rows: i64 = row.try_get_by_index(1)?;
+        let pinned: bool = row.try_get_by_index(2)?;
         Ok(PushCommit::Created {
-            artifact: new.clone().into_artifact(id),
+            artifact: new.clone().into_artifact(id, pinned),
             replaced: false,
             replaced_bytes: 0,
             deduplicated: blob.deduplicated(blob_rows as u64),
@@ -408,8 +458,46 @@ impl Store {
             .collect()
     }
 
+    /// How many files live at `now` an archive of `prefix` in `scope` holds: (files, content
+    /// bytes, path bytes).
+    pub async fn archive_summary(
+        &self,
+        scope: &Scope,
+        prefix: &str,
+        now: Timestamp,
+    ) -> Result<(u64, u64, u64), Error> {
+        let octets = match self.db.get_database_backend() {
+            DbBackend::Postgres => "octet_length(path)",
+            _ => "length(CAST(path AS BLOB))",
+        };
+        let mut query = artifact::Entity::find()
+            .select_only()
+            .expr(Expr::cust("CAST(COUNT(*) AS BIGINT)"))
+            .expr(Expr::cust("CAST(COALESCE(SUM(size), 0) AS BIGINT)"))
+            .expr(Expr::cust(format!(
+                "CAST(COALESCE(SUM({octets}), 0) AS BIGINT)"
+            )))
+            .filter(in_scope(scope))
+            .filter(live_at(now));
+        if !prefix.is_empty() {
+            query = query.filter(artifact::Column::Path.gte(prefix));
+            if let Some(upper) = prefix_upper_bound(prefix) {
+                query = query.filter(artifact::Column::Path.lt(upper));
+            }
+        }
+        let (files, bytes, path_bytes): (i64, i64, i64) = query
+            .into_tuple()
+            .one(&self.db)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| Error::Internal("an aggregate returned no row".into()))?;
+        let figure = |value: i64| u64::try_from(value).unwrap_or(0);
+        Ok((figure(files), figure(bytes), figure(path_bytes)))
+    }
+
     /// Ends the artifact live at `path` and, with `recursive`, every artifact live under it
-    /// as a folder. Returns how many ended and their total size. Expired rows are not live:
+    /// as a folder; without a path, every artifact live in the scope. Returns how many ended
+    /// and their total size. Expired rows are not live:
     /// they already ended at their expiry, and a delete does not move that end.
     ///
     /// A folder may hold millions of files, so they end 1,000 per statement:
@@ -418,13 +506,14 @@ impl Store {
     pub async fn end_live(
         &self,
         scope: &Scope,
-        path: &ArtifactPath,
+        path: Option<&ArtifactPath>,
         recursive: bool,
         now: Timestamp,
     ) -> Result<(i64, i64), Error> {
         use sea_orm::QueryTrait;
         const END_BATCH_ROWS: u64 = 1000;
-        let matching = at_or_under(path, recursive);
+        let matching =
+            path.map_or_else(sea_orm::Condition::all, |path| at_or_under(path, recursive));
         let (mut count, mut bytes) = (0i64, 0i64);
         loop {
             let batch = artifact::Entity::find()
@@ -534,5 +623,6 @@ pub(super) fn to_domain(model: artifact::Model) -> Result<Artifact, Error> {
         created_at: Timestamp::from_micros(model.created_at),
         expires_at: model.expires_at.map(Timestamp::from_micros),
         keep: model.keep,
+        kept_latest: model.kept_latest,
     })
 }

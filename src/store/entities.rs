@@ -24,6 +24,9 @@ pub mod artifact {
         pub upload_id: String,
         /// When the artifact stops costing storage: min(deleted_at, expires_at unless kept).
         pub billing_end: Option<i64>,
+        /// Pinned as an artifact of the latest PASSED job of its (ref, name)
+        /// (`keep_latest_per_ref`); `billing_end` is NULL while pinned.
+        pub kept_latest: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -92,6 +95,7 @@ pub mod project {
         pub spend_cap_micros: Option<i64>,
         pub storage_cap_bytes: Option<i64>,
         pub alert_thresholds: String,
+        pub keep_latest_per_ref: bool,
         pub created_at: i64,
         pub updated_at: i64,
     }

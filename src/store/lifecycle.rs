@@ -113,7 +113,11 @@ impl Store {
 /// The value of `column` (`expires_at` or `billing_end`) when `pin` is released at `now`:
 /// `max(expires_at, now)` (NULL stays NULL: it never expires), or the column unchanged while
 /// another pin still holds the row.
-fn released_end(column: artifact::Column, pin: artifact::Column, now: Timestamp) -> SimpleExpr {
+pub(super) fn released_end(
+    column: artifact::Column,
+    pin: artifact::Column,
+    now: Timestamp,
+) -> SimpleExpr {
     let now = now.as_micros();
     let restored: SimpleExpr = Expr::case(
         Expr::col(artifact::Column::ExpiresAt).lt(now),
@@ -169,9 +173,10 @@ pub fn mark_expired(
 }
 
 /// What may pin a row (keep it from expiring: `billing_end` NULL while any pin holds): the
-/// user's Keep. Another reason (e.g. keep-latest-per-ref) is one more column in this list;
-/// releasing one pin restores the expiry only when no other holds ([`pinned_except`]).
-pub const PINS: &[artifact::Column] = &[artifact::Column::Keep];
+/// user's Keep, and `kept_latest` (the latest PASSED job's artifacts, `keep_latest_per_ref`,
+/// see `store::jobs`); releasing one pin restores the expiry only when no other holds
+/// ([`pinned_except`]).
+pub const PINS: &[artifact::Column] = &[artifact::Column::Keep, artifact::Column::KeptLatest];
 
 /// Rows no pin holds: the ones retention changes may move.
 pub fn unpinned() -> sea_orm::Condition {

@@ -4,6 +4,7 @@
 mod artifacts;
 pub mod entities;
 mod invoices;
+mod jobs;
 pub mod lifecycle;
 mod plans;
 mod quota;
@@ -23,6 +24,7 @@ pub use crate::domain::ProjectRecord;
 pub use crate::domain::metering::ProjectTotals as InvoiceSummary;
 pub use artifacts::{NewArtifact, PushCommit, PushedBlob, already_exists};
 pub use invoices::Invoice;
+pub use jobs::LatestPins;
 pub use lifecycle::PinChange;
 pub use quota::{QuotaBase, QuotaCheck};
 pub use retention::LiveArtifact;

@@ -489,6 +489,12 @@ impl Store {
                 Expr::value(update.thresholds_to_db()),
             );
         }
+        if mask.keep_latest_per_ref {
+            query = query.col_expr(
+                project::Column::KeepLatestPerRef,
+                Expr::value(update.keeps_latest_per_ref()),
+            );
+        }
         let rows = query
             .filter(project::Column::ProjectId.eq(project.as_str()))
             .exec_with_returning(&self.db)
@@ -585,6 +591,7 @@ fn new_project(project: &ProjectId, plan_id: &str, now: Timestamp) -> project::A
         spend_cap_micros: Set(None),
         storage_cap_bytes: Set(None),
         alert_thresholds: Set(String::new()),
+        keep_latest_per_ref: Set(true),
         created_at: Set(now.as_micros()),
         updated_at: Set(now.as_micros()),
     }
@@ -623,6 +630,7 @@ fn controls_from_row(row: &project::Model) -> UsageControls {
         spend_cap_micros: row.spend_cap_micros,
         storage_cap_bytes: row.storage_cap_bytes,
         alert_thresholds: UsageControls::thresholds_from_db(&row.alert_thresholds),
+        keep_latest_per_ref: Some(row.keep_latest_per_ref),
     }
 }
 

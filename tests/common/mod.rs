@@ -8,7 +8,9 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod archive;
 pub mod billing;
+pub mod http;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
