@@ -22,6 +22,7 @@ on_both_backends!(
     the_latest_job_is_the_last_to_pass,
     latest_artifacts_are_kept_per_ref_across_three_runs,
     pushes_racing_a_newer_job_are_released_with_their_job,
+    user_keep_and_the_latest_job_pin_never_clear_each_other,
     a_database_from_the_previous_schema_reads_the_same,
 );
 
@@ -507,6 +508,104 @@ async fn latest_artifacts_are_kept_per_ref_across_three_runs(backend: Backend) {
         format!("{}.000000", expected + 10 * (3 * DAY - HOUR))
     );
     assert_eq!((u.stored_bytes, u.live_artifacts), (10, 1));
+    server.stop().await;
+}
+
+/// Keep (the user's pin) and the latest job's pin are two pins: releasing either leaves the
+/// other holding, and the expiry comes back (never into the past) only when both are gone.
+async fn user_keep_and_the_latest_job_pin_never_clear_each_other(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let t0 = TEST_EPOCH_SECONDS;
+    let mut c = clients(&server).await;
+    let mut jobs = JobServiceClient::new(server.channel().await);
+    let mut one_day = header(job("p", "J1"), "a.bin");
+    one_day.expire_in = Some(prost_types::Duration {
+        seconds: DAY,
+        nanos: 0,
+    });
+    push(&mut c.artifacts, one_day.clone(), b"kept twice")
+        .await
+        .unwrap();
+    one_day.path = "b.bin".into();
+    push(&mut c.artifacts, one_day, b"latest only")
+        .await
+        .unwrap();
+    register(&mut jobs, "p", "J1", "build", "main")
+        .await
+        .unwrap();
+    finish(&mut jobs, "p", "J1", pb::JobStatus::Passed)
+        .await
+        .unwrap();
+    let keeper = c.artifacts.clone();
+    let keep = |path: &str, on: bool| {
+        let mut artifacts = keeper.clone();
+        let path = path.to_owned();
+        async move {
+            if on {
+                artifacts
+                    .keep(pb::KeepRequest {
+                        scope: Some(job("p", "J1")),
+                        path,
+                        recursive: false,
+                    })
+                    .await
+                    .unwrap();
+            } else {
+                artifacts
+                    .unkeep(pb::UnkeepRequest {
+                        scope: Some(job("p", "J1")),
+                        path,
+                        recursive: false,
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    keep("a.bin", true).await;
+    // Unkeep while the job is the latest: still pinned by it.
+    keep("b.bin", true).await;
+    keep("b.bin", false).await;
+    server.clock.set(Timestamp::from_seconds(t0 + 2 * DAY));
+    let b = stat(&mut c.artifacts, job("p", "J1"), "b.bin")
+        .await
+        .unwrap();
+    assert_eq!((b.keep, b.kept_latest), (false, true));
+    // A newer job passes: b.bin's expiry (t0+1d) has passed, so it ends now; a.bin stays kept.
+    register(&mut jobs, "p", "J2", "build", "main")
+        .await
+        .unwrap();
+    finish(&mut jobs, "p", "J2", pb::JobStatus::Passed)
+        .await
+        .unwrap();
+    let a = stat(&mut c.artifacts, job("p", "J1"), "a.bin")
+        .await
+        .unwrap();
+    assert_eq!((a.keep, a.kept_latest), (true, false));
+    assert_eq!(
+        a.expires_at,
+        Some(prost_types::Timestamp {
+            seconds: t0 + DAY,
+            nanos: 0
+        })
+    );
+    server.clock.set(Timestamp::from_seconds(t0 + 2 * DAY + 1));
+    let gone = stat(&mut c.artifacts, job("p", "J1"), "b.bin")
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    // Unkept at last, a.bin ends now (its expiry is long past), billed until now.
+    keep("a.bin", false).await;
+    server.clock.set(Timestamp::from_seconds(t0 + 3 * DAY));
+    let u = usage(&mut c, "p", t0, t0 + 3 * DAY).await;
+    let (a_len, b_len) = (b"kept twice".len() as i64, b"latest only".len() as i64);
+    assert_eq!(
+        u.storage_byte_seconds,
+        format!("{}.000000", a_len * (2 * DAY + 1) + b_len * 2 * DAY)
+    );
+    assert_eq!(u.live_artifacts, 0);
     server.stop().await;
 }
 
