@@ -208,6 +208,33 @@ pub struct Config {
     )]
     pub max_streams: usize,
 
+    /// Time between sweeper runs (ending expired artifacts, removing abandoned uploads,
+    /// collecting content no artifact references, pruning old history); `0s` turns the
+    /// sweeper off on this replica. One replica sweeps at a time.
+    #[arg(long, env = "ARTIFACTD_SWEEP_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub sweep_interval: Duration,
+    /// Rows the sweeper ends, collects or prunes per statement (1–10000).
+    #[arg(
+        long,
+        env = "ARTIFACTD_SWEEP_BATCH",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u64).range(1..=10_000)
+    )]
+    pub sweep_batch: u64,
+    /// Content (file, object or inline row) is deleted only once no artifact has referenced
+    /// it, and no push has leased it, for this long: pulls that started before an artifact
+    /// ended can finish, and pushes deduplicating against it are never cut short.
+    #[arg(long, env = "ARTIFACTD_BLOB_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub blob_grace: Duration,
+    /// Temporary uploads not written to for this long are abandoned and removed. Must
+    /// exceed ARTIFACTD_STREAM_IDLE_TIMEOUT, so an upload in progress is never taken.
+    #[arg(long, env = "ARTIFACTD_UPLOAD_MAX_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub upload_max_age: Duration,
+    /// Rows of artifacts that ended longer ago than this are pruned, once every month they
+    /// bill is finalized (default 13 months; at least 124 days, so the three invoiced
+    /// months late records may correct keep their rows).
+    #[arg(long, env = "ARTIFACTD_HISTORY_RETENTION", default_value = "13months", value_parser = humantime::parse_duration)]
+    pub history_retention: Duration,
     /// Apply pending migrations at start-up (under a lock on Postgres).
     #[arg(long, env = "ARTIFACTD_MIGRATE_ON_START", default_value_t = true, action = ArgAction::Set)]
     pub migrate_on_start: bool,
@@ -253,6 +280,19 @@ impl Config {
                 "must be at most 72h: a month's invoice must not wait longer",
             ));
         }
+        if self.upload_max_age <= self.stream_idle_timeout {
+            return Err(Error::invalid(
+                "ARTIFACTD_UPLOAD_MAX_AGE",
+                "must exceed ARTIFACTD_STREAM_IDLE_TIMEOUT, or uploads in progress could be removed",
+            ));
+        }
+        if self.history_retention < crate::service::sweeper::MIN_HISTORY_RETENTION {
+            return Err(Error::invalid(
+                "ARTIFACTD_HISTORY_RETENTION",
+                "must be at least 124 days: late records may correct the three invoiced months \
+                 before the open one, which needs their rows",
+            ));
+        }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(Error::invalid(
                 "ARTIFACTD_TLS_CERT",
@@ -288,6 +328,17 @@ impl Config {
                 ))
             }
             AuthMode::Jwt => Ok(()),
+        }
+    }
+
+    /// The sweeper's settings.
+    pub fn sweep_settings(&self) -> crate::service::sweeper::SweepSettings {
+        crate::service::sweeper::SweepSettings {
+            interval: self.sweep_interval,
+            batch: self.sweep_batch,
+            blob_grace: self.blob_grace,
+            upload_max_age: self.upload_max_age,
+            history_retention: self.history_retention,
         }
     }
 
@@ -330,6 +381,11 @@ impl Config {
             max_streams: 2048,
             request_timeout: Duration::from_secs(30),
             migrate_on_start: true,
+            sweep_interval: Duration::from_secs(300),
+            sweep_batch: 1000,
+            blob_grace: Duration::from_secs(3600),
+            upload_max_age: Duration::from_secs(3600),
+            history_retention: Duration::from_secs(13 * 2_630_016),
         }
     }
 }

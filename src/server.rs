@@ -43,7 +43,7 @@ use crate::pb::v1::token_service_server::TokenServiceServer;
 use crate::pb::v1::usage_control_service_server::UsageControlServiceServer;
 use crate::pb::v1::usage_service_server::UsageServiceServer;
 use crate::service::tokens::Tokens;
-use crate::service::{Accounts, ArtifactService, Jobs, Metering};
+use crate::service::{Accounts, ArtifactService, Jobs, Metering, Sweeper};
 use crate::store::Store;
 
 /// Largest gRPC message accepted or sent: a 1 MiB chunk plus framing, well under tonic's
@@ -75,6 +75,7 @@ pub struct App {
     pub metering: Metering,
     pub accounts: Accounts,
     pub jobs: Jobs,
+    pub sweeper: Sweeper,
     pub auth: Authenticator,
     /// PEM certificate chain and key, when serving TLS.
     tls: Option<(Vec<u8>, Vec<u8>)>,
@@ -123,6 +124,13 @@ impl App {
         let accounts = Accounts::new(store.clone(), metering.clone(), clock.clone());
         let jobs = Jobs::new(store.clone(), metering.clone(), clock.clone());
         let clock_for_tokens = clock.clone();
+        let sweeper = Sweeper::new(
+            store.clone(),
+            blobs.clone(),
+            metering.clone(),
+            clock.clone(),
+            config.sweep_settings(),
+        );
         let artifacts = ArtifactService::new(
             store.clone(),
             blobs,
@@ -137,6 +145,7 @@ impl App {
             metering,
             accounts,
             jobs,
+            sweeper,
             auth,
             tls,
             clock: clock_for_tokens,
@@ -258,6 +267,9 @@ pub async fn serve(
     tracing::info!(%grpc_addr, %http_addr, "artifactd serving");
     // Last month's invoices, frozen on every replica (idempotent), until draining starts.
     tokio::spawn(app.metering.clone().run_finalizer(stop_grpc.clone()));
+    // Expired artifacts, unreferenced content, abandoned uploads and old history, one
+    // replica at a time; stopped with the gRPC side and awaited before the pool closes.
+    let sweeper = tokio::spawn(app.sweeper.clone().run(stop_grpc.clone()));
     let listeners = Listeners {
         grpc: tokio::spawn(async move { grpc.await.map_err(|e| e.to_string()) }),
         http: tokio::spawn(async move { http.await.map_err(|e| e.to_string()) }),
@@ -271,6 +283,7 @@ pub async fn serve(
     if !app.metering.drain(app.drain_timeout).await {
         tracing::warn!("drain deadline passed with egress records or releases pending");
     }
+    let _ = sweeper.await;
     app.store.close().await;
     outcome
 }

@@ -94,6 +94,13 @@ async fn record_artifact(
         upload_id: uuid::Uuid::new_v4().simple().to_string(),
         record_ingress: false,
     };
+    // The push's lease on its blob, as Push takes it before storing the bytes.
+    let epoch = server
+        .app
+        .store
+        .lease_blob(&new.sha256, size, new.created_at)
+        .await
+        .unwrap();
     server
         .app
         .store
@@ -103,6 +110,7 @@ async fn record_artifact(
             None,
             &PushedBlob::Stored {
                 deduplicated: false,
+                epoch,
             },
         )
         .await

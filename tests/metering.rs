@@ -65,6 +65,13 @@ async fn record_artifact(server: &TestServer, project: &str, path: &str, size: i
         upload_id: uuid::Uuid::new_v4().simple().to_string(),
         record_ingress: true,
     };
+    // The push's lease on its blob, as Push takes it before storing the bytes.
+    let epoch = server
+        .app
+        .store
+        .lease_blob(&new.sha256, size, new.created_at)
+        .await
+        .unwrap();
     server
         .app
         .store
@@ -74,6 +81,7 @@ async fn record_artifact(server: &TestServer, project: &str, path: &str, size: i
             None,
             &PushedBlob::Stored {
                 deduplicated: false,
+                epoch,
             },
         )
         .await

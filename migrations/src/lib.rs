@@ -13,6 +13,7 @@ mod m20261127_000006_scoped_idempotency;
 mod m20261127_000007_quota_reservations;
 mod m20261127_000008_retention_rules;
 mod m20261127_000009_jobs;
+mod m20261127_000010_blob_lifecycle;
 
 pub struct Migrator;
 
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000007_quota_reservations::Migration),
             Box::new(m20261127_000008_retention_rules::Migration),
             Box::new(m20261127_000009_jobs::Migration),
+            Box::new(m20261127_000010_blob_lifecycle::Migration),
         ]
     }
 }

@@ -73,6 +73,11 @@
 //! pulls every file in turn (one stream each, back to back) and pulls the folder's zip
 //! (stored entries), both timed from the request to the last byte; it keeps the best of
 //! each and checks the zip's size against content plus headers.
+//! # `sweep`
+//!
+//! `artifactd-bench sweep` measures **the sweeper on 1,000,000 expired artifacts** with
+//! pushes and pulls running alongside (target: all ended and their content collected in
+//! ≤ 60 s on Postgres); see `artifactd-bench-parts/sweep.rs`.
 //!
 //! Build both binaries first, in release mode:
 //! `cargo build --release --bins && target/release/artifactd-bench <subcommand>`.
@@ -105,6 +110,9 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
+
+#[path = "artifactd-bench-parts/sweep.rs"]
+mod sweep;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -195,6 +203,10 @@ enum BenchCommand {
     /// PullArchive of a folder against Pull of its files, same bytes.
     #[command(after_help = USAGE_NOTE)]
     Archive(ArchiveArgs),
+    /// The sweeper ending 1,000,000 expired artifacts and collecting their content on
+    /// Postgres, with pushes and pulls alongside.
+    #[command(name = "sweep", after_help = USAGE_NOTE)]
+    Sweep(sweep::SweepArgs),
     /// Serve the bare `artifactd.bench.v1.BareStream` baseline (started by `throughput`).
     #[command(hide = true)]
     ServeBare {
@@ -314,6 +326,7 @@ fn main() -> ExitCode {
         BenchCommand::Projects(args) => projects(&args),
         BenchCommand::PushRate(args) => pushrate(&args),
         BenchCommand::Archive(args) => archive(&args),
+        BenchCommand::Sweep(args) => sweep::sweep(&args),
         BenchCommand::ServeBare { listen } => serve_bare(listen),
     };
     match result {

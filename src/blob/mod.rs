@@ -308,6 +308,92 @@ impl BlobStore {
         self.list(&ObjectPath::from("uploads")).await
     }
 
+    /// Deletes the stored content of `blobs` (the sweeper, under its collection lock).
+    /// Content already gone is no error. A local directory deletes on the blocking pool;
+    /// an object store in bulk requests where it supports them.
+    pub async fn delete_blobs(&self, blobs: &[Sha256]) -> Result<(), Error> {
+        if blobs.is_empty() {
+            return Ok(());
+        }
+        if let Some(local) = &self.local {
+            let paths = blobs
+                .iter()
+                .map(|sha256| local.path_to_filesystem(&blob_key(sha256)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(Error::blob_store)?;
+            return blocking(move || {
+                for path in paths {
+                    match std::fs::remove_file(&path) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                }
+                Ok(())
+            })
+            .await;
+        }
+        let keys: Vec<object_store::Result<ObjectPath>> =
+            blobs.iter().map(|sha256| Ok(blob_key(sha256))).collect();
+        let keys = stream::iter(keys).boxed();
+        let mut deleted = self.store.delete_stream(keys);
+        while let Some(result) = deleted.next().await {
+            match result {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(Error::blob_store(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every blob in the store, as (digest, size); keys that are not a blob address are
+    /// skipped. For the sweeper's search for orphans.
+    pub fn list_blobs(&self) -> BoxStream<'_, Result<(Sha256, i64), Error>> {
+        self.store
+            .list(Some(&ObjectPath::from("blobs/sha256")))
+            .filter_map(|meta| async move {
+                match meta {
+                    Err(e) => Some(Err(Error::blob_store(e))),
+                    Ok(meta) => {
+                        let name = meta.location.filename()?;
+                        let sha256 = Sha256::parse("key", name).ok()?;
+                        (meta.location == blob_key(&sha256))
+                            .then_some(Ok((sha256, meta.size as i64)))
+                    }
+                }
+            })
+            .boxed()
+    }
+
+    /// Removes temporary uploads last written before `before` (abandoned by a crash or a
+    /// lost client); an upload in progress is written to at least every stream idle
+    /// timeout, so a cut-off older than that spares it. Returns how many went and their
+    /// bytes.
+    pub async fn remove_uploads_before(
+        &self,
+        before: std::time::SystemTime,
+    ) -> Result<(u64, u64), Error> {
+        let mut stale = Vec::new();
+        let mut listing = self.store.list(Some(&ObjectPath::from("uploads")));
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(Error::blob_store)?;
+            if std::time::SystemTime::from(meta.last_modified) < before {
+                stale.push((meta.location, meta.size));
+            }
+        }
+        let (mut removed, mut bytes) = (0, 0);
+        for (location, size) in stale {
+            match self.store.delete(&location).await {
+                Ok(()) => {
+                    removed += 1;
+                    bytes += size;
+                }
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(Error::blob_store(e)),
+            }
+        }
+        Ok((removed, bytes))
+    }
+
     /// Keys of quarantined blobs (for tests and operators).
     pub async fn list_quarantined(&self) -> Result<Vec<String>, Error> {
         self.list(&ObjectPath::from(QUARANTINE_PREFIX)).await

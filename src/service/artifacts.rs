@@ -10,6 +10,10 @@
 //! A small push that declares its size (at most `ARTIFACTD_INLINE_BLOB_BYTES`) skips the
 //! blob store: its content goes into the blob's database row in the same transaction as the
 //! artifact row, so content and artifact become durable together in one commit.
+//!
+//! Content kept in the blob store is leased in the database before its bytes are checked or
+//! written, and the commit requires the lease intact, so the sweeper can never delete bytes
+//! a committing push relies on (see `store::sweep`).
 
 use std::sync::Arc;
 
@@ -31,6 +35,9 @@ pub const SMALL_PUSH_BYTES: i64 = 64 * 1024;
 /// List page size when the client sends 0, and the largest it may ask for.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
+/// Times a small push stores its content again when the sweeper collected it between the
+/// push's lease and its commit (only possible when a push outlasts the blob grace period).
+const COLLECTED_RETRIES: u32 = 3;
 
 /// A validated Push header.
 #[derive(Debug, Clone)]
@@ -193,22 +200,36 @@ impl ArtifactService {
             .await?;
 
         let upload_id = uuid::Uuid::new_v4().simple().to_string();
-        let (size, sha256, blob) = if small {
+        // A blob in the blob store is leased before its bytes are checked or written, so
+        // the sweeper cannot collect it between that check and the commit unnoticed (see
+        // `store::sweep`). Inline content travels in the commit itself.
+        let (size, sha256, mut blob, retry_with) = if small {
             let (data, sha256) = self.receive_small(&spec, &mut reservation, chunks).await?;
             let size = data.len() as i64;
-            let blob = if size <= self.inline_blob_bytes {
-                PushedBlob::Inline(data)
+            if size <= self.inline_blob_bytes {
+                (size, sha256, PushedBlob::Inline(data), None)
             } else {
-                let deduplicated = self.blobs.put_small(&upload_id, data, &sha256).await?;
-                PushedBlob::Stored { deduplicated }
-            };
-            (size, sha256, blob)
+                let blob = self.store_small(&upload_id, data.clone(), &sha256).await?;
+                (size, sha256, blob, Some(data))
+            }
         } else {
             let (size, sha256, temp) = self
                 .receive(&spec, &upload_id, &mut reservation, chunks)
                 .await?;
+            let epoch = self
+                .store
+                .lease_blob(&sha256, size, self.clock.now())
+                .await?;
             let deduplicated = self.blobs.promote(temp, &sha256, size as u64).await?;
-            (size, sha256, PushedBlob::Stored { deduplicated })
+            (
+                size,
+                sha256,
+                PushedBlob::Stored {
+                    deduplicated,
+                    epoch,
+                },
+                None,
+            )
         };
 
         let created_at = self.clock.now();
@@ -223,11 +244,29 @@ impl ArtifactService {
             upload_id,
             record_ingress: self.metering.enabled(),
         };
-        match self
-            .store
-            .commit_push(&new, spec.force, spec.idempotency_key.as_deref(), &blob)
-            .await?
-        {
+        // Content collected between the lease and the commit: a small push still holds its
+        // bytes and stores them again; a large one has handed its upload over and fails
+        // with ABORTED (nothing stored), for the client to retry.
+        let mut attempts = 1;
+        let commit = loop {
+            match self
+                .store
+                .commit_push(&new, spec.force, spec.idempotency_key.as_deref(), &blob)
+                .await?
+            {
+                PushCommit::ContentCollected => match &retry_with {
+                    Some(data) if attempts < COLLECTED_RETRIES => {
+                        attempts += 1;
+                        blob = self
+                            .store_small(&new.upload_id, data.clone(), &new.sha256)
+                            .await?;
+                    }
+                    _ => return Err(crate::store::content_collected(&new.sha256)),
+                },
+                commit => break commit,
+            }
+        };
+        match commit {
             PushCommit::Created {
                 artifact,
                 replaced,
@@ -252,7 +291,26 @@ impl ArtifactService {
                 artifact,
                 deduplicated,
             } => replay(&spec, artifact, deduplicated),
+            PushCommit::ContentCollected => Err(crate::store::content_collected(&new.sha256)),
         }
+    }
+
+    /// Stores a small blob held in memory in the blob store under a fresh lease.
+    async fn store_small(
+        &self,
+        upload_id: &str,
+        data: Bytes,
+        sha256: &Sha256,
+    ) -> Result<PushedBlob, Error> {
+        let epoch = self
+            .store
+            .lease_blob(sha256, data.len() as i64, self.clock.now())
+            .await?;
+        let deduplicated = self.blobs.put_small(upload_id, data, sha256).await?;
+        Ok(PushedBlob::Stored {
+            deduplicated,
+            epoch,
+        })
     }
 
     /// Receives a push of a declared small size into memory (bounded by that size) and

@@ -7,6 +7,7 @@ pub mod artifacts;
 pub mod jobs;
 pub mod metering;
 pub mod retention;
+pub mod sweeper;
 pub mod tokens;
 
 pub use crate::domain::ControlsMask;
@@ -18,3 +19,4 @@ pub use artifacts::{
 pub use jobs::Jobs;
 pub use metering::{Bill, DailyUsage, Metering, UsageReport};
 pub use retention::{PolicyExpired, PolicyExpiredPages, Retention, RuleFigures};
+pub use sweeper::Sweeper;

@@ -10,7 +10,7 @@
 //! ([`expired_at`](super::lifecycle::expired_at)), in the push's own transaction.
 
 use bytes::Bytes;
-use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveValue::{NotSet, Set},
     ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, ExprTrait, QueryFilter,
@@ -66,28 +66,14 @@ impl NewArtifact {
 /// Where a pushed artifact's bytes are.
 #[derive(Debug)]
 pub enum PushedBlob {
-    /// In the blob store already; `deduplicated` when it was there before this push.
-    Stored { deduplicated: bool },
+    /// In the blob store, checked (or written) after the push took a lease on the blob's
+    /// row ([`Store::lease_blob`]) that saw `epoch`; `deduplicated` when the content was
+    /// there before this push. The commit requires the epoch unchanged: content collected
+    /// in between fails the commit (retryable) instead of leaving a row without bytes.
+    Stored { deduplicated: bool, epoch: i64 },
     /// Small enough to live in its database row, written in the push's own transaction;
     /// deduplicated when a row for the same content exists.
     Inline(Bytes),
-}
-
-impl PushedBlob {
-    fn content(&self) -> Option<Vec<u8>> {
-        match self {
-            PushedBlob::Stored { .. } => None,
-            PushedBlob::Inline(data) => Some(data.to_vec()),
-        }
-    }
-
-    /// Whether the content was stored before, given how many blob rows the push inserted.
-    fn deduplicated(&self, blob_rows_inserted: u64) -> bool {
-        match self {
-            PushedBlob::Stored { deduplicated } => *deduplicated,
-            PushedBlob::Inline(_) => blob_rows_inserted == 0,
-        }
-    }
 }
 
 /// How a push transaction ended.
@@ -107,6 +93,9 @@ pub enum PushCommit {
         artifact: Artifact,
         deduplicated: bool,
     },
+    /// Nothing was stored: the blob's lease no longer held (the sweeper collected the
+    /// content after the push checked it). The bytes must be stored again before a retry.
+    ContentCollected,
 }
 
 impl Store {
@@ -129,7 +118,8 @@ impl Store {
                 .try_commit_push(new, force, idempotency_key, blob)
                 .await
             {
-                Ok(commit) => return Ok(commit),
+                Ok(Some(commit)) => return Ok(commit),
+                Ok(None) => return Ok(PushCommit::ContentCollected),
                 Err(err) if is_unique_violation(&err) => {
                     if let Some(key) = idempotency_key
                         && let Some((artifact, deduplicated)) =
@@ -156,7 +146,7 @@ impl Store {
         force: bool,
         idempotency_key: Option<&str>,
         blob: &PushedBlob,
-    ) -> Result<PushCommit, DbErr> {
+    ) -> Result<Option<PushCommit>, DbErr> {
         if !force
             && idempotency_key.is_none()
             && self.db.get_database_backend() == DbBackend::Postgres
@@ -171,20 +161,9 @@ impl Store {
         let now = new.created_at.as_micros();
         let txn = self.db.begin().await?;
 
-        let blob_rows = blob::Entity::insert(blob::ActiveModel {
-            sha256: Set(new.sha256.as_str().to_owned()),
-            size: Set(new.size),
-            created_at: Set(now),
-            content: Set(blob.content()),
-        })
-        .on_conflict(
-            OnConflict::column(blob::Column::Sha256)
-                .do_nothing()
-                .to_owned(),
-        )
-        .exec_without_returning(&txn)
-        .await?;
-        let deduplicated = blob.deduplicated(blob_rows);
+        let Some(deduplicated) = self.reference_blob(&txn, new, blob).await? else {
+            return Ok(None); // the transaction rolls back when dropped
+        };
 
         // An expired row still holds the path in the unique index: it ends at its expiry,
         // with no force needed, and billing is unchanged.
@@ -264,12 +243,83 @@ impl Store {
             .await?;
         txn.commit().await?;
 
-        Ok(PushCommit::Created {
+        Ok(Some(PushCommit::Created {
             artifact: new.clone().into_artifact(id, pinned),
             replaced,
             replaced_bytes,
             deduplicated,
-        })
+        }))
+    }
+
+    /// References the push's blob inside its transaction, locking the blob's row until the
+    /// commit so the sweeper cannot collect it in between (it takes the same row lock and
+    /// then sees the new artifact). Returns whether the content was stored before, or
+    /// `None` when a stored blob's lease no longer holds: its content was collected after
+    /// the push checked it, so the bytes may be gone.
+    async fn reference_blob<C: ConnectionTrait>(
+        &self,
+        txn: &C,
+        new: &NewArtifact,
+        blob: &PushedBlob,
+    ) -> Result<Option<bool>, DbErr> {
+        let now = new.created_at.as_micros();
+        let sha256 = new.sha256.as_str();
+        match blob {
+            PushedBlob::Stored {
+                deduplicated,
+                epoch,
+            } => {
+                let held = txn
+                    .execute_raw(self.statement(
+                        "UPDATE blobs SET last_ref_at = ? \
+                         WHERE sha256 = ? AND epoch = ? AND collected_at IS NULL",
+                        vec![now.into(), sha256.into(), (*epoch).into()],
+                    ))
+                    .await?
+                    .rows_affected();
+                Ok((held == 1).then_some(*deduplicated))
+            }
+            PushedBlob::Inline(data) => {
+                let inserted = txn
+                    .execute_raw(self.statement(
+                        "INSERT INTO blobs (sha256, size, created_at, content, last_ref_at) \
+                         VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
+                        vec![
+                            sha256.into(),
+                            new.size.into(),
+                            now.into(),
+                            data.to_vec().into(),
+                            now.into(),
+                        ],
+                    ))
+                    .await?
+                    .rows_affected();
+                if inserted == 1 {
+                    return Ok(Some(false));
+                }
+                // The content travels with this transaction, so it can always be written
+                // into the row: a blob kept in the blob store gains an inline copy (reads
+                // prefer it), and a collected one comes back to life.
+                let stored = txn
+                    .execute_raw(self.statement(
+                        "UPDATE blobs SET last_ref_at = ?, content = COALESCE(content, ?) \
+                         WHERE sha256 = ? AND collected_at IS NULL",
+                        vec![now.into(), data.to_vec().into(), sha256.into()],
+                    ))
+                    .await?
+                    .rows_affected();
+                if stored == 1 {
+                    return Ok(Some(true));
+                }
+                txn.execute_raw(self.statement(
+                    "UPDATE blobs SET last_ref_at = ?, content = ?, collected_at = NULL \
+                     WHERE sha256 = ?",
+                    vec![now.into(), data.to_vec().into(), sha256.into()],
+                ))
+                .await?;
+                Ok(Some(false))
+            }
+        }
     }
 
     /// Whether an artifact pushed now to `scope` is pinned as one of the latest job's
@@ -308,29 +358,58 @@ impl Store {
         &self,
         new: &NewArtifact,
         blob: &PushedBlob,
-    ) -> Result<PushCommit, DbErr> {
+    ) -> Result<Option<PushCommit>, DbErr> {
         let now = new.created_at.as_micros();
         self.forget_snapshots(&self.db, new.scope.project(), new.created_at)
             .await?;
         let expires = new.expires_at.map(Timestamp::as_micros);
+        // `blob` yields one row when the content is referenced: a stored blob whose lease
+        // still holds (its row locked until the statement commits), or an inline blob
+        // inserted or refreshed with the content this push carries. `inserted` tells
+        // whether the content is new.
+        let (blob_cte, blob_value): (&str, sea_orm::Value) = match blob {
+            PushedBlob::Stored {
+                deduplicated,
+                epoch,
+            } => (
+                if *deduplicated {
+                    "blob AS (UPDATE blobs SET last_ref_at = $3 WHERE sha256 = $1 \
+                       AND epoch = $13 AND collected_at IS NULL RETURNING false AS inserted)"
+                } else {
+                    "blob AS (UPDATE blobs SET last_ref_at = $3 WHERE sha256 = $1 \
+                       AND epoch = $13 AND collected_at IS NULL RETURNING true AS inserted)"
+                },
+                (*epoch).into(),
+            ),
+            PushedBlob::Inline(data) => (
+                "blob AS (INSERT INTO blobs (sha256, size, created_at, content, last_ref_at) \
+                   VALUES ($1, $2, $3, $13, $3) ON CONFLICT (sha256) DO UPDATE \
+                   SET last_ref_at = EXCLUDED.last_ref_at, \
+                     content = COALESCE(blobs.content, EXCLUDED.content), collected_at = NULL \
+                   RETURNING (xmax = 0) AS inserted)",
+                data.to_vec().into(),
+            ),
+        };
+        let sql = format!(
+            "WITH {blob_cte}, \
+             pin AS (SELECT $5 = 'job' AND EXISTS (SELECT 1 FROM jobs \
+               WHERE project_id = $4 AND job_id = $6 AND keeps_artifacts FOR SHARE) \
+               AS pinned), \
+             artifact AS (INSERT INTO artifacts (project_id, scope_kind, scope_id, path, \
+               size, sha256, mode, created_at, expires_at, keep, upload_id, billing_end, \
+               kept_latest) \
+               SELECT $4, $5, $6, $7, $2, $1, $8, $3, $9, false, $10, \
+               CASE WHEN pin.pinned THEN NULL ELSE $9 END, pin.pinned FROM pin, blob \
+               RETURNING id, kept_latest), \
+             ingress AS (INSERT INTO usage_events (id, project_id, meter, bytes, occurred_at) \
+               SELECT $11, $4, 'ingress', $2, $3 FROM artifact WHERE $12) \
+             SELECT id, (SELECT inserted FROM blob), kept_latest FROM artifact"
+        );
         let row = self
             .db
             .query_one_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "WITH blob AS (INSERT INTO blobs (sha256, size, created_at, content) \
-                   VALUES ($1, $2, $3, $13) ON CONFLICT DO NOTHING RETURNING 1), \
-                 pin AS (SELECT $5 = 'job' AND EXISTS (SELECT 1 FROM jobs \
-                   WHERE project_id = $4 AND job_id = $6 AND keeps_artifacts FOR SHARE) \
-                   AS pinned), \
-                 artifact AS (INSERT INTO artifacts (project_id, scope_kind, scope_id, path, \
-                   size, sha256, mode, created_at, expires_at, keep, upload_id, billing_end, \
-                   kept_latest) \
-                   SELECT $4, $5, $6, $7, $2, $1, $8, $3, $9, false, $10, \
-                   CASE WHEN pin.pinned THEN NULL ELSE $9 END, pin.pinned FROM pin \
-                   RETURNING id, kept_latest), \
-                 ingress AS (INSERT INTO usage_events (id, project_id, meter, bytes, occurred_at) \
-                   SELECT $11, $4, 'ingress', $2, $3 WHERE $12) \
-                 SELECT id, (SELECT count(*) FROM blob), kept_latest FROM artifact",
+                sql,
                 [
                     new.sha256.as_str().into(),
                     new.size.into(),
@@ -344,20 +423,22 @@ impl Store {
                     new.upload_id.as_str().into(),
                     format!("push:{}", new.upload_id).into(),
                     new.record_ingress.into(),
-                    blob.content().into(),
+                    blob_value,
                 ],
             ))
-            .await?
-            .ok_or_else(|| DbErr::RecordNotInserted)?;
+            .await?;
+        let Some(row) = row else {
+            return Ok(None); // a stored blob's lease no longer holds
+        };
         let id: i64 = row.try_get_by_index(0)?;
-        let blob_rows: i64 = row.try_get_by_index(1)?;
+        let inserted: bool = row.try_get_by_index(1)?;
         let pinned: bool = row.try_get_by_index(2)?;
-        Ok(PushCommit::Created {
+        Ok(Some(PushCommit::Created {
             artifact: new.clone().into_artifact(id, pinned),
             replaced: false,
             replaced_bytes: 0,
-            deduplicated: blob.deduplicated(blob_rows as u64),
-        })
+            deduplicated: !inserted,
+        }))
     }
 
     /// The result recorded for an idempotency key in `scope` (keys are scoped: another
@@ -595,6 +676,17 @@ fn billing_end_at(now: i64) -> sea_orm::sea_query::SimpleExpr {
 
 pub(crate) fn is_unique_violation(err: &DbErr) -> bool {
     matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+}
+
+/// A push whose content was collected by the sweeper between the push's check of the bytes
+/// and its commit (possible only when the push took longer than the blob grace period):
+/// nothing was stored, and the same push again stores the content anew.
+pub fn content_collected(sha256: &Sha256) -> Error {
+    tracing::warn!(%sha256, "blob collected while a push referencing it committed");
+    Error::Aborted(
+        "the content was reclaimed while this push committed; nothing was stored, retry the push"
+            .to_owned(),
+    )
 }
 
 pub fn already_exists(scope: &Scope, path: &ArtifactPath) -> Error {

@@ -47,6 +47,13 @@ pub mod blob {
         pub created_at: i64,
         /// The bytes of a small blob kept in its row; `None`: in the blob store.
         pub content: Option<Vec<u8>>,
+        /// The last instant a push referenced the blob or leased it (see `store::sweep`).
+        pub last_ref_at: i64,
+        /// Incremented each time the content is collected; a push's commit requires the
+        /// epoch its lease saw.
+        pub epoch: i64,
+        /// When the content was deleted by the sweeper; `None` while it is stored.
+        pub collected_at: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -9,6 +9,7 @@ pub mod lifecycle;
 mod plans;
 mod quota;
 mod retention;
+mod sweep;
 mod usage;
 
 use std::time::Duration;
@@ -22,12 +23,13 @@ use crate::domain::Error;
 
 pub use crate::domain::ProjectRecord;
 pub use crate::domain::metering::ProjectTotals as InvoiceSummary;
-pub use artifacts::{NewArtifact, PushCommit, PushedBlob, already_exists};
+pub use artifacts::{NewArtifact, PushCommit, PushedBlob, already_exists, content_collected};
 pub use invoices::Invoice;
 pub use jobs::LatestPins;
 pub use lifecycle::PinChange;
 pub use quota::{QuotaBase, QuotaCheck};
 pub use retention::LiveArtifact;
+pub use sweep::{BlobCollection, EndedRow, SweepLock};
 pub use usage::UsageAlert;
 
 /// Arbitrary but fixed key of the Postgres advisory lock that serialises migrations across

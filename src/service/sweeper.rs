@@ -1,0 +1,376 @@
+//! The sweeper: a background worker that reclaims what the lifecycle leaves behind, one
+//! replica at a time. Each run, in batches:
+//!
+//! 1. marks expired artifacts ended at their expiry (rows stay: they are the billing log,
+//!    and billing already stopped at `billing_end`, which does not move);
+//! 2. removes temporary uploads older than the upload max age (an upload in progress is
+//!    written to at least every stream idle timeout, so it is spared);
+//! 3. records blob files the database does not know as stored (crash orphans), so the
+//!    next step reclaims them once the grace period has passed;
+//! 4. collects blobs (files, objects, inline rows) that no artifact has referenced, and no
+//!    push has leased, for the grace period — under the row locks that keep a concurrent
+//!    push from losing its content (see `store::sweep`);
+//! 5. prunes rows of artifacts that ended more than the history retention ago, once every
+//!    month they bill is finalized into an invoice (it finalizes a closed month itself
+//!    first, and never touches a row an open month still bills).
+//!
+//! One sweeper at a time: on Postgres a transaction-level advisory lock (released when its
+//! connection goes, even if the replica dies); SQLite runs in one process, where a mutex
+//! suffices. Every step is also safe if two ran at once — each end is a conditional update
+//! and each collection re-checks under lock — so the lock saves work, it does not carry
+//! correctness.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::blob::BlobStore;
+use crate::domain::metering::Month;
+use crate::domain::{Clock, Error, ProjectId, Sha256, Timestamp};
+use crate::service::Metering;
+use crate::store::Store;
+
+/// How the sweeper runs (from `ARTIFACTD_SWEEP_*`, `ARTIFACTD_BLOB_GRACE`,
+/// `ARTIFACTD_UPLOAD_MAX_AGE`, `ARTIFACTD_HISTORY_RETENTION`).
+#[derive(Debug, Clone)]
+pub struct SweepSettings {
+    /// Time between runs; zero turns the background worker off.
+    pub interval: Duration,
+    /// Rows (artifacts, blobs) per statement.
+    pub batch: u64,
+    /// How long content stays after its last reference ended or its last push leased it.
+    pub blob_grace: Duration,
+    /// Temporary uploads untouched for longer are removed.
+    pub upload_max_age: Duration,
+    /// Rows of artifacts ended longer ago than this are pruned.
+    pub history_retention: Duration,
+}
+
+/// Running totals, for metrics and tests. Relaxed counters: each is exact on its own.
+#[derive(Debug, Default)]
+pub struct SweeperStats {
+    /// Runs that held the lock and completed.
+    pub runs: AtomicU64,
+    pub ended_artifacts: AtomicU64,
+    pub collected_blobs: AtomicU64,
+    pub collected_bytes: AtomicU64,
+    pub removed_uploads: AtomicU64,
+    pub adopted_orphans: AtomicU64,
+    pub pruned_rows: AtomicU64,
+    /// Duration of the last completed run, in microseconds.
+    pub last_duration_micros: AtomicU64,
+}
+
+/// What one run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// False when another sweeper held the lock and this run did nothing.
+    pub ran: bool,
+    pub ended_artifacts: u64,
+    pub removed_uploads: u64,
+    pub adopted_orphans: u64,
+    pub collected_blobs: u64,
+    pub collected_bytes: u64,
+    pub pruned_rows: u64,
+}
+
+#[derive(Clone)]
+pub struct Sweeper {
+    store: Store,
+    blobs: BlobStore,
+    metering: Metering,
+    clock: Arc<dyn Clock>,
+    settings: SweepSettings,
+    stats: Arc<SweeperStats>,
+    /// One run at a time in this process (and the whole lock on SQLite); also remembers
+    /// when blob files were last searched for orphans.
+    running: Arc<tokio::sync::Mutex<Option<Timestamp>>>,
+}
+
+impl std::fmt::Debug for Sweeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sweeper")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+/// Shortest history retention accepted: late network records correct the three invoiced
+/// months before the open one by re-billing them from rows, so rows must outlive that.
+pub const MIN_HISTORY_RETENTION: Duration = Duration::from_secs(124 * 86_400);
+
+impl Sweeper {
+    pub fn new(
+        store: Store,
+        blobs: BlobStore,
+        metering: Metering,
+        clock: Arc<dyn Clock>,
+        settings: SweepSettings,
+    ) -> Self {
+        Self {
+            store,
+            blobs,
+            metering,
+            clock,
+            settings,
+            stats: Arc::default(),
+            running: Arc::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<SweeperStats> {
+        &self.stats
+    }
+
+    pub fn settings(&self) -> &SweepSettings {
+        &self.settings
+    }
+
+    /// Runs every interval until `stop` is cancelled (the first run one interval after
+    /// start-up). A failed run is logged and retried at the next interval.
+    pub async fn run(self, stop: CancellationToken) {
+        if self.settings.interval.is_zero() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(self.settings.interval) => {}
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                result = self.sweep_once() => match result {
+                    Ok(report) if report.ran => tracing::info!(
+                        ended = report.ended_artifacts,
+                        collected_blobs = report.collected_blobs,
+                        collected_bytes = report.collected_bytes,
+                        removed_uploads = report.removed_uploads,
+                        pruned_rows = report.pruned_rows,
+                        "sweep done"
+                    ),
+                    Ok(_) => tracing::debug!("another replica is sweeping"),
+                    Err(e) => tracing::warn!(error = %e, "sweep failed; retrying next interval"),
+                },
+            }
+        }
+    }
+
+    /// One full run, if no other sweeper holds the lock.
+    pub async fn sweep_once(&self) -> Result<SweepReport, Error> {
+        let Ok(mut last_orphan_scan) = self.running.try_lock() else {
+            return Ok(SweepReport::default());
+        };
+        let Some(lock) = self.store.try_sweep_lock().await? else {
+            return Ok(SweepReport::default());
+        };
+        let started = Instant::now();
+        let result = self.sweep_locked(&mut last_orphan_scan).await;
+        lock.release().await;
+        let report = result?;
+        self.stats.runs.fetch_add(1, Ordering::Relaxed);
+        self.stats.last_duration_micros.store(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        Ok(report)
+    }
+
+    async fn sweep_locked(
+        &self,
+        last_orphan_scan: &mut Option<Timestamp>,
+    ) -> Result<SweepReport, Error> {
+        let mut report = SweepReport {
+            ran: true,
+            ..SweepReport::default()
+        };
+        report.ended_artifacts = self.end_expired().await?;
+        report.removed_uploads = self.remove_abandoned_uploads().await?;
+        let now = self.clock.now();
+        let grace = micros(self.settings.blob_grace);
+        // Orphans are collected a grace period after they are first seen, so looking for
+        // them once per grace period is enough (a listing of every blob is not cheap).
+        if last_orphan_scan.is_none_or(|at| now.as_micros() - at.as_micros() >= grace) {
+            report.adopted_orphans = self.adopt_orphans(now).await?;
+            *last_orphan_scan = Some(now);
+        }
+        (report.collected_blobs, report.collected_bytes) = self.collect_blobs(now).await?;
+        report.pruned_rows = self.prune_history(now).await?;
+        Ok(report)
+    }
+
+    /// Ends every artifact expired by now, a batch per statement.
+    async fn end_expired(&self) -> Result<u64, Error> {
+        let now = self.clock.now();
+        let mut ended = 0;
+        loop {
+            let batch = self.store.end_expired(now, self.settings.batch).await?;
+            ended += batch;
+            self.stats
+                .ended_artifacts
+                .fetch_add(batch, Ordering::Relaxed);
+            if batch < self.settings.batch {
+                return Ok(ended);
+            }
+        }
+    }
+
+    /// Upload ages come from the blob store's own modification times, so they are compared
+    /// with the wall clock, not the service clock.
+    async fn remove_abandoned_uploads(&self) -> Result<u64, Error> {
+        let before = SystemTime::now()
+            .checked_sub(self.settings.upload_max_age)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let (removed, bytes) = self.blobs.remove_uploads_before(before).await?;
+        if removed > 0 {
+            tracing::info!(removed, bytes, "abandoned uploads removed");
+        }
+        self.stats
+            .removed_uploads
+            .fetch_add(removed, Ordering::Relaxed);
+        Ok(removed)
+    }
+
+    async fn adopt_orphans(&self, now: Timestamp) -> Result<u64, Error> {
+        let mut adopted = 0;
+        let mut files = self
+            .blobs
+            .list_blobs()
+            .chunks(usize::try_from(self.settings.batch).unwrap_or(1000));
+        while let Some(chunk) = files.next().await {
+            let found: Vec<(Sha256, i64)> = chunk.into_iter().collect::<Result<_, _>>()?;
+            adopted += self.store.adopt_blob_files(&found, now).await?;
+        }
+        if adopted > 0 {
+            tracing::info!(
+                adopted,
+                "blob files without a stored row found; collected after the grace period"
+            );
+        }
+        self.stats
+            .adopted_orphans
+            .fetch_add(adopted, Ordering::Relaxed);
+        Ok(adopted)
+    }
+
+    /// Collects unreferenced blobs in batches: each batch's rows are marked collected and
+    /// stay locked while their bytes are deleted, then the batch commits.
+    async fn collect_blobs(&self, now: Timestamp) -> Result<(u64, u64), Error> {
+        let cutoff = now.saturating_add_micros(-micros(self.settings.blob_grace));
+        let (mut blobs, mut bytes) = (0u64, 0u64);
+        let mut after = (i64::MIN, String::new());
+        loop {
+            let candidates = self
+                .store
+                .blob_candidates(cutoff, &after, self.settings.batch)
+                .await?;
+            let Some(last) = candidates.last() else {
+                return Ok((blobs, bytes));
+            };
+            after = last.clone();
+            let shas: Vec<String> = candidates.into_iter().map(|(_, sha)| sha).collect();
+            let collection = self.store.collect_blobs(&shas, cutoff, now).await?;
+            let stored: Vec<Sha256> = collection.stored.iter().map(|(s, _)| s.clone()).collect();
+            self.blobs.delete_blobs(&stored).await?;
+            let (count, size) = collection
+                .stored
+                .iter()
+                .chain(&collection.inline)
+                .fold((0u64, 0u64), |(n, total), (_, size)| {
+                    (n + 1, total + u64::try_from(*size).unwrap_or(0))
+                });
+            collection.commit().await?;
+            blobs += count;
+            bytes += size;
+            self.stats
+                .collected_blobs
+                .fetch_add(count, Ordering::Relaxed);
+            self.stats
+                .collected_bytes
+                .fetch_add(size, Ordering::Relaxed);
+            if (shas.len() as u64) < self.settings.batch {
+                return Ok((blobs, bytes));
+            }
+        }
+    }
+
+    /// Prunes rows of artifacts ended before now − retention whose every billed month has
+    /// an invoice. A closed month without one is finalized first (as its first `GetBill`
+    /// would); a row an open month still bills stays.
+    async fn prune_history(&self, now: Timestamp) -> Result<u64, Error> {
+        let cutoff = now.saturating_add_micros(-micros(self.settings.history_retention));
+        let mut invoiced: std::collections::HashMap<String, std::collections::HashSet<String>> =
+            std::collections::HashMap::new();
+        let mut pruned = 0;
+        let mut after = (i64::MIN, i64::MIN);
+        loop {
+            let rows = self
+                .store
+                .ended_before(cutoff, after, self.settings.batch)
+                .await?;
+            let Some(last) = rows.last() else {
+                return Ok(pruned);
+            };
+            after = (last.deleted_at.as_micros(), last.id);
+            let mut prunable = Vec::with_capacity(rows.len());
+            for row in &rows {
+                if self.months_finalized(row, now, &mut invoiced).await? {
+                    prunable.push(row.id);
+                }
+            }
+            let batch = self.store.prune_artifacts(&prunable).await?;
+            pruned += batch;
+            self.stats.pruned_rows.fetch_add(batch, Ordering::Relaxed);
+            if (rows.len() as u64) < self.settings.batch {
+                return Ok(pruned);
+            }
+        }
+    }
+
+    /// Whether every month `row` bills storage in has an invoice, finalizing closed months
+    /// that lack one. `invoiced` caches each project's invoiced months for this run.
+    async fn months_finalized(
+        &self,
+        row: &crate::store::EndedRow,
+        now: Timestamp,
+        invoiced: &mut std::collections::HashMap<String, std::collections::HashSet<String>>,
+    ) -> Result<bool, Error> {
+        if row.billing_end <= row.created_at {
+            return Ok(true); // never billed a microsecond
+        }
+        let Ok(project) = ProjectId::parse("project_id", &row.project_id) else {
+            return Ok(false);
+        };
+        if !invoiced.contains_key(&row.project_id) {
+            let months = self.store.invoiced_months(&row.project_id).await?;
+            invoiced.insert(row.project_id.clone(), months);
+        }
+        let last = Month::containing(row.billing_end.saturating_add_micros(-1));
+        let mut month = Month::containing(row.created_at);
+        loop {
+            let key = month.to_string();
+            let known = invoiced
+                .get(&row.project_id)
+                .is_some_and(|months| months.contains(&key));
+            if !known {
+                if now < self.metering.finalizes_at(month) {
+                    return Ok(false); // an open month still bills this row
+                }
+                self.metering.finalize(&project, month).await?;
+                if let Some(months) = invoiced.get_mut(&row.project_id) {
+                    months.insert(key);
+                }
+            }
+            if month == last {
+                return Ok(true);
+            }
+            month = month.next();
+        }
+    }
+}
+
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}

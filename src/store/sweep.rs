@@ -1,0 +1,462 @@
+//! The sweeper's side of the store: ending expired artifacts, collecting blobs nobody
+//! references, adopting orphaned blob files, and pruning old history — plus the lease a
+//! push takes on a blob before it relies on its bytes.
+//!
+//! # Why a push and a sweep never lose content
+//!
+//! A blob's bytes are deleted only inside a *collection* transaction that holds the blob's
+//! row locked (Postgres `FOR UPDATE`; SQLite's single writer) and, under that lock, has
+//! seen that no artifact references the blob within the grace period and that no push
+//! leased it within the grace period (`last_ref_at`). It marks the row collected, bumps its
+//! `epoch`, deletes the bytes, and only then commits.
+//!
+//! A push that stores content in the blob store first takes a lease ([`Store::lease_blob`]:
+//! `last_ref_at = now`, committed, returning the epoch), then checks or writes the bytes,
+//! then commits its artifact in a transaction that updates the blob row again only if the
+//! epoch is unchanged and the row is not collected — taking the row lock, so a collection
+//! waits for it and then sees the new artifact. Whatever the interleaving:
+//!
+//! - a collection that locked the row first finishes deleting before the lease returns, so
+//!   the push's check finds the bytes gone and writes them again;
+//! - a collection between the lease and the commit (only possible when the push took
+//!   longer than the grace period) changes the epoch, so the commit fails with ABORTED and
+//!   stores nothing;
+//! - a commit that locked the row first is visible to the collection, which skips the blob.
+//!
+//! Inline blobs carry their content in the push's own transaction, which writes it into the
+//! row (reviving a collected one), so they need no lease.
+
+use std::collections::HashSet;
+
+use sea_orm::{
+    ConnectionTrait, DatabaseTransaction, DbBackend, QueryResult, TransactionTrait, Value,
+};
+
+use super::{Store, db_error};
+use crate::domain::{Error, Sha256, Timestamp};
+
+/// Arbitrary but fixed key of the Postgres advisory lock only one sweeper holds at a time.
+const SWEEP_LOCK_KEY: i64 = 0x7377_6565_7065_7221; // "sweeper!"
+
+/// An ended artifact row the history pruner may remove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndedRow {
+    pub id: i64,
+    pub project_id: String,
+    pub created_at: Timestamp,
+    /// When it stopped costing storage (≤ its end).
+    pub billing_end: Timestamp,
+    pub deleted_at: Timestamp,
+}
+
+/// A blob collection in progress: the rows are marked collected and locked until
+/// [`BlobCollection::commit`]; the caller deletes the stored bytes in between. Dropping it
+/// rolls back, so content whose bytes could not be deleted stays recorded as stored.
+pub struct BlobCollection {
+    txn: DatabaseTransaction,
+    /// Blobs whose bytes are in the blob store, with their sizes: delete them, then commit.
+    pub stored: Vec<(Sha256, i64)>,
+    /// Blobs whose content was in their row (cleared in this transaction).
+    pub inline: Vec<(Sha256, i64)>,
+}
+
+impl BlobCollection {
+    pub async fn commit(self) -> Result<(), Error> {
+        self.txn.commit().await.map_err(db_error)
+    }
+}
+
+/// Held while a sweep runs; another sweeper cannot get one until it is dropped or released.
+/// On Postgres a transaction-level advisory lock on a connection of its own, so a sweeper
+/// that dies releases it with its connection.
+pub struct SweepLock {
+    txn: Option<DatabaseTransaction>,
+}
+
+impl SweepLock {
+    pub async fn release(mut self) {
+        if let Some(txn) = self.txn.take() {
+            let _ = txn.commit().await;
+        }
+    }
+}
+
+impl Store {
+    /// Takes a lease on blob `sha256` before a push checks or writes its bytes in the blob
+    /// store (creating its row, or reviving a collected one), and returns the epoch the
+    /// push's commit must still find. See the module documentation.
+    pub async fn lease_blob(
+        &self,
+        sha256: &Sha256,
+        size: i64,
+        now: Timestamp,
+    ) -> Result<i64, Error> {
+        let row = self
+            .db
+            .query_one_raw(self.statement(
+                "INSERT INTO blobs (sha256, size, created_at, last_ref_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (sha256) DO UPDATE SET collected_at = NULL, \
+                   last_ref_at = CASE WHEN blobs.last_ref_at > excluded.last_ref_at \
+                     THEN blobs.last_ref_at ELSE excluded.last_ref_at END \
+                 RETURNING epoch",
+                vec![
+                    sha256.as_str().into(),
+                    size.into(),
+                    now.as_micros().into(),
+                    now.as_micros().into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| Error::Internal(format!("blob {sha256}: lease returned no row")))?;
+        row.try_get_by_index(0).map_err(db_error)
+    }
+
+    /// Tries to become the one sweeper: `None` when another holds the lock. On SQLite (one
+    /// process) the caller's own mutual exclusion is enough and this always succeeds.
+    pub async fn try_sweep_lock(&self) -> Result<Option<SweepLock>, Error> {
+        if self.db.get_database_backend() != DbBackend::Postgres {
+            return Ok(Some(SweepLock { txn: None }));
+        }
+        let txn = self.db.begin().await.map_err(db_error)?;
+        let row = txn
+            .query_one_raw(self.statement(
+                "SELECT pg_try_advisory_xact_lock(?)",
+                vec![SWEEP_LOCK_KEY.into()],
+            ))
+            .await
+            .map_err(db_error)?;
+        let locked: bool = match row {
+            Some(row) => row.try_get_by_index(0).map_err(db_error)?,
+            None => false,
+        };
+        Ok(locked.then_some(SweepLock { txn: Some(txn) }))
+    }
+
+    /// Marks up to `limit` artifacts that expired at or before `now` as ended at their
+    /// expiry (`deleted_at = billing_end`, `end_reason = 'expired'`). Billing is untouched:
+    /// `billing_end` already was the instant storage stopped. Returns how many ended.
+    pub async fn end_expired(&self, now: Timestamp, limit: u64) -> Result<u64, Error> {
+        let result = self
+            .db
+            .execute_raw(self.statement(
+                "UPDATE artifacts SET deleted_at = billing_end, end_reason = 'expired' \
+                 WHERE id IN (SELECT id FROM artifacts WHERE deleted_at IS NULL \
+                   AND billing_end <= ? ORDER BY billing_end LIMIT ?) \
+                 AND deleted_at IS NULL AND billing_end <= ?",
+                vec![
+                    now.as_micros().into(),
+                    (limit as i64).into(),
+                    now.as_micros().into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        Ok(result.rows_affected())
+    }
+
+    /// Up to `limit` blobs, after `after` in (last_ref_at, sha256) order, that look
+    /// collectable at `cutoff` (now − grace): stored, not leased since the cutoff, and
+    /// referenced by no artifact live after it. [`Store::collect_blobs`] checks again
+    /// under lock.
+    pub async fn blob_candidates(
+        &self,
+        cutoff: Timestamp,
+        after: &(i64, String),
+        limit: u64,
+    ) -> Result<Vec<(i64, String)>, Error> {
+        let cutoff = cutoff.as_micros();
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                &format!(
+                    "SELECT last_ref_at, sha256 FROM blobs WHERE collected_at IS NULL \
+                     AND last_ref_at < ? AND (last_ref_at, sha256) > (?, ?) \
+                     AND {UNREFERENCED} ORDER BY last_ref_at, sha256 LIMIT ?"
+                ),
+                vec![
+                    cutoff.into(),
+                    after.0.into(),
+                    after.1.as_str().into(),
+                    cutoff.into(),
+                    (limit as i64).into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get_by_index(0).map_err(db_error)?,
+                    row.try_get_by_index(1).map_err(db_error)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Starts collecting `candidates`: locks their rows (skipping rows a push holds), and
+    /// marks collected those still unreferenced and unleased since `cutoff`. The caller
+    /// deletes [`BlobCollection::stored`] bytes, then commits.
+    pub async fn collect_blobs(
+        &self,
+        candidates: &[String],
+        cutoff: Timestamp,
+        now: Timestamp,
+    ) -> Result<BlobCollection, Error> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        let mut empty = BlobCollection {
+            txn,
+            stored: Vec::new(),
+            inline: Vec::new(),
+        };
+        if candidates.is_empty() {
+            return Ok(empty);
+        }
+        let cutoff = cutoff.as_micros();
+        let mut locked: Vec<String> = candidates.to_vec();
+        if self.db.get_database_backend() == DbBackend::Postgres {
+            // Lock first, then check in a new statement: its snapshot sees every push that
+            // committed before the lock was granted.
+            let rows = empty
+                .txn
+                .query_all_raw(self.statement(
+                    &format!(
+                        "SELECT sha256 FROM blobs WHERE sha256 IN ({}) AND collected_at IS NULL \
+                         AND last_ref_at < ? ORDER BY sha256 FOR UPDATE SKIP LOCKED",
+                        placeholders(candidates.len())
+                    ),
+                    strings(candidates).chain([cutoff.into()]).collect(),
+                ))
+                .await
+                .map_err(db_error)?;
+            locked = rows
+                .iter()
+                .map(|row| row.try_get_by_index(0))
+                .collect::<Result<_, _>>()
+                .map_err(db_error)?;
+            if locked.is_empty() {
+                return Ok(empty);
+            }
+        }
+        // Postgres: `old` tells where each (locked) blob's content was before this statement
+        // clears it. SQLite returns only the target table's columns from an UPDATE … FROM,
+        // so there the content is cleared by a second statement; its UPDATE is the
+        // transaction's first statement, so it takes the write lock before it reads, and no
+        // push commits until this transaction ends.
+        let postgres = self.db.get_database_backend() == DbBackend::Postgres;
+        let sql = if postgres {
+            format!(
+                "UPDATE blobs SET collected_at = ?, epoch = blobs.epoch + 1, content = NULL \
+                 FROM (SELECT sha256 AS sha, content IS NULL AS in_store FROM blobs \
+                   WHERE sha256 IN ({})) AS old \
+                 WHERE blobs.sha256 = old.sha AND blobs.collected_at IS NULL \
+                 AND blobs.last_ref_at < ? AND {UNREFERENCED} \
+                 RETURNING blobs.sha256, blobs.size, old.in_store",
+                placeholders(locked.len())
+            )
+        } else {
+            format!(
+                "UPDATE blobs SET collected_at = ?, epoch = epoch + 1 \
+                 WHERE sha256 IN ({}) AND collected_at IS NULL AND last_ref_at < ? \
+                 AND {UNREFERENCED} RETURNING sha256, size, content IS NULL",
+                placeholders(locked.len())
+            )
+        };
+        let rows: Vec<QueryResult> = empty
+            .txn
+            .query_all_raw(
+                self.statement(
+                    &sql,
+                    std::iter::once(now.as_micros().into())
+                        .chain(strings(&locked))
+                        .chain([cutoff.into(), cutoff.into()])
+                        .collect(),
+                ),
+            )
+            .await
+            .map_err(db_error)?;
+        for row in rows {
+            let sha256: String = row.try_get_by_index(0).map_err(db_error)?;
+            let size: i64 = row.try_get_by_index(1).map_err(db_error)?;
+            let in_store: bool = row.try_get_by_index(2).map_err(db_error)?;
+            let sha256 = Sha256::parse("sha256", &sha256)
+                .map_err(|_| Error::Internal(format!("blob row with a bad sha256 {sha256:?}")))?;
+            if in_store {
+                empty.stored.push((sha256, size));
+            } else {
+                empty.inline.push((sha256, size));
+            }
+        }
+        if !postgres && !empty.inline.is_empty() {
+            empty
+                .txn
+                .execute_raw(
+                    self.statement(
+                        &format!(
+                            "UPDATE blobs SET content = NULL WHERE sha256 IN ({})",
+                            placeholders(empty.inline.len())
+                        ),
+                        empty
+                            .inline
+                            .iter()
+                            .map(|(sha256, _)| sha256.as_str().into())
+                            .collect(),
+                    ),
+                )
+                .await
+                .map_err(db_error)?;
+        }
+        Ok(empty)
+    }
+
+    /// Of blobs found in the blob store, records those the database does not know as
+    /// stored (a crash between writing a blob and committing it, or content written again
+    /// after its row was collected): a missing row is created and a collected one revived,
+    /// leased at `now`, so the ordinary collection reclaims them once the grace period has
+    /// passed — under the same lock that protects pushes. Returns how many were adopted.
+    pub async fn adopt_blob_files(
+        &self,
+        found: &[(Sha256, i64)],
+        now: Timestamp,
+    ) -> Result<u64, Error> {
+        if found.is_empty() {
+            return Ok(0);
+        }
+        let known: HashSet<String> = self
+            .db
+            .query_all_raw(self.statement(
+                &format!(
+                    "SELECT sha256 FROM blobs WHERE collected_at IS NULL AND sha256 IN ({})",
+                    placeholders(found.len())
+                ),
+                found.iter().map(|(s, _)| s.as_str().into()).collect(),
+            ))
+            .await
+            .map_err(db_error)?
+            .iter()
+            .map(|row| row.try_get_by_index(0))
+            .collect::<Result<_, _>>()
+            .map_err(db_error)?;
+        let mut adopted = 0;
+        for (sha256, size) in found.iter().filter(|(s, _)| !known.contains(s.as_str())) {
+            adopted += self
+                .db
+                .execute_raw(self.statement(
+                    "INSERT INTO blobs (sha256, size, created_at, last_ref_at) \
+                     VALUES (?, ?, ?, ?) ON CONFLICT (sha256) DO UPDATE \
+                     SET collected_at = NULL, last_ref_at = excluded.last_ref_at \
+                     WHERE blobs.collected_at IS NOT NULL",
+                    vec![
+                        sha256.as_str().into(),
+                        (*size).into(),
+                        now.as_micros().into(),
+                        now.as_micros().into(),
+                    ],
+                ))
+                .await
+                .map_err(db_error)?
+                .rows_affected();
+        }
+        Ok(adopted)
+    }
+
+    /// Up to `limit` ended artifacts that ended before `cutoff`, after `after` in
+    /// (deleted_at, id) order.
+    pub async fn ended_before(
+        &self,
+        cutoff: Timestamp,
+        after: (i64, i64),
+        limit: u64,
+    ) -> Result<Vec<EndedRow>, Error> {
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT id, project_id, created_at, billing_end, deleted_at FROM artifacts \
+                 WHERE deleted_at IS NOT NULL AND deleted_at < ? \
+                 AND (deleted_at, id) > (?, ?) \
+                 ORDER BY deleted_at, id LIMIT ?",
+                vec![
+                    cutoff.as_micros().into(),
+                    after.0.into(),
+                    after.1.into(),
+                    (limit as i64).into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|row| {
+                let deleted_at: i64 = row.try_get_by_index(4).map_err(db_error)?;
+                let billing_end: Option<i64> = row.try_get_by_index(3).map_err(db_error)?;
+                Ok(EndedRow {
+                    id: row.try_get_by_index(0).map_err(db_error)?,
+                    project_id: row.try_get_by_index(1).map_err(db_error)?,
+                    created_at: Timestamp::from_micros(row.try_get_by_index(2).map_err(db_error)?),
+                    billing_end: Timestamp::from_micros(billing_end.unwrap_or(deleted_at)),
+                    deleted_at: Timestamp::from_micros(deleted_at),
+                })
+            })
+            .collect()
+    }
+
+    /// The months (`YYYY-MM`) of `project` that have a finalized invoice.
+    pub async fn invoiced_months(&self, project: &str) -> Result<HashSet<String>, Error> {
+        self.db
+            .query_all_raw(self.statement(
+                "SELECT month FROM invoices WHERE project_id = ?",
+                vec![project.into()],
+            ))
+            .await
+            .map_err(db_error)?
+            .iter()
+            .map(|row| row.try_get_by_index(0).map_err(db_error))
+            .collect()
+    }
+
+    /// Deletes ended artifact rows (and the idempotency records that point at them) in one
+    /// transaction. Returns how many rows went.
+    pub async fn prune_artifacts(&self, ids: &[i64]) -> Result<u64, Error> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let values = || ids.iter().map(|&id| id.into()).collect::<Vec<Value>>();
+        let txn = self.db.begin().await.map_err(db_error)?;
+        txn.execute_raw(self.statement(
+            &format!(
+                "DELETE FROM push_idempotency WHERE artifact_id IN ({})",
+                placeholders(ids.len())
+            ),
+            values(),
+        ))
+        .await
+        .map_err(db_error)?;
+        let pruned = txn
+            .execute_raw(self.statement(
+                &format!(
+                    "DELETE FROM artifacts WHERE deleted_at IS NOT NULL AND id IN ({})",
+                    placeholders(ids.len())
+                ),
+                values(),
+            ))
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+        txn.commit().await.map_err(db_error)?;
+        Ok(pruned)
+    }
+}
+
+/// No artifact references the blob at or after the cutoff (the `?` is the cutoff): every
+/// artifact that used it has been marked ended, before the cutoff. An artifact past its
+/// expiry but not yet marked ended still counts as a reference (the next run's first step
+/// ends it), so content is never collected under a row that reads still find.
+const UNREFERENCED: &str = "NOT EXISTS (SELECT 1 FROM artifacts a WHERE a.sha256 = blobs.sha256 \
+     AND (a.deleted_at IS NULL OR a.deleted_at > ?))";
+
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+fn strings(values: &[String]) -> impl Iterator<Item = Value> + '_ {
+    values.iter().map(|v| v.as_str().into())
+}
