@@ -13,9 +13,9 @@
 //! - `blobs.collected_at`: when the content (file, object or inline bytes) was deleted;
 //!   NULL while it is stored. The row stays as long as artifact rows (the billing log) name
 //!   it; a later push of the same content revives it.
-//! - Indexes for the sweeper's scans: live artifacts by the instant they stop (to end the
-//!   expired ones), ended artifacts by their end (history pruning), stored blobs by their
-//!   last reference (collection).
+//! - Indexes for the sweeper's scans: ended artifacts by their end (history pruning), stored
+//!   blobs by their last reference (collection). Expired live artifacts are found through
+//!   `artifacts_live_expiry` (migration 8).
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::DbBackend;
@@ -36,7 +36,6 @@ UPDATE blobs SET last_ref_at = COALESCE(
     (SELECT MAX(a.created_at) FROM artifacts a WHERE a.sha256 = blobs.sha256),
     blobs.created_at);
 CREATE INDEX blobs_stored_last_ref ON blobs (last_ref_at, sha256) WHERE collected_at IS NULL;
-CREATE INDEX artifacts_live_end ON artifacts (billing_end) WHERE deleted_at IS NULL;
 CREATE INDEX artifacts_ended ON artifacts (deleted_at, id) WHERE deleted_at IS NOT NULL
 "#;
 

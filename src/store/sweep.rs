@@ -29,9 +29,12 @@
 use std::collections::HashSet;
 
 use sea_orm::{
-    ConnectionTrait, DatabaseTransaction, DbBackend, QueryResult, TransactionTrait, Value,
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
+    QueryOrder, QueryResult, QuerySelect, QueryTrait, TransactionTrait, Value,
 };
 
+use super::entities::artifact;
+use super::lifecycle::{expired_at, mark_expired};
 use super::{Store, db_error};
 use crate::domain::{Error, Sha256, Timestamp};
 
@@ -137,22 +140,23 @@ impl Store {
     /// expiry (`deleted_at = billing_end`, `end_reason = 'expired'`). Billing is untouched:
     /// `billing_end` already was the instant storage stopped. Returns how many ended.
     pub async fn end_expired(&self, now: Timestamp, limit: u64) -> Result<u64, Error> {
-        let result = self
-            .db
-            .execute_raw(self.statement(
-                "UPDATE artifacts SET deleted_at = billing_end, end_reason = 'expired' \
-                 WHERE id IN (SELECT id FROM artifacts WHERE deleted_at IS NULL \
-                   AND billing_end <= ? ORDER BY billing_end LIMIT ?) \
-                 AND deleted_at IS NULL AND billing_end <= ?",
-                vec![
-                    now.as_micros().into(),
-                    (limit as i64).into(),
-                    now.as_micros().into(),
-                ],
-            ))
-            .await
-            .map_err(db_error)?;
-        Ok(result.rows_affected())
+        let batch = artifact::Entity::find()
+            .select_only()
+            .column(artifact::Column::Id)
+            .filter(expired_at(now))
+            .order_by_asc(artifact::Column::BillingEnd)
+            .limit(limit)
+            .into_query();
+        let ended = mark_expired(
+            artifact::Entity::update_many()
+                .filter(artifact::Column::Id.in_subquery(batch))
+                // Whoever marks a row first (another sweeper, a push taking the path) wins.
+                .filter(expired_at(now)),
+        )
+        .exec(&self.db)
+        .await
+        .map_err(db_error)?;
+        Ok(ended.rows_affected)
     }
 
     /// Up to `limit` blobs, after `after` in (last_ref_at, sha256) order, that look
