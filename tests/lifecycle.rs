@@ -29,6 +29,7 @@ on_both_backends!(
     bad_rules_are_refused_with_the_field_and_the_limit,
     the_dry_run_counts_what_applying_the_policy_ends,
     applying_retention_never_touches_ended_or_kept_artifacts,
+    keep_and_retention_page_through_thousands_of_artifacts,
     a_database_from_schema_7_lists_and_bills_the_same,
 );
 
@@ -1087,6 +1088,82 @@ async fn applying_retention_never_touches_ended_or_kept_artifacts(backend: Backe
     assert_eq!(byte_seconds(&mut c, "p", t0, now).await, billed);
     // The live ones (live.bin and the new over.bin) end now under the one-hour rule.
     assert_eq!(listed(&mut c, j.clone(), "").await, ["kept.bin"]);
+    server.stop().await;
+}
+
+/// Keep, Unkeep, the dry run and applying a policy work 1,000 rows at a time: 2,700
+/// artifacts over two jobs take several pages (one crossing from one job to the next), and
+/// every artifact is counted once.
+async fn keep_and_retention_page_through_thousands_of_artifacts(backend: Backend) {
+    use artifactd::domain::{ArtifactPath, Sha256};
+    use artifactd::store::{NewArtifact, PushedBlob};
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let mut c = clients(&server).await;
+    let t0 = server.clock.now();
+    push(&mut c.artifacts, header(job("p", "j0"), "first"), b"x")
+        .await
+        .unwrap();
+    let sha = Sha256::parse("sha", &sha256_hex(b"x")).unwrap();
+    for (job_id, count) in [("j1", 1500), ("j2", 1200)] {
+        for i in 0..count {
+            let new = NewArtifact {
+                scope: Scope::parse("scope", "p", ScopeKind::Job, job_id).unwrap(),
+                path: ArtifactPath::parse("path", &format!("f/{i:05}")).unwrap(),
+                size: 10,
+                sha256: sha.clone(),
+                mode: 0o644,
+                created_at: t0,
+                expires_at: Some(t0.saturating_add_micros(30 * DAY_MICROS)),
+                upload_id: uuid::Uuid::new_v4().simple().to_string(),
+                record_ingress: false,
+            };
+            server
+                .app
+                .store
+                .commit_push(
+                    &new,
+                    false,
+                    None,
+                    &PushedBlob::Stored { deduplicated: true },
+                )
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(keep(&mut c, job("p", "j1"), "f", true).await.unwrap(), 1500);
+    assert_eq!(keep(&mut c, job("p", "j1"), "f", true).await.unwrap(), 0);
+    assert_eq!(
+        unkeep(&mut c, job("p", "j1"), "f", true).await.unwrap(),
+        1500
+    );
+    assert_eq!(
+        keep(&mut c, job("p", "j2"), "f/00007", false)
+            .await
+            .unwrap(),
+        1
+    );
+    server.clock.set(t0.saturating_add_micros(DAY_MICROS));
+    let policy = pb::RetentionPolicy {
+        job_rules: vec![rule("f/*", DAY_MICROS)],
+        ..Default::default()
+    };
+    let dry = c
+        .controls
+        .dry_run_retention(pb::DryRunRetentionRequest {
+            project_id: "p".into(),
+            policy: Some(policy.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Every f/ file but the kept one; "first" matches no rule.
+    assert_eq!((dry.artifacts, dry.bytes), (2699, 26_990));
+    let applied = set_policy(&mut c, "p", policy, true).await.unwrap();
+    assert_eq!(applied.updated_artifacts, 2699);
+    assert!(listed(&mut c, job("p", "j1"), "").await.is_empty());
+    assert_eq!(listed(&mut c, job("p", "j2"), "").await, ["f/00007"]);
     server.stop().await;
 }
 
