@@ -28,7 +28,45 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".")
         .compile_protos(&["proto/artifactd/bench/v1/bench.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
+    git_sha();
     Ok(())
+}
+
+/// `ARTIFACTD_GIT_SHA` for `--version` and `artifactd_build_info`: taken from the
+/// environment when set (a Docker build has no `.git`), else from `git`, else `unknown`.
+fn git_sha() {
+    println!("cargo:rerun-if-env-changed=ARTIFACTD_GIT_SHA");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .map(|text| text.trim().to_owned())
+            .filter(|text| !text.is_empty())
+    };
+    let sha = env::var("ARTIFACTD_GIT_SHA")
+        .ok()
+        .filter(|sha| !sha.is_empty())
+        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
+        .unwrap_or_else(|| "unknown".to_owned());
+    // A new commit changes HEAD, or the branch HEAD points to.
+    for path in [
+        Some("HEAD".to_owned()),
+        git(&["symbolic-ref", "-q", "HEAD"]),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        // (Only files that exist: a missing one would rerun this script on every build.)
+        if let Some(file) = git(&["rev-parse", "--git-path", &path])
+            && std::path::Path::new(&file).exists()
+        {
+            println!("cargo:rerun-if-changed={file}");
+        }
+    }
+    println!("cargo:rustc-env=ARTIFACTD_GIT_SHA={sha}");
 }
 
 #[allow(unsafe_code)]

@@ -15,7 +15,7 @@ pub const GIB: i64 = 1024 * 1024 * 1024;
 #[derive(Debug, Parser)]
 #[command(
     name = "artifactd",
-    version,
+    version = crate::metrics::LONG_VERSION,
     about = "Stores CI build artifacts and meters their use per project"
 )]
 pub struct Cli {
@@ -235,9 +235,21 @@ pub struct Config {
     /// months late records may correct keep their rows).
     #[arg(long, env = "ARTIFACTD_HISTORY_RETENTION", default_value = "13months", value_parser = humantime::parse_duration)]
     pub history_retention: Duration,
+
+    /// Log format on standard error: `text` (human-readable) or `json` (one JSON object per
+    /// line, with the fields of the RPC span it belongs to).
+    #[arg(long, env = "ARTIFACTD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
     /// Apply pending migrations at start-up (under a lock on Postgres).
     #[arg(long, env = "ARTIFACTD_MIGRATE_ON_START", default_value_t = true, action = ArgAction::Set)]
     pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -386,6 +398,7 @@ impl Config {
             blob_grace: Duration::from_secs(3600),
             upload_max_age: Duration::from_secs(3600),
             history_retention: Duration::from_secs(13 * 2_630_016),
+            log_format: LogFormat::Text,
         }
     }
 }

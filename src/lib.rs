@@ -9,6 +9,8 @@
 //! - [`store`]: sea-orm repositories over Postgres or SQLite (migrations live in the
 //!   `migrations` crate).
 //! - [`blob`]: content-addressed blobs and temporary uploads through `object_store`.
+//! - [`metrics`]: the Prometheus registry behind `/metrics` and the per-RPC layer (counts,
+//!   durations, bytes, a tracing span per call).
 //! - [`server`]: wiring and ordered shutdown; [`config`]: flags and environment;
 //!   [`cli`]: the binary's subcommands (serve, migrate, token issue).
 
@@ -20,6 +22,7 @@ pub mod config;
 pub mod coord;
 pub mod domain;
 pub mod error;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -36,6 +36,7 @@ use crate::blob::BlobStore;
 use crate::config::{AuthMode, Config};
 use crate::coord::Counters;
 use crate::domain::{Clock, Error};
+use crate::metrics::{GrpcMetricsLayer, Metrics};
 use crate::pb::v1::artifact_service_server::ArtifactServiceServer;
 use crate::pb::v1::job_service_server::JobServiceServer;
 use crate::pb::v1::plan_service_server::PlanServiceServer;
@@ -71,6 +72,8 @@ pub const HEALTH_SERVICES: [&str; 7] = [
 #[derive(Debug, Clone)]
 pub struct App {
     pub store: Store,
+    /// What `/metrics` serves (created with the store, shared by every layer).
+    pub metrics: Metrics,
     pub artifacts: ArtifactService,
     pub metering: Metering,
     pub accounts: Accounts,
@@ -140,6 +143,7 @@ impl App {
             config.inline_blob_bytes,
         );
         Ok(Self {
+            metrics: store.metrics().clone(),
             store,
             artifacts,
             metering,
@@ -161,6 +165,13 @@ impl App {
 struct HttpState {
     ready: Arc<AtomicBool>,
     store: Store,
+    metrics: Metrics,
+}
+
+impl axum::extract::FromRef<HttpState> for Metrics {
+    fn from_ref(state: &HttpState) -> Self {
+        state.metrics.clone()
+    }
 }
 
 /// Serves until `shutdown` resolves, then drains and returns.
@@ -224,6 +235,8 @@ pub async fn serve(
         .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Outermost, so calls cut by the deadline are measured too.
+        .layer(GrpcMetricsLayer::new(app.metrics.clone()))
         .layer(UnaryDeadlineLayer::new(app.request_timeout))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -242,14 +255,22 @@ pub async fn serve(
         )))
         .serve_with_incoming_shutdown(incoming, stop_grpc.clone().cancelled_owned());
 
+    let state = HttpState {
+        ready: ready.clone(),
+        store: app.store.clone(),
+        metrics: app.metrics.clone(),
+    };
     let router = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(HttpState {
-            ready: ready.clone(),
-            store: app.store.clone(),
-        })
-        .merge(Downloads::new(app.artifacts.clone(), app.jobs.clone(), app.auth.clone()).router());
+        .route("/metrics", get(crate::metrics::serve_metrics))
+        .with_state(state.clone())
+        .merge(Downloads::new(app.artifacts.clone(), app.jobs.clone(), app.auth.clone()).router())
+        // Every route, downloads too, counted by its template and status.
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            crate::metrics::http_middleware,
+        ));
     let http: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &app.tls {
         None => Box::pin(
             axum::serve(http_listener, router)
@@ -270,6 +291,12 @@ pub async fn serve(
     // Expired artifacts, unreferenced content, abandoned uploads and old history, one
     // replica at a time; stopped with the gRPC side and awaited before the pool closes.
     let sweeper = tokio::spawn(app.sweeper.clone().run(stop_grpc.clone()));
+    // The stored-totals gauges, read from the database every minute, not per request.
+    tokio::spawn(app.metrics.clone().refresh_stored(
+        app.store.clone(),
+        app.clock.clone(),
+        stop_grpc.clone(),
+    ));
     let listeners = Listeners {
         grpc: tokio::spawn(async move { grpc.await.map_err(|e| e.to_string()) }),
         http: tokio::spawn(async move { http.await.map_err(|e| e.to_string()) }),

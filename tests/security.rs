@@ -1089,8 +1089,36 @@ async fn cli_issues_tokens_the_server_accepts() {
 
 /// A whole session against the real binary, with verbose logs: neither the secret, nor any
 /// token (presented, refused or issued), nor blob bytes reach the log.
+/// In both log formats; the JSON one is one object per line, and each API call's line
+/// carries its span: service, method, project, code, duration and bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_never_contain_tokens_secrets_or_content() {
+    logs_without_secrets("text").await;
+    let log = logs_without_secrets("json").await;
+    let mut calls = 0;
+    for line in log.lines() {
+        let event: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"));
+        if event["fields"]["message"] == "rpc finished" && event["span"]["method"] == "Push" {
+            let span = &event["span"];
+            assert_eq!(span["service"], "artifactd.v1.ArtifactService", "{line}");
+            assert_eq!(span["project"], "p", "{line}");
+            assert_eq!(span["code"], "OK", "{line}");
+            assert!(span["duration_ms"].as_f64().is_some(), "{line}");
+            assert!(span["received_bytes"].as_u64().unwrap() > 26, "{line}");
+            calls += 1;
+        }
+        if event["fields"]["message"] == "rpc finished" && event["span"]["method"] == "Stat" {
+            assert_eq!(event["span"]["code"], "UNAUTHENTICATED", "{line}");
+            calls += 1;
+        }
+    }
+    assert_eq!(calls, 2, "one line per call: {log:.2000}");
+}
+
+/// Runs the binary with debug logs in `format`, makes calls with tokens and content, and
+/// checks neither reaches the log; returns the log.
+async fn logs_without_secrets(format: &str) -> String {
     use std::io::Read;
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
@@ -1114,6 +1142,7 @@ async fn logs_never_contain_tokens_secrets_or_content() {
         .env("ARTIFACTD_AUTH", "jwt")
         .env("ARTIFACTD_JWT_SECRET", SECRET)
         .env("RUST_LOG", "debug")
+        .env("ARTIFACTD_LOG_FORMAT", format)
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -1224,6 +1253,7 @@ async fn logs_never_contain_tokens_secrets_or_content() {
     ] {
         assert!(!log.contains(&needle), "{what} leaked into the log");
     }
+    log
 }
 
 /// A control plane signs with its private key (EdDSA or RS256); the service only verifies
@@ -1514,5 +1544,53 @@ async fn http_routes_for_every_role_and_target() {
     )
     .await;
     assert_eq!(delete.status, StatusCode::UNAUTHORIZED);
+
+/// The HTTP port's probes and `/metrics` answer without a token even with `jwt` on: they
+/// carry aggregate figures only, never a project, job, path or token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_and_metrics_are_open_and_name_no_project() {
+    let (server, mut c) = secured_server().await;
+    let admin = token("admin", None, None, None);
+    assert_eq!(
+        push_as(
+            &mut c,
+            &admin,
+            job("secret-project", "secret-job"),
+            "secret/path.txt"
+        )
+        .await,
+        Code::Ok
+    );
+    let forged = format!("{admin}x");
+    assert_eq!(
+        push_as(
+            &mut c,
+            &forged,
+            job("secret-project", "secret-job"),
+            "x.txt"
+        )
+        .await,
+        Code::Unauthenticated
+    );
+    assert_eq!(http_get(server.http_addr, "/healthz").await.0, 200);
+    assert_eq!(http_get(server.http_addr, "/readyz").await.0, 200);
+    let (status, text) = http_get(server.http_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(
+            &text,
+            "artifactd_grpc_requests_total",
+            &[
+                ("service", "artifactd.v1.ArtifactService"),
+                ("method", "Push"),
+                ("code", "UNAUTHENTICATED")
+            ]
+        ),
+        Some(1.0)
+    );
+    let signature = admin.rsplit('.').next().unwrap();
+    for needle in ["secret-project", "secret-job", "secret/path", signature] {
+        assert!(!text.contains(needle), "{needle} in /metrics");
+    }
     server.stop().await;
 }

@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert;
 use crate::auth::Authenticator;
 use crate::domain::{Access, Error, JobLabel, ProjectId, authorize, scope::parse_prefix};
+use crate::metrics::Rejection;
 use crate::pb::v1::{
     self as pb, artifact_service_server, pull_archive_request, pull_archive_response,
     pull_response, push_request,
@@ -65,11 +66,14 @@ impl ArtifactApi {
     /// and tells well-behaved clients to back off.
     fn stream_slot(&self) -> Result<OwnedSemaphorePermit, Error> {
         self.streams.clone().try_acquire_owned().map_err(|_| {
-            Error::ResourceExhausted(format!(
-                "the server has its maximum of {} Push and Pull streams open \
-                 (ARTIFACTD_MAX_STREAMS); retry later",
-                self.max_streams
-            ))
+            self.artifacts.store().metrics().rejected(
+                Rejection::StreamLimit,
+                Error::ResourceExhausted(format!(
+                    "the server has its maximum of {} Push and Pull streams open \
+                     (ARTIFACTD_MAX_STREAMS); retry later",
+                    self.max_streams
+                )),
+            )
         })
     }
 }

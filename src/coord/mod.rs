@@ -619,6 +619,7 @@ impl Counters {
     }
 
     fn redis_failed(&self, e: &redis::RedisError) {
+        crate::metrics::redis_error(e);
         if !self.inner.redis_down_logged.swap(true, Ordering::SeqCst) {
             tracing::warn!(
                 error = %e,

@@ -1,6 +1,9 @@
 //! Who may do what: roles, the principal a request acts as, and the one policy function
 //! every RPC consults (after parsing its request, before any lookup, so a refusal never
 //! reveals whether something exists).
+//!
+//! Open without a token: grpc.health.v1, reflection, and on the HTTP port `/healthz`,
+//! `/readyz` and `/metrics` (aggregate figures only: no label names a project, job or path).
 
 use super::error::{Error, Result};
 use super::scope::{ProjectId, Scope, ScopeKind};
@@ -96,6 +99,10 @@ pub enum Access<'a> {
 
 /// Allows or refuses (PERMISSION_DENIED) an access.
 pub fn authorize(principal: &Principal, access: Access<'_>) -> Result<()> {
+    if let Some(project) = access.project() {
+        // The request's RPC span (see `metrics`) names the project it acts on.
+        tracing::Span::current().record("project", project.as_str());
+    }
     if allowed(principal, access) {
         return Ok(());
     }
@@ -147,6 +154,19 @@ fn job_reaches(p: &Principal, scope: &Scope) -> bool {
         ScopeKind::Project => true,
         ScopeKind::Workflow => p.workflow.as_deref() == Some(scope.id()),
         ScopeKind::Job => p.job.as_deref() == Some(scope.id()),
+    }
+}
+
+impl Access<'_> {
+    /// The project this access is about, if one.
+    pub fn project(&self) -> Option<&ProjectId> {
+        match self {
+            Access::ReadArtifacts(s) | Access::WriteArtifacts(s) | Access::DeleteArtifacts(s) => {
+                Some(s.project())
+            }
+            Access::ReadUsage(p) | Access::ReadControls(p) | Access::WriteControls(p) => Some(p),
+            Access::ReadAllUsage | Access::Administer => None,
+        }
     }
 }
 

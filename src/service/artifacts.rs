@@ -24,6 +24,7 @@ use sha2::Digest;
 use crate::blob::BlobStore;
 use crate::domain::retention::resolve_lifetime;
 use crate::domain::{Artifact, ArtifactPath, Clock, Error, Scope, ScopedPath, Sha256, Timestamp};
+use crate::metrics::PushStorage;
 use crate::service::archive::{ArchiveEntry, archive_size_bound, stream_archive};
 use crate::service::metering::{Metering, Reservation};
 use crate::service::retention::Retention;
@@ -154,7 +155,7 @@ impl ArtifactService {
             && let Some((artifact, deduplicated)) =
                 self.store.find_idempotent(&spec.target.scope, key).await?
         {
-            return replay(&spec, artifact, deduplicated);
+            return self.replayed(replay(&spec, artifact, deduplicated));
         }
         let record = self.metering.project_for_push(project).await?;
         // The push's own expire_in (within the plan's maximum), else the first matching
@@ -274,6 +275,15 @@ impl ArtifactService {
                 deduplicated,
             } => {
                 reservation.settle(artifact.size, replaced_bytes).await;
+                let metrics = self.store.metrics();
+                let storage = match blob {
+                    PushedBlob::Inline(_) => PushStorage::Inline,
+                    PushedBlob::Stored { .. } => PushStorage::BlobStore,
+                };
+                metrics.push_committed(storage, deduplicated);
+                if new.record_ingress {
+                    metrics.usage_recorded("ingress", true);
+                }
                 tracing::info!(
                     project = %artifact.scope.project(),
                     scope = artifact.scope.kind().as_str(),
@@ -290,9 +300,17 @@ impl ArtifactService {
             PushCommit::Replayed {
                 artifact,
                 deduplicated,
-            } => replay(&spec, artifact, deduplicated),
+            } => self.replayed(replay(&spec, artifact, deduplicated)),
             PushCommit::ContentCollected => Err(crate::store::content_collected(&new.sha256)),
         }
+    }
+
+    /// A push answered from its idempotency key: its ingress record is not written again.
+    fn replayed(&self, outcome: Result<PushOutcome, Error>) -> Result<PushOutcome, Error> {
+        if outcome.is_ok() && self.metering.enabled() {
+            self.store.metrics().usage_recorded("ingress", false);
+        }
+        outcome
     }
 
     /// Stores a small blob held in memory in the blob store under a fresh lease.

@@ -53,7 +53,8 @@ impl Store {
             ))
             .await
             .map_err(db_error)?;
-        if inserted.rows_affected() == 1 {
+        let finalized = inserted.rows_affected() == 1;
+        if finalized {
             for (n, line) in invoice.lines.iter().enumerate() {
                 txn.execute_raw(self.statement(
                     "INSERT INTO invoice_lines (project_id, month, line_no, meter, plan_id, \
@@ -83,7 +84,11 @@ impl Store {
                 .map_err(db_error)?;
             }
         }
-        txn.commit().await.map_err(db_error)
+        txn.commit().await.map_err(db_error)?;
+        if finalized {
+            self.metrics.invoice_finalized();
+        }
+        Ok(())
     }
 
     /// The finalized invoice of `month`, if any.

@@ -44,6 +44,8 @@ pub struct Store {
     /// after it, unless the clock went back (tests, or a skew beyond the rollup margin);
     /// only then must a write forget rollups.
     rollup_horizon: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// The server's metrics: created with its store, so every layer above reaches them.
+    metrics: crate::metrics::Metrics,
 }
 
 impl Store {
@@ -54,7 +56,13 @@ impl Store {
         Ok(Self {
             db,
             rollup_horizon: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
+            metrics: crate::metrics::Metrics::new(),
         })
+    }
+
+    /// The metrics of the server this store belongs to.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     /// Applies pending migrations. On Postgres a session advisory lock, held on a dedicated
@@ -148,12 +156,19 @@ fn prepare_sqlite_url(url: &str) -> Result<String, Error> {
 ///   bug → INTERNAL, logged with its cause and never retried blindly.
 pub(crate) fn db_error(err: DbErr) -> Error {
     match classify(&err) {
-        DbFailure::Unavailable => Error::database(err),
+        DbFailure::Unavailable => {
+            crate::metrics::database_error("unavailable");
+            Error::database(err)
+        }
         DbFailure::Conflict => {
+            crate::metrics::database_error("conflict");
             tracing::warn!(cause = %err, "database conflict with a concurrent change");
             Error::Aborted("the request conflicted with a concurrent change; retry it".to_owned())
         }
-        DbFailure::Bug => Error::Internal(format!("database: {err}")),
+        DbFailure::Bug => {
+            crate::metrics::database_error("bug");
+            Error::Internal(format!("database: {err}"))
+        }
     }
 }
 

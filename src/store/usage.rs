@@ -35,7 +35,7 @@ impl Store {
         bytes: i64,
         at: Timestamp,
     ) -> Result<(), Error> {
-        usage_event::Entity::insert(usage_event::ActiveModel {
+        let written = usage_event::Entity::insert(usage_event::ActiveModel {
             id: Set(id.to_owned()),
             project_id: Set(project.as_str().to_owned()),
             meter: Set(meter.as_str().to_owned()),
@@ -50,6 +50,7 @@ impl Store {
         .exec_without_returning(&self.db)
         .await
         .map_err(db_error)?;
+        self.metrics.usage_recorded(meter.as_str(), written == 1);
         Ok(())
     }
 

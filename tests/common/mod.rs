@@ -1,10 +1,13 @@
 //! Test harness: a real server on 127.0.0.1:0 over a real database (a fresh SQLite file, or a
 //! freshly created Postgres database that is dropped afterwards) and a real blob directory.
 //!
-//! Postgres comes from `TEST_DATABASE_URL` (an admin URL such as
-//! `postgres://postgres@127.0.0.1:5432/postgres`), else from testcontainers when Docker is
-//! reachable. Without either, Postgres tests print why and skip, unless
-//! `ARTIFACTD_REQUIRE_POSTGRES=1`, which turns that into a failure.
+//! Postgres comes from `TEST_DATABASE_URL` (an admin URL), else from the default local
+//! server (`postgres://postgres@127.0.0.1:5432/postgres`) when it answers, else from
+//! testcontainers when Docker is reachable. Redis likewise: `TEST_REDIS_URL`, else
+//! `redis://127.0.0.1:6379` when it answers PING. Without Postgres, each Postgres test says
+//! on the terminal (not in captured output) that it was SKIPPED, with the running count for
+//! its test binary and how to enable it; `ARTIFACTD_REQUIRE_POSTGRES=1` (and
+//! `ARTIFACTD_REQUIRE_REDIS=1`) turn a missing server into a failure instead.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -112,42 +115,137 @@ impl Drop for TestDb {
     }
 }
 
-/// Redis for tests: `TEST_REDIS_URL`, required when `ARTIFACTD_REQUIRE_REDIS=1`.
+/// Where tests look for Postgres and Redis when no variable names one.
+pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// Redis for tests: `TEST_REDIS_URL`, else the default local server when it answers PING;
+/// required when `ARTIFACTD_REQUIRE_REDIS=1`. Without it, metered tests keep their figures
+/// in process (and say so once on the terminal).
 pub fn redis_url() -> Option<String> {
-    match std::env::var("TEST_REDIS_URL") {
-        Ok(url) => Some(url),
-        Err(_) if std::env::var("ARTIFACTD_REQUIRE_REDIS").as_deref() == Ok("1") => {
-            panic!("ARTIFACTD_REQUIRE_REDIS=1 but TEST_REDIS_URL is unset")
-        }
-        Err(_) => None,
-    }
+    static REDIS: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    REDIS
+        .get_or_init(|| {
+            if let Ok(url) = std::env::var("TEST_REDIS_URL") {
+                return Some(url);
+            }
+            if redis_answers("127.0.0.1:6379") {
+                return Some(DEFAULT_REDIS_URL.to_owned());
+            }
+            if std::env::var("ARTIFACTD_REQUIRE_REDIS").as_deref() == Ok("1") {
+                panic!(
+                    "ARTIFACTD_REQUIRE_REDIS=1 but TEST_REDIS_URL is unset and nothing answers \
+                     on 127.0.0.1:6379"
+                );
+            }
+            to_terminal(
+                "NOTE: no Redis (TEST_REDIS_URL unset, nothing on 127.0.0.1:6379): metered tests \
+                 keep their quota figures in process. Start redis-server or set TEST_REDIS_URL \
+                 to test them on Redis.",
+            );
+            None
+        })
+        .clone()
 }
 
-static POSTGRES: OnceCell<Option<String>> = OnceCell::const_new();
+/// Whether a Redis server at `addr` answers PING within half a second.
+fn redis_answers(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_millis(500);
+    let Ok(addr) = addr.parse() else {
+        return false;
+    };
+    let Ok(mut tcp) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+        return false;
+    };
+    let _ = tcp.set_read_timeout(Some(timeout));
+    let mut reply = [0u8; 5];
+    tcp.write_all(b"PING\r\n").is_ok() && tcp.read_exact(&mut reply).is_ok() && &reply == b"+PONG"
+}
+
+/// A line on the terminal even while libtest captures the test's output (it captures
+/// `print!`/`eprint!`, not writes to the stderr handle), so a skip is never silent.
+fn to_terminal(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// Postgres tests skipped in this test binary so far.
+static SKIPPED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Says loudly that the running test is skipped for want of Postgres.
+fn skipped_for_postgres(why: &str) {
+    let n = SKIPPED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a Postgres test")
+        .to_owned();
+    let binary = std::env::args()
+        .next()
+        .and_then(|path| {
+            std::path::Path::new(&path)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    to_terminal(&format!(
+        "SKIPPED (not passed) {test} [{binary}]: {why}. {n} Postgres test(s) skipped in this \
+         binary so far. Start Postgres on 127.0.0.1:5432 or set TEST_DATABASE_URL to run them; \
+         ARTIFACTD_REQUIRE_POSTGRES=1 makes this a failure."
+    ));
+}
+
+static POSTGRES: OnceCell<Result<String, String>> = OnceCell::const_new();
 
 async fn postgres_admin_url() -> Option<String> {
-    POSTGRES
+    let found = POSTGRES
         .get_or_init(|| async {
             let required = std::env::var("ARTIFACTD_REQUIRE_POSTGRES").as_deref() == Ok("1");
             if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
-                return Some(url);
+                return Ok(url);
+            }
+            if postgres_answers(DEFAULT_POSTGRES_URL).await {
+                return Ok(DEFAULT_POSTGRES_URL.to_owned());
             }
             match start_postgres_container().await {
-                Ok(url) => Some(url),
+                Ok(url) => Ok(url),
                 Err(why) if required => {
                     panic!("ARTIFACTD_REQUIRE_POSTGRES=1 but no Postgres: {why}")
                 }
-                Err(why) => {
-                    eprintln!(
-                        "skipping Postgres tests: TEST_DATABASE_URL is unset and testcontainers \
-                         could not start Postgres ({why})"
-                    );
-                    None
-                }
+                Err(why) => Err(format!(
+                    "no Postgres (TEST_DATABASE_URL unset, nothing on 127.0.0.1:5432, and \
+                     testcontainers could not start one: {why})"
+                )),
             }
         })
-        .await
-        .clone()
+        .await;
+    match found {
+        Ok(url) => Some(url.clone()),
+        Err(why) => {
+            skipped_for_postgres(why);
+            None
+        }
+    }
+}
+
+/// Whether Postgres at `url` accepts a connection within a few seconds.
+async fn postgres_answers(url: &str) -> bool {
+    let mut options = sea_orm::ConnectOptions::new(url.to_owned());
+    options
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .sqlx_logging(false);
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        Database::connect(options),
+    )
+    .await
+    {
+        Ok(Ok(db)) => {
+            let _ = db.close().await;
+            true
+        }
+        _ => false,
+    }
 }
 
 async fn start_postgres_container() -> Result<String, String> {
@@ -214,6 +312,15 @@ impl TestServer {
             Config::with_stores(&db.url, &format!("file://{}", blob_dir.path().display()));
         // Durability is not under test here, and fsync per blob slows thousands of pushes.
         config.blob_fsync = false;
+        // `TEST_BLOB_URL=s3://bucket/prefix` (with the AWS_* variables): blobs go to that
+        // object store instead, under a prefix of this server's own.
+        if let Ok(url) = std::env::var("TEST_BLOB_URL") {
+            config.blob_url = format!(
+                "{}/{}",
+                url.trim_end_matches('/'),
+                uuid::Uuid::new_v4().simple()
+            );
+        }
         tweak(&mut config);
         let clock = ManualClock::new(Timestamp::from_seconds(TEST_EPOCH_SECONDS));
         let app = App::build(&config, Arc::new(clock.clone()))
@@ -464,4 +571,48 @@ macro_rules! on_both_backends {
             )*
         }
     };
+}
+
+/// `GET path` over HTTP/1.0 on the server's HTTP port: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text scrape (labels given in any
+/// order must be exactly the sample's), or `None` when there is no such sample.
+pub fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    wanted.sort();
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, mut have) = match series.split_once('{') {
+                Some((metric, rest)) => (
+                    metric,
+                    rest.trim_end_matches('}')
+                        .split(',')
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>(),
+                ),
+                None => (series, Vec::new()),
+            };
+            have.sort();
+            (metric == name && have == wanted).then(|| value.parse().ok())?
+        })
 }

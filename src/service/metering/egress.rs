@@ -244,6 +244,7 @@ impl EgressMeter {
         if last {
             // The recorder releases it now; the admission's own drop must not.
             self.admission.held = false;
+            self.admission.outstanding = None;
         }
         let metering = self.admission.metering.clone();
         let counters = metering.counters.clone();

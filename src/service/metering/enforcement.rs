@@ -14,6 +14,7 @@ use crate::coord::{Pool, Release, Reserve};
 use crate::domain::metering::Month;
 use crate::domain::plan::GIB;
 use crate::domain::{Error, OveragePolicy, ProjectId};
+use crate::metrics::{HeldReservation, Rejection};
 use crate::store::{ProjectRecord, QuotaBase};
 
 /// Pushes of unknown size reserve storage in steps of this many bytes as they stream.
@@ -36,7 +37,8 @@ impl Metering {
                 server_max_bytes,
                 &plan.id,
                 plan.max_artifact_bytes,
-            )?;
+            )
+            .map_err(|e| self.metrics().rejected(Rejection::ArtifactSize, e))?;
         }
         let mut reservation = Reservation {
             metering: self.clone(),
@@ -51,6 +53,7 @@ impl Metering {
             entry: false,
             refreshed: std::time::Instant::now(),
             settled: false,
+            outstanding: None,
         };
         if reservation.reserves() {
             reservation.cover(expected_size.unwrap_or(0), false).await?;
@@ -247,6 +250,7 @@ impl Metering {
             month,
             id: format!("pull:{}", uuid::Uuid::new_v4().simple()),
             held: false,
+            outstanding: None,
         };
         if !self.enabled {
             return Ok(admission);
@@ -264,18 +268,26 @@ impl Metering {
             .await?;
         match outcome {
             Reserve::Denied { stored, reserved } => {
-                return Err(Error::ResourceExhausted(format!(
-                    "egress quota of {} bytes this month would be exceeded: {stored} bytes \
-                     sent so far, {reserved} reserved by downloads in progress, {bytes} \
-                     requested (plan {})",
-                    limit.unwrap_or_default(),
-                    plan.id
-                )));
+                return Err(self.metrics().rejected(
+                    Rejection::EgressQuota,
+                    Error::ResourceExhausted(format!(
+                        "egress quota of {} bytes this month would be exceeded: {stored} \
+                         bytes sent so far, {reserved} reserved by downloads in progress, \
+                         {bytes} requested (plan {})",
+                        limit.unwrap_or_default(),
+                        plan.id
+                    )),
+                ));
             }
-            _ => admission.held = true,
+            _ => {
+                admission.held = true;
+                admission.outstanding = Some(self.metrics().reservation_held());
+            }
         }
         // The reservation is already in the figures the spend cap sums.
-        self.check_spend_cap(record, Extra::default()).await?;
+        self.check_spend_cap(record, Extra::default())
+            .await
+            .map_err(|e| self.metrics().rejected(Rejection::SpendCap, e))?;
         Ok(admission)
     }
 }
@@ -342,6 +354,8 @@ pub struct Reservation {
     /// When this holder last moved its entry's expiry (database coordination).
     refreshed: std::time::Instant,
     settled: bool,
+    /// Counts this reservation as outstanding while it has an entry.
+    outstanding: Option<HeldReservation>,
 }
 
 impl Reservation {
@@ -366,6 +380,9 @@ impl Reservation {
                 self.record.plan.id
             ))),
             _ => {
+                if !self.entry {
+                    self.outstanding = Some(self.metering.metrics().reservation_held());
+                }
                 self.entry = true;
                 self.held = total;
                 self.refreshed = std::time::Instant::now();
@@ -393,10 +410,15 @@ impl Reservation {
                 return Ok(());
             }
         }
-        self.hold(size).await?;
+        // Only these last tries count as refusals (the step ahead above may fail quietly).
+        let metrics = self.metering.metrics().clone();
+        self.hold(size)
+            .await
+            .map_err(|e| metrics.rejected(Rejection::StorageQuota, e))?;
         self.metering
             .check_spend_cap(&self.record, Extra::default())
             .await
+            .map_err(|e| metrics.rejected(Rejection::SpendCap, e))
     }
 
     /// Called as bytes stream in: enforces the size limits and, under a limit or spend cap,
@@ -409,7 +431,8 @@ impl Reservation {
                 self.server_max_bytes,
                 &self.record.plan.id,
                 self.record.plan.max_artifact_bytes,
-            );
+            )
+            .map_err(|e| self.metering.metrics().rejected(Rejection::ArtifactSize, e));
         }
         if self.declared.is_some_and(|declared| size > declared) {
             // More than declared: the caller refuses it as INVALID_ARGUMENT.
@@ -476,6 +499,8 @@ pub struct PullAdmission {
     pub(super) id: String,
     /// Whether an entry exists in the counters.
     pub(super) held: bool,
+    /// Counts this reservation as outstanding while it is held.
+    pub(super) outstanding: Option<HeldReservation>,
 }
 
 impl Drop for PullAdmission {

@@ -103,6 +103,11 @@ pub struct DailyUsage {
 }
 
 impl Metering {
+    /// The server's metrics (they come with its store).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        self.store.metrics()
+    }
+
     pub fn new(
         store: Store,
         counters: Counters,
