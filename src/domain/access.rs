@@ -161,9 +161,10 @@ impl Access<'_> {
     /// The project this access is about, if one.
     pub fn project(&self) -> Option<&ProjectId> {
         match self {
-            Access::ReadArtifacts(s) | Access::WriteArtifacts(s) | Access::DeleteArtifacts(s) => {
-                Some(s.project())
-            }
+            Access::ReadArtifacts(s)
+            | Access::WriteArtifacts(s)
+            | Access::DeleteArtifacts(s)
+            | Access::KeepArtifacts(s) => Some(s.project()),
             Access::ReadUsage(p) | Access::ReadControls(p) | Access::WriteControls(p) => Some(p),
             Access::ReadAllUsage | Access::Administer => None,
         }

@@ -444,21 +444,19 @@ impl Store {
     /// Live artifacts and their logical bytes over all projects at `now` (for the
     /// `artifactd_stored_*` gauges; refreshed in the background, never per request).
     pub async fn live_totals(&self, now: Timestamp) -> Result<(i64, i64), Error> {
-        let row = self
-            .db
-            .query_one_raw(self.statement(
-                "SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM artifacts \
-                 WHERE deleted_at IS NULL AND (billing_end IS NULL OR billing_end > ?)",
-                vec![now.as_micros().into()],
-            ))
+        let totals: Option<(i64, Option<i64>)> = artifact::Entity::find()
+            .select_only()
+            .column_as(artifact::Column::Id.count(), "artifacts")
+            .column_as(
+                Expr::col(artifact::Column::Size).sum().cast_as("BIGINT"),
+                "bytes",
+            )
+            .filter(super::lifecycle::live_at(now))
+            .into_tuple()
+            .one(&self.db)
             .await
             .map_err(db_error)?;
-        let Some(row) = row else {
-            return Ok((0, 0));
-        };
-        let artifacts: i64 = row.try_get_by_index(0).map_err(db_error)?;
-        let bytes: i64 = row.try_get_by_index(1).map_err(db_error)?;
-        Ok((artifacts, bytes))
+        Ok(totals.map_or((0, 0), |(artifacts, bytes)| (artifacts, bytes.unwrap_or(0))))
     }
 
     /// The result recorded for an idempotency key in `scope` (keys are scoped: another
