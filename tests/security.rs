@@ -1544,6 +1544,8 @@ async fn http_routes_for_every_role_and_target() {
     )
     .await;
     assert_eq!(delete.status, StatusCode::UNAUTHORIZED);
+    server.stop().await;
+}
 
 /// The HTTP port's probes and `/metrics` answer without a token even with `jwt` on: they
 /// carry aggregate figures only, never a project, job, path or token.

@@ -165,7 +165,11 @@ impl Access<'_> {
             | Access::WriteArtifacts(s)
             | Access::DeleteArtifacts(s)
             | Access::KeepArtifacts(s) => Some(s.project()),
-            Access::ReadUsage(p) | Access::ReadControls(p) | Access::WriteControls(p) => Some(p),
+            Access::ReadUsage(p)
+            | Access::ReadControls(p)
+            | Access::WriteControls(p)
+            | Access::ReportJobs(p)
+            | Access::ReadLatestJobs(p) => Some(p),
             Access::ReadAllUsage | Access::Administer => None,
         }
     }
