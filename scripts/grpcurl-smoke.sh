@@ -94,13 +94,22 @@ grpcurl -plaintext -d "{\"project_id\": \"demo\", \"policy\": $policy, \"apply_t
 grpcurl -plaintext -d '{"project_id": "demo"}' "$addr" artifactd.v1.UsageControlService/GetRetentionPolicy \
   | grep -q '"maxAge": "604800s"' || fail "get retention policy"
 
-# Jobs: register, pass, find the latest by ref.
+# Jobs: register, pass, find the latest by ref; its zip over gRPC and over HTTP (curl).
 grpcurl -plaintext -d '{"project_id": "demo", "workflow_id": "w1", "job_id": "job-1", "job_name": "build", "ref": "main"}' \
   "$addr" artifactd.v1.JobService/RegisterJob | grep -q '"status": "RUNNING"' || fail "RegisterJob"
 grpcurl -plaintext -d '{"project_id": "demo", "job_id": "job-1", "status": "PASSED"}' "$addr" artifactd.v1.JobService/FinishJob \
   | grep -q '"latest": true' || fail "FinishJob"
 grpcurl -plaintext -d '{"project_id": "demo", "ref": "main", "job_name": "build"}' "$addr" artifactd.v1.JobService/GetLatestJob \
   | grep -q '"jobId": "job-1"' || fail "GetLatestJob"
+# Streams are captured before grep: `grep -q` closing the pipe early would SIGPIPE grpcurl.
+archive=$(grpcurl -plaintext -d '{"latest_job": {"project_id": "demo", "ref": "main", "job_name": "build"}}' "$addr" \
+  artifactd.v1.ArtifactService/PullArchive)
+grep -q '"files": "1"' <<<"$archive" || fail "PullArchive: $archive"
+http="http://127.0.0.1:$http_port/api/v1/projects/demo/jobs"
+curl -fsS -o "$dir/a.zip" "$http/artifacts/main/download?job=build" || fail "curl download"
+listing=$(unzip -t "$dir/a.zip")
+grep -q "logs/hello.txt" <<<"$listing" || fail "unzip -t: $listing"
+[ "$(curl -fsS -r 0-4 "$http/job-1/artifacts/logs/hello.txt")" = hello ] || fail "curl range"
 
 kill -TERM "$pid"
 status=0
