@@ -1106,6 +1106,8 @@ async fn keep_and_retention_page_through_thousands_of_artifacts(backend: Backend
         .await
         .unwrap();
     let sha = Sha256::parse("sha", &sha256_hex(b"x")).unwrap();
+    // The lease a push takes on its blob before committing, as Push does.
+    let epoch = server.app.store.lease_blob(&sha, 1, t0).await.unwrap();
     for (job_id, count) in [("j1", 1500), ("j2", 1200)] {
         for i in 0..count {
             let new = NewArtifact {
@@ -1126,7 +1128,10 @@ async fn keep_and_retention_page_through_thousands_of_artifacts(backend: Backend
                     &new,
                     false,
                     None,
-                    &PushedBlob::Stored { deduplicated: true },
+                    &PushedBlob::Stored {
+                        deduplicated: true,
+                        epoch,
+                    },
                 )
                 .await
                 .unwrap();
