@@ -19,7 +19,8 @@ use artifactd::pb::v1::{self as pb, PushRequest, push_request};
 use artifactd::service::sweeper::SweepReport;
 use common::billing::{at, clients, ts};
 use common::{
-    Backend, TestDb, TestServer, content, header, job, project, pull, push, sha256_hex, stat,
+    Backend, TestDb, TestServer, content, header, job, project, pull, push, sample, sha256_hex,
+    stat,
 };
 use prost::Message;
 use sea_orm::{ConnectionTrait, Statement};
@@ -151,14 +152,28 @@ async fn expired_artifacts_end_once_at_their_expiry_and_bills_do_not_move(backen
     }
     // The content is still referenced by live artifacts: nothing collected.
     assert_eq!(report.collected_blobs, 0);
+    // What operators see: the sweeper's metrics count each artifact once.
+    let scrape = server.app.metrics.render();
     assert_eq!(
-        server
-            .app
-            .sweeper
-            .stats()
-            .ended_artifacts
-            .load(Ordering::Relaxed),
-        2
+        sample(&scrape, "artifactd_sweeper_ended_artifacts_total", &[]),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &scrape,
+            "artifactd_sweeper_runs_total",
+            &[("outcome", "ok")]
+        ),
+        Some(2.0)
+    );
+    assert!(
+        sample(
+            &scrape,
+            "artifactd_sweeper_last_success_timestamp_seconds",
+            &[]
+        )
+        .unwrap()
+            > 0.0
     );
     server.stop().await;
 }
@@ -532,8 +547,12 @@ async fn a_push_deduplicating_against_content_being_collected_never_loses_it(bac
             }
         }
     }
-    let stats = server.app.sweeper.stats();
-    let collected = stats.collected_blobs.load(Ordering::Relaxed);
+    let collected = sample(
+        &server.app.metrics.render(),
+        "artifactd_sweeper_collected_blobs_total",
+        &[],
+    )
+    .unwrap() as u64;
     eprintln!(
         "{runs} sweeps, {} pushes committed, {} aborted, {collected} collections, {live} live at the end",
         committed.load(Ordering::Relaxed),

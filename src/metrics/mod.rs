@@ -492,14 +492,22 @@ impl Metrics {
         self.inner.stored_bytes.set(bytes);
     }
 
-    /// A sweep finished: `ended` artifacts marked ended, `blobs` blobs of `bytes` bytes
-    /// deleted, in `duration`.
-    pub fn sweep_finished(&self, ended: u64, blobs: u64, bytes: u64, duration: Duration) {
+    /// The sweeper marked `ended` expired artifacts ended (counted batch by batch, so a
+    /// sweep that fails half-way still counts what it did).
+    pub fn swept_artifacts(&self, ended: u64) {
+        self.inner.sweeper_ended.inc_by(ended);
+    }
+
+    /// The sweeper deleted `blobs` unreferenced blobs of `bytes` bytes.
+    pub fn swept_blobs(&self, blobs: u64, bytes: u64) {
+        self.inner.sweeper_blobs.inc_by(blobs);
+        self.inner.sweeper_bytes.inc_by(bytes);
+    }
+
+    /// A sweep finished successfully after `duration`.
+    pub fn sweep_finished(&self, duration: Duration) {
         let m = &self.inner;
         m.sweeper_runs.with_label_values(&["ok"]).inc();
-        m.sweeper_ended.inc_by(ended);
-        m.sweeper_blobs.inc_by(blobs);
-        m.sweeper_bytes.inc_by(bytes);
         m.sweeper_duration.observe(duration.as_secs_f64());
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

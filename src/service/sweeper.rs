@@ -21,7 +21,6 @@
 //! correctness.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
@@ -49,21 +48,6 @@ pub struct SweepSettings {
     pub history_retention: Duration,
 }
 
-/// Running totals, for metrics and tests. Relaxed counters: each is exact on its own.
-#[derive(Debug, Default)]
-pub struct SweeperStats {
-    /// Runs that held the lock and completed.
-    pub runs: AtomicU64,
-    pub ended_artifacts: AtomicU64,
-    pub collected_blobs: AtomicU64,
-    pub collected_bytes: AtomicU64,
-    pub removed_uploads: AtomicU64,
-    pub adopted_orphans: AtomicU64,
-    pub pruned_rows: AtomicU64,
-    /// Duration of the last completed run, in microseconds.
-    pub last_duration_micros: AtomicU64,
-}
-
 /// What one run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SweepReport {
@@ -84,7 +68,6 @@ pub struct Sweeper {
     metering: Metering,
     clock: Arc<dyn Clock>,
     settings: SweepSettings,
-    stats: Arc<SweeperStats>,
     /// One run at a time in this process (and the whole lock on SQLite); also remembers
     /// when blob files were last searched for orphans.
     running: Arc<tokio::sync::Mutex<Option<Timestamp>>>,
@@ -116,13 +99,8 @@ impl Sweeper {
             metering,
             clock,
             settings,
-            stats: Arc::default(),
             running: Arc::default(),
         }
-    }
-
-    pub fn stats(&self) -> &Arc<SweeperStats> {
-        &self.stats
     }
 
     pub fn settings(&self) -> &SweepSettings {
@@ -169,13 +147,12 @@ impl Sweeper {
         let started = Instant::now();
         let result = self.sweep_locked(&mut last_orphan_scan).await;
         lock.release().await;
-        let report = result?;
-        self.stats.runs.fetch_add(1, Ordering::Relaxed);
-        self.stats.last_duration_micros.store(
-            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-        Ok(report)
+        let metrics = self.store.metrics();
+        match &result {
+            Ok(_) => metrics.sweep_finished(started.elapsed()),
+            Err(_) => metrics.sweep_failed(started.elapsed()),
+        }
+        result
     }
 
     async fn sweep_locked(
@@ -208,9 +185,7 @@ impl Sweeper {
         loop {
             let batch = self.store.end_expired(now, self.settings.batch).await?;
             ended += batch;
-            self.stats
-                .ended_artifacts
-                .fetch_add(batch, Ordering::Relaxed);
+            self.store.metrics().swept_artifacts(batch);
             if batch < self.settings.batch {
                 return Ok(ended);
             }
@@ -227,9 +202,6 @@ impl Sweeper {
         if removed > 0 {
             tracing::info!(removed, bytes, "abandoned uploads removed");
         }
-        self.stats
-            .removed_uploads
-            .fetch_add(removed, Ordering::Relaxed);
         Ok(removed)
     }
 
@@ -249,9 +221,6 @@ impl Sweeper {
                 "blob files without a stored row found; collected after the grace period"
             );
         }
-        self.stats
-            .adopted_orphans
-            .fetch_add(adopted, Ordering::Relaxed);
         Ok(adopted)
     }
 
@@ -284,12 +253,7 @@ impl Sweeper {
             collection.commit().await?;
             blobs += count;
             bytes += size;
-            self.stats
-                .collected_blobs
-                .fetch_add(count, Ordering::Relaxed);
-            self.stats
-                .collected_bytes
-                .fetch_add(size, Ordering::Relaxed);
+            self.store.metrics().swept_blobs(count, size);
             if (shas.len() as u64) < self.settings.batch {
                 return Ok((blobs, bytes));
             }
@@ -322,7 +286,6 @@ impl Sweeper {
             }
             let batch = self.store.prune_artifacts(&prunable).await?;
             pruned += batch;
-            self.stats.pruned_rows.fetch_add(batch, Ordering::Relaxed);
             if (rows.len() as u64) < self.settings.batch {
                 return Ok(pruned);
             }
