@@ -193,13 +193,15 @@ pub struct Config {
     #[arg(long, env = "ARTIFACTD_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
-    /// A Push that sends nothing for this long is aborted and its upload removed; a Pull
-    /// whose client reads nothing for this long is abandoned (DEADLINE_EXCEEDED).
+    /// A Push that sends nothing for this long is aborted and its upload removed; a Pull,
+    /// PullArchive or HTTP download whose client reads nothing for this long is abandoned
+    /// (DEADLINE_EXCEEDED; over HTTP the connection is closed).
     #[arg(long, env = "ARTIFACTD_STREAM_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub stream_idle_timeout: Duration,
 
-    /// Push and Pull streams open at once, over all connections; more are refused with
-    /// RESOURCE_EXHAUSTED. Bounds the memory and file descriptors stalled streams can hold.
+    /// Streams open at once over all connections (Push, Pull, PullArchive, HTTP file and zip
+    /// downloads); more are refused with RESOURCE_EXHAUSTED (HTTP 429). Bounds the memory
+    /// and file descriptors stalled streams can hold.
     #[arg(
         long,
         env = "ARTIFACTD_MAX_STREAMS",

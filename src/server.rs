@@ -30,6 +30,7 @@ use crate::api::billing::BillingApi;
 use crate::api::deadline::UnaryDeadlineLayer;
 use crate::api::http::Downloads;
 use crate::api::jobs::JobApi;
+use crate::api::streams::{StallGuardedListener, StreamLimit, WriteStallTimeout};
 use crate::api::tokens::TokenApi;
 use crate::auth::Authenticator;
 use crate::blob::BlobStore;
@@ -205,12 +206,17 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
+    // One bound on open streams for gRPC and HTTP downloads alike.
+    let streams = StreamLimit::new(
+        app.max_streams,
+        app.stream_idle_timeout,
+        app.metrics.clone(),
+    );
     let artifact_service = ArtifactServiceServer::new(ArtifactApi::new(
         app.artifacts.clone(),
         app.jobs.clone(),
         app.auth.clone(),
-        app.stream_idle_timeout,
-        app.max_streams,
+        streams.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -265,7 +271,15 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(crate::metrics::serve_metrics))
         .with_state(state.clone())
-        .merge(Downloads::new(app.artifacts.clone(), app.jobs.clone(), app.auth.clone()).router())
+        .merge(
+            Downloads::new(
+                app.artifacts.clone(),
+                app.jobs.clone(),
+                app.auth.clone(),
+                streams,
+            )
+            .router(),
+        )
         // Every route, downloads too, counted by its template and status.
         .layer(axum::middleware::from_fn_with_state(
             state,
@@ -273,14 +287,18 @@ pub async fn serve(
         ));
     let http: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &app.tls {
         None => Box::pin(
-            axum::serve(http_listener, router)
-                .with_graceful_shutdown(stop_http.clone().cancelled_owned())
-                .into_future(),
+            axum::serve(
+                StallGuardedListener::new(http_listener, app.stream_idle_timeout),
+                router,
+            )
+            .with_graceful_shutdown(stop_http.clone().cancelled_owned())
+            .into_future(),
         ),
         Some((cert, key)) => Box::pin(serve_https(
             http_listener,
             router,
             tls_acceptor(cert, key)?,
+            app.stream_idle_timeout,
             stop_http.clone(),
         )),
     };
@@ -438,6 +456,7 @@ async fn serve_https(
     listener: TcpListener,
     router: axum::Router,
     acceptor: tokio_rustls::TlsAcceptor,
+    stall_timeout: Duration,
     stopping: CancellationToken,
 ) -> std::io::Result<()> {
     loop {
@@ -454,6 +473,8 @@ async fn serve_https(
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {
+            // A client that stops reading is dropped, as on plain HTTP.
+            let tcp = WriteStallTimeout::new(tcp, stall_timeout);
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return; // a failed handshake is the client's problem
             };

@@ -12,12 +12,117 @@ use common::billing::*;
 use common::http::*;
 use common::*;
 use hyper::{Method, StatusCode};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
 
 on_both_backends!(
     files_come_with_ranges_etags_and_types,
     zips_of_every_scope_and_of_the_latest_job,
     what_is_not_there_or_not_valid,
 );
+
+const MIB: usize = 1024 * 1024;
+
+/// HTTP downloads take a slot of `ARTIFACTD_MAX_STREAMS` like gRPC streams, and a client
+/// that sends a request and never reads is dropped after the idle timeout: its slot comes
+/// back and the server closes its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_hold_a_stream_slot_and_stalled_clients_are_dropped() {
+    let idle = Duration::from_secs(2);
+    let server = TestServer::start_with(Backend::Sqlite, |c| {
+        c.max_streams = 1;
+        c.stream_idle_timeout = idle;
+    })
+    .await
+    .unwrap();
+    let mut client = server.client().await;
+    let data = content(32 * MIB, 11);
+    push(&mut client, header(job("p", "j"), "big.bin"), &data)
+        .await
+        .unwrap();
+    let addr = server.http_addr;
+    let path = "/api/v1/projects/p/jobs/j/artifacts/big.bin";
+
+    // A raw client sends the request and never reads: `peek` waits for the response to
+    // arrive without taking anything out of the socket, so its receive window stays shut.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: artifactd\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut head = [0u8; 12];
+    while stalled.peek(&mut head).await.unwrap() < head.len() {}
+    assert_eq!(&head, b"HTTP/1.1 200");
+
+    // It holds the one slot: a gRPC Pull, another download and a zip are refused.
+    let refused = pull(&mut client, job("p", "j"), "big.bin", 0, 0)
+        .await
+        .err()
+        .expect("refused while the download holds the slot");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("ARTIFACTD_MAX_STREAMS"));
+    for route in [path, "/api/v1/projects/p/jobs/j/artifacts"] {
+        let busy = get(addr, route, &[]).await;
+        assert_eq!(busy.status, StatusCode::TOO_MANY_REQUESTS, "{route}");
+        assert!(
+            busy.text().contains("ARTIFACTD_MAX_STREAMS"),
+            "{}",
+            busy.text()
+        );
+    }
+
+    // After the idle timeout the slot is back: a Pull gets the whole file.
+    let pulled = loop {
+        match pull(&mut client, job("p", "j"), "big.bin", 0, 0).await {
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(started.elapsed() < idle * 10, "the slot never came back");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => break other.unwrap(),
+        }
+    };
+    assert!(started.elapsed() >= idle);
+    assert_eq!(pulled.data.len(), data.len());
+
+    // And the server closed the connection, though the client still reads nothing: the
+    // server's end of it leaves ESTABLISHED (its FIN waits behind the unread bytes).
+    let (client_end, server_end) = (stalled.local_addr().unwrap(), addr);
+    while tcp_state(server_end, client_end) == Some(TCP_ESTABLISHED) {
+        assert!(
+            started.elapsed() < idle * 10,
+            "the stalled connection is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Reading now gets what was queued, then the end, short of the body.
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), stalled.read_to_end(&mut received))
+        .await
+        .expect("the connection ends");
+    assert!(
+        received.len() < data.len(),
+        "{} bytes of a {}-byte body",
+        received.len(),
+        data.len()
+    );
+    server.stop().await;
+}
+
+const TCP_ESTABLISHED: u8 = 1;
+
+/// The kernel's state of the IPv4 TCP socket `local` → `remote` (Linux `/proc/net/tcp`).
+fn tcp_state(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Option<u8> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |field: &str| u16::from_str_radix(field.rsplit(':').next()?, 16).ok();
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (port(fields[1]) == Some(local.port()) && port(fields[2]) == Some(remote.port()))
+            .then(|| u8::from_str_radix(fields[3], 16).ok())
+            .flatten()
+    })
+}
 
 async fn push_file(c: &mut Clients, scope: pb::Scope, path: &str, data: &[u8], mode: u32) {
     let mut h = header(scope, path);
@@ -71,12 +176,17 @@ async fn files_come_with_ranges_etags_and_types(backend: Backend) {
         (StatusCode::OK, "0", 0)
     );
 
-    // Ranges: a middle, an open end, a suffix; beyond the end is 416.
+    // Ranges (RFC 9110 §14): a middle, an open end, a suffix; a suffix longer than the
+    // file and an open range from 0 are the whole file, as 206; past the end is 416.
     for (range, start, end) in [
         ("bytes=1000-1999", 1000, 2000),
         ("bytes=299990-", 299_990, 300_000),
         ("bytes=-10", 299_990, 300_000),
         ("bytes=0-0", 0, 1),
+        ("bytes=-300000", 0, 300_000),
+        ("bytes=-400000", 0, 300_000),
+        ("bytes=0-", 0, 300_000),
+        ("bytes=299999-999999999999", 299_999, 300_000),
     ] {
         let part = get(addr, &format!("{base}/dist/app.bin"), &[("range", range)]).await;
         assert_eq!(part.status, StatusCode::PARTIAL_CONTENT, "{range}");
@@ -88,25 +198,68 @@ async fn files_come_with_ranges_etags_and_types(backend: Backend) {
         assert_eq!(part.header("content-length"), (end - start).to_string());
         sent += part.body.len();
     }
-    for range in ["bytes=300000-", "bytes=400000-500000"] {
+    for range in [
+        "bytes=300000-",
+        "bytes=400000-500000",
+        "bytes=-0",
+        "bytes=300000-400000, 500000-",
+    ] {
         let refused = get(addr, &format!("{base}/dist/app.bin"), &[("range", range)]).await;
         assert_eq!(refused.status, StatusCode::RANGE_NOT_SATISFIABLE, "{range}");
         assert_eq!(refused.header("content-range"), "bytes */300000");
+        assert!(refused.body.is_empty());
     }
-    let on_empty = get(addr, &format!("{base}/empty.txt"), &[("range", "bytes=0-")]).await;
-    assert_eq!(on_empty.status, StatusCode::RANGE_NOT_SATISFIABLE);
-    // Several ranges are not served as multipart: the whole file comes back.
-    let several = get(
+    for range in ["bytes=0-", "bytes=-5"] {
+        let on_empty = get(addr, &format!("{base}/empty.txt"), &[("range", range)]).await;
+        assert_eq!(
+            on_empty.status,
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "{range}"
+        );
+        assert_eq!(on_empty.header("content-range"), "bytes */0");
+    }
+    // Several ranges are not served as multipart, a reversed or malformed one is invalid,
+    // another unit is unknown: the header is ignored and the whole file comes back (200).
+    for range in [
+        "bytes=0-1,5-6",
+        "bytes=0-1,400000-",
+        "bytes=9-5",
+        "bytes=x-",
+        "lines=1-2",
+    ] {
+        let whole = get(addr, &format!("{base}/dist/app.bin"), &[("range", range)]).await;
+        assert_eq!(whole.status, StatusCode::OK, "{range}");
+        assert_eq!(whole.header("content-range"), "", "{range}");
+        assert_eq!(whole.body, data, "{range}");
+        sent += whole.body.len();
+    }
+    // If-Range: the range holds only for this version (strong ETag); a date or another tag
+    // gets the whole file.
+    let resumed = get(
         addr,
         &format!("{base}/dist/app.bin"),
-        &[("range", "bytes=0-1,5-6")],
+        &[("range", "bytes=100-"), ("if-range", &etag)],
     )
     .await;
     assert_eq!(
-        (several.status, several.body.len()),
-        (StatusCode::OK, 300_000)
+        (resumed.status, resumed.body.len()),
+        (StatusCode::PARTIAL_CONTENT, 299_900)
     );
-    sent += several.body.len();
+    sent += resumed.body.len();
+    for other in ["\"0000\"", "W/\"0000\"", "Fri, 27 Nov 2026 10:00:00 GMT"] {
+        let changed = get(
+            addr,
+            &format!("{base}/dist/app.bin"),
+            &[("range", "bytes=100-"), ("if-range", other)],
+        )
+        .await;
+        assert_eq!(
+            (changed.status, changed.body.len()),
+            (StatusCode::OK, 300_000),
+            "{other}"
+        );
+        sent += changed.body.len();
+    }
 
     // If-None-Match with the ETag: 304 and no body; another tag: the file.
     let cached = get(

@@ -1,26 +1,21 @@
 //! `artifactd.v1.ArtifactService`.
 //!
-//! Streams are bounded here, at the edge: at most `max_streams` Push and Pull streams are
-//! open at once (RESOURCE_EXHAUSTED beyond), a Push that sends nothing for the idle timeout
-//! is aborted, and a Pull whose client reads nothing for as long is abandoned (see
-//! [`IdlePull`]).
+//! Streams are bounded here, at the edge: every Push, Pull and PullArchive takes a slot of
+//! the server's [`StreamLimit`] (RESOURCE_EXHAUSTED beyond `ARTIFACTD_MAX_STREAMS`), a Push
+//! that sends nothing for the idle timeout is aborted, and a Pull whose client reads nothing
+//! for as long is abandoned (see [`super::streams::IdleStream`]).
 
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
+use super::streams::{BoxedStream, StreamLimit};
 use crate::auth::Authenticator;
 use crate::domain::{Access, Error, JobLabel, ProjectId, authorize, scope::parse_prefix};
-use crate::metrics::Rejection;
 use crate::pb::v1::{
     self as pb, artifact_service_server, pull_archive_request, pull_archive_response,
     pull_response, push_request,
@@ -35,12 +30,10 @@ pub struct ArtifactApi {
     artifacts: service::ArtifactService,
     jobs: service::Jobs,
     auth: Authenticator,
-    /// A Push that sends nothing for this long is aborted (and its upload removed); a Pull
-    /// whose client reads nothing for this long is abandoned.
-    idle_timeout: Duration,
-    /// One permit per open Push or Pull stream.
-    streams: Arc<Semaphore>,
-    max_streams: usize,
+    /// Slots for open streams (shared with the HTTP downloads) and the idle timeout: a Push
+    /// that sends nothing for it is aborted (and its upload removed); a Pull whose client
+    /// reads nothing for it is abandoned.
+    streams: StreamLimit,
 }
 
 impl ArtifactApi {
@@ -48,33 +41,14 @@ impl ArtifactApi {
         artifacts: service::ArtifactService,
         jobs: service::Jobs,
         auth: Authenticator,
-        idle_timeout: Duration,
-        max_streams: usize,
+        streams: StreamLimit,
     ) -> Self {
         Self {
             artifacts,
             jobs,
             auth,
-            idle_timeout,
-            streams: Arc::new(Semaphore::new(max_streams)),
-            max_streams,
+            streams,
         }
-    }
-
-    /// A slot for one more stream, or RESOURCE_EXHAUSTED when all are taken. Refusing at
-    /// once (rather than queueing) keeps a flood of stalled streams from holding up others
-    /// and tells well-behaved clients to back off.
-    fn stream_slot(&self) -> Result<OwnedSemaphorePermit, Error> {
-        self.streams.clone().try_acquire_owned().map_err(|_| {
-            self.artifacts.store().metrics().rejected(
-                Rejection::StreamLimit,
-                Error::ResourceExhausted(format!(
-                    "the server has its maximum of {} Push and Pull streams open \
-                     (ARTIFACTD_MAX_STREAMS); retry later",
-                    self.max_streams
-                )),
-            )
-        })
     }
 }
 
@@ -85,7 +59,7 @@ fn idle(timeout: Duration) -> Error {
     ))
 }
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+type ResponseStream<T> = BoxedStream<T, Status>;
 type PullResponseStream = ResponseStream<pb::PullResponse>;
 
 #[tonic::async_trait]
@@ -95,11 +69,12 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
         request: Request<Streaming<pb::PushRequest>>,
     ) -> Result<Response<pb::PushResponse>, Status> {
         let principal = self.auth.authenticate_grpc(request.metadata())?;
-        let _slot = self.stream_slot()?;
+        let _slot = self.streams.slot()?;
         let mut messages = request.into_inner();
-        let first = tokio::time::timeout(self.idle_timeout, messages.message())
+        let idle_timeout = self.streams.idle_timeout();
+        let first = tokio::time::timeout(idle_timeout, messages.message())
             .await
-            .map_err(|_| idle(self.idle_timeout))?;
+            .map_err(|_| idle(idle_timeout))?;
         let header = match first? {
             None => {
                 return Err(Error::invalid(
@@ -126,7 +101,6 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
         };
         let spec = convert::push_spec(header)?;
         authorize(&principal, Access::WriteArtifacts(&spec.target.scope))?;
-        let idle_timeout = self.idle_timeout;
         let chunks = tokio_stream::StreamExt::timeout(messages, idle_timeout).map(move |message| {
             match message {
                 Err(_elapsed) => Err(idle(idle_timeout)),
@@ -154,7 +128,7 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
             length: request.length,
         };
         authorize(&principal, Access::ReadArtifacts(&spec.target.scope))?;
-        let slot = self.stream_slot()?;
+        let slot = self.streams.slot()?;
         let pull = self.artifacts.pull(spec).await?;
         let head = futures::stream::once(futures::future::ready(Ok(pb::PullResponse {
             msg: Some(pull_response::Msg::Artifact(convert::artifact(
@@ -172,11 +146,7 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
         // content only when the client has room for it (HTTP/2 flow control): a client that
         // opens a Pull and reads nothing then costs no blob read and no buffered chunk.
         let stream: PullResponseStream = Box::pin(head.chain(yield_once()).chain(body));
-        Ok(Response::new(Box::pin(IdlePull::new(
-            stream,
-            slot,
-            self.idle_timeout,
-        ))))
+        Ok(Response::new(Box::pin(self.streams.watch(stream, slot))))
     }
 
     type PullArchiveStream = ResponseStream<pb::PullArchiveResponse>;
@@ -214,7 +184,7 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
                 return Err(Error::invalid("source", "set folder or latest_job").into());
             }
         };
-        let slot = self.stream_slot()?;
+        let slot = self.streams.slot()?;
         let info = pb::ArchiveInfo {
             scope: Some(convert::scope_message(&spec.scope)),
             prefix: spec.prefix.clone(),
@@ -239,11 +209,7 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
         });
         let stream: ResponseStream<pb::PullArchiveResponse> =
             Box::pin(head.chain(yield_once()).chain(body));
-        Ok(Response::new(Box::pin(IdlePull::new(
-            stream,
-            slot,
-            self.idle_timeout,
-        ))))
+        Ok(Response::new(Box::pin(self.streams.watch(stream, slot))))
     }
 
     async fn stat(
@@ -386,133 +352,5 @@ fn push_chunk(message: Result<pb::PushRequest, Status>) -> Result<Bytes, Error> 
             Err(Error::invalid("msg", "empty message: set header or chunk"))
         }
         Err(status) => Err(crate::error::from_client_stream(&status)),
-    }
-}
-
-/// A Pull response stream that gives up on a client which reads nothing for `timeout`.
-///
-/// The transport asks for the next message only when the client has made room for it
-/// (HTTP/2 flow control), so the time since a message was handed out without the next being
-/// asked for is the time the client has not read. Past `timeout` a watchdog abandons the
-/// stream: the blob reader (open file, read-ahead) and the stream slot are released at once,
-/// and the next time the transport asks, the stream ends with DEADLINE_EXCEEDED. What stays
-/// until the client reads again or its connection closes is the one message the transport
-/// already holds for it.
-struct IdlePull<T> {
-    shared: Arc<Mutex<PullState<T>>>,
-    /// Stops the watchdog when the stream ends or is dropped.
-    _watchdog: DropGuard,
-    timeout: Duration,
-}
-
-struct PullState<T> {
-    /// `None` once finished or abandoned.
-    inner: Option<ResponseStream<T>>,
-    slot: Option<OwnedSemaphorePermit>,
-    /// When the last message was handed out, while the next has not been asked for.
-    handed_out: Option<Instant>,
-    abandoned: bool,
-}
-
-impl<T> PullState<T> {
-    fn idle_past(&self, timeout: Duration) -> bool {
-        self.handed_out
-            .is_some_and(|since| since.elapsed() >= timeout)
-    }
-
-    fn abandon(&mut self, timeout: Duration) {
-        if self.inner.take().is_some() {
-            tracing::info!(
-                idle = %humantime::format_duration(timeout),
-                "pull abandoned: the client read nothing"
-            );
-        }
-        self.slot = None;
-        self.handed_out = None;
-        self.abandoned = true;
-    }
-}
-
-fn lock<T>(state: &Mutex<PullState<T>>) -> MutexGuard<'_, PullState<T>> {
-    // The state stays consistent under a panic elsewhere (every update is one assignment).
-    state
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl<T: Send + 'static> IdlePull<T> {
-    fn new(inner: ResponseStream<T>, slot: OwnedSemaphorePermit, timeout: Duration) -> Self {
-        let shared = Arc::new(Mutex::new(PullState {
-            inner: Some(inner),
-            slot: Some(slot),
-            handed_out: None,
-            abandoned: false,
-        }));
-        let stop = CancellationToken::new();
-        tokio::spawn(watchdog(Arc::downgrade(&shared), timeout, stop.clone()));
-        Self {
-            shared,
-            _watchdog: stop.drop_guard(),
-            timeout,
-        }
-    }
-}
-
-/// Abandons the stream once its client has read nothing for `timeout`. Holds only a weak
-/// reference, so it never keeps a finished stream alive.
-async fn watchdog<T>(state: Weak<Mutex<PullState<T>>>, timeout: Duration, stop: CancellationToken) {
-    loop {
-        let deadline = {
-            let Some(state) = state.upgrade() else { return };
-            let state = lock(&state);
-            if state.inner.is_none() {
-                return;
-            }
-            state.handed_out.unwrap_or_else(Instant::now) + timeout
-        };
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep_until(deadline) => {}
-        }
-        let Some(state) = state.upgrade() else { return };
-        let mut state = lock(&state);
-        if state.idle_past(timeout) {
-            state.abandon(timeout);
-            return;
-        }
-    }
-}
-
-impl<T> Stream for IdlePull<T> {
-    type Item = Result<T, Status>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let timeout = self.timeout;
-        let mut state = lock(&self.shared);
-        if state.idle_past(timeout) {
-            state.abandon(timeout);
-        }
-        if state.abandoned {
-            state.abandoned = false; // report once, then end
-            return Poll::Ready(Some(Err(Error::DeadlineExceeded(format!(
-                "the client read nothing for {}; the pull was abandoned",
-                humantime::format_duration(timeout)
-            ))
-            .into())));
-        }
-        state.handed_out = None;
-        let Some(inner) = state.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let next = inner.poll_next_unpin(cx);
-        match &next {
-            Poll::Ready(Some(_)) => state.handed_out = Some(Instant::now()),
-            Poll::Ready(None) => {
-                state.inner = None;
-                state.slot = None;
-            }
-            Poll::Pending => {}
-        }
-        next
     }
 }

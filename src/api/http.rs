@@ -13,8 +13,10 @@
 //! `?job_token=`), then the role matrix, then the request's fields; errors take their HTTP
 //! status from the gRPC code they would have (401, 403, 400, 404, 416, 429, 503…), with the
 //! same message. Files carry `ETag` (the quoted SHA-256), answer `If-None-Match` with 304
-//! and a single `Range` with 206 (416 when it cannot be satisfied); bodies stream from the
-//! blob store and are metered as egress exactly as a Pull is.
+//! and a single `Range` as RFC 9110 says (206, or 416 when unsatisfiable; `If-Range`
+//! honoured); bodies stream from the blob store and are metered as egress exactly as a Pull
+//! is. Every body (file or zip) holds a slot of the server's stream bound while it is sent
+//! and is abandoned when its client reads nothing for the idle timeout, like a Pull.
 
 use std::collections::HashMap;
 
@@ -25,6 +27,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+use super::streams::StreamLimit;
 use crate::auth::Authenticator;
 use crate::domain::{
     Access, ArtifactPath, Error, JobLabel, Principal, ProjectId, Scope, ScopeKind, authorize,
@@ -36,14 +39,22 @@ pub struct Downloads {
     artifacts: ArtifactService,
     jobs: Jobs,
     auth: Authenticator,
+    /// The server's bound on open streams, shared with gRPC.
+    streams: StreamLimit,
 }
 
 impl Downloads {
-    pub fn new(artifacts: ArtifactService, jobs: Jobs, auth: Authenticator) -> Self {
+    pub fn new(
+        artifacts: ArtifactService,
+        jobs: Jobs,
+        auth: Authenticator,
+        streams: StreamLimit,
+    ) -> Self {
         Self {
             artifacts,
             jobs,
             auth,
+            streams,
         }
     }
 
@@ -122,6 +133,7 @@ impl Downloads {
 
     /// A zip of a whole scope, as an attachment named after what it holds.
     async fn archive(&self, scope: Scope, filename: String) -> Result<Response, Error> {
+        let slot = self.streams.slot()?;
         let archive = self
             .artifacts
             .archive(ArchiveSpec {
@@ -141,13 +153,13 @@ impl Downloads {
                     header_value(&format!("attachment; filename=\"{filename}\""))?,
                 ),
             ],
-            Body::from_stream(archive.chunks),
+            Body::from_stream(self.streams.watch(archive.chunks, slot)),
         )
             .into_response())
     }
 
-    /// One file: 304 when the client's ETag matches, 206 for a satisfiable single range,
-    /// 416 for an unsatisfiable one, else 200.
+    /// One file: 304 when the client's ETag matches, 206 for a satisfiable single range
+    /// (unless `If-Range` names another version), 416 for an unsatisfiable one, else 200.
     async fn file(&self, scope: Scope, path: &str, headers: &HeaderMap) -> Result<Response, Error> {
         let path = ArtifactPath::parse("path", path)?;
         let artifact = self.artifacts.stat(&scope, &path).await?;
@@ -158,11 +170,15 @@ impl Downloads {
             return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
         }
         let size = u64::try_from(artifact.size).unwrap_or(0);
-        let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        let asked = headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .filter(|_| if_range_holds(headers.get(header::IF_RANGE), &etag));
+        let range = match asked {
             None => None,
-            Some(value) => match single_range(value, size) {
+            Some(value) => match byte_range(value, size) {
                 RangeAsked::Ignored => None,
-                RangeAsked::Satisfiable(range) => Some(range),
+                RangeAsked::Satisfiable(first, last) => Some((first, last)),
                 RangeAsked::Unsatisfiable => {
                     return Ok((
                         StatusCode::RANGE_NOT_SATISFIABLE,
@@ -178,10 +194,12 @@ impl Downloads {
                 }
             },
         };
-        let (offset, length) = match &range {
-            Some(range) => (*range.start(), range.end() - range.start() + 1),
-            None => (0, size),
+        // Pull's length 0 is "to the end": the whole file is whatever is there when it starts.
+        let (offset, length) = match range {
+            Some((first, last)) => (first, last - first + 1),
+            None => (0, 0),
         };
+        let slot = self.streams.slot()?;
         let pull = self
             .artifacts
             .pull(PullSpec {
@@ -189,14 +207,18 @@ impl Downloads {
                     scope,
                     path: path.clone(),
                 },
-                offset: offset as i64,
-                // 0 means "to the end" to Pull; an empty file has nothing to send anyway.
-                length: length as i64,
+                offset: i64::try_from(offset).unwrap_or(i64::MAX),
+                length: i64::try_from(length).unwrap_or(i64::MAX),
             })
             .await?;
         // The file may have been replaced between the two lookups: describe what is sent.
         let sent_size = u64::try_from(pull.artifact.size).unwrap_or(0);
-        let length = length.min(sent_size.saturating_sub(offset));
+        let rest = sent_size.saturating_sub(offset);
+        let length = if range.is_some() {
+            length.min(rest)
+        } else {
+            rest
+        };
         let mut response = Response::builder()
             .header(header::CONTENT_LENGTH, length)
             .header(
@@ -222,33 +244,102 @@ impl Downloads {
             );
         }
         response
-            .body(Body::from_stream(pull.chunks))
+            .body(Body::from_stream(self.streams.watch(pull.chunks, slot)))
             .map_err(|e| Error::Internal(format!("building a response: {e}")))
     }
 }
 
-/// What a `Range` header asks of a file of `size` bytes. Only one range is served: a header
-/// with several, or one that does not parse, is ignored and the whole file sent (RFC 9110
-/// lets a server ignore Range).
+/// What a `Range` header asks of a file of `size` bytes (RFC 9110 §14).
+#[derive(Debug, PartialEq, Eq)]
 enum RangeAsked {
+    /// Send the whole file with 200: another unit, a header that does not parse, or several
+    /// ranges of which one at least is satisfiable (RFC 9110 lets a server ignore Range; it
+    /// serves no multipart bodies).
     Ignored,
-    Satisfiable(std::ops::RangeInclusive<u64>),
+    /// 206 with these bytes (first and last, inclusive).
+    Satisfiable(u64, u64),
+    /// 416 with `Content-Range: bytes */size`.
     Unsatisfiable,
 }
 
-fn single_range(value: &str, size: u64) -> RangeAsked {
-    let Ok(parsed) = http_range_header::parse_range_header(value) else {
+fn byte_range(value: &str, size: u64) -> RangeAsked {
+    let Some((unit, set)) = value.split_once('=') else {
         return RangeAsked::Ignored;
     };
-    if parsed.ranges.len() != 1 {
+    if !unit.trim().eq_ignore_ascii_case("bytes") {
         return RangeAsked::Ignored;
     }
-    match parsed.validate(size) {
-        Ok(ranges) => match ranges.into_iter().next() {
-            Some(range) if *range.start() < size => RangeAsked::Satisfiable(range),
-            _ => RangeAsked::Unsatisfiable,
+    // `1#range-spec`: elements separated by commas with optional whitespace; empty ones
+    // are allowed and do not count.
+    let mut asked: Vec<RangeAsked> = set
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| range_spec(s, size))
+        .collect();
+    if asked.len() == 1 {
+        return asked.pop().unwrap_or(RangeAsked::Ignored);
+    }
+    // Several: 416 only when every one is valid and none can be served.
+    if !asked.is_empty() && asked.iter().all(|a| *a == RangeAsked::Unsatisfiable) {
+        return RangeAsked::Unsatisfiable;
+    }
+    RangeAsked::Ignored
+}
+
+/// One `range-spec`: `first-last`, `first-` or `-suffix`. `Ignored` when it is not valid
+/// (last before first, not digits), which makes the whole header invalid.
+fn range_spec(spec: &str, size: u64) -> RangeAsked {
+    let Some((first, last)) = spec.split_once('-') else {
+        return RangeAsked::Ignored;
+    };
+    match (first, last) {
+        ("", suffix) => match digits(suffix) {
+            None => RangeAsked::Ignored,
+            // A suffix longer than the file is the whole file; an empty file or a zero
+            // suffix has nothing to send.
+            Some(0) => RangeAsked::Unsatisfiable,
+            Some(_) if size == 0 => RangeAsked::Unsatisfiable,
+            Some(n) => RangeAsked::Satisfiable(size - n.min(size), size - 1),
         },
-        Err(_) => RangeAsked::Unsatisfiable,
+        (first, last) => {
+            let Some(first) = digits(first) else {
+                return RangeAsked::Ignored;
+            };
+            let last = match last {
+                "" => u64::MAX,
+                last => match digits(last) {
+                    Some(last) if last >= first => last,
+                    _ => return RangeAsked::Ignored,
+                },
+            };
+            if first >= size {
+                RangeAsked::Unsatisfiable
+            } else {
+                RangeAsked::Satisfiable(first, last.min(size - 1))
+            }
+        }
+    }
+}
+
+/// A decimal number of one or more digits; one past `u64::MAX` reads as `u64::MAX` (it
+/// is beyond any file either way).
+fn digits(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(text.bytes().fold(0u64, |n, b| {
+        n.saturating_mul(10).saturating_add(u64::from(b - b'0'))
+    }))
+}
+
+/// Whether a `Range` may be honoured given `If-Range` (RFC 9110 §13.1.5): with no
+/// `If-Range`, yes; with one, only if it is this file's ETag, compared strongly. A date
+/// never matches (no `Last-Modified` is sent), so the whole file comes back.
+fn if_range_holds(if_range: Option<&HeaderValue>, etag: &HeaderValue) -> bool {
+    match if_range {
+        None => true,
+        Some(value) => value.as_bytes().trim_ascii() == etag.as_bytes(),
     }
 }
 
@@ -432,20 +523,63 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ranges_single_suffix_open_and_unsatisfiable() {
-        let ok = |v: &str, size: u64| match single_range(v, size) {
-            RangeAsked::Satisfiable(r) => Some((*r.start(), *r.end())),
-            RangeAsked::Ignored => None,
-            RangeAsked::Unsatisfiable => Some((u64::MAX, u64::MAX)),
-        };
-        assert_eq!(ok("bytes=0-9", 100), Some((0, 9)));
-        assert_eq!(ok("bytes=90-", 100), Some((90, 99)));
-        assert_eq!(ok("bytes=-10", 100), Some((90, 99)));
-        assert_eq!(ok("bytes=50-500", 100), Some((50, 99)));
-        assert_eq!(ok("bytes=100-", 100), Some((u64::MAX, u64::MAX)));
-        assert_eq!(ok("bytes=0-", 0), Some((u64::MAX, u64::MAX)));
-        assert_eq!(ok("bytes=0-1,5-6", 100), None);
-        assert_eq!(ok("lines=0-1", 100), None);
+    fn ranges_as_rfc_9110_reads_them() {
+        use RangeAsked::{Ignored, Satisfiable as Part, Unsatisfiable as No};
+        for (value, size, asked) in [
+            ("bytes=0-9", 100, Part(0, 9)),
+            ("bytes=90-", 100, Part(90, 99)),
+            ("bytes=0-", 100, Part(0, 99)),
+            ("bytes=-10", 100, Part(90, 99)),
+            // A suffix longer than the file is the whole file, not 416.
+            ("bytes=-100", 100, Part(0, 99)),
+            ("bytes=-500", 100, Part(0, 99)),
+            ("bytes=-99999999999999999999999", 100, Part(0, 99)),
+            ("bytes=50-500", 100, Part(50, 99)),
+            ("bytes=0-99999999999999999999999", 100, Part(0, 99)),
+            ("bytes=99-99", 100, Part(99, 99)),
+            ("Bytes = 1-2", 100, Part(1, 2)),
+            ("bytes=, 1-2 ,", 100, Part(1, 2)),
+            // Start at or past the end, a zero suffix, anything of an empty file: 416.
+            ("bytes=100-", 100, No),
+            ("bytes=100-200", 100, No),
+            ("bytes=99999999999999999999999-", 100, No),
+            ("bytes=-0", 100, No),
+            ("bytes=0-", 0, No),
+            ("bytes=-5", 0, No),
+            ("bytes=200-300,400-", 100, No),
+            // Several ranges (one servable), other units, bad syntax: the whole file.
+            ("bytes=0-1,5-6", 100, Ignored),
+            ("bytes=0-1,200-300", 100, Ignored),
+            ("bytes=200-300,0-", 100, Ignored),
+            ("bytes=5-1", 100, Ignored),
+            ("bytes=200-300,5-1", 100, Ignored),
+            ("bytes=a-b", 100, Ignored),
+            ("bytes=1-2-3", 100, Ignored),
+            ("bytes=--1", 100, Ignored),
+            ("bytes=+1-2", 100, Ignored),
+            ("bytes= 1 - 2", 100, Ignored),
+            ("bytes=", 100, Ignored),
+            ("bytes", 100, Ignored),
+            ("lines=0-1", 100, Ignored),
+        ] {
+            assert_eq!(byte_range(value, size), asked, "{value} of {size}");
+        }
+    }
+
+    #[test]
+    fn if_range_takes_only_this_etag_strongly() {
+        let etag = HeaderValue::from_static("\"abc\"");
+        assert!(if_range_holds(None, &etag));
+        assert!(if_range_holds(
+            Some(&HeaderValue::from_static("\"abc\"")),
+            &etag
+        ));
+        for no in ["\"abd\"", "W/\"abc\"", "Sat, 29 Oct 1994 19:43:31 GMT", ""] {
+            assert!(
+                !if_range_holds(Some(&HeaderValue::from_static(no)), &etag),
+                "{no}"
+            );
+        }
     }
 
     #[test]

@@ -72,7 +72,7 @@ pub enum Rejection {
     SpendCap,
     /// The BLOCK plan's included egress for the month.
     EgressQuota,
-    /// `ARTIFACTD_MAX_STREAMS` Push and Pull streams already open.
+    /// `ARTIFACTD_MAX_STREAMS` streams (gRPC and HTTP downloads) already open.
     StreamLimit,
 }
 
