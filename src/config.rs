@@ -175,8 +175,9 @@ pub struct Config {
     #[arg(long, env = "ARTIFACTD_DEFAULT_PLAN", default_value = "free")]
     pub default_plan: String,
 
-    /// Redis for hot quota figures shared by replicas (`redis://host:6379/0`); unset keeps
-    /// them in process. The database stays the ledger either way.
+    /// Redis for hot quota figures and reservations shared by replicas, and the sweeper's
+    /// lease (`redis://host:6379/0`); unset keeps them in process (the sweeper then locks in
+    /// Postgres). The database stays the ledger either way.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 

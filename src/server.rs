@@ -119,7 +119,7 @@ impl App {
         };
         let metering = Metering::new(
             store.clone(),
-            counters,
+            counters.clone(),
             clock.clone(),
             config.default_plan.clone(),
             config.metering,
@@ -132,6 +132,7 @@ impl App {
             store.clone(),
             blobs.clone(),
             metering.clone(),
+            counters,
             clock.clone(),
             config.sweep_settings(),
         );

@@ -19,8 +19,8 @@ use artifactd::pb::v1::{self as pb, PushRequest, push_request};
 use artifactd::service::sweeper::SweepReport;
 use common::billing::{at, clients, ts};
 use common::{
-    Backend, TestDb, TestServer, content, header, job, project, pull, push, sample, sha256_hex,
-    stat,
+    Backend, TestDb, TestServer, content, header, job, project, pull, push, redis_url, sample,
+    sha256_hex, stat,
 };
 use prost::Message;
 use sea_orm::{ConnectionTrait, Statement};
@@ -32,6 +32,7 @@ on_both_backends!(
     unreferenced_content_and_orphans_are_collected_after_the_grace_period,
     a_push_deduplicating_against_content_being_collected_never_loses_it,
     two_sweepers_end_each_artifact_once,
+    two_sweepers_on_one_redis_lease_end_each_artifact_once,
     history_is_pruned_only_once_its_months_are_invoiced,
     a_database_from_the_previous_schema_is_swept_correctly,
 );
@@ -572,21 +573,37 @@ async fn a_push_deduplicating_against_content_being_collected_never_loses_it(bac
 /// and each row is ended at its expiry), and each unreferenced blob is collected once. On
 /// Postgres the advisory lock also keeps a second sweeper out while one runs.
 async fn two_sweepers_end_each_artifact_once(backend: Backend) {
-    let Some(first) = TestServer::start_with(backend, |config| {
+    two_sweepers(backend, None).await;
+}
+
+/// The same with both replicas on one Redis: the Redis lease keeps the second sweeper out
+/// (on SQLite too, where there is no advisory lock; on Postgres the advisory lock stays
+/// free, so the lease is what does it).
+async fn two_sweepers_on_one_redis_lease_end_each_artifact_once(backend: Backend) {
+    let Some(url) = redis_url() else {
+        return; // said once on the terminal by `redis_url`
+    };
+    two_sweepers(
+        backend,
+        Some((url, format!("test-{}:", uuid::Uuid::new_v4().simple()))),
+    )
+    .await;
+}
+
+async fn two_sweepers(backend: Backend, redis: Option<(String, String)>) {
+    let configure = |config: &mut artifactd::config::Config| {
         config.blob_grace = Duration::ZERO;
         config.sweep_batch = 25;
         config.metering = false;
-    })
-    .await
-    else {
+        if let Some((url, prefix)) = &redis {
+            config.redis_url = Some(url.clone());
+            config.redis_prefix = prefix.clone();
+        }
+    };
+    let Some(first) = TestServer::start_with(backend, configure).await else {
         return;
     };
-    let second = TestServer::start_on(first.db.shared(), |config| {
-        config.blob_grace = Duration::ZERO;
-        config.sweep_batch = 25;
-        config.metering = false;
-    })
-    .await;
+    let second = TestServer::start_on(first.db.shared(), configure).await;
     second.clock.set(first.clock.now());
     let mut client = first.client().await;
     const N: u64 = 300;
@@ -600,7 +617,20 @@ async fn two_sweepers_end_each_artifact_once(backend: Backend) {
         server.clock.advance_seconds(3600);
     }
 
-    if backend == Backend::Postgres {
+    if redis.is_some() {
+        let held = first.app.sweeper.try_lock().await.unwrap().unwrap();
+        assert!(
+            second.app.sweeper.try_lock().await.unwrap().is_none(),
+            "one sweeper at a time"
+        );
+        assert!(!second.app.sweeper.sweep_once().await.unwrap().ran);
+        if backend == Backend::Postgres {
+            let advisory = second.app.store.try_sweep_lock().await.unwrap();
+            assert!(advisory.is_some(), "the lease, not the advisory lock");
+            advisory.unwrap().release().await;
+        }
+        held.release().await;
+    } else if backend == Backend::Postgres {
         let held = first.app.store.try_sweep_lock().await.unwrap().unwrap();
         assert!(
             second.app.store.try_sweep_lock().await.unwrap().is_none(),

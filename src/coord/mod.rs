@@ -13,8 +13,14 @@
 //! until they are settled. Check-and-reserve is atomic (a Lua script in Redis, a mutex in
 //! process), so two requests can never both squeeze under a limit.
 //!
+//! Named leases with their own expiry (the sweeper's, across replicas) are in `lease.rs`.
+//!
 //! Spawned work that must outlive a request (releasing a reservation from `Drop`, recording
 //! egress) goes through [`Counters::spawn`]: one task tracker that shutdown drains.
+
+mod lease;
+
+pub use lease::Lease;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -14,9 +14,11 @@
 //!    month they bill is finalized into an invoice (it finalizes a closed month itself
 //!    first, and never touches a row an open month still bills).
 //!
-//! One sweeper at a time: on Postgres a transaction-level advisory lock (released when its
-//! connection goes, even if the replica dies); SQLite runs in one process, where a mutex
-//! suffices. Every step is also safe if two ran at once — each end is a conditional update
+//! One sweeper at a time: with Redis configured, a lease in Redis ([`SWEEP_LEASE_TTL`],
+//! renewed while the sweep runs, so a replica that dies frees it within that time; with
+//! Redis down no replica sweeps, and the run counts as failed); otherwise on Postgres a
+//! transaction-level advisory lock (released when its connection goes, even if the replica
+//! dies); SQLite without Redis runs in one process, where a mutex suffices. Every step is also safe if two ran at once — each end is a conditional update
 //! and each collection re-checks under lock — so the lock saves work, it does not carry
 //! correctness.
 
@@ -27,10 +29,14 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::blob::BlobStore;
+use crate::coord::{Counters, Lease};
 use crate::domain::metering::Month;
 use crate::domain::{Clock, Error, ProjectId, Sha256, Timestamp};
 use crate::service::Metering;
-use crate::store::Store;
+use crate::store::{Store, SweepLock};
+
+/// Lifetime of the sweeper's Redis lease; its holder renews it every third of that.
+pub const SWEEP_LEASE_TTL: Duration = Duration::from_secs(30);
 
 /// How the sweeper runs (from `ARTIFACTD_SWEEP_*`, `ARTIFACTD_BLOB_GRACE`,
 /// `ARTIFACTD_UPLOAD_MAX_AGE`, `ARTIFACTD_HISTORY_RETENTION`).
@@ -66,6 +72,8 @@ pub struct Sweeper {
     store: Store,
     blobs: BlobStore,
     metering: Metering,
+    /// Where the lease lives when they are shared (Redis).
+    counters: Counters,
     clock: Arc<dyn Clock>,
     settings: SweepSettings,
     /// One run at a time in this process (and the whole lock on SQLite); also remembers
@@ -90,6 +98,7 @@ impl Sweeper {
         store: Store,
         blobs: BlobStore,
         metering: Metering,
+        counters: Counters,
         clock: Arc<dyn Clock>,
         settings: SweepSettings,
     ) -> Self {
@@ -97,6 +106,7 @@ impl Sweeper {
             store,
             blobs,
             metering,
+            counters,
             clock,
             settings,
             running: Arc::default(),
@@ -141,18 +151,34 @@ impl Sweeper {
         let Ok(mut last_orphan_scan) = self.running.try_lock() else {
             return Ok(SweepReport::default());
         };
-        let Some(lock) = self.store.try_sweep_lock().await? else {
-            return Ok(SweepReport::default());
-        };
         let started = Instant::now();
+        let metrics = self.store.metrics();
+        let lock = match self.try_lock().await {
+            Ok(Some(lock)) => lock,
+            Ok(None) => return Ok(SweepReport::default()),
+            Err(e) => {
+                metrics.sweep_failed(started.elapsed());
+                return Err(e);
+            }
+        };
         let result = self.sweep_locked(&mut last_orphan_scan).await;
         lock.release().await;
-        let metrics = self.store.metrics();
         match &result {
             Ok(_) => metrics.sweep_finished(started.elapsed()),
             Err(_) => metrics.sweep_failed(started.elapsed()),
         }
         result
+    }
+
+    /// Takes the one-sweeper lock this deployment uses (the Redis lease with Redis, else
+    /// the store's): `None` when another sweeper holds it. `sweep_once` takes it itself;
+    /// tests hold it to keep other sweepers out.
+    pub async fn try_lock(&self) -> Result<Option<SweeperLock>, Error> {
+        if self.counters.shared() {
+            let lease = self.counters.try_lease("sweeper", SWEEP_LEASE_TTL).await?;
+            return Ok(lease.map(SweeperLock::Redis));
+        }
+        Ok(self.store.try_sweep_lock().await?.map(SweeperLock::Store))
     }
 
     async fn sweep_locked(
@@ -330,6 +356,30 @@ impl Sweeper {
                 return Ok(true);
             }
             month = month.next();
+        }
+    }
+}
+
+/// The one-sweeper lock, held while a sweep runs.
+pub enum SweeperLock {
+    Redis(Lease),
+    Store(SweepLock),
+}
+
+impl std::fmt::Debug for SweeperLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Redis(_) => "SweeperLock::Redis",
+            Self::Store(_) => "SweeperLock::Store",
+        })
+    }
+}
+
+impl SweeperLock {
+    pub async fn release(self) {
+        match self {
+            Self::Redis(lease) => lease.release().await,
+            Self::Store(lock) => lock.release().await,
         }
     }
 }
