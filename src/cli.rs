@@ -30,6 +30,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 /// restarts it rather than leaving a half-alive server behind.
 async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
+    // Connections, streams' files and the database pool all take descriptors.
+    let wanted = (config.max_connections + config.max_streams + 1024) as u64;
+    match crate::process::raise_open_files_limit() {
+        Some(limit) if limit < wanted => tracing::warn!(
+            limit,
+            wanted,
+            "the open-files limit is below ARTIFACTD_MAX_CONNECTIONS + ARTIFACTD_MAX_STREAMS + \
+             1024; raise it (ulimit -n) or lower those"
+        ),
+        _ => {}
+    }
     let grpc = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| format!("binding gRPC on {}", config.grpc_listen))?;

@@ -211,6 +211,22 @@ pub struct Config {
     )]
     pub max_streams: usize,
 
+    /// Client connections to the gRPC port served at once. The next 64 get RESOURCE_EXHAUSTED
+    /// for every call and are closed after 2 s; beyond those, new connections are closed as
+    /// soon as they are accepted.
+    #[arg(
+        long,
+        env = "ARTIFACTD_MAX_CONNECTIONS",
+        default_value_t = 1024,
+        value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..=1_000_000), |n| n as usize)
+    )]
+    pub max_connections: usize,
+
+    /// Database connections idle this long are closed (the pool opens up to 32 under load
+    /// and shrinks back, down to none when idle).
+    #[arg(long, env = "ARTIFACTD_DB_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub db_idle_timeout: Duration,
+
     /// Time between sweeper runs (ending expired artifacts, removing abandoned uploads,
     /// collecting content no artifact references, pruning old history); `0s` turns the
     /// sweeper off on this replica. One replica sweeps at a time.
@@ -394,6 +410,8 @@ impl Config {
             metering: true,
             stream_idle_timeout: Duration::from_secs(60),
             max_streams: 2048,
+            max_connections: 1024,
+            db_idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
             migrate_on_start: true,
             sweep_interval: Duration::from_secs(300),

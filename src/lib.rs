@@ -23,6 +23,7 @@ pub mod coord;
 pub mod domain;
 pub mod error;
 pub mod metrics;
+pub mod process;
 pub mod server;
 pub mod service;
 pub mod store;

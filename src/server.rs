@@ -27,6 +27,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::api::artifacts::ArtifactApi;
 use crate::api::billing::BillingApi;
+use crate::api::connections::{ConnectionLimit, RefuseOverLimitLayer};
 use crate::api::deadline::UnaryDeadlineLayer;
 use crate::api::http::Downloads;
 use crate::api::jobs::JobApi;
@@ -87,6 +88,7 @@ pub struct App {
     drain_timeout: Duration,
     stream_idle_timeout: Duration,
     max_streams: usize,
+    max_connections: usize,
     request_timeout: Duration,
 }
 
@@ -105,7 +107,7 @@ impl App {
         if config.migrate_on_start {
             Store::migrate(&config.database_url).await?;
         }
-        let store = Store::connect(&config.database_url).await?;
+        let store = Store::connect(&config.database_url, config.db_idle_timeout).await?;
         let blobs = BlobStore::open(&config.blob_url, config.blob_fsync)?;
         if store.get_plan(&config.default_plan).await?.is_none() {
             return Err(Error::invalid(
@@ -158,6 +160,7 @@ impl App {
             drain_timeout: config.drain_timeout,
             stream_idle_timeout: config.stream_idle_timeout,
             max_streams: config.max_streams,
+            max_connections: config.max_connections,
             request_timeout: config.request_timeout,
         })
     }
@@ -224,7 +227,8 @@ pub async fn serve(
 
     let billing = BillingApi::new(app.accounts.clone(), app.metering.clone(), app.auth.clone());
 
-    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let incoming = ConnectionLimit::new(app.max_connections, app.metrics.clone())
+        .limit(TcpIncoming::from(grpc_listener).with_nodelay(Some(true)));
     let mut builder = tonic::transport::Server::builder();
     if let Some((cert, key)) = &app.tls {
         install_crypto_provider();
@@ -244,6 +248,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // Outermost, so calls cut by the deadline are measured too.
         .layer(GrpcMetricsLayer::new(app.metrics.clone()))
+        .layer(RefuseOverLimitLayer)
         .layer(UnaryDeadlineLayer::new(app.request_timeout))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -310,6 +315,8 @@ pub async fn serve(
     // Expired artifacts, unreferenced content, abandoned uploads and old history, one
     // replica at a time; stopped with the gRPC side and awaited before the pool closes.
     let sweeper = tokio::spawn(app.sweeper.clone().run(stop_grpc.clone()));
+    // Memory a burst of streams freed goes back to the OS within seconds (glibc keeps it).
+    tokio::spawn(crate::process::return_free_memory(stop_grpc.clone()));
     // The stored-totals gauges, read from the database every minute, not per request.
     tokio::spawn(app.metrics.clone().refresh_stored(
         app.store.clone(),

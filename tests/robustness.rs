@@ -314,6 +314,66 @@ async fn streams_beyond_the_bound_are_resource_exhausted() {
     server.stop().await;
 }
 
+/// Beyond `ARTIFACTD_MAX_CONNECTIONS` client connections, calls on a new connection answer
+/// RESOURCE_EXHAUSTED naming the limit and the connection is closed shortly after; when a
+/// connection closes its place goes to the next one. The gauge and counter say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_bound_are_refused() {
+    let server = TestServer::start_with(Backend::Sqlite, |c| c.max_connections = 2)
+        .await
+        .unwrap();
+    let mut first = server.client().await;
+    let mut second = server.client().await;
+    push(&mut first, header(job("p", "j"), "a.txt"), b"a")
+        .await
+        .unwrap();
+    stat(&mut second, job("p", "j"), "a.txt").await.unwrap();
+
+    let mut third = server.client().await;
+    for _ in 0..3 {
+        let refused = stat(&mut third, job("p", "j"), "a.txt").await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(
+            refused.message().contains("ARTIFACTD_MAX_CONNECTIONS")
+                && refused.message().contains("maximum of 2"),
+            "{refused:?}"
+        );
+    }
+    let scrape = http_get(server.http_addr, "/metrics").await.1;
+    assert_eq!(
+        sample(&scrape, "artifactd_grpc_connections_open", &[]),
+        Some(2.0)
+    );
+    assert!(sample(&scrape, "artifactd_grpc_connections_refused_total", &[]).unwrap() >= 1.0);
+
+    // The refused connection is closed by the server: the next call on it fails as a lost
+    // connection would (UNAVAILABLE), or is refused again on a reconnection that is itself
+    // beyond the limit — never served.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after = stat(&mut third, job("p", "j"), "a.txt").await.unwrap_err();
+    assert!(
+        matches!(after.code(), Code::Unavailable | Code::ResourceExhausted),
+        "{after:?}"
+    );
+
+    // The established ones are unaffected; when one goes, a new connection is served.
+    stat(&mut first, job("p", "j"), "a.txt").await.unwrap();
+    drop(second);
+    drop(third);
+    let mut served = Err(tonic::Status::unknown("not tried"));
+    for _ in 0..100 {
+        let mut fresh = server.client().await;
+        served = stat(&mut fresh, job("p", "j"), "a.txt").await.map(|_| ());
+        if served.is_ok() {
+            break;
+        }
+        assert_eq!(served.as_ref().unwrap_err().code(), Code::ResourceExhausted);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    served.unwrap();
+    server.stop().await;
+}
+
 /// A Pull whose client reads nothing for the idle timeout is abandoned: its stream slot is
 /// released (another stream fits under a bound of one), and when the client reads again the
 /// stream ends DEADLINE_EXCEEDED instead of resuming.
@@ -406,8 +466,9 @@ async fn connect(addr: std::net::SocketAddr) -> ArtifactServiceClient<Channel> {
 /// 600 Pulls that read nothing and 600 Pushes that send a byte a second, all from one client
 /// on a handful of connections, while another client pushes and pulls 1 MiB: each of those
 /// completes in under 2 s and the server's peak RSS stays under 250 MiB. When the hostile
-/// streams are gone their uploads are removed and their memory is reused: the same flood
-/// once more leaves RSS within 25 % of where the first left it.
+/// streams are gone their uploads are removed and RSS comes back near where it started (the
+/// server hands freed allocator memory back; see `artifactd::process`), and a second flood
+/// leaves it where the first did.
 ///
 /// Runs the real binary (default settings but the plan, so egress quotas do not interfere,
 /// and a long idle timeout, so nothing is abandoned during the test) and reads its memory
@@ -438,6 +499,7 @@ async fn stalled_and_trickling_streams_starve_no_one() {
             .env("ARTIFACTD_DEFAULT_PLAN", "enterprise")
             .env("ARTIFACTD_STREAM_IDLE_TIMEOUT", "10m")
             .env("RUST_LOG", "warn")
+            .env("ARTIFACTD_DB_IDLE_TIMEOUT", "3s")
             .stderr(log)
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -472,8 +534,8 @@ async fn stalled_and_trickling_streams_starve_no_one() {
             == warm
     );
     let (start_kib, _) = memory_kib(pid);
-
     let mut settled = Vec::new();
+
     for round in 0..FLOODS {
         // The flood: pulls that read nothing (not even the artifact message: with the client's
         // default HTTP/2 windows, unread data of the first streams blocks the connection's later
@@ -592,26 +654,32 @@ async fn stalled_and_trickling_streams_starve_no_one() {
             assert!(push.await.unwrap_err().is_cancelled());
         }
         drop(connections);
+        // Idle blocking threads linger 10 s before they exit, idle database connections 3 s
+        // here, and the server trims freed allocator memory every 2 s. Give them time.
         let mut settled_kib = u64::MAX;
-        for _ in 0..40 {
+        for _ in 0..80 {
             settled_kib = memory_kib(pid).0;
-            // Give the allocator a few seconds in case it hands memory back (it did not
-            // with glibc here; see the README).
-            if settled_kib * 5 <= start_kib * 6 && count_uploads() == 0 {
+            if settled_kib * 10 <= start_kib * 13 && count_uploads() == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         eprintln!("round {round}: RSS after the flood: {settled_kib} KiB (start {start_kib} KiB)");
         assert_eq!(count_uploads(), 0, "abandoned uploads are removed");
-        // What the flood's streams held is back with the allocator: a second flood reuses
-        // it rather than growing the process. (glibc keeps freed memory in its arenas, so
-        // RSS does not fall back to where it started; see the README's figures.)
+        // The flood's memory goes back to the OS. Not all of it: about 8 MiB of long-lived
+        // allocations made during the flood stay scattered over the worker threads' arenas
+        // (seen in /proc/PID/smaps), so the bound is 1.5× the start, not 1.2× (see the
+        // README's figures). Before the server trimmed, RSS stayed at the flood's peak.
+        assert!(
+            settled_kib * 2 <= start_kib * 3,
+            "RSS {settled_kib} KiB after flood {round}: not back within 50 % of the \
+             {start_kib} KiB it started at"
+        );
+        // And what stays is reused, not added to, by the next flood.
         if let Some(first) = settled.first() {
             assert!(
                 settled_kib * 4 <= first * 5,
-                "RSS {settled_kib} KiB after flood {round}, {first} KiB after the first: \
-                 stream memory is not reused"
+                "RSS {settled_kib} KiB after flood {round}, {first} KiB after the first"
             );
         }
         settled.push(settled_kib);

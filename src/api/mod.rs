@@ -4,6 +4,7 @@
 
 pub mod artifacts;
 pub mod billing;
+pub mod connections;
 pub mod convert;
 pub mod deadline;
 pub mod http;

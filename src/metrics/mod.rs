@@ -145,6 +145,8 @@ struct Families {
     usage_replays: IntCounterVec,
     invoices: IntCounter,
     data_loss: IntCounter,
+    connections_open: IntGauge,
+    connections_refused: IntCounter,
     sweeper_runs: IntCounterVec,
     sweeper_ended: IntCounter,
     sweeper_blobs: IntCounter,
@@ -388,6 +390,17 @@ impl Metrics {
                 "artifactd_data_loss_total",
                 "Calls that ended DATA_LOSS: stored content missing or damaged. Should stay 0.",
             ),
+            connections_open: gauge(
+                r,
+                "artifactd_grpc_connections_open",
+                "Client connections to the gRPC port served now (at most ARTIFACTD_MAX_CONNECTIONS).",
+            ),
+            connections_refused: counter(
+                r,
+                "artifactd_grpc_connections_refused_total",
+                "Client connections beyond ARTIFACTD_MAX_CONNECTIONS: answered RESOURCE_EXHAUSTED \
+                 and closed, or closed at once.",
+            ),
             sweeper_runs: counter_vec(
                 r,
                 "artifactd_sweeper_runs_total",
@@ -480,6 +493,18 @@ impl Metrics {
             &self.inner.usage_replays
         };
         family.with_label_values(&[meter]).inc();
+    }
+
+    pub fn connection_opened(&self) {
+        self.inner.connections_open.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.inner.connections_open.dec();
+    }
+
+    pub fn connection_refused(&self) {
+        self.inner.connections_refused.inc();
     }
 
     pub fn invoice_finalized(&self) {

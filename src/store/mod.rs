@@ -36,6 +36,9 @@ pub use usage::UsageAlert;
 /// replicas starting at once.
 const MIGRATION_LOCK_KEY: i64 = 0x6172_7469_6661_6374; // "artifact"
 
+/// How long a SQLite statement waits for another connection's write lock before failing.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The metadata database.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -49,10 +52,12 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects with a pool sized for the service. SQLite files (and their directory) are
-    /// created when missing and put in WAL mode so readers don't block the writer.
-    pub async fn connect(url: &str) -> Result<Self, Error> {
-        let db = open(url, 32).await?;
+    /// Connects with a pool sized for the service; connections idle for `idle_timeout` are
+    /// closed, so a burst's extra connections (and their statement and page caches) do not
+    /// stay for good. SQLite files (and their directory) are created when missing and put in
+    /// WAL mode so readers don't block the writer.
+    pub async fn connect(url: &str, idle_timeout: Duration) -> Result<Self, Error> {
+        let db = open(url, 32, Some(idle_timeout)).await?;
         Ok(Self {
             db,
             rollup_horizon: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
@@ -68,7 +73,7 @@ impl Store {
     /// Applies pending migrations. On Postgres a session advisory lock, held on a dedicated
     /// connection, makes concurrent replicas take turns; the later ones find nothing to do.
     pub async fn migrate(url: &str) -> Result<(), Error> {
-        let db = open(url, 1).await?;
+        let db = open(url, 1, None).await?;
         let locked = db.get_database_backend() == DbBackend::Postgres;
         if locked {
             db.execute_unprepared(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
@@ -100,7 +105,11 @@ impl Store {
     }
 }
 
-async fn open(url: &str, max_connections: u32) -> Result<DatabaseConnection, Error> {
+async fn open(
+    url: &str,
+    max_connections: u32,
+    idle_timeout: Option<Duration>,
+) -> Result<DatabaseConnection, Error> {
     let url = prepare_sqlite_url(url)?;
     let mut options = ConnectOptions::new(url.clone());
     options
@@ -109,6 +118,12 @@ async fn open(url: &str, max_connections: u32) -> Result<DatabaseConnection, Err
         .connect_timeout(Duration::from_secs(10))
         .acquire_timeout(Duration::from_secs(30))
         .sqlx_logging(false);
+    if let Some(idle_timeout) = idle_timeout {
+        options.idle_timeout(idle_timeout);
+    }
+    // SQLite has one writer at a time; the others wait for the lock. sqlx's 5 s was too short
+    // for 32 concurrent pushes on a loaded 2-core machine (UNAVAILABLE "database is locked").
+    options.map_sqlx_sqlite_opts(|sqlite| sqlite.busy_timeout(SQLITE_BUSY_TIMEOUT));
     let db = Database::connect(options).await.map_err(Error::database)?;
     if db.get_database_backend() == DbBackend::Sqlite {
         db.execute_unprepared("PRAGMA journal_mode=WAL")
