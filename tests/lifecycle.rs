@@ -1295,43 +1295,10 @@ async fn a_database_from_schema_7_lists_and_bills_the_same(backend: Backend) {
 /// there, then gone for Stat and List the moment its expiry passes, with no sweeper.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_ends_artifacts_at_their_expiry_in_real_time() {
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (grpc, http) = (free(), free());
     let dir = tempfile::tempdir().unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_artifactd"))
-        .env("ARTIFACTD_GRPC_LISTEN", grpc.to_string())
-        .env("ARTIFACTD_HTTP_LISTEN", http.to_string())
-        .env(
-            "DATABASE_URL",
-            format!("sqlite://{}", dir.path().join("db.sqlite").display()),
-        )
-        .env(
-            "ARTIFACTD_BLOB_URL",
-            format!("file://{}", dir.path().join("blobs").display()),
-        )
-        .env("ARTIFACTD_BLOB_FSYNC", "false")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let _child = KillOnDrop(child);
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap();
-    let mut channel = None;
-    for _ in 0..400 {
-        if let Ok(ch) = endpoint.connect().await {
-            channel = Some(ch);
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    let mut client = pb::artifact_service_client::ArtifactServiceClient::new(
-        channel.expect("the server came up"),
-    );
+    let server = binary::BinaryServer::start(&binary::local_stores(dir.path())).await;
+    let mut client =
+        pb::artifact_service_client::ArtifactServiceClient::new(server.channel().await);
     let scope = job("p", "j");
     let pushed = push(
         &mut client,
@@ -1371,14 +1338,4 @@ async fn the_binary_ends_artifacts_at_their_expiry_in_real_time() {
     push(&mut client, header(scope.clone(), "a.txt"), b"again")
         .await
         .unwrap();
-}
-
-/// A child process killed when the test ends, however it ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -600,53 +600,17 @@ async fn drain_reports_not_serving_and_readyz_503() {
 /// completes, the process exits 0, and only then does the HTTP side go away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_drains_with_readyz_503_and_exits_zero() {
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (grpc, http) = (free(), free());
     let dir = tempfile::tempdir().unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_artifactd"))
-        .env("ARTIFACTD_GRPC_LISTEN", grpc.to_string())
-        .env("ARTIFACTD_HTTP_LISTEN", http.to_string())
-        .env(
-            "DATABASE_URL",
-            format!("sqlite://{}", dir.path().join("db.sqlite").display()),
-        )
-        .env(
-            "ARTIFACTD_BLOB_URL",
-            format!("file://{}", dir.path().join("blobs").display()),
-        )
-        .env("ARTIFACTD_BLOB_FSYNC", "false")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(Some(child));
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap();
-    let mut channel = None;
-    for _ in 0..400 {
-        if let Ok(ch) = endpoint.connect().await {
-            channel = Some(ch);
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    let channel = channel.expect("the server came up");
+    let server = binary::BinaryServer::start(&binary::local_stores(dir.path())).await;
+    let http = server.http;
+    let channel = server.channel().await;
     assert_eq!(
         try_http_get(http, "/readyz").await,
         Some((200, "ready\n".into()))
     );
     let (tx, call) = push_in_flight(channel).await;
 
-    let pid = child.0.as_ref().unwrap().id().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    server.terminate();
     // Readiness flips to 503 promptly, and stays answering (not refused) while draining.
     let mut seen = None;
     for _ in 0..400 {
@@ -658,27 +622,11 @@ async fn binary_drains_with_readyz_503_and_exits_zero() {
     }
     assert_eq!(seen, Some((503, "shutting down\n".into())));
     finish_push(tx, call).await;
-    let mut process = child.0.take().unwrap();
-    let status = tokio::task::spawn_blocking(move || process.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = server.wait().await;
     assert_eq!(status.code(), Some(0), "{status:?}");
     assert_eq!(
         try_http_get(http, "/readyz").await,
         None,
         "gone after the drain"
     );
-}
-
-/// A child process killed if the test fails before it exits.
-struct KillOnDrop(Option<std::process::Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }

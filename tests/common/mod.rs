@@ -13,6 +13,7 @@
 
 pub mod archive;
 pub mod billing;
+pub mod binary;
 pub mod http;
 
 use std::net::SocketAddr;
