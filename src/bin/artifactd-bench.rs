@@ -111,6 +111,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
+#[path = "artifactd-bench-parts/hash.rs"]
+mod hash;
 #[path = "artifactd-bench-parts/sweep.rs"]
 mod sweep;
 
@@ -207,6 +209,9 @@ enum BenchCommand {
     /// Postgres, with pushes and pulls alongside.
     #[command(name = "sweep", after_help = USAGE_NOTE)]
     Sweep(sweep::SweepArgs),
+    /// Single-core SHA-256 rate: the server's hasher against the `sha2` crate.
+    #[command(after_help = USAGE_NOTE)]
+    Hash(hash::HashArgs),
     /// Serve the bare `artifactd.bench.v1.BareStream` baseline (started by `throughput`).
     #[command(hide = true)]
     ServeBare {
@@ -327,6 +332,7 @@ fn main() -> ExitCode {
         BenchCommand::PushRate(args) => pushrate(&args),
         BenchCommand::Archive(args) => archive(&args),
         BenchCommand::Sweep(args) => sweep::sweep(&args),
+        BenchCommand::Hash(args) => hash::hash(&args),
         BenchCommand::ServeBare { listen } => serve_bare(listen),
     };
     match result {

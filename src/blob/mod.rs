@@ -37,10 +37,9 @@ use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, WriteMultipart};
-use sha2::Digest;
 use tokio::task::JoinHandle;
 
-use crate::domain::{Error, Sha256};
+use crate::domain::{Error, Hasher, Sha256};
 
 /// Size of the chunks blobs are read in once a read is flowing: inside Pull's 64 KiB–1 MiB
 /// range.
@@ -140,7 +139,7 @@ impl BlobStore {
                         upload,
                         MULTIPART_PART_BYTES,
                     )),
-                    ChunkWorker::new(sha2::Sha256::new()),
+                    ChunkWorker::new(Hasher::new()),
                 )
             }
         };
@@ -509,7 +508,7 @@ fn local_intact(
     let damage = if found != size {
         Some(format!("{found} bytes, expected {size}"))
     } else if check_digest {
-        let mut hasher = sha2::Sha256::new();
+        let mut hasher = Hasher::new();
         match std::fs::File::open(target) {
             Ok(mut file) => {
                 std::io::copy(&mut file, &mut hasher)?;
@@ -518,7 +517,7 @@ fn local_intact(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
         }
-        let digest = Sha256::from_digest(&hasher.finalize().into());
+        let digest = hasher.finish();
         (digest != *sha256).then(|| format!("content hashes to {digest}"))
     } else {
         None
@@ -598,7 +597,7 @@ enum UploadSink {
     /// Hashes and writes a local file, a chunk per blocking task.
     Local(LocalWriter),
     /// Parts go to the object store; hashing runs a chunk per blocking task alongside.
-    Multipart(Option<WriteMultipart>, ChunkWorker<sha2::Sha256>),
+    Multipart(Option<WriteMultipart>, ChunkWorker<Hasher>),
 }
 
 impl Upload {
@@ -630,11 +629,11 @@ impl Upload {
 
     /// Completes the upload and returns the content's SHA-256 with the bytes, durable
     /// (fsync on local disks when enabled) under the temporary key the [`TempBlob`] owns.
-    pub async fn finish(mut self) -> Result<(TempBlob, [u8; 32]), Error> {
+    pub async fn finish(mut self) -> Result<(TempBlob, Sha256), Error> {
         let digest = match &mut self.sink {
             UploadSink::Local(writer) => writer.finish().await?,
             UploadSink::Multipart(upload, hasher) => {
-                let digest = <[u8; 32]>::from(hasher.idle().await?.finalize());
+                let digest = hasher.idle().await?.finish();
                 if let Some(upload) = upload.take() {
                     upload.finish().await.map_err(Error::blob_store)?;
                 }
@@ -747,7 +746,7 @@ impl Drop for TempBlob {
 /// the upload finds a file to remove.
 struct LocalWriter {
     file: Arc<std::fs::File>,
-    hasher: ChunkWorker<sha2::Sha256>,
+    hasher: ChunkWorker<Hasher>,
     fsync: bool,
     unflushed: usize,
     /// A background flush in progress (see [`BACKGROUND_FLUSH_BYTES`]).
@@ -768,7 +767,7 @@ impl LocalWriter {
         .await?;
         Ok(Self {
             file: Arc::new(file),
-            hasher: ChunkWorker::new(sha2::Sha256::new()),
+            hasher: ChunkWorker::new(Hasher::new()),
             fsync,
             unflushed: 0,
             flushing: None,
@@ -797,7 +796,7 @@ impl LocalWriter {
         Ok(())
     }
 
-    async fn finish(&mut self) -> Result<[u8; 32], Error> {
+    async fn finish(&mut self) -> Result<Sha256, Error> {
         let hasher = self.hasher.idle().await?;
         if let Some(flushing) = self.flushing.take() {
             let _ = flushing.await;
@@ -806,7 +805,7 @@ impl LocalWriter {
             let file = self.file.clone();
             blocking(move || file.sync_data()).await?;
         }
-        Ok(hasher.finalize().into())
+        Ok(hasher.finish())
     }
 }
 
@@ -952,7 +951,7 @@ mod tests {
     use super::*;
 
     fn digest(data: &[u8]) -> Sha256 {
-        Sha256::from_digest(&sha2::Sha256::digest(data).into())
+        Hasher::digest(data)
     }
 
     async fn roundtrip(store: &BlobStore) {
@@ -965,11 +964,7 @@ mod tests {
             upload.write(Bytes::copy_from_slice(part)).await.unwrap();
         }
         let (temp, digest) = upload.finish().await.unwrap();
-        assert_eq!(
-            Sha256::from_digest(&digest),
-            sha,
-            "the upload hashes what it writes"
-        );
+        assert_eq!(digest, sha, "the upload hashes what it writes");
         assert!(!store.promote(temp, &sha, data.len() as u64).await.unwrap());
         assert!(store.contains(&sha).await.unwrap());
 

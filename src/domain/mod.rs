@@ -4,6 +4,7 @@
 pub mod access;
 pub mod artifact;
 pub mod clock;
+pub mod digest;
 pub mod error;
 pub mod job;
 pub mod metering;
@@ -14,6 +15,7 @@ pub mod scope;
 pub use access::{Access, Principal, Role, authorize};
 pub use artifact::{Artifact, Sha256};
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use digest::Hasher;
 pub use error::{Error, Result};
 pub use job::{Job, JobLabel, JobStatus, NewJob};
 pub use plan::{ControlsMask, OveragePolicy, Plan, ProjectRecord, UsageControls};

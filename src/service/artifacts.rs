@@ -19,11 +19,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, Stream, StreamExt};
-use sha2::Digest;
 
 use crate::blob::BlobStore;
 use crate::domain::retention::resolve_lifetime;
-use crate::domain::{Artifact, ArtifactPath, Clock, Error, Scope, ScopedPath, Sha256, Timestamp};
+use crate::domain::{
+    Artifact, ArtifactPath, Clock, Error, Hasher, Scope, ScopedPath, Sha256, Timestamp,
+};
 use crate::metrics::PushStorage;
 use crate::service::archive::{ArchiveEntry, archive_size_bound, stream_archive};
 use crate::service::metering::{Metering, Reservation};
@@ -357,7 +358,7 @@ impl ArtifactService {
             data.extend_from_slice(&chunk);
         }
         let data = data.freeze();
-        let sha256 = Sha256::from_digest(&sha2::Sha256::digest(&data).into());
+        let sha256 = Hasher::digest(&data);
         verify(spec, data.len() as i64, &sha256)?;
         Ok((data, sha256))
     }
@@ -395,8 +396,7 @@ impl ArtifactService {
             }
             upload.write(chunk).await?;
         }
-        let (temp, digest) = upload.finish().await?;
-        let sha256 = Sha256::from_digest(&digest);
+        let (temp, sha256) = upload.finish().await?;
 
         verify(spec, size, &sha256)?;
         Ok((size, sha256, temp))
