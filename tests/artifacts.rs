@@ -397,8 +397,12 @@ fn sha(data: &[u8]) -> artifactd::domain::Sha256 {
 /// Where a pushed blob ended up: (in the blob store, in its database row).
 async fn blob_location(server: &TestServer, data: &[u8]) -> (bool, bool) {
     let app = &server.app.artifacts;
-    let in_store = app.blobs().contains(&sha(data)).await.unwrap();
-    let inline = app.store().inline_content(&sha(data)).await.unwrap();
+    let (inline, location) = app.store().blob_source(&sha(data)).await.unwrap();
+    let in_store = app
+        .blobs()
+        .contains(&sha(data), location.as_deref())
+        .await
+        .unwrap();
     if let Some(inline) = &inline {
         assert!(inline[..] == data[..], "the database row holds the content");
     }

@@ -309,7 +309,7 @@ async fn unreferenced_content_and_orphans_are_collected_after_the_grace_period(b
         .app
         .artifacts
         .blobs()
-        .put_small("crashed", bytes::Bytes::from(half.clone()), &half_sha)
+        .put_small("crashed", bytes::Bytes::from(half.clone()), &half_sha, None)
         .await
         .unwrap();
 

@@ -14,6 +14,7 @@ mod m20261127_000007_quota_reservations;
 mod m20261127_000008_retention_rules;
 mod m20261127_000009_jobs;
 mod m20261127_000010_blob_lifecycle;
+mod m20261127_000011_blob_locations;
 
 pub struct Migrator;
 
@@ -31,6 +32,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000008_retention_rules::Migration),
             Box::new(m20261127_000009_jobs::Migration),
             Box::new(m20261127_000010_blob_lifecycle::Migration),
+            Box::new(m20261127_000011_blob_locations::Migration),
         ]
     }
 }

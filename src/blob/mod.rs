@@ -4,7 +4,13 @@
 //!
 //! A local directory gets a fast path: uploads are written and blobs read with plain file I/O,
 //! and promotion is a rename. Every other backend (S3-compatible, memory) goes through the
-//! generic `object_store` API with multipart uploads.
+//! generic `object_store` API with multipart uploads, and a push's object stays where it was
+//! written, `blobs/pushed/<upload id>`: an object store has no rename (it is a copy and a
+//! delete, and S3 copies at most 5 GB at once), so the key becomes the blob's *location*,
+//! recorded in its database row (`blobs.location`; none means the content address). A push
+//! then costs its upload and nothing more. An upload in progress there is a multipart upload,
+//! invisible until complete; a completed one the database does not name (a push that died
+//! before claiming it) is removed by the sweeper, under a lock the claim takes too.
 //!
 //! No stream ever holds a thread while it waits for its peer. File reads, writes and hashing
 //! run one chunk at a time on the blocking pool (a task per chunk that ends when the chunk is
@@ -57,6 +63,21 @@ const MULTIPART_PARTS_IN_FLIGHT: usize = 2;
 const BACKGROUND_FLUSH_BYTES: usize = 32 * 1024 * 1024;
 /// Where damaged blobs are moved, for an operator to inspect; never read by the service.
 const QUARANTINE_PREFIX: &str = "quarantine/sha256";
+/// Where pushes to an object store write their content, which stays there (see the module
+/// documentation).
+const PUSHED_PREFIX: &str = "blobs/pushed";
+
+/// What became of a finished upload (or small content) offered as a blob.
+pub enum Promoted {
+    /// Intact content was already stored; the upload is discarded.
+    Deduplicated,
+    /// The content is at its content address (local directory: renamed there).
+    AtAddress,
+    /// The content is in an object of its own that becomes the blob's location once the
+    /// database names it ([`TempBlob::key`]); [`TempBlob::keep`] then, or drop it to delete
+    /// the object.
+    Unclaimed(TempBlob),
+}
 
 #[derive(Debug, Clone)]
 pub struct BlobStore {
@@ -122,7 +143,10 @@ impl BlobStore {
     /// Starts a temporary upload. Dropping the returned [`Upload`] without `finish` removes
     /// whatever was written, so a cancelled push leaves nothing behind.
     pub async fn begin_upload(&self, upload_id: &str) -> Result<Upload, Error> {
-        let key = upload_key(upload_id);
+        let key = match self.local {
+            Some(_) => upload_key(upload_id),
+            None => pushed_key(upload_id),
+        };
         let sink = match &self.local {
             Some(local) => {
                 let path = local.path_to_filesystem(&key).map_err(Error::blob_store)?;
@@ -153,28 +177,27 @@ impl BlobStore {
         })
     }
 
-    /// Moves a finished upload of `size` bytes to its content address. Returns `true` when
-    /// valid content was already there (the upload is discarded: deduplicated). Content at
-    /// the address that fails verification is quarantined and replaced by the upload.
+    /// Offers a finished upload of `size` bytes as blob `sha256`, whose content is stored at
+    /// `location` (its row's; `None`: the content address) if anywhere. Intact content there
+    /// wins (the upload is discarded: deduplicated); content that fails verification is
+    /// quarantined. Otherwise a local upload is renamed to the content address, and an
+    /// object-store upload stays where it is, for the caller to claim as the location.
     pub async fn promote(
         &self,
         mut temp: TempBlob,
         sha256: &Sha256,
         size: u64,
-    ) -> Result<bool, Error> {
+        location: Option<&str>,
+    ) -> Result<Promoted, Error> {
         let key = blob_key(sha256);
         let Some(local) = &self.local else {
-            if self.remote_intact(&key, sha256, size).await? {
-                return Ok(true); // `temp` deletes the upload when dropped
+            if self
+                .remote_intact(&stored_key(sha256, location), sha256, size)
+                .await?
+            {
+                return Ok(Promoted::Deduplicated); // `temp` deletes the upload when dropped
             }
-            // Two uploads of the same content may race here; both write identical bytes, so
-            // whichever rename lands last is as good as the first.
-            self.store
-                .rename(&temp.key, &key)
-                .await
-                .map_err(Error::blob_store)?;
-            temp.armed = false;
-            return Ok(false);
+            return Ok(Promoted::Unclaimed(temp));
         };
         let source = local
             .path_to_filesystem(&temp.key)
@@ -190,33 +213,44 @@ impl BlobStore {
             Ok(false)
         })
         .await?;
-        if !deduplicated {
-            temp.armed = false;
+        if deduplicated {
+            return Ok(Promoted::Deduplicated);
         }
-        Ok(deduplicated)
+        temp.armed = false;
+        Ok(Promoted::AtAddress)
     }
 
     /// Stores a small blob held in memory in one step: written to a temporary upload and
     /// renamed to its content address (one blocking task on a local directory), or put
-    /// directly (object stores make a single PUT appear atomically). Returns `true` when
-    /// valid content was already stored.
+    /// directly as an object of its own to claim (object stores make a single PUT appear
+    /// atomically), unless intact content is already stored at `location` (as in
+    /// [`BlobStore::promote`]).
     pub async fn put_small(
         &self,
         upload_id: &str,
         data: Bytes,
         sha256: &Sha256,
-    ) -> Result<bool, Error> {
+        location: Option<&str>,
+    ) -> Result<Promoted, Error> {
         let key = blob_key(sha256);
         let size = data.len() as u64;
         let Some(local) = &self.local else {
-            let deduplicated = self.remote_intact(&key, sha256, size).await?;
-            if !deduplicated {
-                self.store
-                    .put(&key, data.into())
-                    .await
-                    .map_err(Error::blob_store)?;
+            if self
+                .remote_intact(&stored_key(sha256, location), sha256, size)
+                .await?
+            {
+                return Ok(Promoted::Deduplicated);
             }
-            return Ok(deduplicated);
+            let key = pushed_key(upload_id);
+            self.store
+                .put(&key, data.into())
+                .await
+                .map_err(Error::blob_store)?;
+            return Ok(Promoted::Unclaimed(TempBlob {
+                store: self.clone(),
+                key,
+                armed: true,
+            }));
         };
         let temp = local
             .path_to_filesystem(&upload_key(upload_id))
@@ -242,20 +276,27 @@ impl BlobStore {
             written.map(|()| false)
         })
         .await
+        .map(|deduplicated| match deduplicated {
+            true => Promoted::Deduplicated,
+            false => Promoted::AtAddress,
+        })
     }
 
-    /// Streams `range` of a blob: chunks of 64 KiB growing to [`READ_CHUNK_BYTES`] on a local
-    /// directory, [`READ_CHUNK_BYTES`] from an object store. A blob that is missing, or
-    /// shorter than `range`, is [`Error::DataLoss`] (up front when that is already visible).
+    /// Streams `range` of a blob stored at `location` (`None`: its content address): chunks
+    /// of 64 KiB growing to [`READ_CHUNK_BYTES`] on a local directory, one ranged GET
+    /// streamed in [`READ_CHUNK_BYTES`] chunks from an object store. A blob that is missing,
+    /// or shorter than `range`, is [`Error::DataLoss`] (up front when that is already
+    /// visible).
     pub async fn read(
         &self,
         sha256: &Sha256,
+        location: Option<&str>,
         range: Range<u64>,
     ) -> Result<BoxStream<'static, Result<Bytes, Error>>, Error> {
         if range.is_empty() {
             return Ok(stream::empty().boxed());
         }
-        let key = blob_key(sha256);
+        let key = stored_key(sha256, location);
         if let Some(local) = &self.local {
             let path = local.path_to_filesystem(&key).map_err(Error::blob_store)?;
             let digest = sha256.clone();
@@ -293,13 +334,26 @@ impl BlobStore {
         ))
     }
 
-    /// Whether a blob is stored (for tests and the sweeper).
-    pub async fn contains(&self, sha256: &Sha256) -> Result<bool, Error> {
-        match self.store.head(&blob_key(sha256)).await {
+    /// Whether a blob's content is stored at `location` (`None`: its content address), for
+    /// tests.
+    pub async fn contains(&self, sha256: &Sha256, location: Option<&str>) -> Result<bool, Error> {
+        self.object_exists(stored_key(sha256, location).as_ref())
+            .await
+    }
+
+    /// Whether the object `key` exists (a blob's location, before a push's claim of it
+    /// commits).
+    pub async fn object_exists(&self, key: &str) -> Result<bool, Error> {
+        match self.store.head(&ObjectPath::from(key)).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(Error::blob_store(e)),
         }
+    }
+
+    /// Whether this is a local directory, where every blob is at its content address.
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
     }
 
     /// Keys of uploads in progress or abandoned (for tests and the sweeper).
@@ -307,17 +361,20 @@ impl BlobStore {
         self.list(&ObjectPath::from("uploads")).await
     }
 
-    /// Deletes the stored content of `blobs` (the sweeper, under its collection lock).
-    /// Content already gone is no error. A local directory deletes on the blocking pool;
-    /// an object store in bulk requests where it supports them.
-    pub async fn delete_blobs(&self, blobs: &[Sha256]) -> Result<(), Error> {
+    /// Deletes the stored content of `blobs`, each at its location (`None`: its content
+    /// address) (the sweeper, under its collection lock). Content already gone is no error.
+    /// A local directory deletes on the blocking pool; an object store in bulk requests
+    /// where it supports them.
+    pub async fn delete_blobs(&self, blobs: &[(Sha256, Option<String>)]) -> Result<(), Error> {
         if blobs.is_empty() {
             return Ok(());
         }
         if let Some(local) = &self.local {
             let paths = blobs
                 .iter()
-                .map(|sha256| local.path_to_filesystem(&blob_key(sha256)))
+                .map(|(sha256, location)| {
+                    local.path_to_filesystem(&stored_key(sha256, location.as_deref()))
+                })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(Error::blob_store)?;
             return blocking(move || {
@@ -331,8 +388,10 @@ impl BlobStore {
             })
             .await;
         }
-        let keys: Vec<object_store::Result<ObjectPath>> =
-            blobs.iter().map(|sha256| Ok(blob_key(sha256))).collect();
+        let keys: Vec<object_store::Result<ObjectPath>> = blobs
+            .iter()
+            .map(|(sha256, location)| Ok(stored_key(sha256, location.as_deref())))
+            .collect();
         let keys = stream::iter(keys).boxed();
         let mut deleted = self.store.delete_stream(keys);
         while let Some(result) = deleted.next().await {
@@ -393,6 +452,33 @@ impl BlobStore {
         Ok((removed, bytes))
     }
 
+    /// Keys of pushed objects (see the module documentation) last modified before `before`:
+    /// those no blob names as its location were abandoned by a push that died before its
+    /// claim. Ages are the store's own modification times, as for uploads.
+    pub fn pushed_before(
+        &self,
+        before: std::time::SystemTime,
+    ) -> BoxStream<'_, Result<String, Error>> {
+        self.store
+            .list(Some(&ObjectPath::from(PUSHED_PREFIX)))
+            .filter_map(move |meta| async move {
+                match meta {
+                    Err(e) => Some(Err(Error::blob_store(e))),
+                    Ok(meta) => (std::time::SystemTime::from(meta.last_modified) < before)
+                        .then(|| Ok(meta.location.to_string())),
+                }
+            })
+            .boxed()
+    }
+
+    /// Deletes the object `key`; one already gone is no error.
+    pub async fn delete_object(&self, key: &str) -> Result<(), Error> {
+        match self.store.delete(&ObjectPath::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::blob_store(e)),
+        }
+    }
+
     /// Keys of quarantined blobs (for tests and operators).
     pub async fn list_quarantined(&self) -> Result<Vec<String>, Error> {
         self.list(&ObjectPath::from(QUARANTINE_PREFIX)).await
@@ -416,7 +502,7 @@ impl BlobStore {
 
     /// Whether an object store holds intact content at `key`. A single PUT or a completed
     /// multipart upload appears atomically there, so the size is the check that matters; a
-    /// wrong size is quarantined (copied aside) so the caller replaces it.
+    /// wrong size is quarantined (copied aside, then deleted) so the caller replaces it.
     async fn remote_intact(
         &self,
         key: &ObjectPath,
@@ -441,12 +527,24 @@ impl BlobStore {
             .copy(key, &quarantine_key(sha256))
             .await
             .map_err(Error::blob_store)?;
-        Ok(false)
+        match self.store.delete(key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(Error::blob_store(e)),
+        }
     }
 }
 
 fn upload_key(upload_id: &str) -> ObjectPath {
     ObjectPath::from(format!("uploads/{upload_id}"))
+}
+
+fn pushed_key(upload_id: &str) -> ObjectPath {
+    ObjectPath::from(format!("{PUSHED_PREFIX}/{upload_id}"))
+}
+
+/// Where a blob's bytes are: its recorded location, or else its content address.
+fn stored_key(sha256: &Sha256, location: Option<&str>) -> ObjectPath {
+    location.map_or_else(|| blob_key(sha256), ObjectPath::from)
 }
 
 fn blob_key(sha256: &Sha256) -> ObjectPath {
@@ -710,6 +808,16 @@ pub struct TempBlob {
 }
 
 impl TempBlob {
+    /// The object's key, to record as a blob's location.
+    pub fn key(&self) -> String {
+        self.key.to_string()
+    }
+
+    /// Keeps the object: a blob's row names it now.
+    pub fn keep(mut self) {
+        self.armed = false;
+    }
+
     fn take(&mut self) -> TempBlob {
         self.armed = false;
         TempBlob {
@@ -954,6 +1062,14 @@ mod tests {
         Hasher::digest(data)
     }
 
+    async fn pushed(store: &BlobStore, before: std::time::SystemTime) -> Vec<String> {
+        store
+            .pushed_before(before)
+            .map(Result::unwrap)
+            .collect()
+            .await
+    }
+
     async fn roundtrip(store: &BlobStore) {
         let data: Vec<u8> = (0..(READ_CHUNK_BYTES * 2 + 7))
             .map(|i| (i % 251) as u8)
@@ -965,11 +1081,22 @@ mod tests {
         }
         let (temp, digest) = upload.finish().await.unwrap();
         assert_eq!(digest, sha, "the upload hashes what it writes");
-        assert!(!store.promote(temp, &sha, data.len() as u64).await.unwrap());
-        assert!(store.contains(&sha).await.unwrap());
+        // A local upload moves to the content address; an object stays where it was written
+        // and becomes the blob's location.
+        let location = match store.promote(temp, &sha, data.len() as u64, None).await {
+            Ok(Promoted::AtAddress) if store.is_local() => None,
+            Ok(Promoted::Unclaimed(temp)) if !store.is_local() => {
+                let key = temp.key();
+                temp.keep();
+                Some(key)
+            }
+            _ => panic!("new content is stored"),
+        };
+        let key = stored_key(&sha, location.as_deref()).to_string();
+        assert!(store.object_exists(&key).await.unwrap());
 
         let chunks: Vec<Bytes> = store
-            .read(&sha, 5..data.len() as u64)
+            .read(&sha, location.as_deref(), 5..data.len() as u64)
             .await
             .unwrap()
             .map(|c| c.unwrap())
@@ -988,7 +1115,12 @@ mod tests {
         let mut again = store.begin_upload("u2").await.unwrap();
         again.write(Bytes::from(data.clone())).await.unwrap();
         let (temp, _) = again.finish().await.unwrap();
-        assert!(store.promote(temp, &sha, data.len() as u64).await.unwrap());
+        assert!(matches!(
+            store
+                .promote(temp, &sha, data.len() as u64, location.as_deref())
+                .await,
+            Ok(Promoted::Deduplicated)
+        ));
         tokio::task::yield_now().await;
         // An abandoned upload leaves nothing.
         let mut abandoned = store.begin_upload("u3").await.unwrap();
@@ -997,13 +1129,21 @@ mod tests {
             .await
             .unwrap();
         drop(abandoned);
+        // Nothing stays but the blob: no upload, and no pushed object but its location.
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
         for _ in 0..100 {
-            if store.list_uploads().await.unwrap().is_empty() {
+            if store.list_uploads().await.unwrap().is_empty()
+                && pushed(store, later).await == Vec::from_iter(location.clone())
+            {
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        panic!("uploads left behind: {:?}", store.list_uploads().await);
+        panic!(
+            "uploads left behind: {:?} {:?}",
+            store.list_uploads().await,
+            pushed(store, later).await
+        );
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::stream::{BoxStream, Stream, StreamExt};
 
-use crate::blob::BlobStore;
+use crate::blob::{BlobStore, Promoted};
 use crate::domain::retention::resolve_lifetime;
 use crate::domain::{
     Artifact, ArtifactPath, Clock, Error, Hasher, Scope, ScopedPath, Sha256, Timestamp,
@@ -29,7 +29,7 @@ use crate::metrics::PushStorage;
 use crate::service::archive::{ArchiveEntry, archive_size_bound, stream_archive};
 use crate::service::metering::{Metering, Reservation};
 use crate::service::retention::Retention;
-use crate::store::{NewArtifact, PushCommit, PushedBlob, Store};
+use crate::store::{BlobLease, NewArtifact, PushCommit, PushedBlob, Store};
 
 /// Pushes declaring at most this many bytes are received into memory and stored in one
 /// step (see `receive_small`); larger ones stream through a temporary upload.
@@ -90,6 +90,14 @@ pub struct ArchiveDownload {
     /// Total size of the files (the zip adds headers, or deflate shrinks it).
     pub content_bytes: u64,
     pub chunks: BoxStream<'static, Result<Bytes, Error>>,
+}
+
+/// Where an artifact's bytes are.
+enum Content {
+    /// In its blob's database row.
+    Inline(Bytes),
+    /// In the blob store, at this location (`None`: the content address).
+    Stored(Option<String>),
 }
 
 /// Artifacts read from the database per page while an archive is written.
@@ -218,17 +226,21 @@ impl ArtifactService {
             let (size, sha256, temp) = self
                 .receive(&spec, &upload_id, &mut reservation, chunks)
                 .await?;
-            let epoch = self
+            let lease = self
                 .store
-                .lease_blob(&sha256, size, self.clock.now())
+                .lease_blob_at(&sha256, size, self.clock.now())
                 .await?;
-            let deduplicated = self.blobs.promote(temp, &sha256, size as u64).await?;
+            let promoted = self
+                .blobs
+                .promote(temp, &sha256, size as u64, lease.location.as_deref())
+                .await?;
+            let deduplicated = self.claim(&sha256, &lease, promoted).await?;
             (
                 size,
                 sha256,
                 PushedBlob::Stored {
                     deduplicated,
-                    epoch,
+                    epoch: lease.epoch,
                 },
                 None,
             )
@@ -321,15 +333,56 @@ impl ArtifactService {
         data: Bytes,
         sha256: &Sha256,
     ) -> Result<PushedBlob, Error> {
-        let epoch = self
+        let lease = self
             .store
-            .lease_blob(sha256, data.len() as i64, self.clock.now())
+            .lease_blob_at(sha256, data.len() as i64, self.clock.now())
             .await?;
-        let deduplicated = self.blobs.put_small(upload_id, data, sha256).await?;
+        let promoted = self
+            .blobs
+            .put_small(upload_id, data, sha256, lease.location.as_deref())
+            .await?;
+        let deduplicated = self.claim(sha256, &lease, promoted).await?;
         Ok(PushedBlob::Stored {
             deduplicated,
-            epoch,
+            epoch: lease.epoch,
         })
+    }
+
+    /// Makes stored content the blob's: an object of its own (object stores) is named as
+    /// the blob's location, under the lock the sweeper's removal of unnamed objects takes
+    /// (see `store::locations`). Returns whether the content was stored before this push.
+    async fn claim(
+        &self,
+        sha256: &Sha256,
+        lease: &BlobLease,
+        promoted: Promoted,
+    ) -> Result<bool, Error> {
+        let object = match promoted {
+            Promoted::Deduplicated => return Ok(true),
+            Promoted::AtAddress => return Ok(false),
+            Promoted::Unclaimed(object) => object,
+        };
+        let key = object.key();
+        if !self
+            .store
+            .claim_location(sha256, lease.epoch, lease.location.as_deref(), &key)
+            .await?
+        {
+            // Another push of this content named its own (complete) object first, or the
+            // content was collected since the lease, which the commit reports. Either way
+            // this object is not needed: dropping it deletes it.
+            return Ok(true);
+        }
+        object.keep();
+        // The sweeper removed it as unnamed just before the claim (only possible for an
+        // upload older than ARTIFACTD_UPLOAD_MAX_AGE): nothing references it yet, and the
+        // next push of this content finds it missing and stores its own.
+        if !self.blobs.object_exists(&key).await? {
+            return Err(Error::blob_store(format!(
+                "pushed object {key} was removed before its blob named it"
+            )));
+        }
+        Ok(false)
     }
 
     /// Receives a push of a declared small size into memory (bounded by that size) and
@@ -429,12 +482,16 @@ impl ArtifactService {
         let record = self.metering.project(artifact.scope.project()).await?;
         let admission = self.metering.admit_pull(&record, end - spec.offset).await?;
         let range = spec.offset as u64..end as u64;
-        let chunks = match self.inline_content(&artifact).await? {
-            Some(content) => {
+        let chunks = match self.content(&artifact).await? {
+            Content::Inline(content) => {
                 let part = content.slice(range.start as usize..range.end as usize);
                 futures::stream::iter((!part.is_empty()).then_some(Ok(part))).boxed()
             }
-            None => self.blobs.read(&artifact.sha256, range).await?,
+            Content::Stored(location) => {
+                self.blobs
+                    .read(&artifact.sha256, location.as_deref(), range)
+                    .await?
+            }
         };
         let chunks = self.metering.meter_pull(admission, chunks);
         Ok(PullStream { artifact, chunks })
@@ -527,13 +584,17 @@ impl ArtifactService {
     }
 
     async fn archive_entry(&self, artifact: Artifact) -> Result<ArchiveEntry, Error> {
-        let content = match self.inline_content(&artifact).await? {
-            Some(content) => {
+        let content = match self.content(&artifact).await? {
+            Content::Inline(content) => {
                 futures::stream::iter((!content.is_empty()).then_some(Ok(content))).boxed()
             }
-            None => {
+            Content::Stored(location) => {
                 self.blobs
-                    .read(&artifact.sha256, 0..artifact.size as u64)
+                    .read(
+                        &artifact.sha256,
+                        location.as_deref(),
+                        0..artifact.size as u64,
+                    )
                     .await?
             }
         };
@@ -545,13 +606,15 @@ impl ArtifactService {
         })
     }
 
-    /// The content of a small artifact whose blob lives in the database. Only artifacts
-    /// small enough to have been inlined (under any setting) need the lookup.
-    async fn inline_content(&self, artifact: &Artifact) -> Result<Option<Bytes>, Error> {
-        if artifact.size > SMALL_PUSH_BYTES {
-            return Ok(None);
+    /// Where an artifact's content is: in its blob's database row, or in the blob store at
+    /// the blob's location. Only artifacts small enough to have been inlined (under any
+    /// setting), or kept in an object store (where blobs have locations), need the lookup;
+    /// a large one in a local directory is at its content address.
+    async fn content(&self, artifact: &Artifact) -> Result<Content, Error> {
+        if artifact.size > SMALL_PUSH_BYTES && self.blobs.is_local() {
+            return Ok(Content::Stored(None));
         }
-        let content = self.store.inline_content(&artifact.sha256).await?;
+        let (content, location) = self.store.blob_source(&artifact.sha256).await?;
         match content {
             Some(content) if content.len() as i64 != artifact.size => {
                 Err(Error::DataLoss(format!(
@@ -561,7 +624,8 @@ impl ArtifactService {
                     artifact.size
                 )))
             }
-            other => Ok(other),
+            Some(content) => Ok(Content::Inline(content)),
+            None => Ok(Content::Stored(location)),
         }
     }
 

@@ -197,6 +197,7 @@ impl Sweeper {
         // them once per grace period is enough (a listing of every blob is not cheap).
         if last_orphan_scan.is_none_or(|at| now.as_micros() - at.as_micros() >= grace) {
             report.adopted_orphans = self.adopt_orphans(now).await?;
+            report.removed_uploads += self.remove_unclaimed_objects().await?;
             *last_orphan_scan = Some(now);
         }
         (report.collected_blobs, report.collected_bytes) = self.collect_blobs(now).await?;
@@ -228,6 +229,42 @@ impl Sweeper {
         if removed > 0 {
             tracing::info!(removed, bytes, "abandoned uploads removed");
         }
+        Ok(removed)
+    }
+
+    /// Pushed objects on an object store that no blob names, last modified longer ago than
+    /// `ARTIFACTD_UPLOAD_MAX_AGE`: left by a push that died between completing its upload
+    /// and claiming it as its blob's location. Each goes under the lock a claim takes (see
+    /// `store::locations`); the listing comes with the orphan scan's, once per grace period.
+    async fn remove_unclaimed_objects(&self) -> Result<u64, Error> {
+        if self.blobs.is_local() {
+            return Ok(0);
+        }
+        let before = SystemTime::now()
+            .checked_sub(self.settings.upload_max_age)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut removed = 0;
+        let mut keys = self
+            .blobs
+            .pushed_before(before)
+            .chunks(usize::try_from(self.settings.batch).unwrap_or(1000));
+        while let Some(chunk) = keys.next().await {
+            let keys: Vec<String> = chunk.into_iter().collect::<Result<_, _>>()?;
+            let named = self.store.named_locations(&keys).await?;
+            for key in keys.iter().filter(|key| !named.contains(*key)) {
+                if let Some(lock) = self.store.lock_unclaimed(key).await? {
+                    self.blobs.delete_object(key).await?;
+                    lock.commit().await?;
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "pushed objects no blob names removed");
+        }
+        self.stats
+            .removed_uploads
+            .fetch_add(removed, Ordering::Relaxed);
         Ok(removed)
     }
 
@@ -267,8 +304,7 @@ impl Sweeper {
             after = last.clone();
             let shas: Vec<String> = candidates.into_iter().map(|(_, sha)| sha).collect();
             let collection = self.store.collect_blobs(&shas, cutoff, now).await?;
-            let stored: Vec<Sha256> = collection.stored.iter().map(|(s, _)| s.clone()).collect();
-            self.blobs.delete_blobs(&stored).await?;
+            self.blobs.delete_blobs(&collection.stored_at).await?;
             let (count, size) = collection
                 .stored
                 .iter()

@@ -510,17 +510,23 @@ impl Store {
             .transpose()
     }
 
-    /// The content of a blob kept in its database row; `None` when the blob is in the blob
-    /// store (or unknown).
-    pub async fn inline_content(&self, sha256: &Sha256) -> Result<Option<Bytes>, Error> {
-        let content: Option<Option<Vec<u8>>> = blob::Entity::find_by_id(sha256.as_str())
-            .select_only()
-            .column(blob::Column::Content)
-            .into_tuple()
-            .one(&self.db)
-            .await
-            .map_err(db_error)?;
-        Ok(content.flatten().map(Bytes::from))
+    /// Where a blob's bytes are: its content when kept in its row, else its location in the
+    /// blob store (`None`: its content address).
+    pub async fn blob_source(
+        &self,
+        sha256: &Sha256,
+    ) -> Result<(Option<Bytes>, Option<String>), Error> {
+        let row: Option<(Option<Vec<u8>>, Option<String>)> =
+            blob::Entity::find_by_id(sha256.as_str())
+                .select_only()
+                .column(blob::Column::Content)
+                .column(blob::Column::Location)
+                .into_tuple()
+                .one(&self.db)
+                .await
+                .map_err(db_error)?;
+        let (content, location) = row.unwrap_or_default();
+        Ok((content.map(Bytes::from), location))
     }
 
     /// Up to `limit` artifacts live at `now` whose path starts with `prefix` and sorts after

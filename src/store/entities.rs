@@ -54,6 +54,9 @@ pub mod blob {
         pub epoch: i64,
         /// When the content was deleted by the sweeper; `None` while it is stored.
         pub collected_at: Option<i64>,
+        /// Key of the object holding the bytes in the blob store; `None`: the content
+        /// address (see `blob::BlobStore`).
+        pub location: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

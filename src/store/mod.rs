@@ -6,6 +6,7 @@ pub mod entities;
 mod invoices;
 mod jobs;
 pub mod lifecycle;
+mod locations;
 mod plans;
 mod quota;
 mod retention;
@@ -27,9 +28,10 @@ pub use artifacts::{NewArtifact, PushCommit, PushedBlob, already_exists, content
 pub use invoices::Invoice;
 pub use jobs::LatestPins;
 pub use lifecycle::PinChange;
+pub use locations::KeyLock;
 pub use quota::{QuotaBase, QuotaCheck};
 pub use retention::LiveArtifact;
-pub use sweep::{BlobCollection, EndedRow, SweepLock};
+pub use sweep::{BlobCollection, BlobLease, EndedRow, SweepLock};
 pub use usage::UsageAlert;
 
 /// Arbitrary but fixed key of the Postgres advisory lock that serialises migrations across

@@ -59,6 +59,8 @@ pub struct BlobCollection {
     txn: DatabaseTransaction,
     /// Blobs whose bytes are in the blob store, with their sizes: delete them, then commit.
     pub stored: Vec<(Sha256, i64)>,
+    /// Where those bytes are: each blob's location (`None`: its content address).
+    pub stored_at: Vec<(Sha256, Option<String>)>,
     /// Blobs whose content was in their row (cleared in this transaction).
     pub inline: Vec<(Sha256, i64)>,
 }
@@ -84,6 +86,15 @@ impl SweepLock {
     }
 }
 
+/// A push's lease on a blob's row ([`Store::lease_blob_at`]).
+#[derive(Debug, Clone)]
+pub struct BlobLease {
+    /// The epoch the push's commit must still find.
+    pub epoch: i64,
+    /// Where the blob's bytes are recorded to be, if stored (`None`: its content address).
+    pub location: Option<String>,
+}
+
 impl Store {
     /// Takes a lease on blob `sha256` before a push checks or writes its bytes in the blob
     /// store (creating its row, or reviving a collected one), and returns the epoch the
@@ -94,6 +105,16 @@ impl Store {
         size: i64,
         now: Timestamp,
     ) -> Result<i64, Error> {
+        Ok(self.lease_blob_at(sha256, size, now).await?.epoch)
+    }
+
+    /// [`Store::lease_blob`], also returning where the blob's bytes are recorded to be.
+    pub async fn lease_blob_at(
+        &self,
+        sha256: &Sha256,
+        size: i64,
+        now: Timestamp,
+    ) -> Result<BlobLease, Error> {
         let row = self
             .db
             .query_one_raw(self.statement(
@@ -101,7 +122,7 @@ impl Store {
                  ON CONFLICT (sha256) DO UPDATE SET collected_at = NULL, \
                    last_ref_at = CASE WHEN blobs.last_ref_at > excluded.last_ref_at \
                      THEN blobs.last_ref_at ELSE excluded.last_ref_at END \
-                 RETURNING epoch",
+                 RETURNING epoch, location",
                 vec![
                     sha256.as_str().into(),
                     size.into(),
@@ -112,7 +133,10 @@ impl Store {
             .await
             .map_err(db_error)?
             .ok_or_else(|| Error::Internal(format!("blob {sha256}: lease returned no row")))?;
-        row.try_get_by_index(0).map_err(db_error)
+        Ok(BlobLease {
+            epoch: row.try_get_by_index(0).map_err(db_error)?,
+            location: row.try_get_by_index(1).map_err(db_error)?,
+        })
     }
 
     /// Tries to become the one sweeper: `None` when another holds the lock. On SQLite (one
@@ -211,6 +235,7 @@ impl Store {
         let mut empty = BlobCollection {
             txn,
             stored: Vec::new(),
+            stored_at: Vec::new(),
             inline: Vec::new(),
         };
         if candidates.is_empty() {
@@ -255,14 +280,14 @@ impl Store {
                    WHERE sha256 IN ({})) AS old \
                  WHERE blobs.sha256 = old.sha AND blobs.collected_at IS NULL \
                  AND blobs.last_ref_at < ? AND {UNREFERENCED} \
-                 RETURNING blobs.sha256, blobs.size, old.in_store",
+                 RETURNING blobs.sha256, blobs.size, old.in_store, blobs.location",
                 placeholders(locked.len())
             )
         } else {
             format!(
                 "UPDATE blobs SET collected_at = ?, epoch = epoch + 1 \
                  WHERE sha256 IN ({}) AND collected_at IS NULL AND last_ref_at < ? \
-                 AND {UNREFERENCED} RETURNING sha256, size, content IS NULL",
+                 AND {UNREFERENCED} RETURNING sha256, size, content IS NULL, location",
                 placeholders(locked.len())
             )
         };
@@ -286,6 +311,8 @@ impl Store {
             let sha256 = Sha256::parse("sha256", &sha256)
                 .map_err(|_| Error::Internal(format!("blob row with a bad sha256 {sha256:?}")))?;
             if in_store {
+                let location: Option<String> = row.try_get_by_index(3).map_err(db_error)?;
+                empty.stored_at.push((sha256.clone(), location));
                 empty.stored.push((sha256, size));
             } else {
                 empty.inline.push((sha256, size));
@@ -315,7 +342,8 @@ impl Store {
 
     /// Of blobs found in the blob store, records those the database does not know as
     /// stored (a crash between writing a blob and committing it, or content written again
-    /// after its row was collected): a missing row is created and a collected one revived,
+    /// after its row was collected): a missing row is created and a collected one revived
+    /// (at the content address, where the file was found),
     /// leased at `now`, so the ordinary collection reclaims them once the grace period has
     /// passed — under the same lock that protects pushes. Returns how many were adopted.
     pub async fn adopt_blob_files(
@@ -348,7 +376,8 @@ impl Store {
                 .execute_raw(self.statement(
                     "INSERT INTO blobs (sha256, size, created_at, last_ref_at) \
                      VALUES (?, ?, ?, ?) ON CONFLICT (sha256) DO UPDATE \
-                     SET collected_at = NULL, last_ref_at = excluded.last_ref_at \
+                     SET collected_at = NULL, last_ref_at = excluded.last_ref_at, \
+                       location = NULL \
                      WHERE blobs.collected_at IS NOT NULL",
                     vec![
                         sha256.as_str().into(),
