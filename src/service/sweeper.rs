@@ -262,9 +262,6 @@ impl Sweeper {
         if removed > 0 {
             tracing::info!(removed, "pushed objects no blob names removed");
         }
-        self.stats
-            .removed_uploads
-            .fetch_add(removed, Ordering::Relaxed);
         Ok(removed)
     }
 
