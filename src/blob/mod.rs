@@ -1158,6 +1158,81 @@ mod tests {
         roundtrip(&BlobStore::open("memory://", false).unwrap()).await;
     }
 
+    /// An S3 store at `endpoint` that does not retry (object_store retries 5xx and
+    /// connection errors with backoff for up to three minutes by default).
+    fn s3_without_retries(endpoint: &str) -> BlobStore {
+        let s3 = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(endpoint)
+            .with_allow_http(true)
+            .with_bucket_name("b")
+            .with_region("us-east-1")
+            .with_access_key_id("k")
+            .with_secret_access_key("s")
+            .with_retry(object_store::RetryConfig {
+                max_retries: 0,
+                ..Default::default()
+            })
+            .build()
+            .unwrap();
+        BlobStore {
+            store: Arc::new(s3),
+            local: None,
+            fsync: false,
+        }
+    }
+
+    fn is_unavailable(result: Result<impl Sized, Error>) -> bool {
+        matches!(result, Err(Error::Unavailable { .. }))
+    }
+
+    #[tokio::test]
+    async fn s3_throttling_and_connection_errors_are_unavailable() {
+        // An S3 endpoint that throttles every request, as S3 does with 503 SlowDown.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let throttling = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let body = "<Error><Code>SlowDown</Code><Message>Please reduce your request \
+                        rate.</Message></Error>";
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = tcp.read(&mut request).await;
+                let reply = format!(
+                    "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(reply.as_bytes()).await;
+            }
+        });
+        // And one where nothing listens.
+        let closed = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", listener.local_addr().unwrap())
+        };
+        let sha = digest(b"content");
+        for endpoint in [throttling, closed] {
+            let store = s3_without_retries(&endpoint);
+            assert!(
+                is_unavailable(store.read(&sha, None, 0..7).await),
+                "{endpoint}"
+            );
+            assert!(is_unavailable(store.begin_upload("u").await), "{endpoint}");
+            assert!(
+                is_unavailable(store.object_exists("blobs/pushed/u").await),
+                "{endpoint}"
+            );
+            assert!(
+                is_unavailable(
+                    store
+                        .put_small("u", Bytes::from_static(b"content"), &sha, None)
+                        .await
+                ),
+                "{endpoint}"
+            );
+        }
+    }
+
     #[test]
     fn unknown_scheme_is_refused() {
         let err = BlobStore::open("ftp://x", false).unwrap_err();
