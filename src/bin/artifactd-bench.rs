@@ -79,6 +79,12 @@
 //! pushes and pulls running alongside (target: all ended and their content collected in
 //! ≤ 60 s on Postgres); see `artifactd-bench-parts/sweep.rs`.
 //!
+//! # `zip64`
+//!
+//! `artifactd-bench zip64` has the server zip a folder holding a file over 4 GiB and 70,000
+//! more files, and checks the zip with Python's `zipfile` and `unzip -t`; see
+//! `artifactd-bench-parts/zip64.rs`.
+//!
 //! Build both binaries first, in release mode:
 //! `cargo build --release --bins && target/release/artifactd-bench <subcommand>`.
 
@@ -115,6 +121,8 @@ use tonic::{Request, Response, Status, Streaming};
 mod hash;
 #[path = "artifactd-bench-parts/sweep.rs"]
 mod sweep;
+#[path = "artifactd-bench-parts/zip64.rs"]
+mod zip64;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -212,6 +220,10 @@ enum BenchCommand {
     /// Single-core SHA-256 rate: the server's hasher against the `sha2` crate.
     #[command(after_help = USAGE_NOTE)]
     Hash(hash::HashArgs),
+    /// A zip needing zip64 (an entry over 4 GiB, over 65,535 entries) read back by Python's
+    /// zipfile and unzip -t.
+    #[command(name = "zip64", after_help = USAGE_NOTE)]
+    Zip64(zip64::Zip64Args),
     /// Serve the bare `artifactd.bench.v1.BareStream` baseline (started by `throughput`).
     #[command(hide = true)]
     ServeBare {
@@ -333,6 +345,7 @@ fn main() -> ExitCode {
         BenchCommand::Archive(args) => archive(&args),
         BenchCommand::Sweep(args) => sweep::sweep(&args),
         BenchCommand::Hash(args) => hash::hash(&args),
+        BenchCommand::Zip64(args) => zip64::zip64(&args),
         BenchCommand::ServeBare { listen } => serve_bare(listen),
     };
     match result {

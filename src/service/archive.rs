@@ -240,11 +240,23 @@ mod tests {
         zip
     }
 
-    /// Checks a zip with Python's zipfile (CRCs included) and returns "name mode size" lines.
+    /// Checks a zip with `unzip -t` and with Python's zipfile (CRCs included), and returns
+    /// Python's "name mode size" lines.
     fn python_listing(zip: &[u8]) -> String {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("a.zip");
         std::fs::write(&file, zip).unwrap();
+        let unzip = std::process::Command::new("unzip")
+            .args(["-t", "-qq"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            unzip.status.success(),
+            "unzip -t: {}{}",
+            String::from_utf8_lossy(&unzip.stdout),
+            String::from_utf8_lossy(&unzip.stderr)
+        );
         let out = std::process::Command::new("python3")
             .arg("-c")
             .arg(
@@ -267,7 +279,7 @@ mod tests {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    /// More than 65,535 entries need the zip64 end records; Python reads all of them.
+    /// More than 65,535 entries need the zip64 end records; Python and unzip read them all.
     #[tokio::test]
     async fn zip64_holds_more_than_65535_entries() {
         let n = 70_000;
