@@ -291,32 +291,42 @@ impl Sweeper {
         let (mut blobs, mut bytes) = (0u64, 0u64);
         let mut after = (i64::MIN, String::new());
         loop {
-            let candidates = self
+            let page = self
                 .store
                 .blob_candidates(cutoff, &after, self.settings.batch)
                 .await?;
-            let Some(last) = candidates.last() else {
-                return Ok((blobs, bytes));
-            };
-            after = last.clone();
-            let shas: Vec<String> = candidates.into_iter().map(|(_, sha)| sha).collect();
-            let collection = self.store.collect_blobs(&shas, cutoff, now).await?;
-            self.blobs.delete_blobs(&collection.stored_at).await?;
-            let (count, size) = collection
-                .stored
-                .iter()
-                .chain(&collection.inline)
-                .fold((0u64, 0u64), |(n, total), (_, size)| {
-                    (n + 1, total + u64::try_from(*size).unwrap_or(0))
-                });
-            collection.commit().await?;
-            blobs += count;
-            bytes += size;
-            self.store.metrics().swept_blobs(count, size);
-            if (shas.len() as u64) < self.settings.batch {
-                return Ok((blobs, bytes));
+            if !page.candidates.is_empty() {
+                let (count, size) = self.collect_batch(&page.candidates, cutoff, now).await?;
+                blobs += count;
+                bytes += size;
+            }
+            match page.next {
+                Some(next) => after = next,
+                None => return Ok((blobs, bytes)),
             }
         }
+    }
+
+    /// Collects one batch: its rows are marked collected and stay locked while their bytes
+    /// are deleted, then it commits. Returns the blobs and bytes collected.
+    async fn collect_batch(
+        &self,
+        candidates: &[String],
+        cutoff: Timestamp,
+        now: Timestamp,
+    ) -> Result<(u64, u64), Error> {
+        let collection = self.store.collect_blobs(candidates, cutoff, now).await?;
+        self.blobs.delete_blobs(&collection.stored_at).await?;
+        let (count, size) = collection
+            .stored
+            .iter()
+            .chain(&collection.inline)
+            .fold((0u64, 0u64), |(n, total), (_, size)| {
+                (n + 1, total + u64::try_from(*size).unwrap_or(0))
+            });
+        collection.commit().await?;
+        self.store.metrics().swept_blobs(count, size);
+        Ok((count, size))
     }
 
     /// Prunes rows of artifacts ended before now − retention whose every billed month has

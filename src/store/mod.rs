@@ -31,7 +31,7 @@ pub use lifecycle::PinChange;
 pub use locations::KeyLock;
 pub use quota::{QuotaBase, QuotaCheck};
 pub use retention::LiveArtifact;
-pub use sweep::{BlobCollection, BlobLease, EndedRow, SweepLock};
+pub use sweep::{BlobCollection, BlobLease, BlobPage, EndedRow, SweepLock};
 pub use usage::UsageAlert;
 
 /// Arbitrary but fixed key of the Postgres advisory lock that serialises migrations across

@@ -52,6 +52,15 @@ pub struct EndedRow {
     pub deleted_at: Timestamp,
 }
 
+/// One page of the blob index, for the collector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobPage {
+    /// The page's blobs that no artifact references (checked again under lock).
+    pub candidates: Vec<String>,
+    /// Where the next page starts, after this page's last blob; `None` after the last page.
+    pub next: Option<(i64, String)>,
+}
+
 /// A blob collection in progress: the rows are marked collected and locked until
 /// [`BlobCollection::commit`]; the caller deletes the stored bytes in between. Dropping it
 /// rolls back, so content whose bytes could not be deleted stays recorded as stored.
@@ -183,43 +192,57 @@ impl Store {
         Ok(ended.rows_affected)
     }
 
-    /// Up to `limit` blobs, after `after` in (last_ref_at, sha256) order, that look
-    /// collectable at `cutoff` (now − grace): stored, not leased since the cutoff, and
-    /// referenced by no artifact live after it. [`Store::collect_blobs`] checks again
-    /// under lock.
+    /// The next page of up to `limit` stored blobs not leased since `cutoff` (now − grace),
+    /// after `after` in (last_ref_at, sha256) order, and of them the ones referenced by no
+    /// artifact live after the cutoff: candidates [`Store::collect_blobs`] checks again
+    /// under lock. The page is taken from the `blobs_stored_last_ref` index first and only
+    /// its rows are checked for references, so each page costs `limit` index probes however
+    /// many blobs and artifacts there are (checking first let the planner hash-join every
+    /// blob with every artifact, over a second per page at a million).
     pub async fn blob_candidates(
         &self,
         cutoff: Timestamp,
         after: &(i64, String),
         limit: u64,
-    ) -> Result<Vec<(i64, String)>, Error> {
+    ) -> Result<BlobPage, Error> {
         let cutoff = cutoff.as_micros();
         let rows = self
             .db
             .query_all_raw(self.statement(
                 &format!(
-                    "SELECT last_ref_at, sha256 FROM blobs WHERE collected_at IS NULL \
-                     AND last_ref_at < ? AND (last_ref_at, sha256) > (?, ?) \
-                     AND {UNREFERENCED} ORDER BY last_ref_at, sha256 LIMIT ?"
+                    "SELECT blobs.last_ref_at, blobs.sha256, {UNREFERENCED} FROM \
+                     (SELECT last_ref_at, sha256 FROM blobs WHERE collected_at IS NULL \
+                      AND last_ref_at < ? AND (last_ref_at, sha256) > (?, ?) \
+                      ORDER BY last_ref_at, sha256 LIMIT ?) AS blobs \
+                     ORDER BY blobs.last_ref_at, blobs.sha256"
                 ),
                 vec![
                     cutoff.into(),
+                    cutoff.into(),
                     after.0.into(),
                     after.1.as_str().into(),
-                    cutoff.into(),
                     (limit as i64).into(),
                 ],
             ))
             .await
             .map_err(db_error)?;
-        rows.iter()
-            .map(|row| {
-                Ok((
-                    row.try_get_by_index(0).map_err(db_error)?,
-                    row.try_get_by_index(1).map_err(db_error)?,
-                ))
-            })
-            .collect()
+        let mut page = BlobPage {
+            candidates: Vec::new(),
+            next: None,
+        };
+        for row in &rows {
+            let last_ref_at: i64 = row.try_get_by_index(0).map_err(db_error)?;
+            let sha256: String = row.try_get_by_index(1).map_err(db_error)?;
+            let unreferenced: bool = row.try_get_by_index(2).map_err(db_error)?;
+            if unreferenced {
+                page.candidates.push(sha256.clone());
+            }
+            page.next = Some((last_ref_at, sha256));
+        }
+        if (rows.len() as u64) < limit {
+            page.next = None;
+        }
+        Ok(page)
     }
 
     /// Starts collecting `candidates`: locks their rows (skipping rows a push holds), and

@@ -126,7 +126,10 @@ pub fn zip64(args: &Zip64Args) -> anyhow::Result<()> {
         "{} entries, largest {big} bytes",
         args.entries + u64::from(big > 0)
     );
-    ensure!(listing == expected, "zipfile read {listing}, expected {expected}");
+    ensure!(
+        listing == expected,
+        "zipfile read {listing}, expected {expected}"
+    );
     let started = Instant::now();
     let unzip = Command::new("unzip")
         .args(["-t", "-qq"])
@@ -184,9 +187,14 @@ async fn push_small_files(port: u16, entries: u64) -> anyhow::Result<()> {
                     return anyhow::Ok(());
                 }
                 let byte = Bytes::from(vec![b'a' + (i % 26) as u8]);
-                small_push(&mut client, &bench_scope(), format!("folder/small/{i:07}"), byte)
-                    .await
-                    .with_context(|| format!("pushing small file {i}"))?;
+                small_push(
+                    &mut client,
+                    &bench_scope(),
+                    format!("folder/small/{i:07}"),
+                    byte,
+                )
+                .await
+                .with_context(|| format!("pushing small file {i}"))?;
             }
         }));
     }
