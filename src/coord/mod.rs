@@ -1,9 +1,13 @@
 //! Hot quota figures and reservations, per project: bytes stored, month-to-date egress, and
 //! the reservations of pushes and pulls in flight. They live in Redis when `REDIS_URL` is set
 //! (shared by replicas) and in process otherwise. The database stays the ledger: a missing
-//! figure is a *miss* that the caller rebuilds from the database, figures expire after
-//! [`FIGURE_TTL`] so any drift heals, and with Redis unreachable the service falls back to
-//! in-process figures and says so once.
+//! figure is a *miss* that the caller rebuilds from the database, and figures expire after
+//! [`FIGURE_TTL`] so any drift heals. With Redis configured and unreachable, a reservation
+//! is refused as [`Reserve::Unavailable`] (UNAVAILABLE to the client): falling back to this
+//! process alone would let replicas together pass a cap. A settle that cannot reach Redis
+//! is retried in the background until it can, in an idempotent form (the entry goes, the
+//! figure is forgotten and rebuilt from the database, which holds the change), so nothing
+//! is lost or counted twice across an outage.
 //!
 //! A figure counts only what the database holds (committed artifacts, recorded egress).
 //! Reservations are kept apart from it, one entry per holder with its own deadline, so a
@@ -62,6 +66,8 @@ pub enum Reserve {
     },
     /// The base figure is unknown: load it from the database, prime it, retry.
     Miss,
+    /// Redis is configured but does not answer: nothing was reserved; retry later.
+    Unavailable,
 }
 
 /// How a reservation entry ends (or shrinks) when usage is recorded against it.
@@ -145,6 +151,20 @@ redis.call('ZADD', KEYS[2], now_ms + ttl, ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[3], ttl)
 return {1, stored, others}
+"#;
+
+/// KEYS: figure, deadlines, amounts, generation. ARGV: id ('' for none), generation ttl.
+/// The idempotent form of a settle that could not reach Redis: the entry (if named) goes,
+/// and the figure is forgotten, so the next reservation rebuilds it from the database.
+const RESET: &str = r#"
+if ARGV[1] ~= '' then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+redis.call('DEL', KEYS[1])
+redis.call('INCR', KEYS[4])
+redis.call('EXPIRE', KEYS[4], ARGV[2])
+return 1
 "#;
 
 /// KEYS: figure, deadlines, amounts, generation. ARGV: id, bytes taken out of the entry
@@ -368,13 +388,19 @@ impl Counters {
                     .arg(millis(ttl))
                     .invoke_async(&mut redis.clone())
                     .await;
+                if result.is_ok() {
+                    self.redis_answered();
+                }
                 match result {
                     Ok((1, _, _)) => break 'outcome Reserve::Granted,
                     Ok((0, stored, reserved)) => {
                         break 'outcome Reserve::Denied { stored, reserved };
                     }
                     Ok(_) => break 'outcome Reserve::Miss,
-                    Err(e) => self.redis_failed(&e),
+                    Err(e) => {
+                        self.redis_failed(&e);
+                        break 'outcome Reserve::Unavailable;
+                    }
                 }
             }
             let mut local = self.local();
@@ -436,10 +462,12 @@ impl Counters {
                 .arg(GENERATION_TTL.as_secs())
                 .invoke_async(&mut redis.clone())
                 .await;
-            match result {
-                Ok(_) => return,
-                Err(e) => self.redis_failed(&e),
+            if let Err(e) = result {
+                self.redis_failed(&e);
+                let entry = (release == Release::All).then(|| id.to_owned());
+                self.reset_later(project, pool, entry);
             }
+            return;
         }
         let mut local = self.local();
         let now = Instant::now();
@@ -578,9 +606,49 @@ impl Counters {
                 .await;
             if let Err(e) = result {
                 self.redis_failed(&e);
+                self.reset_later(project, Pool::Storage, None);
             }
         }
         self.local().figures.remove(&key);
+    }
+
+    /// Retries, until Redis answers (for at most a reservation's lifetime, after which
+    /// everything a settle would have changed has lapsed anyway), the idempotent [`RESET`]
+    /// of a settle that failed: `entry`'s reservation goes and the pool's figure is
+    /// forgotten. On the task tracker, so shutdown waits for it.
+    fn reset_later(&self, project: &str, pool: Pool<'_>, entry: Option<String>) {
+        let figure = self.figure_key(project, pool);
+        let generation = self.generation_key(project, pool);
+        let (deadlines, amounts) = self.entry_keys(project, pool);
+        let Some(redis) = self.connection().cloned() else {
+            return;
+        };
+        let give_up = Instant::now() + self.inner.reservation_ttl;
+        self.spawn(async move {
+            let script = redis::Script::new(RESET);
+            let mut delay = Duration::from_millis(100);
+            loop {
+                tokio::time::sleep(delay).await;
+                let result: redis::RedisResult<i64> = script
+                    .key(&figure)
+                    .key(&deadlines)
+                    .key(&amounts)
+                    .key(&generation)
+                    .arg(entry.as_deref().unwrap_or(""))
+                    .arg(GENERATION_TTL.as_secs())
+                    .invoke_async(&mut redis.clone())
+                    .await;
+                match result {
+                    Ok(_) => return,
+                    Err(e) => crate::metrics::redis_error(&e),
+                }
+                if Instant::now() >= give_up {
+                    tracing::warn!(figure = %figure, "redis still unreachable: a settle was dropped; its figure and reservation lapse on their own");
+                    return;
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        });
     }
 
     /// Moves the deadline of every reservation this process still holds.
@@ -629,8 +697,16 @@ impl Counters {
         if !self.inner.redis_down_logged.swap(true, Ordering::SeqCst) {
             tracing::warn!(
                 error = %e,
-                "redis unavailable: quota figures fall back to the database and this process"
+                "redis unavailable: pushes and pulls that need a quota reservation answer \
+                 UNAVAILABLE until it answers again"
             );
+        }
+    }
+
+    /// Redis answered: says so once after an outage was logged.
+    fn redis_answered(&self) {
+        if self.inner.redis_down_logged.swap(false, Ordering::SeqCst) {
+            tracing::info!("redis reachable again: quota reservations resume");
         }
     }
 

@@ -107,6 +107,11 @@ impl Store {
     }
 }
 
+/// How long a call waits for a Postgres connection. sqlx keeps reconnecting meanwhile, so
+/// while Postgres is down (or restarting) a call answers UNAVAILABLE after this long rather
+/// than hanging until its deadline; a short blip is ridden out.
+const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn open(
     url: &str,
     max_connections: u32,
@@ -118,7 +123,11 @@ async fn open(
         .max_connections(max_connections)
         .min_connections(0)
         .connect_timeout(Duration::from_secs(10))
-        .acquire_timeout(Duration::from_secs(30))
+        .acquire_timeout(if url.starts_with("postgres") {
+            POSTGRES_ACQUIRE_TIMEOUT
+        } else {
+            Duration::from_secs(30)
+        })
         .sqlx_logging(false);
     if let Some(idle_timeout) = idle_timeout {
         options.idle_timeout(idle_timeout);

@@ -191,6 +191,12 @@ impl Metering {
                 .await
             {
                 Reserve::Miss => self.rebuild(project, pool).await?,
+                Reserve::Unavailable => {
+                    return Err(Error::Unavailable {
+                        what: "redis",
+                        cause: "quota reservations are kept in Redis, which does not answer".into(),
+                    });
+                }
                 other => return Ok(other),
             }
         }
