@@ -1088,9 +1088,12 @@ async fn postgres_bill_matches_plain_sql_over_raw_rows() {
     server.stop().await;
 }
 
-/// With Redis unreachable the service keeps working (and enforcing) from the database.
+/// With Redis configured and unreachable, a push that must reserve quota answers
+/// UNAVAILABLE and stores nothing (one process's own figures would let replicas together
+/// pass the limit); what reserves nothing still answers. `tests/restarts.rs` restarts a
+/// real Redis mid-run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_down_falls_back_to_the_database() {
+async fn redis_down_refuses_reservations_with_unavailable() {
     let Some(server) = TestServer::start_with(Backend::Sqlite, |c| {
         c.redis_url = Some("redis://127.0.0.1:1".into())
     })
@@ -1105,21 +1108,18 @@ async fn redis_down_falls_back_to_the_database() {
         metered_plan("tiny", pb::OveragePolicy::Block, Some(10_000)),
     )
     .await;
-    push(
+    let err = push(
         &mut c.artifacts,
         header(job("nr", "j"), "a"),
         &content(6000, 1),
     )
     .await
-    .expect("pushes work without Redis");
-    let err = push(
-        &mut c.artifacts,
-        header(job("nr", "j"), "b"),
-        &content(6000, 2),
-    )
-    .await
     .unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let err = stat(&mut c.artifacts, job("nr", "j"), "a")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "nothing stored");
     server.stop().await;
 }
 

@@ -187,8 +187,8 @@ static PROCESS: LazyLock<ProcessFamilies> = LazyLock::new(|| {
     let redis_errors = IntCounterVec::new(
         Opts::new(
             "artifactd_redis_errors_total",
-            "Redis errors by kind (connection, timeout, response, other); quota figures fall \
-             back to the database and this process while Redis fails.",
+            "Redis errors by kind (connection, timeout, response, other); while Redis fails, \
+             calls that need a quota reservation answer UNAVAILABLE.",
         ),
         &["kind"],
     )
