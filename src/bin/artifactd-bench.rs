@@ -119,6 +119,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 #[path = "artifactd-bench-parts/hash.rs"]
 mod hash;
+#[path = "artifactd-bench-parts/s3.rs"]
+mod s3;
 #[path = "artifactd-bench-parts/sweep.rs"]
 mod sweep;
 #[path = "artifactd-bench-parts/zip64.rs"]
@@ -217,6 +219,9 @@ enum BenchCommand {
     /// Postgres, with pushes and pulls alongside.
     #[command(name = "sweep", after_help = USAGE_NOTE)]
     Sweep(sweep::SweepArgs),
+    /// Push and Pull through artifactd on an S3 server vs direct object_store PUT/GET.
+    #[command(name = "s3", after_help = USAGE_NOTE)]
+    S3(s3::S3Args),
     /// Single-core SHA-256 rate: the server's hasher against the `sha2` crate.
     #[command(after_help = USAGE_NOTE)]
     Hash(hash::HashArgs),
@@ -345,6 +350,7 @@ fn main() -> ExitCode {
         BenchCommand::Archive(args) => archive(&args),
         BenchCommand::Sweep(args) => sweep::sweep(&args),
         BenchCommand::Hash(args) => hash::hash(&args),
+        BenchCommand::S3(args) => s3::s3(&args),
         BenchCommand::Zip64(args) => zip64::zip64(&args),
         BenchCommand::ServeBare { listen } => serve_bare(listen),
     };
