@@ -168,13 +168,7 @@ mod tests {
     /// once; a holder that vanishes without releasing frees it after its lifetime.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_holder_renewed_released_and_lapsing() {
-        let Ok(url) = std::env::var("TEST_REDIS_URL") else {
-            assert_ne!(
-                std::env::var("ARTIFACTD_REQUIRE_REDIS").as_deref(),
-                Ok("1"),
-                "ARTIFACTD_REQUIRE_REDIS=1 but TEST_REDIS_URL is unset"
-            );
-            eprintln!("skipping: TEST_REDIS_URL is unset");
+        let Some(url) = crate::coord::tests::redis_url() else {
             return;
         };
         let prefix = format!("unit-{}:", uuid::Uuid::new_v4().simple());

@@ -753,8 +753,23 @@ fn fresh(map: &HashMap<String, (i64, Instant)>, key: &str, now: Instant) -> Opti
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The Redis of the unit tests that need one (`TEST_REDIS_URL`); `None` (after saying so)
+    /// when unset, which `ARTIFACTD_REQUIRE_REDIS=1` turns into a failure.
+    pub(crate) fn redis_url() -> Option<String> {
+        let url = std::env::var("TEST_REDIS_URL").ok();
+        if url.is_none() {
+            assert_ne!(
+                std::env::var("ARTIFACTD_REQUIRE_REDIS").as_deref(),
+                Ok("1"),
+                "ARTIFACTD_REQUIRE_REDIS=1 but TEST_REDIS_URL is unset"
+            );
+            eprintln!("skipping: TEST_REDIS_URL is unset");
+        }
+        url
+    }
 
     #[tokio::test]
     async fn in_process_reservations_respect_the_limit() {
@@ -898,13 +913,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn crashed_holder_lapses_in_redis() {
-        let Ok(url) = std::env::var("TEST_REDIS_URL") else {
-            assert_ne!(
-                std::env::var("ARTIFACTD_REQUIRE_REDIS").as_deref(),
-                Ok("1"),
-                "ARTIFACTD_REQUIRE_REDIS=1 but TEST_REDIS_URL is unset"
-            );
-            eprintln!("skipping: TEST_REDIS_URL is unset");
+        let Some(url) = crate::coord::tests::redis_url() else {
             return;
         };
         let prefix = format!("unit-{}:", uuid::Uuid::new_v4().simple());
