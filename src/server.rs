@@ -286,6 +286,15 @@ pub async fn serve(
             )
             .router(),
         )
+        .merge(
+            crate::api::web::Web::new(
+                app.metering.clone(),
+                app.accounts.clone(),
+                app.auth.clone(),
+                app.tls.is_some(),
+            )
+            .router(),
+        )
         // Every route, downloads too, counted by its template and status.
         .layer(axum::middleware::from_fn_with_state(
             state,

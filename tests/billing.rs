@@ -11,11 +11,9 @@ mod common;
 use std::sync::Arc;
 
 use artifactd::domain::Timestamp;
-use artifactd::domain::metering::Meter;
-use artifactd::domain::{ArtifactPath, Clock, ManualClock, ProjectId, Scope, ScopeKind, Sha256};
+use artifactd::domain::{Clock, ManualClock, ProjectId, Scope, ScopeKind};
 use artifactd::pb::v1 as pb;
 use artifactd::server::{self, App};
-use artifactd::store::{NewArtifact, PushedBlob};
 use common::billing::*;
 use common::*;
 use prost::Message;
@@ -70,64 +68,6 @@ async fn assign(c: &mut Clients, project: &str, plan_id: &str) {
             project_id: project.into(),
             plan_id: plan_id.into(),
         })
-        .await
-        .unwrap();
-}
-
-/// Records an artifact of any logical size without streaming its bytes (the storage meter
-/// only reads the artifact log), through the same store call a push commits with.
-async fn record_artifact(
-    server: &TestServer,
-    project: &str,
-    path: &str,
-    size: i64,
-    expires_at: Option<Timestamp>,
-) {
-    let new = NewArtifact {
-        scope: Scope::parse("scope", project, ScopeKind::Job, "j").unwrap(),
-        path: ArtifactPath::parse("path", path).unwrap(),
-        size,
-        sha256: Sha256::parse("sha", &sha256_hex(path.as_bytes())).unwrap(),
-        mode: 0o644,
-        created_at: server.clock.now(),
-        expires_at,
-        upload_id: uuid::Uuid::new_v4().simple().to_string(),
-        record_ingress: false,
-    };
-    // The push's lease on its blob, as Push takes it before storing the bytes.
-    let epoch = server
-        .app
-        .store
-        .lease_blob(&new.sha256, size, new.created_at)
-        .await
-        .unwrap();
-    server
-        .app
-        .store
-        .commit_push(
-            &new,
-            false,
-            None,
-            &PushedBlob::Stored {
-                deduplicated: false,
-                epoch,
-            },
-        )
-        .await
-        .unwrap();
-}
-
-async fn egress(server: &TestServer, project: &str, bytes: i64, when: Timestamp) {
-    server
-        .app
-        .store
-        .record_usage(
-            &uuid::Uuid::new_v4().to_string(),
-            &ProjectId::parse("p", project).unwrap(),
-            Meter::Egress,
-            bytes,
-            when,
-        )
         .await
         .unwrap();
 }

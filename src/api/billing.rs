@@ -55,12 +55,12 @@ fn project_id(value: &str) -> Result<ProjectId, Status> {
 
 /// ListProjectsUsage page tokens: the last row's `total:project`, base64url. Opaque to
 /// clients; a token that does not decode is INVALID_ARGUMENT.
-fn encode_usage_token(total: i64, project: &str) -> String {
+pub(crate) fn encode_usage_token(total: i64, project: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{total}:{project}"))
 }
 
-fn decode_usage_token(token: &str) -> Result<(i64, String), Status> {
+pub(crate) fn decode_usage_token(token: &str) -> Result<(i64, String), Status> {
     use base64::Engine;
     let bad = || Error::invalid("page_token", "is not a token this listing returned");
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD

@@ -384,11 +384,10 @@ impl From<Error> for HttpError {
     }
 }
 
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        use tonic::Code;
-        let status = tonic::Status::from(self.0);
-        let code = match status.code() {
+/// The HTTP status of a gRPC code, for every route of the HTTP port.
+pub fn http_status(code: tonic::Code) -> StatusCode {
+    use tonic::Code;
+    match code {
             Code::InvalidArgument => StatusCode::BAD_REQUEST,
             Code::Unauthenticated => StatusCode::UNAUTHORIZED,
             Code::PermissionDenied => StatusCode::FORBIDDEN,
@@ -400,7 +399,13 @@ impl IntoResponse for HttpError {
             Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status = tonic::Status::from(self.0);
+        let code = http_status(status.code());
         let body = format!("{}\n", status.message());
         if code == StatusCode::UNAUTHORIZED {
             return (code, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response();

@@ -11,3 +11,4 @@ pub mod http;
 pub mod jobs;
 pub mod streams;
 pub mod tokens;
+pub mod web;

@@ -17,6 +17,6 @@ pub use artifacts::{
     PushSpec,
 };
 pub use jobs::Jobs;
-pub use metering::{Bill, DailyUsage, Metering, UsageReport};
+pub use metering::{Bill, DailyUsage, Metering, UsageRecord, UsageReport};
 pub use retention::{PolicyExpired, PolicyExpiredPages, Retention, RuleFigures};
 pub use sweeper::Sweeper;

@@ -282,6 +282,36 @@ impl Store {
             .collect()
     }
 
+    /// Up to `limit` projects that existed before `before`, by id, after `after`: the
+    /// projects a month's export covers (keyset paging on the primary key).
+    pub async fn project_ids_page(
+        &self,
+        before: Timestamp,
+        after: Option<&ProjectId>,
+        limit: u64,
+    ) -> Result<Vec<ProjectId>, Error> {
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT project_id FROM projects WHERE created_at < ? AND project_id > ? \
+                 ORDER BY project_id LIMIT ?",
+                vec![
+                    before.as_micros().into(),
+                    after.map_or("", ProjectId::as_str).into(),
+                    i64::try_from(limit).unwrap_or(i64::MAX).into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get_by_index(0).map_err(db_error)?;
+                ProjectId::parse("project_id", &id)
+                    .map_err(|_| Error::Internal(format!("bad project id {id:?} in projects")))
+            })
+            .collect()
+    }
+
     /// A page of `month`'s invoices, largest total first, then by project id, after the
     /// `(total, project)` of the previous page's last row (keyset paging: stable, and one
     /// index range scan whatever the page).

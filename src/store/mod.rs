@@ -2,6 +2,7 @@
 //! nowhere else.
 
 mod artifacts;
+mod breakdown;
 pub mod entities;
 mod invoices;
 mod jobs;
@@ -24,6 +25,7 @@ use crate::domain::Error;
 
 pub use crate::domain::ProjectRecord;
 pub use crate::domain::metering::ProjectTotals as InvoiceSummary;
+pub use breakdown::{StoredArtifact, StoredScope};
 pub use artifacts::{NewArtifact, PushCommit, PushedBlob, already_exists, content_collected};
 pub use invoices::Invoice;
 pub use jobs::LatestPins;

@@ -3,7 +3,9 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use artifactd::domain::Timestamp;
+use artifactd::domain::metering::Meter;
+use artifactd::domain::{ArtifactPath, Clock, ProjectId, Scope, ScopeKind, Sha256, Timestamp};
+use artifactd::store::{NewArtifact, PushedBlob};
 use artifactd::domain::metering::days_from_civil;
 use artifactd::pb::v1::{
     self as pb, artifact_service_client::ArtifactServiceClient,
@@ -13,7 +15,7 @@ use artifactd::pb::v1::{
 };
 use tonic::transport::Channel;
 
-use super::TestServer;
+use super::{TestServer, sha256_hex};
 
 /// `h` o'clock on `y`-`m`-`d`, UTC.
 pub fn at(y: i32, m: u32, d: u32, h: i64) -> Timestamp {
@@ -68,6 +70,80 @@ pub async fn put_on_plan(c: &mut Clients, project: &str, plan: pb::Plan) {
             project_id: project.into(),
             plan_id,
         })
+        .await
+        .unwrap();
+}
+
+/// Records an artifact of any logical size without streaming its bytes (the storage meter
+/// only reads the artifact log), through the same store call a push commits with.
+pub async fn record_artifact(
+    server: &TestServer,
+    project: &str,
+    path: &str,
+    size: i64,
+    expires_at: Option<Timestamp>,
+) {
+    let new = NewArtifact {
+        scope: Scope::parse("scope", project, ScopeKind::Job, "j").unwrap(),
+        path: ArtifactPath::parse("path", path).unwrap(),
+        size,
+        sha256: Sha256::parse("sha", &sha256_hex(path.as_bytes())).unwrap(),
+        mode: 0o644,
+        created_at: server.clock.now(),
+        expires_at,
+        upload_id: uuid::Uuid::new_v4().simple().to_string(),
+        record_ingress: false,
+    };
+    // The push's lease on its blob, as Push takes it before storing the bytes.
+    let epoch = server
+        .app
+        .store
+        .lease_blob(&new.sha256, size, new.created_at)
+        .await
+        .unwrap();
+    server
+        .app
+        .store
+        .commit_push(
+            &new,
+            false,
+            None,
+            &PushedBlob::Stored {
+                deduplicated: false,
+                epoch,
+            },
+        )
+        .await
+        .unwrap();
+}
+
+pub async fn egress(server: &TestServer, project: &str, bytes: i64, when: Timestamp) {
+    server
+        .app
+        .store
+        .record_usage(
+            &uuid::Uuid::new_v4().to_string(),
+            &ProjectId::parse("p", project).unwrap(),
+            Meter::Egress,
+            bytes,
+            when,
+        )
+        .await
+        .unwrap();
+}
+
+/// Records `bytes` of ingress at `when`, as a push's commit would.
+pub async fn ingress(server: &TestServer, project: &str, bytes: i64, when: Timestamp) {
+    server
+        .app
+        .store
+        .record_usage(
+            &uuid::Uuid::new_v4().to_string(),
+            &ProjectId::parse("p", project).unwrap(),
+            Meter::Ingress,
+            bytes,
+            when,
+        )
         .await
         .unwrap();
 }

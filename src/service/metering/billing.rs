@@ -657,7 +657,7 @@ impl Draft {
 
 /// The exclusive end of network records counted up to `to` at `now`: a record dated this
 /// very microsecond counts, nothing later does.
-fn network_end(to: Timestamp, now: Timestamp) -> Timestamp {
+pub(super) fn network_end(to: Timestamp, now: Timestamp) -> Timestamp {
     to.min(now.saturating_add_micros(1))
 }
 

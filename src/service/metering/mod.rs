@@ -6,6 +6,7 @@
 //!   cap, with reservations that are released exactly.
 //! - [`egress`]: the Pull stream wrapper that records the bytes handed to clients.
 //! - [`alerts`]: threshold crossings, recorded once per meter and month.
+//! - [`export`]: a month's usage as per-day records with deterministic ids, for finance.
 //!
 //! The hot figures in [`Counters`] only make enforcement fast and are rebuilt from the same
 //! rows when missing.
@@ -14,6 +15,7 @@ mod alerts;
 mod billing;
 mod egress;
 mod enforcement;
+mod export;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -27,6 +29,7 @@ use crate::store::{ProjectRecord, Store};
 pub use billing::MAX_DAILY_RANGE_DAYS;
 pub use egress::EGRESS_CHECKPOINT_BYTES;
 pub use enforcement::Reservation;
+pub use export::{EXPORT_PROJECTS_PAGE, UsageRecord};
 
 #[derive(Clone)]
 pub struct Metering {

@@ -1,0 +1,326 @@
+#![allow(clippy::unwrap_used)]
+//! The finance export over the real HTTP port: a month with a plan change in the middle of
+//! a day, a plan version update, an artifact that expires, egress and ingress, exported as
+//! CSV and as JSON lines, parsed back and reconciled exactly (to the byte-microsecond) with
+//! the month's invoice and GetBill; a repeated export has the same ids; every project's
+//! export pages through the projects; bad requests get their status and message.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+
+use artifactd::domain::{Clock, ProjectId};
+use artifactd::domain::metering::{Month, Quantity};
+use artifactd::pb::v1 as pb;
+use common::billing::*;
+use common::http::get;
+use common::*;
+use hyper::StatusCode;
+
+on_both_backends!(
+    exports_reconcile_with_the_closed_invoice_and_the_open_bill,
+    every_project_is_exported_a_page_at_a_time,
+);
+
+const GIB: i64 = 1 << 30;
+
+fn plan(id: &str, included: i64, storage: i64, egress: i64) -> pb::Plan {
+    pb::Plan {
+        id: id.into(),
+        name: format!("Plan {id}"),
+        currency: "USD".into(),
+        included_storage_gib_months: included,
+        included_egress_gib: included,
+        storage_price_micros: storage,
+        egress_price_micros: egress,
+        ingress_price_micros: 10_000,
+        storage_limit_bytes: None,
+        max_artifact_bytes: 100 * GIB,
+        max_retention_days: 365,
+        overage_policy: pb::OveragePolicy::Bill as i32,
+        version: 0,
+    }
+}
+
+/// One parsed record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    event_id: String,
+    project: String,
+    meter: String,
+    day: String,
+    plan: String,
+    version: i32,
+    /// Exact: byte-microseconds for storage, bytes for network.
+    quantity: i128,
+    unit: String,
+    closed: bool,
+}
+
+/// `"123.000456"` byte-seconds → byte-microseconds, exactly.
+fn exact(quantity: &str, unit: &str) -> i128 {
+    match unit {
+        "byte" => quantity.parse().unwrap(),
+        "byte-second" => {
+            let (whole, frac) = quantity.split_once('.').unwrap();
+            assert_eq!(frac.len(), 6, "{quantity}");
+            whole.parse::<i128>().unwrap() * 1_000_000 + frac.parse::<i128>().unwrap()
+        }
+        other => panic!("unit {other}"),
+    }
+}
+
+fn parse_csv(body: &str) -> Vec<Record> {
+    let mut lines = body.split("\r\n");
+    assert_eq!(
+        lines.next().unwrap(),
+        "event_id,project_id,meter,day,period_start,period_end,plan_id,plan_version,quantity,unit,closed"
+    );
+    lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            assert_eq!(f.len(), 11, "{l}");
+            Record {
+                event_id: f[0].into(),
+                project: f[1].into(),
+                meter: f[2].into(),
+                day: f[3].into(),
+                plan: f[6].into(),
+                version: f[7].parse().unwrap(),
+                quantity: exact(f[8], f[9]),
+                unit: f[9].into(),
+                closed: f[10] == "true",
+            }
+        })
+        .collect()
+}
+
+fn parse_jsonl(body: &str) -> Vec<Record> {
+    body.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let s = |k: &str| v[k].as_str().unwrap().to_owned();
+            Record {
+                event_id: s("event_id"),
+                project: s("project_id"),
+                meter: s("meter"),
+                day: s("day"),
+                plan: s("plan_id"),
+                version: v["plan_version"].as_i64().unwrap() as i32,
+                quantity: exact(&s("quantity"), &s("unit")),
+                unit: s("unit"),
+                closed: v["closed"].as_bool().unwrap(),
+            }
+        })
+        .collect()
+}
+
+async fn export(server: &TestServer, query: &str) -> (Vec<Record>, Vec<Record>, String) {
+    let csv = get(server.http_addr, &format!("/api/v1/usage/export?{query}&format=csv"), &[]).await;
+    assert_eq!(csv.status, StatusCode::OK, "{}", csv.text());
+    assert_eq!(csv.header("content-type"), "text/csv; charset=utf-8");
+    let jsonl = get(server.http_addr, &format!("/api/v1/usage/export?{query}&format=jsonl"), &[]).await;
+    assert_eq!(jsonl.status, StatusCode::OK, "{}", jsonl.text());
+    (parse_csv(&csv.text()), parse_jsonl(&jsonl.text()), csv.text())
+}
+
+/// Checks that `records` of `project` add up, per (meter, plan, version), to the usage of
+/// each line of `bill` exactly, and that every line has its records.
+fn reconcile(records: &[Record], project: &str, month: Month, lines: &[artifactd::domain::metering::LineItem]) {
+    let mut sums: BTreeMap<(String, String, i32), i128> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.project == project) {
+        *sums
+            .entry((r.meter.clone(), r.plan.clone(), r.version))
+            .or_default() += r.quantity;
+    }
+    let mut seen = 0;
+    for line in lines.iter().filter(|l| l.correction_for.is_none()) {
+        let key = (line.meter.as_str().to_owned(), line.plan_id.clone(), line.plan_version);
+        let sum = sums.get(&key).copied().unwrap_or_else(|| panic!("no records for {key:?}"));
+        let exported = match line.meter.as_str() {
+            "storage" => Quantity::gib_months(sum, month),
+            _ => Quantity::gib(sum),
+        }
+        .reduced();
+        assert_eq!(exported, line.usage.reduced(), "{key:?}: exported {sum}");
+        seen += 1;
+    }
+    assert_eq!(seen, sums.len(), "records of (meter, plan) no line bills: {sums:?}");
+}
+
+async fn exports_reconcile_with_the_closed_invoice_and_the_open_bill(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let mut c = clients(&server).await;
+    put_on_plan(&mut c, "pro", plan("a", 1, 1_000_000, 1_000_000)).await;
+    c.plans
+        .create_plan(pb::CreatePlanRequest {
+            plan: Some(plan("b", 2, 3_000_000, 2_000_000)),
+        })
+        .await
+        .unwrap();
+    // November: 2 GiB stored all month from 03:00 on the 1st; 700 MiB from the 18th that
+    // expires on the 25th at noon; egress and ingress on several days; plan b from the 16th
+    // at 05:30 (mid-day), whose prices change (version 2) on the 20th at 12:00.
+    server.clock.set(at(2026, 11, 1, 3));
+    record_artifact(&server, "pro", "big.bin", 2 * GIB, None).await;
+    egress(&server, "pro", GIB, at(2026, 11, 10, 7)).await;
+    ingress(&server, "pro", 3 * GIB / 2, at(2026, 11, 12, 1)).await;
+    server.clock.set(at(2026, 11, 16, 5).saturating_add_micros(1_800_000_000));
+    egress(&server, "pro", 123_456_789, at(2026, 11, 16, 4)).await;
+    c.plans
+        .assign_plan(pb::AssignPlanRequest {
+            project_id: "pro".into(),
+            plan_id: "b".into(),
+        })
+        .await
+        .unwrap();
+    egress(&server, "pro", 987_654_321, at(2026, 11, 16, 9)).await;
+    server.clock.set(at(2026, 11, 18, 0).saturating_add_micros(123_457));
+    record_artifact(&server, "pro", "mid.bin", 700 << 20, Some(at(2026, 11, 25, 12))).await;
+    server.clock.set(at(2026, 11, 20, 12));
+    c.plans
+        .update_plan(pb::UpdatePlanRequest {
+            plan: Some(plan("b", 2, 4_000_000, 2_500_000)),
+        })
+        .await
+        .unwrap();
+    egress(&server, "pro", 5 * GIB, at(2026, 11, 28, 23)).await;
+
+    // The open month, mid-way: the records so far add up to the draft's lines.
+    server.clock.set(at(2026, 11, 22, 6));
+    let nov = Month::parse("m", "2026-11").unwrap();
+    let (csv, jsonl, _) = export(&server, "month=2026-11&project=pro").await;
+    assert_eq!(csv, jsonl, "CSV and JSON lines hold the same records");
+    assert!(csv.iter().all(|r| !r.closed));
+    assert_eq!(csv.last().unwrap().day, "2026-11-22", "no record after today");
+    let pro = ProjectId::parse("p", "pro").unwrap();
+    let open = server.app.metering.bill(&pro, nov).await.unwrap();
+    reconcile(&csv, "pro", nov, &open.lines);
+
+    // December, after the grace: November is closed; its export reconciles with the
+    // stored invoice and with GetBill.
+    server.clock.set(at(2026, 12, 1, 2));
+    let got = c
+        .usage
+        .get_bill(pb::GetBillRequest {
+            project_id: "pro".into(),
+            month: "2026-11".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.closed);
+    let invoice = server.app.store.invoice(&pro, nov).await.unwrap().unwrap();
+    let (csv, jsonl, text) = export(&server, "month=2026-11&project=pro").await;
+    assert_eq!(csv, jsonl);
+    assert!(csv.iter().all(|r| r.closed && r.project == "pro"));
+    reconcile(&csv, "pro", nov, &invoice.lines);
+    // One record per meter and day, plus one per meter for the day the plan changed in
+    // its middle (16th, 05:30); the version change at 12:00 on the 20th splits that day too.
+    assert_eq!(csv.len(), 3 * (30 + 2));
+    let versions: HashSet<(String, i32)> = csv.iter().map(|r| (r.plan.clone(), r.version)).collect();
+    assert_eq!(
+        versions,
+        HashSet::from([("a".into(), 1), ("b".into(), 1), ("b".into(), 2)])
+    );
+    // The bill's lines as GetBill shows them are those the records reconcile with.
+    assert_eq!(got.line_items.len(), invoice.lines.len());
+    for (shown, line) in got.line_items.iter().zip(&invoice.lines) {
+        assert_eq!(shown.usage, line.usage.to_decimal());
+        assert_eq!(shown.amount_micros, line.amount_micros as i64);
+    }
+    assert_eq!(got.total_micros, invoice.total_micros as i64);
+    // Every id is unique, and a repeated export is the same bytes.
+    let ids: HashSet<&str> = csv.iter().map(|r| r.event_id.as_str()).collect();
+    assert_eq!(ids.len(), csv.len());
+    assert_eq!(export(&server, "month=2026-11&project=pro").await.2, text);
+    // Later plan changes and price updates never move a closed month's export.
+    c.plans
+        .update_plan(pb::UpdatePlanRequest {
+            plan: Some(plan("b", 0, 9_000_000, 9_000_000)),
+        })
+        .await
+        .unwrap();
+    server.clock.set(at(2026, 12, 3, 0));
+    assert_eq!(export(&server, "month=2026-11&project=pro").await.2, text);
+
+    // The open month (December, to date) reconciles with its draft; its ids stay the same
+    // as the day goes on while the quantities grow.
+    let dec = Month::parse("m", "2026-12").unwrap();
+    let (first, _, _) = export(&server, "month=2026-12&project=pro").await;
+    let open = server.app.metering.bill(&pro, dec).await.unwrap();
+    reconcile(&first, "pro", dec, &open.lines);
+    server.clock.set(at(2026, 12, 3, 5));
+    let (later, _, _) = export(&server, "month=2026-12&project=pro").await;
+    assert_eq!(
+        first.iter().map(|r| &r.event_id).collect::<Vec<_>>(),
+        later.iter().map(|r| &r.event_id).collect::<Vec<_>>()
+    );
+    let storage_today = |rs: &[Record]| {
+        rs.iter()
+            .find(|r| r.day == "2026-12-03" && r.meter == "storage")
+            .unwrap()
+            .quantity
+    };
+    assert_eq!(storage_today(&first), 0);
+    assert_eq!(storage_today(&later), i128::from(2 * GIB) * 5 * 3_600_000_000);
+    assert!(first.iter().all(|r| r.unit == if r.meter == "storage" { "byte-second" } else { "byte" }));
+
+    // Bad requests: the status and the message a user sees.
+    for (query, status, message) in [
+        ("format=csv", StatusCode::BAD_REQUEST, "month: \"\" is not a month in YYYY-MM form"),
+        ("month=2026-13", StatusCode::BAD_REQUEST, "month: \"2026-13\" is not a month in YYYY-MM form"),
+        ("month=2026-11&format=xml", StatusCode::BAD_REQUEST, "format: \"xml\" is not an export format: csv or jsonl"),
+        ("month=2026-11&project=nobody", StatusCode::NOT_FOUND, "no project nobody"),
+        ("month=2026-11&project=a/b", StatusCode::BAD_REQUEST, "project"),
+    ] {
+        let reply = get(server.http_addr, &format!("/api/v1/usage/export?{query}"), &[]).await;
+        assert_eq!(reply.status, status, "{query}: {}", reply.text());
+        assert!(reply.text().contains(message), "{query}: {}", reply.text());
+    }
+    server.stop().await;
+}
+
+/// Every project's export reads the projects a page at a time (100 a page): 102 projects
+/// come out once each, in id order, and one created after the month is not in it.
+async fn every_project_is_exported_a_page_at_a_time(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    server.clock.set(at(2026, 11, 30, 0));
+    let mut expected = Vec::new();
+    for i in 0..102 {
+        let id = format!("p{i:03}");
+        server
+            .app
+            .store
+            .ensure_project(&ProjectId::parse("p", &id).unwrap(), "free", server.clock.now())
+            .await
+            .unwrap();
+        expected.push(id);
+    }
+    record_artifact(&server, "p101", "x.bin", 1 << 20, None).await;
+    server.clock.set(at(2026, 12, 1, 2));
+    server
+        .app
+        .store
+        .ensure_project(&ProjectId::parse("p", "late").unwrap(), "free", server.clock.now())
+        .await
+        .unwrap();
+    let (csv, jsonl, _) = export(&server, "month=2026-11").await;
+    assert_eq!(csv, jsonl);
+    let mut projects: Vec<String> = csv.iter().map(|r| r.project.clone()).collect();
+    projects.dedup();
+    assert_eq!(projects, expected);
+    assert_eq!(csv.len(), 102 * 30 * 3);
+    let stored: i128 = csv
+        .iter()
+        .filter(|r| r.project == "p101" && r.meter == "storage")
+        .map(|r| r.quantity)
+        .sum();
+    assert_eq!(stored, i128::from(1 << 20) * 86_400 * 1_000_000);
+    server.stop().await;
+}
