@@ -1596,3 +1596,285 @@ async fn probes_and_metrics_are_open_and_name_no_project() {
     }
     server.stop().await;
 }
+
+/// The usage pages and the export × every role × own and other project, by bearer header
+/// and by the session cookie the sign-in form sets: 200 when the matrix allows, 403 when
+/// not; without credentials pages redirect to the sign-in form and the export is 401. The
+/// form checks Origin and the token, refuses job tokens, and sign-out clears the cookie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_pages_and_export_for_every_role() {
+    use common::http::{get, send, send_body};
+    use hyper::{Method, StatusCode};
+
+    let (server, mut c) = secured_server().await;
+    let addr = server.http_addr;
+    let admin = token("admin", None, None, None);
+    for project_id in ["p", "q"] {
+        assert_eq!(
+            push_as(&mut c, &admin, project(project_id), "a.txt").await,
+            Code::Ok
+        );
+    }
+    let principals = [
+        ("job", token("job", Some("p"), Some("w1"), Some("j1"))),
+        ("maintainer", token("maintainer", Some("p"), None, None)),
+        (
+            "billing_reader",
+            token("billing_reader", Some("p"), None, None),
+        ),
+        (
+            "billing_reader_all",
+            token("billing_reader", None, None, None),
+        ),
+        ("admin", admin.clone()),
+    ];
+    let origin = format!("http://{addr}");
+    // Every route: (route, who may) — the others get 403.
+    let routes: [(&str, &[&str]); 6] = [
+        (
+            "/api/v1/usage/export?month=2026-11&project=p",
+            &[
+                "maintainer",
+                "billing_reader",
+                "billing_reader_all",
+                "admin",
+            ],
+        ),
+        (
+            "/api/v1/usage/export?month=2026-11&project=q",
+            &["billing_reader_all", "admin"],
+        ),
+        // No project: the token's own, or every project for those who may read all.
+        (
+            "/api/v1/usage/export?month=2026-11",
+            &[
+                "maintainer",
+                "billing_reader",
+                "billing_reader_all",
+                "admin",
+            ],
+        ),
+        (
+            "/ui/projects/p?month=2026-11",
+            &[
+                "maintainer",
+                "billing_reader",
+                "billing_reader_all",
+                "admin",
+            ],
+        ),
+        (
+            "/ui/projects/q?month=2026-11",
+            &["billing_reader_all", "admin"],
+        ),
+        ("/ui/?month=2026-11", &["billing_reader_all", "admin"]),
+    ];
+    for (role, token) in &principals {
+        // The same token as a bearer header, and as the cookie the form sets.
+        let bearer = format!("Bearer {token}");
+        let signed_in = send_body(
+            addr,
+            Method::POST,
+            "/ui/sign-in",
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("origin", &origin),
+            ],
+            &format!("token={token}&next="),
+        )
+        .await;
+        let cookie = if *role == "job" {
+            assert_eq!(
+                signed_in.status,
+                StatusCode::FORBIDDEN,
+                "{}",
+                signed_in.text()
+            );
+            assert!(signed_in.text().contains("a job token may not read usage"));
+            assert_eq!(signed_in.header("set-cookie"), "");
+            format!("artifactd_session={token}")
+        } else {
+            assert_eq!(
+                signed_in.status,
+                StatusCode::SEE_OTHER,
+                "{role}: {}",
+                signed_in.text()
+            );
+            let set = signed_in.header("set-cookie").to_owned();
+            assert_eq!(
+                set,
+                format!("artifactd_session={token}; HttpOnly; SameSite=Strict; Path=/"),
+                "{role}"
+            );
+            let home = match *role {
+                "admin" | "billing_reader_all" => "/ui/",
+                _ => "/ui/projects/p",
+            };
+            assert_eq!(signed_in.header("location"), home, "{role}");
+            set.split(';').next().unwrap().to_owned()
+        };
+        for (how, header) in [
+            ("authorization", bearer.as_str()),
+            ("cookie", cookie.as_str()),
+        ] {
+            for (route, who) in &routes {
+                let reply = get(addr, route, &[(how, header)]).await;
+                let at = format!("{role} by {how} on {route}");
+                if who.contains(role) {
+                    assert_eq!(reply.status, StatusCode::OK, "{at}: {}", reply.text());
+                } else if route.starts_with("/ui/?") && *role != "job" {
+                    // A token of one project is sent to its page.
+                    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{at}");
+                    assert_eq!(reply.header("location"), "/ui/projects/p", "{at}");
+                } else {
+                    assert_eq!(
+                        reply.status,
+                        StatusCode::FORBIDDEN,
+                        "{at}: {}",
+                        reply.text()
+                    );
+                    assert!(
+                        reply.text().contains("may not read"),
+                        "{at}: {}",
+                        reply.text()
+                    );
+                }
+            }
+        }
+        // Tokens never come from the URL here.
+        let reply = get(
+            addr,
+            &format!("/api/v1/usage/export?month=2026-11&job_token={token}"),
+            &[],
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{role}");
+    }
+    // What a billing_reader of p exports is p's alone.
+    let reader = token("billing_reader", Some("p"), None, None);
+    let own = get(
+        addr,
+        "/api/v1/usage/export?month=2026-11&format=jsonl",
+        &[("authorization", &format!("Bearer {reader}"))],
+    )
+    .await;
+    assert!(!own.body.is_empty());
+    assert!(
+        own.text()
+            .lines()
+            .all(|l| l.contains("\"project_id\":\"p\"")),
+        "{}",
+        own.text()
+    );
+
+    // Without credentials: pages send to the form (coming back after), the export is 401.
+    for route in ["/ui/", "/ui/projects/p?month=2026-11"] {
+        let reply = get(addr, route, &[]).await;
+        assert_eq!(reply.status, StatusCode::SEE_OTHER, "{route}");
+        assert!(
+            reply.header("location").starts_with("/ui/sign-in"),
+            "{route}"
+        );
+    }
+    assert_eq!(
+        get(addr, "/ui/projects/p?month=2026-11", &[])
+            .await
+            .header("location"),
+        "/ui/sign-in?next=/ui/projects/p%3Fmonth%3D2026-11"
+    );
+    for headers in [
+        vec![],
+        vec![("cookie", "artifactd_session=x.y.z")],
+        vec![("authorization", "Bearer nope")],
+    ] {
+        let reply = get(addr, "/api/v1/usage/export?month=2026-11", &headers).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{headers:?}");
+        assert_eq!(reply.header("www-authenticate"), "Bearer");
+    }
+    // A bad cookie on a page: back to the form.
+    let reply = get(addr, "/ui/", &[("cookie", "artifactd_session=x.y.z")]).await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER);
+
+    // The form: served to anyone, no state changed by GET.
+    let form = get(addr, "/ui/sign-in", &[]).await;
+    assert_eq!(form.status, StatusCode::OK);
+    assert!(
+        form.text()
+            .contains("<form class=\"signin\" method=\"post\" action=\"/ui/sign-in\">")
+    );
+    assert_eq!(
+        get(addr, "/ui/sign-out", &[]).await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    let body = format!("token={admin}");
+    // Another site's form, or none named: refused, no cookie.
+    for bad in [Some("http://evil.example"), Some("null"), None] {
+        let mut headers = vec![("content-type", "application/x-www-form-urlencoded")];
+        if let Some(o) = bad {
+            headers.push(("origin", o));
+        }
+        let reply = send_body(addr, Method::POST, "/ui/sign-in", &headers, &body).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{bad:?}");
+        assert_eq!(reply.header("set-cookie"), "", "{bad:?}");
+        assert!(reply.text().contains("Origin"), "{bad:?}: {}", reply.text());
+    }
+    // A bad token: 401 with the reason, never echoed back.
+    let reply = send_body(
+        addr,
+        Method::POST,
+        "/ui/sign-in",
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("origin", &origin),
+        ],
+        &format!("token={admin}x"),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        reply
+            .text()
+            .contains("the token&#39;s signature is not valid")
+            || reply.text().contains("signature"),
+        "{}",
+        reply.text()
+    );
+    assert!(!reply.text().contains(&admin), "the token is never echoed");
+    // A return address elsewhere is ignored.
+    let reply = send_body(
+        addr,
+        Method::POST,
+        "/ui/sign-in",
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("origin", &origin),
+        ],
+        &format!("token={admin}&next=%2F%2Fevil.example%2F"),
+    )
+    .await;
+    assert_eq!(reply.header("location"), "/ui/");
+    // Sign-out: checks Origin, then clears the cookie.
+    let out = send(
+        addr,
+        Method::POST,
+        "/ui/sign-out",
+        &[("origin", "http://evil.example")],
+    )
+    .await;
+    assert_eq!(out.status, StatusCode::FORBIDDEN);
+    assert_eq!(out.header("set-cookie"), "");
+    let out = send(addr, Method::POST, "/ui/sign-out", &[("origin", &origin)]).await;
+    assert_eq!(out.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        out.header("set-cookie"),
+        "artifactd_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"
+    );
+    assert_eq!(out.header("location"), "/ui/sign-in");
+    // The stylesheet needs no token.
+    let css = get(addr, "/ui/style.css", &[]).await;
+    assert_eq!(
+        (css.status, css.header("content-type")),
+        (StatusCode::OK, "text/css; charset=utf-8")
+    );
+    server.stop().await;
+}

@@ -9,8 +9,8 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 
-use artifactd::domain::{Clock, ProjectId};
 use artifactd::domain::metering::{Month, Quantity};
+use artifactd::domain::{Clock, ProjectId};
 use artifactd::pb::v1 as pb;
 use common::billing::*;
 use common::http::get;
@@ -117,17 +117,36 @@ fn parse_jsonl(body: &str) -> Vec<Record> {
 }
 
 async fn export(server: &TestServer, query: &str) -> (Vec<Record>, Vec<Record>, String) {
-    let csv = get(server.http_addr, &format!("/api/v1/usage/export?{query}&format=csv"), &[]).await;
+    let csv = get(
+        server.http_addr,
+        &format!("/api/v1/usage/export?{query}&format=csv"),
+        &[],
+    )
+    .await;
     assert_eq!(csv.status, StatusCode::OK, "{}", csv.text());
     assert_eq!(csv.header("content-type"), "text/csv; charset=utf-8");
-    let jsonl = get(server.http_addr, &format!("/api/v1/usage/export?{query}&format=jsonl"), &[]).await;
+    let jsonl = get(
+        server.http_addr,
+        &format!("/api/v1/usage/export?{query}&format=jsonl"),
+        &[],
+    )
+    .await;
     assert_eq!(jsonl.status, StatusCode::OK, "{}", jsonl.text());
-    (parse_csv(&csv.text()), parse_jsonl(&jsonl.text()), csv.text())
+    (
+        parse_csv(&csv.text()),
+        parse_jsonl(&jsonl.text()),
+        csv.text(),
+    )
 }
 
 /// Checks that `records` of `project` add up, per (meter, plan, version), to the usage of
 /// each line of `bill` exactly, and that every line has its records.
-fn reconcile(records: &[Record], project: &str, month: Month, lines: &[artifactd::domain::metering::LineItem]) {
+fn reconcile(
+    records: &[Record],
+    project: &str,
+    month: Month,
+    lines: &[artifactd::domain::metering::LineItem],
+) {
     let mut sums: BTreeMap<(String, String, i32), i128> = BTreeMap::new();
     for r in records.iter().filter(|r| r.project == project) {
         *sums
@@ -136,8 +155,15 @@ fn reconcile(records: &[Record], project: &str, month: Month, lines: &[artifactd
     }
     let mut seen = 0;
     for line in lines.iter().filter(|l| l.correction_for.is_none()) {
-        let key = (line.meter.as_str().to_owned(), line.plan_id.clone(), line.plan_version);
-        let sum = sums.get(&key).copied().unwrap_or_else(|| panic!("no records for {key:?}"));
+        let key = (
+            line.meter.as_str().to_owned(),
+            line.plan_id.clone(),
+            line.plan_version,
+        );
+        let sum = sums
+            .get(&key)
+            .copied()
+            .unwrap_or_else(|| panic!("no records for {key:?}"));
         let exported = match line.meter.as_str() {
             "storage" => Quantity::gib_months(sum, month),
             _ => Quantity::gib(sum),
@@ -146,7 +172,11 @@ fn reconcile(records: &[Record], project: &str, month: Month, lines: &[artifactd
         assert_eq!(exported, line.usage.reduced(), "{key:?}: exported {sum}");
         seen += 1;
     }
-    assert_eq!(seen, sums.len(), "records of (meter, plan) no line bills: {sums:?}");
+    assert_eq!(
+        seen,
+        sums.len(),
+        "records of (meter, plan) no line bills: {sums:?}"
+    );
 }
 
 async fn exports_reconcile_with_the_closed_invoice_and_the_open_bill(backend: Backend) {
@@ -168,7 +198,9 @@ async fn exports_reconcile_with_the_closed_invoice_and_the_open_bill(backend: Ba
     record_artifact(&server, "pro", "big.bin", 2 * GIB, None).await;
     egress(&server, "pro", GIB, at(2026, 11, 10, 7)).await;
     ingress(&server, "pro", 3 * GIB / 2, at(2026, 11, 12, 1)).await;
-    server.clock.set(at(2026, 11, 16, 5).saturating_add_micros(1_800_000_000));
+    server
+        .clock
+        .set(at(2026, 11, 16, 5).saturating_add_micros(1_800_000_000));
     egress(&server, "pro", 123_456_789, at(2026, 11, 16, 4)).await;
     c.plans
         .assign_plan(pb::AssignPlanRequest {
@@ -178,8 +210,17 @@ async fn exports_reconcile_with_the_closed_invoice_and_the_open_bill(backend: Ba
         .await
         .unwrap();
     egress(&server, "pro", 987_654_321, at(2026, 11, 16, 9)).await;
-    server.clock.set(at(2026, 11, 18, 0).saturating_add_micros(123_457));
-    record_artifact(&server, "pro", "mid.bin", 700 << 20, Some(at(2026, 11, 25, 12))).await;
+    server
+        .clock
+        .set(at(2026, 11, 18, 0).saturating_add_micros(123_457));
+    record_artifact(
+        &server,
+        "pro",
+        "mid.bin",
+        700 << 20,
+        Some(at(2026, 11, 25, 12)),
+    )
+    .await;
     server.clock.set(at(2026, 11, 20, 12));
     c.plans
         .update_plan(pb::UpdatePlanRequest {
@@ -195,7 +236,11 @@ async fn exports_reconcile_with_the_closed_invoice_and_the_open_bill(backend: Ba
     let (csv, jsonl, _) = export(&server, "month=2026-11&project=pro").await;
     assert_eq!(csv, jsonl, "CSV and JSON lines hold the same records");
     assert!(csv.iter().all(|r| !r.closed));
-    assert_eq!(csv.last().unwrap().day, "2026-11-22", "no record after today");
+    assert_eq!(
+        csv.last().unwrap().day,
+        "2026-11-22",
+        "no record after today"
+    );
     let pro = ProjectId::parse("p", "pro").unwrap();
     let open = server.app.metering.bill(&pro, nov).await.unwrap();
     reconcile(&csv, "pro", nov, &open.lines);
@@ -221,7 +266,8 @@ async fn exports_reconcile_with_the_closed_invoice_and_the_open_bill(backend: Ba
     // One record per meter and day, plus one per meter for the day the plan changed in
     // its middle (16th, 05:30); the version change at 12:00 on the 20th splits that day too.
     assert_eq!(csv.len(), 3 * (30 + 2));
-    let versions: HashSet<(String, i32)> = csv.iter().map(|r| (r.plan.clone(), r.version)).collect();
+    let versions: HashSet<(String, i32)> =
+        csv.iter().map(|r| (r.plan.clone(), r.version)).collect();
     assert_eq!(
         versions,
         HashSet::from([("a".into(), 1), ("b".into(), 1), ("b".into(), 2)])
@@ -266,18 +312,51 @@ async fn exports_reconcile_with_the_closed_invoice_and_the_open_bill(backend: Ba
             .quantity
     };
     assert_eq!(storage_today(&first), 0);
-    assert_eq!(storage_today(&later), i128::from(2 * GIB) * 5 * 3_600_000_000);
-    assert!(first.iter().all(|r| r.unit == if r.meter == "storage" { "byte-second" } else { "byte" }));
+    assert_eq!(
+        storage_today(&later),
+        i128::from(2 * GIB) * 5 * 3_600_000_000
+    );
+    assert!(first.iter().all(|r| r.unit
+        == if r.meter == "storage" {
+            "byte-second"
+        } else {
+            "byte"
+        }));
 
     // Bad requests: the status and the message a user sees.
     for (query, status, message) in [
-        ("format=csv", StatusCode::BAD_REQUEST, "month: \"\" is not a month in YYYY-MM form"),
-        ("month=2026-13", StatusCode::BAD_REQUEST, "month: \"2026-13\" is not a month in YYYY-MM form"),
-        ("month=2026-11&format=xml", StatusCode::BAD_REQUEST, "format: \"xml\" is not an export format: csv or jsonl"),
-        ("month=2026-11&project=nobody", StatusCode::NOT_FOUND, "no project nobody"),
-        ("month=2026-11&project=a/b", StatusCode::BAD_REQUEST, "project"),
+        (
+            "format=csv",
+            StatusCode::BAD_REQUEST,
+            "month: \"\" is not a month in YYYY-MM form",
+        ),
+        (
+            "month=2026-13",
+            StatusCode::BAD_REQUEST,
+            "month: \"2026-13\" is not a month in YYYY-MM form",
+        ),
+        (
+            "month=2026-11&format=xml",
+            StatusCode::BAD_REQUEST,
+            "format: \"xml\" is not an export format: csv or jsonl",
+        ),
+        (
+            "month=2026-11&project=nobody",
+            StatusCode::NOT_FOUND,
+            "no project nobody",
+        ),
+        (
+            "month=2026-11&project=a/b",
+            StatusCode::BAD_REQUEST,
+            "project",
+        ),
     ] {
-        let reply = get(server.http_addr, &format!("/api/v1/usage/export?{query}"), &[]).await;
+        let reply = get(
+            server.http_addr,
+            &format!("/api/v1/usage/export?{query}"),
+            &[],
+        )
+        .await;
         assert_eq!(reply.status, status, "{query}: {}", reply.text());
         assert!(reply.text().contains(message), "{query}: {}", reply.text());
     }
@@ -297,7 +376,11 @@ async fn every_project_is_exported_a_page_at_a_time(backend: Backend) {
         server
             .app
             .store
-            .ensure_project(&ProjectId::parse("p", &id).unwrap(), "free", server.clock.now())
+            .ensure_project(
+                &ProjectId::parse("p", &id).unwrap(),
+                "free",
+                server.clock.now(),
+            )
             .await
             .unwrap();
         expected.push(id);
@@ -307,7 +390,11 @@ async fn every_project_is_exported_a_page_at_a_time(backend: Backend) {
     server
         .app
         .store
-        .ensure_project(&ProjectId::parse("p", "late").unwrap(), "free", server.clock.now())
+        .ensure_project(
+            &ProjectId::parse("p", "late").unwrap(),
+            "free",
+            server.clock.now(),
+        )
         .await
         .unwrap();
     let (csv, jsonl, _) = export(&server, "month=2026-11").await;

@@ -3,7 +3,16 @@
 //! reveals whether something exists).
 //!
 //! Open without a token: grpc.health.v1, reflection, and on the HTTP port `/healthz`,
-//! `/readyz` and `/metrics` (aggregate figures only: no label names a project, job or path).
+//! `/readyz` and `/metrics` (aggregate figures only: no label names a project, job or path),
+//! and the usage pages' sign-in form (`/ui/sign-in`, `/ui/sign-out`: the form checks the
+//! token it is given) and stylesheet (`/ui/style.css`).
+//!
+//! The usage pages and the export (`api::web`) take the same token, as a bearer header or
+//! the session cookie, and ask the same questions as the RPCs they are made of:
+//! `GET /ui/projects/{P}` and `GET /api/v1/usage/export?project=P` are [`Access::ReadUsage`]
+//! of P (an export without `project` is the token's own project, or
+//! [`Access::ReadAllUsage`] for a token of no project or an admin); `GET /ui/` is
+//! [`Access::ReadAllUsage`] (a token of one project is sent to its page).
 
 use super::error::{Error, Result};
 use super::scope::{ProjectId, Scope, ScopeKind};
@@ -76,9 +85,11 @@ pub enum Access<'a> {
     /// Keep, Unkeep: pinning changes how long an artifact is stored and billed, so the same
     /// principals as Delete (a job only in its own job scope).
     KeepArtifacts(&'a Scope),
-    /// GetUsage, GetBill, ListDailyUsage, ListUsageAlerts, GetProject, ListProjectPlanHistory.
+    /// GetUsage, GetBill, ListDailyUsage, ListUsageAlerts, GetProject, ListProjectPlanHistory;
+    /// HTTP `GET /ui/projects/{project}` and the usage export of one project.
     ReadUsage(&'a ProjectId),
-    /// Usage of every project (ListProjectsUsage).
+    /// Usage of every project (ListProjectsUsage; HTTP `GET /ui/` and the export of every
+    /// project).
     ReadAllUsage,
     /// GetUsageControls.
     ReadControls(&'a ProjectId),

@@ -4,15 +4,15 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use artifactd::domain::metering::Meter;
-use artifactd::domain::{ArtifactPath, Clock, ProjectId, Scope, ScopeKind, Sha256, Timestamp};
-use artifactd::store::{NewArtifact, PushedBlob};
 use artifactd::domain::metering::days_from_civil;
+use artifactd::domain::{ArtifactPath, Clock, ProjectId, Scope, ScopeKind, Sha256, Timestamp};
 use artifactd::pb::v1::{
     self as pb, artifact_service_client::ArtifactServiceClient,
     plan_service_client::PlanServiceClient,
     usage_control_service_client::UsageControlServiceClient,
     usage_service_client::UsageServiceClient,
 };
+use artifactd::store::{NewArtifact, PushedBlob};
 use tonic::transport::Channel;
 
 use super::{TestServer, sha256_hex};

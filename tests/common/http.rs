@@ -79,7 +79,11 @@ pub async fn send_body(
         request = request.header(*name, *value);
     }
     let response = client
-        .request(request.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+        .request(
+            request
+                .body(Full::new(Bytes::from(body.to_owned())))
+                .unwrap(),
+        )
         .await
         .unwrap();
     let status = response.status();

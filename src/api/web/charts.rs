@@ -33,7 +33,12 @@ pub fn byte_unit(max: i64) -> (&'static str, f64) {
 
 /// A line chart of daily byte figures, as an SVG document.
 pub fn daily_bytes(title: &str, series: &[Series<'_>]) -> Result<String, Error> {
-    let days = series.iter().map(|s| s.values.len()).max().unwrap_or(0).max(1);
+    let days = series
+        .iter()
+        .map(|s| s.values.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let max = series
         .iter()
         .flat_map(|s| s.values.iter().copied())
@@ -89,9 +94,14 @@ fn draw(
             .collect();
         let color = s.color;
         chart
-            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))?
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                color.stroke_width(2),
+            ))?
             .label(s.name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+            });
         chart.draw_series(
             points
                 .iter()
@@ -125,7 +135,10 @@ pub fn sparkline(values: &[i64]) -> Result<String, Error> {
             .enumerate()
             .map(|(i, v)| (i as f64 + 1.0, *v as f64))
             .collect();
-        chart.draw_series(LineSeries::new(points.iter().copied(), BLUE.stroke_width(1)))?;
+        chart.draw_series(LineSeries::new(
+            points.iter().copied(),
+            BLUE.stroke_width(1),
+        ))?;
         chart.draw_series(
             points
                 .iter()

@@ -42,12 +42,7 @@ pub struct Web {
 }
 
 impl Web {
-    pub fn new(
-        metering: Metering,
-        accounts: Accounts,
-            auth: Authenticator,
-        tls: bool,
-    ) -> Self {
+    pub fn new(metering: Metering, accounts: Accounts, auth: Authenticator, tls: bool) -> Self {
         Self {
             metering,
             accounts,
@@ -60,13 +55,13 @@ impl Web {
     pub fn router(self) -> Router {
         Router::new()
             .route("/api/v1/usage/export", get(export::export))
-            .route("/ui", get(|| async { axum::response::Redirect::to("/ui/") }))
+            .route(
+                "/ui",
+                get(|| async { axum::response::Redirect::to("/ui/") }),
+            )
             .route("/ui/", get(pages::projects))
             .route("/ui/projects/{project}", get(pages::project))
-            .route(
-                "/ui/sign-in",
-                get(session::form).post(session::sign_in),
-            )
+            .route("/ui/sign-in", get(session::form).post(session::sign_in))
             .route("/ui/sign-out", post(session::sign_out))
             .route("/ui/style.css", get(style))
             .with_state(self)
@@ -129,7 +124,10 @@ mod tests {
         );
         assert_eq!(session_token(&headers), Some("abc.def.ghi"));
         let mut empty = HeaderMap::new();
-        empty.insert(header::COOKIE, HeaderValue::from_static("artifactd_session="));
+        empty.insert(
+            header::COOKIE,
+            HeaderValue::from_static("artifactd_session="),
+        );
         assert_eq!(session_token(&empty), None);
     }
 }

@@ -142,7 +142,10 @@ async fn project_page(
     let month = month_param(query, now)?;
     let bill = web.metering.bill(&project, month).await?;
     let last_day = month.end().saturating_add_micros(-DAY_MICROS);
-    let days = web.metering.daily(&project, month.start(), last_day).await?;
+    let days = web
+        .metering
+        .daily(&project, month.start(), last_day)
+        .await?;
     let controls = web.accounts.controls(&project).await?;
     let alerts = web.metering.alerts(&project, month).await?;
     // What is stored at the end of the month, or now for the current one.
@@ -320,18 +323,19 @@ async fn project_page(
             a href=(format!("/api/v1/usage/export?month={month}&format=jsonl&project={project}")) { "JSON lines" }
         }
     };
-    Ok(page(
-        &format!("{project} {month}"),
-        principal,
-        body,
-    ))
+    Ok(page(&format!("{project} {month}"), principal, body))
 }
 
 /// The bill's plan stretches in order, from its lines: (plan, version, from, to).
 fn segments(lines: &[LineItem]) -> Vec<(String, i32, Timestamp, Timestamp)> {
     let mut out: Vec<(String, i32, Timestamp, Timestamp)> = Vec::new();
     for l in lines.iter().filter(|l| l.correction_for.is_none()) {
-        let s = (l.plan_id.clone(), l.plan_version, l.period_start, l.period_end);
+        let s = (
+            l.plan_id.clone(),
+            l.plan_version,
+            l.period_start,
+            l.period_end,
+        );
         if !out.contains(&s) {
             out.push(s);
         }
@@ -461,15 +465,18 @@ async fn projects_page(
     let mut lines = Vec::with_capacity(rows.len());
     for row in rows {
         let project = ProjectId::parse("project", &row.project_id)?;
-        let days = web.metering.daily(&project, month.start(), last_day).await?;
+        let days = web
+            .metering
+            .daily(&project, month.start(), last_day)
+            .await?;
         let stored: Vec<i64> = days.iter().map(|d| d.stored_bytes_at_end).collect();
         lines.push((row, charts::sparkline(&stored)?));
     }
     match sort {
         "project" => lines.sort_by(|a, b| a.0.project_id.cmp(&b.0.project_id)),
-        "storage" => lines.sort_by(|a, b| b.0.storage_byte_micros.cmp(&a.0.storage_byte_micros)),
-        "egress" => lines.sort_by(|a, b| b.0.egress_bytes.cmp(&a.0.egress_bytes)),
-        "ingress" => lines.sort_by(|a, b| b.0.ingress_bytes.cmp(&a.0.ingress_bytes)),
+        "storage" => lines.sort_by_key(|l| std::cmp::Reverse(l.0.storage_byte_micros)),
+        "egress" => lines.sort_by_key(|l| std::cmp::Reverse(l.0.egress_bytes)),
+        "ingress" => lines.sort_by_key(|l| std::cmp::Reverse(l.0.ingress_bytes)),
         _ => {}
     }
     let here = |extra: &str| {

@@ -88,12 +88,22 @@ pub(super) async fn sign_in(
         return sign_in_page(
             StatusCode::FORBIDDEN,
             &form.next,
-            Some("a job token may not read usage; sign in with a maintainer, billing_reader or admin token"),
+            Some(
+                "a job token may not read usage; sign in with a maintainer, billing_reader or admin token",
+            ),
         );
     }
     // A verified JWT is base64url and dots: a valid cookie value as it is.
-    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
-        return sign_in_page(StatusCode::UNAUTHORIZED, &form.next, Some("the token is malformed"));
+    if token.is_empty()
+        || !token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return sign_in_page(
+            StatusCode::UNAUTHORIZED,
+            &form.next,
+            Some("the token is malformed"),
+        );
     }
     let secure = if web.tls { "; Secure" } else { "" };
     let cookie = format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/{secure}");
@@ -107,9 +117,7 @@ pub(super) async fn sign_out(State(web): State<Web>, headers: HeaderMap) -> Resp
         return sign_in_page(StatusCode::FORBIDDEN, "", Some(&why));
     }
     let secure = if web.tls { "; Secure" } else { "" };
-    let cookie = format!(
-        "{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{secure}"
-    );
+    let cookie = format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{secure}");
     redirect_with_cookie("/ui/sign-in", &cookie)
 }
 
@@ -171,8 +179,20 @@ mod tests {
 
     #[test]
     fn only_pages_of_this_site_are_returned_to() {
-        assert_eq!(safe_next("/ui/projects/web?month=2026-11").as_deref(), Some("/ui/projects/web?month=2026-11"));
-        for bad in ["", "/", "//evil.example/ui/", "https://evil.example/ui/", "/ui//evil", "/ui/\\evil", "/ui/\"><script>", "/api/v1/usage/export"] {
+        assert_eq!(
+            safe_next("/ui/projects/web?month=2026-11").as_deref(),
+            Some("/ui/projects/web?month=2026-11")
+        );
+        for bad in [
+            "",
+            "/",
+            "//evil.example/ui/",
+            "https://evil.example/ui/",
+            "/ui//evil",
+            "/ui/\\evil",
+            "/ui/\"><script>",
+            "/api/v1/usage/export",
+        ] {
             assert_eq!(safe_next(bad), None, "{bad}");
         }
     }

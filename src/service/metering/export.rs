@@ -13,7 +13,8 @@ use crate::domain::{Error, ProjectId, Timestamp};
 use crate::store::{StoredArtifact, StoredScope};
 
 /// The namespace of export ids (UUIDv5): fixed forever, or every id would change.
-const EVENT_ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6a1f_3c2e_8d4b_5e07_9b61_2f0c_47d8_a913);
+const EVENT_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6a1f_3c2e_8d4b_5e07_9b61_2f0c_47d8_a913);
 
 /// One record of an export.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,7 +38,13 @@ pub struct UsageRecord {
 impl UsageRecord {
     /// The id of a record about (project, meter, piece of a day, plan version): the same
     /// record always has the same id, whatever its quantity so far.
-    fn id(project: &ProjectId, meter: Meter, from: Timestamp, plan: &str, version: i32) -> uuid::Uuid {
+    fn id(
+        project: &ProjectId,
+        meter: Meter,
+        from: Timestamp,
+        plan: &str,
+        version: i32,
+    ) -> uuid::Uuid {
         let name = format!(
             "artifactd usage\n{project}\n{}\n{}\n{plan}\n{version}",
             meter.as_str(),
@@ -166,10 +173,22 @@ mod tests {
             UsageRecord::id(&p, Meter::Storage, t.saturating_add_micros(1), "team", 2),
             UsageRecord::id(&p, Meter::Storage, t, "team", 3),
             UsageRecord::id(&p, Meter::Storage, t, "pro", 2),
-            UsageRecord::id(&ProjectId::parse("p", "web2").unwrap(), Meter::Storage, t, "team", 2),
+            UsageRecord::id(
+                &ProjectId::parse("p", "web2").unwrap(),
+                Meter::Storage,
+                t,
+                "team",
+                2,
+            ),
         ] {
             assert_ne!(a, other);
         }
         assert_eq!(a.get_version_num(), 5);
+        // Fixed forever: finance systems deduplicate on these (the README's example).
+        let day = Timestamp::from_seconds(1_793_491_200 + 9 * 86_400);
+        assert_eq!(
+            UsageRecord::id(&p, Meter::Storage, day, "team", 2).to_string(),
+            "1295c399-fba4-5491-90a4-3e50564e2a6c"
+        );
     }
 }
