@@ -1189,6 +1189,25 @@ async fn logs_without_secrets(format: &str) -> String {
             &admin,
         ))
         .await;
+    // The usage pages: a sign-in (and one with a bad token), a page and an export by cookie.
+    let reader = token("billing_reader", Some("p"), None, None);
+    let origin = format!("http://{http}");
+    let form = [
+        ("content-type", "application/x-www-form-urlencoded"),
+        ("origin", origin.as_str()),
+    ];
+    for body in [format!("token={reader}"), format!("token={reader}x")] {
+        let _ =
+            common::http::send_body(http, hyper::Method::POST, "/ui/sign-in", &form, &body).await;
+    }
+    let cookie = format!("artifactd_session={reader}");
+    for route in [
+        "/ui/projects/p?month=2026-11",
+        "/api/v1/usage/export?month=2026-11",
+    ] {
+        let reply = common::http::get(http, route, &[("cookie", cookie.as_str())]).await;
+        assert_eq!(reply.status, hyper::StatusCode::OK, "{route}");
+    }
     let forged = format!("{admin}x");
     let _ = artifacts
         .stat(authed(
@@ -1248,6 +1267,10 @@ async fn logs_without_secrets(format: &str) -> String {
             admin.rsplit('.').next().unwrap().to_string(),
         ),
         ("the forged token", forged),
+        (
+            "the signed-in token's signature",
+            reader.rsplit('.').next().unwrap().to_string(),
+        ),
         ("the issued token", issued),
         ("blob bytes", marker.to_string()),
     ] {

@@ -311,5 +311,40 @@ async fn grpc_and_http_over_tls() {
         response.starts_with("HTTP/1.0 200") && response.ends_with("ok\n"),
         "{response}"
     );
+
+    // Signing in to the usage pages over TLS: the cookie is Secure, and the form expects
+    // an https origin.
+    for (origin, expected) in [
+        ("https://localhost", "HTTP/1.0 303"),
+        ("http://localhost", "HTTP/1.0 403"),
+    ] {
+        let tcp = tokio::net::TcpStream::connect(server.http_addr)
+            .await
+            .unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        let body = "token=a.b.c";
+        tls.write_all(
+            format!(
+                "POST /ui/sign-in HTTP/1.0\r\nHost: localhost\r\nOrigin: {origin}\r\n\
+                 Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut response = Vec::new();
+        let _ = tls.read_to_end(&mut response).await;
+        let response = String::from_utf8_lossy(&response).to_lowercase();
+        assert!(response.starts_with(&expected.to_lowercase()), "{response}");
+        let secure =
+            "set-cookie: artifactd_session=a.b.c; httponly; samesite=strict; path=/; secure\r\n";
+        assert_eq!(
+            response.contains(secure),
+            origin.starts_with("https"),
+            "{response}"
+        );
+    }
     server.stop().await;
 }
