@@ -25,6 +25,8 @@ use artifactd::store::UsageAlert;
 use common::billing::*;
 use common::*;
 
+on_both_backends!(the_project_page_lists_what_is_stored);
+
 const GIB: i64 = 1 << 30;
 const MIB: i64 = 1 << 20;
 
@@ -419,6 +421,19 @@ async fn pages_in_a_browser_show_the_figures_of_the_api() {
     let largest = between(&dom, "<table id=\"largest\">", "</table>");
     assert!(largest.contains("base/toolchain.tar"), "{largest}");
     assert_eq!(attrs(largest, "data-bytes")[0], (2 * GIB).to_string());
+    // The top-level folders holding the most then: base/ (2 GiB), builds/ (the 28th's).
+    let folders = between(&dom, "<table id=\"folders\">", "</table>");
+    assert!(
+        folders.contains("base/") && folders.contains("builds/"),
+        "{folders}"
+    );
+    assert_eq!(
+        attrs(folders, "data-bytes"),
+        [
+            (2 * GIB).to_string(),
+            (28 * 25 * MIB + 300 * MIB).to_string()
+        ]
+    );
     // Months link both ways.
     assert!(dom.contains("href=\"/ui/projects/web?month=2026-10\""));
     assert!(dom.contains("href=\"/ui/projects/web?month=2026-12\""));
@@ -464,5 +479,58 @@ async fn pages_in_a_browser_show_the_figures_of_the_api() {
     browser
         .screenshot(format!("{base}/ui/sign-in"), "ui-sign-in.png", 800, 600)
         .await;
+    server.stop().await;
+}
+
+/// Without a browser, on both backends: the largest artifacts, scopes and folders the page
+/// lists come from bounded queries that read the same on SQLite and Postgres (folder
+/// extraction is dialect SQL), and an artifact ended before the instant is not among them.
+async fn the_project_page_lists_what_is_stored(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    server.clock.set(at(2026, 11, 2, 0));
+    let shop = ProjectId::parse("p", "shop").unwrap();
+    server
+        .app
+        .store
+        .ensure_project(&shop, "free", at(2026, 11, 2, 0))
+        .await
+        .unwrap();
+    for (path, size) in [
+        ("dist/app.tar", 30 * MIB),
+        ("dist/app.sha", 1),
+        ("logs/run.txt", 5 * MIB),
+        ("README", 7 * MIB),
+        ("dist/deep/x/y.bin", 2 * MIB),
+    ] {
+        record_artifact(&server, "shop", path, size, None).await;
+    }
+    let gone = at(2026, 11, 3, 0);
+    record_artifact(&server, "shop", "tmp/huge.bin", GIB, Some(gone)).await;
+    server.clock.set(at(2026, 11, 10, 0));
+    let page = common::http::get(server.http_addr, "/ui/projects/shop?month=2026-11", &[]).await;
+    assert_eq!(page.status, hyper::StatusCode::OK, "{}", page.text());
+    let html = page.text();
+    let folders = between(&html, "<table id=\"folders\">", "</table>");
+    assert_eq!(
+        attrs(folders, "data-bytes"),
+        [
+            (32 * MIB + 1).to_string(),
+            (7 * MIB).to_string(),
+            (5 * MIB).to_string()
+        ]
+    );
+    for name in ["dist/", "(top level)", "logs/"] {
+        assert!(folders.contains(name), "{name} in {folders}");
+    }
+    assert!(!folders.contains("tmp/"), "ended before the instant");
+    let largest = between(&html, "<table id=\"largest\">", "</table>");
+    assert_eq!(
+        attrs(largest, "data-bytes"),
+        ["31457280", "7340032", "5242880", "2097152", "1"]
+    );
+    let scopes = between(&html, "<table id=\"scopes\">", "</table>");
+    assert_eq!(attrs(scopes, "data-bytes"), [(44 * MIB + 1).to_string()]);
     server.stop().await;
 }

@@ -26,7 +26,7 @@ use crate::domain::Error;
 pub use crate::domain::ProjectRecord;
 pub use crate::domain::metering::ProjectTotals as InvoiceSummary;
 pub use artifacts::{NewArtifact, PushCommit, PushedBlob, already_exists, content_collected};
-pub use breakdown::{StoredArtifact, StoredScope};
+pub use breakdown::{StoredArtifact, StoredFolder, StoredScope};
 pub use invoices::Invoice;
 pub use jobs::LatestPins;
 pub use lifecycle::PinChange;

@@ -150,7 +150,12 @@ async fn project_page(
     let alerts = web.metering.alerts(&project, month).await?;
     // What is stored at the end of the month, or now for the current one.
     let at = Timestamp::from_micros(month.end().as_micros() - 1).min(now);
-    let (largest, scopes) = web.metering.stored_breakdown(&project, at, TOP).await?;
+    let stored_now_at = web.metering.stored_breakdown(&project, at, TOP).await?;
+    let (largest, scopes, folders) = (
+        &stored_now_at.artifacts,
+        &stored_now_at.scopes,
+        &stored_now_at.folders,
+    );
     let stored: Vec<i64> = days.iter().map(|d| d.stored_bytes_at_end).collect();
     let egress: Vec<i64> = days.iter().map(|d| d.egress_bytes).collect();
     let ingress: Vec<i64> = days.iter().map(|d| d.ingress_bytes).collect();
@@ -299,8 +304,24 @@ async fn project_page(
                 table #largest {
                     thead { tr { th { "Scope" } th { "Path" } th { "Size" } th { "Since" } } }
                     tbody {
-                        @for a in &largest {
+                        @for a in largest {
                             tr { td { (a.scope_kind) " " (a.scope_id) } td.path { (a.path) } td.num data-bytes=(a.size) { (bytes(a.size)) } td { (rfc3339(a.created_at)) } }
+                        }
+                    }
+                }
+            }
+            h3 { "Folders holding the most" }
+            @if !folders.is_empty() {
+                table #folders {
+                    thead { tr { th { "Scope" } th { "Folder" } th { "Artifacts" } th { "Bytes" } } }
+                    tbody {
+                        @for f in folders {
+                            tr {
+                                td { (f.scope_kind) " " (f.scope_id) }
+                                td.path { @if f.folder.is_empty() { "(top level)" } @else { (f.folder) } }
+                                td.num { (f.artifacts) }
+                                td.num data-bytes=(f.bytes) { (bytes(f.bytes)) }
+                            }
                         }
                     }
                 }
@@ -310,7 +331,7 @@ async fn project_page(
                 table #scopes {
                     thead { tr { th { "Scope" } th { "Artifacts" } th { "Bytes" } } }
                     tbody {
-                        @for s in &scopes {
+                        @for s in scopes {
                             tr { td { (s.scope_kind) " " (s.scope_id) } td.num { (s.artifacts) } td.num data-bytes=(s.bytes) { (bytes(s.bytes)) } }
                         }
                     }

@@ -10,7 +10,7 @@ use super::Metering;
 use super::billing::network_end;
 use crate::domain::metering::{DAY_MICROS, Meter, Month, day_start};
 use crate::domain::{Error, ProjectId, Timestamp};
-use crate::store::{StoredArtifact, StoredScope};
+use crate::store::{StoredArtifact, StoredFolder, StoredScope};
 
 /// The namespace of export ids (UUIDv5): fixed forever, or every id would change.
 const EVENT_ID_NAMESPACE: uuid::Uuid =
@@ -52,6 +52,14 @@ impl UsageRecord {
         );
         uuid::Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes())
     }
+}
+
+/// What holds a project's stored bytes at an instant, largest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBreakdown {
+    pub artifacts: Vec<StoredArtifact>,
+    pub scopes: Vec<StoredScope>,
+    pub folders: Vec<StoredFolder>,
 }
 
 /// Projects read per page of an export of every project.
@@ -131,18 +139,20 @@ impl Metering {
         Ok(records)
     }
 
-    /// The `limit` largest artifacts stored at `at` and the `limit` scopes holding the most
-    /// bytes then: what the usage page shows under "what is stored".
+    /// The `limit` largest artifacts stored at `at`, and the `limit` scopes and top-level
+    /// folders holding the most bytes then: what the usage page shows under "what is
+    /// stored".
     pub async fn stored_breakdown(
         &self,
         project: &ProjectId,
         at: Timestamp,
         limit: u64,
-    ) -> Result<(Vec<StoredArtifact>, Vec<StoredScope>), Error> {
-        Ok((
-            self.store.largest_artifacts(project, at, limit).await?,
-            self.store.largest_scopes(project, at, limit).await?,
-        ))
+    ) -> Result<StoredBreakdown, Error> {
+        Ok(StoredBreakdown {
+            artifacts: self.store.largest_artifacts(project, at, limit).await?,
+            scopes: self.store.largest_scopes(project, at, limit).await?,
+            folders: self.store.largest_folders(project, at, limit).await?,
+        })
     }
 
     /// A page of the projects an export of every project covers: those that existed before

@@ -29,7 +29,7 @@ use crate::store::{ProjectRecord, Store};
 pub use billing::MAX_DAILY_RANGE_DAYS;
 pub use egress::EGRESS_CHECKPOINT_BYTES;
 pub use enforcement::Reservation;
-pub use export::{EXPORT_PROJECTS_PAGE, UsageRecord};
+pub use export::{EXPORT_PROJECTS_PAGE, StoredBreakdown, UsageRecord};
 
 #[derive(Clone)]
 pub struct Metering {
