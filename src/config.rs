@@ -249,6 +249,11 @@ pub struct Config {
     /// exceed ARTIFACTD_STREAM_IDLE_TIMEOUT, so an upload in progress is never taken.
     #[arg(long, env = "ARTIFACTD_UPLOAD_MAX_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
     pub upload_max_age: Duration,
+    /// Resumable uploads (pushes naming an upload_id) that no Push has moved on for this
+    /// long are abandoned: the sweeper removes their bytes and their record, and QueryUpload
+    /// answers NOT_FOUND for them from then on (completed ones too).
+    #[arg(long, env = "ARTIFACTD_RESUMABLE_UPLOAD_MAX_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub resumable_upload_max_age: Duration,
     /// Rows of artifacts that ended longer ago than this are pruned, once every month they
     /// bill is finalized (default 13 months; at least 124 days, so the three invoiced
     /// months late records may correct keep their rows).
@@ -317,6 +322,12 @@ impl Config {
                 "must exceed ARTIFACTD_STREAM_IDLE_TIMEOUT, or uploads in progress could be removed",
             ));
         }
+        if self.resumable_upload_max_age <= self.stream_idle_timeout {
+            return Err(Error::invalid(
+                "ARTIFACTD_RESUMABLE_UPLOAD_MAX_AGE",
+                "must exceed ARTIFACTD_STREAM_IDLE_TIMEOUT, or uploads in progress could be removed",
+            ));
+        }
         if self.history_retention < crate::service::sweeper::MIN_HISTORY_RETENTION {
             return Err(Error::invalid(
                 "ARTIFACTD_HISTORY_RETENTION",
@@ -369,6 +380,7 @@ impl Config {
             batch: self.sweep_batch,
             blob_grace: self.blob_grace,
             upload_max_age: self.upload_max_age,
+            resumable_upload_max_age: self.resumable_upload_max_age,
             history_retention: self.history_retention,
         }
     }
@@ -418,6 +430,7 @@ impl Config {
             sweep_batch: 1000,
             blob_grace: Duration::from_secs(3600),
             upload_max_age: Duration::from_secs(3600),
+            resumable_upload_max_age: Duration::from_secs(24 * 3600),
             history_retention: Duration::from_secs(13 * 2_630_016),
             log_format: LogFormat::Text,
         }

@@ -1282,6 +1282,7 @@ async fn a_database_from_schema_7_lists_and_bills_the_same(backend: Backend) {
         expected_sha256: None,
         expire_in_micros: None,
         idempotency_key: None,
+        resume: None,
     };
     let chunks = futures::stream::iter([Ok(bytes::Bytes::from_static(b"new"))]);
     app.artifacts.push(spec, chunks).await.unwrap();

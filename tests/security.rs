@@ -156,6 +156,27 @@ async fn every_rpc_for_every_role_and_target() {
                 expect(read),
                 "Push: {at}"
             );
+            // QueryUpload is authorized as a Push to its scope, before any lookup: an
+            // unknown upload id answers NOT_FOUND only to those who may push there.
+            let query = c
+                .artifacts
+                .query_upload(authed(
+                    pb::QueryUploadRequest {
+                        scope: Some(scope.clone()),
+                        upload_id: "no-such-upload".into(),
+                    },
+                    token,
+                ))
+                .await;
+            assert_eq!(
+                code(query),
+                if read {
+                    Code::NotFound
+                } else {
+                    Code::PermissionDenied
+                },
+                "QueryUpload: {at}"
+            );
             let pull = c
                 .artifacts
                 .pull(authed(

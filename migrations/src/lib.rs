@@ -15,6 +15,7 @@ mod m20261127_000008_retention_rules;
 mod m20261127_000009_jobs;
 mod m20261127_000010_blob_lifecycle;
 mod m20261127_000011_blob_locations;
+mod m20261127_000012_resumable_uploads;
 
 pub struct Migrator;
 
@@ -33,6 +34,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000009_jobs::Migration),
             Box::new(m20261127_000010_blob_lifecycle::Migration),
             Box::new(m20261127_000011_blob_locations::Migration),
+            Box::new(m20261127_000012_resumable_uploads::Migration),
         ]
     }
 }

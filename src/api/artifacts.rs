@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert;
 use super::streams::{BoxedStream, StreamLimit};
 use crate::auth::Authenticator;
-use crate::domain::{Access, Error, JobLabel, ProjectId, authorize, scope::parse_prefix};
+use crate::domain::{Access, Error, JobLabel, ProjectId, UploadId, authorize, scope::parse_prefix};
 use crate::pb::v1::{
     self as pb, artifact_service_server, pull_archive_request, pull_archive_response,
     pull_response, push_request,
@@ -111,6 +111,24 @@ impl artifact_service_server::ArtifactService for ArtifactApi {
         Ok(Response::new(pb::PushResponse {
             artifact: Some(convert::artifact(&outcome.artifact)),
             deduplicated: outcome.deduplicated,
+        }))
+    }
+
+    async fn query_upload(
+        &self,
+        request: Request<pb::QueryUploadRequest>,
+    ) -> Result<Response<pb::QueryUploadResponse>, Status> {
+        let principal = self.auth.authenticate_grpc(request.metadata())?;
+        let request = request.into_inner();
+        let scope = convert::scope("scope", request.scope.as_ref())?;
+        // Whoever may push to the scope may ask how its uploads stand.
+        authorize(&principal, Access::WriteArtifacts(&scope))?;
+        let upload_id = UploadId::parse("upload_id", &request.upload_id)?;
+        let status = self.artifacts.query_upload(&scope, &upload_id).await?;
+        Ok(Response::new(pb::QueryUploadResponse {
+            committed_offset: status.committed_offset,
+            complete: status.artifact.is_some(),
+            artifact: status.artifact.as_ref().map(convert::artifact),
         }))
     }
 

@@ -5,6 +5,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
+use crate::domain::UploadId;
 use crate::domain::artifact::parse_mode;
 use crate::domain::metering::LineItem;
 use crate::domain::{
@@ -12,6 +13,7 @@ use crate::domain::{
     RetentionPolicy, RetentionRule, Scope, ScopeKind, ScopedPath, Sha256, Timestamp, UsageControls,
 };
 use crate::pb::v1 as pb;
+use crate::service::artifacts::ResumeSpec;
 use crate::service::retention::RequestRules;
 use crate::service::{Bill, PushSpec};
 
@@ -97,6 +99,25 @@ pub fn push_spec(header: pb::PushHeader) -> Result<PushSpec, Error> {
         }
         key => Some(key.to_owned()),
     };
+    if header.write_offset < 0 {
+        return Err(Error::invalid(
+            "header.write_offset",
+            "must not be negative",
+        ));
+    }
+    let resume = match header.upload_id.as_str() {
+        "" if header.write_offset != 0 => {
+            return Err(Error::invalid(
+                "header.write_offset",
+                "only a resumable push (one with header.upload_id) starts past 0",
+            ));
+        }
+        "" => None,
+        id => Some(ResumeSpec {
+            upload_id: UploadId::parse("header.upload_id", id)?,
+            write_offset: header.write_offset,
+        }),
+    };
     Ok(PushSpec {
         target,
         mode,
@@ -105,6 +126,7 @@ pub fn push_spec(header: pb::PushHeader) -> Result<PushSpec, Error> {
         expected_sha256,
         expire_in_micros,
         idempotency_key,
+        resume,
     })
 }
 

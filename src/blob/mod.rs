@@ -47,6 +47,9 @@ use tokio::task::JoinHandle;
 
 use crate::domain::{Error, Hasher, Sha256};
 
+mod resumable;
+pub use resumable::{Opened, ResumableFile, ResumableWriter};
+
 /// Size of the chunks blobs are read in once a read is flowing: inside Pull's 64 KiB–1 MiB
 /// range.
 pub const READ_CHUNK_BYTES: usize = 256 * 1024;

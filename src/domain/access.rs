@@ -78,7 +78,7 @@ impl Principal {
 pub enum Access<'a> {
     /// Pull, Stat, List.
     ReadArtifacts(&'a Scope),
-    /// Push.
+    /// Push, QueryUpload (whoever may push to a scope may ask how its resumable uploads stand).
     WriteArtifacts(&'a Scope),
     /// Delete.
     DeleteArtifacts(&'a Scope),

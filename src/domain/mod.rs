@@ -11,6 +11,7 @@ pub mod metering;
 pub mod plan;
 pub mod retention;
 pub mod scope;
+pub mod upload;
 
 pub use access::{Access, Principal, Role, authorize};
 pub use artifact::{Artifact, Sha256};
@@ -21,3 +22,4 @@ pub use job::{Job, JobLabel, JobStatus, NewJob};
 pub use plan::{ControlsMask, OveragePolicy, Plan, ProjectRecord, UsageControls};
 pub use retention::{RetentionPolicy, RetentionRule};
 pub use scope::{ArtifactPath, ProjectId, Scope, ScopeKind, ScopedPath};
+pub use upload::UploadId;

@@ -31,6 +31,9 @@ use crate::service::metering::{Metering, Reservation};
 use crate::service::retention::Retention;
 use crate::store::{BlobLease, NewArtifact, PushCommit, PushedBlob, Store};
 
+mod resumable;
+pub use resumable::{CHECKPOINT_BYTES, UploadStatus};
+
 /// Pushes declaring at most this many bytes are received into memory and stored in one
 /// step (see `receive_small`); larger ones stream through a temporary upload.
 pub const SMALL_PUSH_BYTES: i64 = 64 * 1024;
@@ -52,6 +55,15 @@ pub struct PushSpec {
     /// Lifetime from creation, in microseconds.
     pub expire_in_micros: Option<i64>,
     pub idempotency_key: Option<String>,
+    /// Set when the header names an upload id: a resumable push (see `resumable`).
+    pub resume: Option<ResumeSpec>,
+}
+
+/// Where a resumable push goes: its upload, and the offset its first chunk is at.
+#[derive(Debug, Clone)]
+pub struct ResumeSpec {
+    pub upload_id: crate::domain::UploadId,
+    pub write_offset: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -157,7 +169,7 @@ impl ArtifactService {
     /// cannot succeed is refused before the client sends its content.
     pub async fn push<S>(&self, spec: PushSpec, chunks: S) -> Result<PushOutcome, Error>
     where
-        S: Stream<Item = Result<Bytes, Error>> + Send + Unpin,
+        S: Stream<Item = Result<Bytes, Error>> + Send + Unpin + 'static,
     {
         let project = spec.target.scope.project();
         if let Some(key) = &spec.idempotency_key
@@ -166,6 +178,15 @@ impl ArtifactService {
         {
             return self.replayed(replay(&spec, artifact, deduplicated));
         }
+        // A resumable push that already completed answers its artifact again, before the
+        // checks below (its own artifact holds the path now).
+        let resumable = match &spec.resume {
+            Some(resume) => match self.begin_resumable(&spec, resume).await? {
+                resumable::Begun::Completed(outcome) => return self.replayed(Ok(outcome)),
+                resumable::Begun::Open(upload) => Some(upload),
+            },
+            None => None,
+        };
         let record = self.metering.project_for_push(project).await?;
         // The push's own expire_in (within the plan's maximum), else the first matching
         // retention rule, else the project's setting, else the plan's maximum: nothing
@@ -188,9 +209,10 @@ impl ArtifactService {
         )?;
         // A small push is refused by its commit as cheaply as by a lookup now; a large one
         // is checked before its bytes are read.
-        let small = spec
-            .expected_size
-            .is_some_and(|size| size <= SMALL_PUSH_BYTES);
+        let small = resumable.is_none()
+            && spec
+                .expected_size
+                .is_some_and(|size| size <= SMALL_PUSH_BYTES);
         if !spec.force
             && !small
             && self
@@ -209,11 +231,58 @@ impl ArtifactService {
             .admit_push(&record, self.max_artifact_bytes, spec.expected_size)
             .await?;
 
-        let upload_id = uuid::Uuid::new_v4().simple().to_string();
+        // A resumable push's artifact carries its upload's internal id: the artifact row is
+        // then the record that the upload completed.
+        let upload_id = match &resumable {
+            Some(upload) => upload.internal_id.clone(),
+            None => uuid::Uuid::new_v4().simple().to_string(),
+        };
+        // The lock on a resumable upload's file, held until the commit is done.
+        let mut _resumable_file = None;
         // A blob in the blob store is leased before its bytes are checked or written, so
         // the sweeper cannot collect it between that check and the commit unnoticed (see
         // `store::sweep`). Inline content travels in the commit itself.
-        let (size, sha256, mut blob, retry_with) = if small {
+        let (size, sha256, mut blob, retry_with) = if let Some(upload) = &resumable {
+            let received = self
+                .receive_resumable(&spec, upload, reservation, chunks)
+                .await?;
+            let (size, sha256, file) = match received {
+                resumable::Received::Bytes {
+                    size,
+                    sha256,
+                    file,
+                    reservation: held,
+                } => {
+                    reservation = *held;
+                    (size, sha256, file)
+                }
+                resumable::Received::Completed(outcome) => return self.replayed(Ok(outcome)),
+            };
+            let lease = self
+                .store
+                .lease_blob_at(&sha256, size, self.clock.now())
+                .await?;
+            let promoted = self
+                .blobs
+                .promote(
+                    file.to_temp(),
+                    &sha256,
+                    size as u64,
+                    lease.location.as_deref(),
+                )
+                .await?;
+            let deduplicated = self.claim(&sha256, &lease, promoted).await?;
+            _resumable_file = Some(file);
+            (
+                size,
+                sha256,
+                PushedBlob::Stored {
+                    deduplicated,
+                    epoch: lease.epoch,
+                },
+                None,
+            )
+        } else if small {
             let (data, sha256) = self.receive_small(&spec, &mut reservation, chunks).await?;
             let size = data.len() as i64;
             if size <= self.inline_blob_bytes {
@@ -263,11 +332,27 @@ impl ArtifactService {
         // with ABORTED (nothing stored), for the client to retry.
         let mut attempts = 1;
         let commit = loop {
-            match self
+            let committed = self
                 .store
                 .commit_push(&new, spec.force, spec.idempotency_key.as_deref(), &blob)
-                .await?
-            {
+                .await;
+            let committed = match committed {
+                // Another Push of this resumable upload committed it first (possible only
+                // for one racing past the file lock, see `resumable`): answer its result.
+                Err(Error::AlreadyExists(message)) if resumable.is_some() => {
+                    match self.store.artifact_of_upload(&new.upload_id).await? {
+                        Some(artifact) => {
+                            return self.replayed(Ok(PushOutcome {
+                                artifact,
+                                deduplicated: false,
+                            }));
+                        }
+                        None => return Err(Error::AlreadyExists(message)),
+                    }
+                }
+                other => other?,
+            };
+            match committed {
                 PushCommit::ContentCollected => match &retry_with {
                     Some(data) if attempts < COLLECTED_RETRIES => {
                         attempts += 1;

@@ -50,6 +50,8 @@ pub struct SweepSettings {
     pub blob_grace: Duration,
     /// Temporary uploads untouched for longer are removed.
     pub upload_max_age: Duration,
+    /// Resumable uploads no Push has moved on for longer are removed (service clock).
+    pub resumable_upload_max_age: Duration,
     /// Rows of artifacts ended longer ago than this are pruned.
     pub history_retention: Duration,
 }
@@ -191,6 +193,7 @@ impl Sweeper {
         };
         report.ended_artifacts = self.end_expired().await?;
         report.removed_uploads = self.remove_abandoned_uploads().await?;
+        report.removed_uploads += self.remove_abandoned_resumable_uploads().await?;
         let now = self.clock.now();
         let grace = micros(self.settings.blob_grace);
         // Orphans are collected a grace period after they are first seen, so looking for
@@ -228,6 +231,45 @@ impl Sweeper {
         let (removed, bytes) = self.blobs.remove_uploads_before(before).await?;
         if removed > 0 {
             tracing::info!(removed, bytes, "abandoned uploads removed");
+        }
+        Ok(removed)
+    }
+
+    /// Resumable uploads (see `service::artifacts::resumable`) that no Push has
+    /// checkpointed for `ARTIFACTD_RESUMABLE_UPLOAD_MAX_AGE`, completed or not: each file
+    /// goes under its lock, so one a Push is writing right now is skipped, and its row only
+    /// if still that old. One batch per run (the oldest first): abandoned uploads are few.
+    async fn remove_abandoned_resumable_uploads(&self) -> Result<u64, Error> {
+        if !self.blobs.supports_resumable() {
+            return Ok(0);
+        }
+        let before = self
+            .clock
+            .now()
+            .saturating_add_micros(-micros(self.settings.resumable_upload_max_age));
+        let mut removed = 0;
+        for id in self
+            .store
+            .stale_uploads(before, self.settings.batch)
+            .await?
+        {
+            match self.blobs.open_resumable(&id, false).await? {
+                crate::blob::Opened::Busy => {}
+                crate::blob::Opened::Locked(file) => {
+                    if self.store.remove_stale_upload(&id, before).await? {
+                        file.remove().await?;
+                        removed += 1;
+                    }
+                }
+                crate::blob::Opened::Missing => {
+                    if self.store.remove_stale_upload(&id, before).await? {
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "abandoned resumable uploads removed");
         }
         Ok(removed)
     }

@@ -12,6 +12,7 @@ mod plans;
 mod quota;
 mod retention;
 mod sweep;
+mod uploads;
 mod usage;
 
 use std::time::Duration;
@@ -34,6 +35,7 @@ pub use locations::KeyLock;
 pub use quota::{QuotaBase, QuotaCheck};
 pub use retention::LiveArtifact;
 pub use sweep::{BlobCollection, BlobLease, BlobPage, EndedRow, SweepLock};
+pub use uploads::UploadRecord;
 pub use usage::UsageAlert;
 
 /// Arbitrary but fixed key of the Postgres advisory lock that serialises migrations across

@@ -137,6 +137,15 @@ impl Metering {
         self
     }
 
+    /// Runs `task` on the tracker shutdown drains: work that must finish even when the
+    /// request that started it is dropped (a resumable push's last checkpoint).
+    pub fn spawn_tracked<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.counters.spawn(task);
+    }
+
     pub fn enabled(&self) -> bool {
         self.enabled
     }
