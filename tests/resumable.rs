@@ -1,8 +1,9 @@
 //! Resumable pushes (`PushHeader.upload_id`, `QueryUpload`) on the real server: a TCP proxy
 //! the test controls cuts the connection mid-upload, then the upload resumes from the
 //! committed offset; the stored artifact is checked byte for byte and its usage counted
-//! once. Wrong offsets, changed headers, other scopes' ids, completed uploads, two Pushes
-//! on one upload at once, and the sweeper collecting an abandoned upload.
+//! once. The real binary killed mid-upload and restarted (fsync on). Wrong offsets,
+//! changed headers, other scopes' ids, completed uploads, two Pushes on one upload at once,
+//! the sweeper collecting an abandoned upload, and a database from before `uploads`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -686,3 +687,204 @@ on_both_backends!(
     two_pushes_on_one_upload_one_wins,
     the_sweeper_collects_abandoned_uploads,
 );
+
+/// The real binary (fsync on) is killed (SIGKILL) mid-upload and started again on the same
+/// database and blob directory: the upload resumes from its last checkpoint (bytes after it
+/// were received but not committed, and are sent again), and the artifact is the file,
+/// billed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_upload_resumes_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = common::binary::local_stores(dir.path());
+    env.push(("ARTIFACTD_BLOB_FSYNC", "true".to_owned()));
+    let server = common::binary::BinaryServer::start(&env).await;
+    let mut client = ArtifactServiceClient::new(server.channel().await);
+    let scope = job("p", "j1");
+    let data = content(24 * MIB + 1, 21);
+    let base = PushHeader {
+        expected_size: Some(data.len() as i64),
+        expected_sha256: sha256_hex(&data),
+        ..resumable(scope.clone(), "restart.bin", "restart-1", 0)
+    };
+    // 20 MiB sent: two checkpoints (8 and 16 MiB) are durable, the rest is not yet.
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    let mut pushing = client.clone();
+    let call = tokio::spawn(async move {
+        pushing
+            .push(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await
+    });
+    for message in messages(base.clone(), &data[..20 * MIB]) {
+        sender.send(message).await.unwrap();
+    }
+    let checkpoint = 2 * artifactd::service::artifacts::CHECKPOINT_BYTES as i64;
+    assert_eq!(
+        committed(&mut client, scope.clone(), "restart-1", checkpoint).await,
+        checkpoint
+    );
+    drop(server); // SIGKILL
+    assert!(call.await.unwrap().is_err());
+    drop(sender);
+
+    let server = common::binary::BinaryServer::start(&env).await;
+    let channel = server.channel().await;
+    let mut client = ArtifactServiceClient::new(channel.clone());
+    let status = query(&mut client, scope.clone(), "restart-1")
+        .await
+        .unwrap();
+    assert_eq!(status.committed_offset, checkpoint);
+    assert!(!status.complete);
+    let (at, response) = resume(&mut client, base.clone(), &data).await;
+    assert_eq!(at, checkpoint);
+    let artifact = response.artifact.unwrap();
+    assert_eq!(artifact.sha256, sha256_hex(&data));
+    assert_eq!(artifact.size, data.len() as i64);
+    let pulled = pull(&mut client, scope.clone(), "restart.bin", 0, 0)
+        .await
+        .unwrap();
+    assert!(
+        pulled.data == data,
+        "the stored artifact is the file byte for byte"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let u = pb::usage_service_client::UsageServiceClient::new(channel)
+        .get_usage(pb::GetUsageRequest {
+            project_id: "p".into(),
+            start: Some(prost_types::Timestamp {
+                seconds: now - 3600,
+                nanos: 0,
+            }),
+            end: Some(prost_types::Timestamp {
+                seconds: now + 3600,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(u.ingress_bytes, data.len() as i64);
+    assert_eq!(u.stored_bytes, data.len() as i64);
+    assert!(
+        !dir.path()
+            .join("blobs/resumable")
+            .read_dir()
+            .unwrap()
+            .any(|_| true),
+        "the upload's file became the blob"
+    );
+}
+
+/// A database written under the schema before `uploads` is migrated: its artifacts list and
+/// bill the same (storage byte-seconds and ingress from the rows as they were), an old
+/// artifact's upload id is no resumable upload, and resumable pushes work on it.
+async fn artifacts_recorded_before_the_uploads_table_read_the_same(backend: Backend) {
+    use migrations::{Migrator, MigratorTrait};
+    use sea_orm::{ConnectionTrait, Database};
+
+    let Some(db) = common::TestDb::create(backend).await else {
+        return;
+    };
+    let url = match backend {
+        Backend::Sqlite => format!("{}?mode=rwc", db.url),
+        Backend::Postgres => db.url.clone(),
+    };
+    let conn = Database::connect(url.as_str()).await.unwrap();
+    let before_uploads = Migrator::migrations()
+        .iter()
+        .position(|m| m.name() == "m20261127_000012_resumable_uploads")
+        .unwrap();
+    Migrator::up(&conn, Some(before_uploads as u32))
+        .await
+        .unwrap();
+    let t = common::TEST_EPOCH_SECONDS * 1_000_000;
+    let half_hour = 1_800_000_000;
+    let (live, ended) = (content(3_000, 1), content(500, 2));
+    let (live_sha, ended_sha) = (sha256_hex(&live), sha256_hex(&ended));
+    for statement in [
+        format!(
+            "INSERT INTO blobs (sha256, size, created_at, content) VALUES \
+             ('{live_sha}', 3000, {t}, {}), ('{ended_sha}', 500, {t}, {})",
+            blob_literal(backend, &live),
+            blob_literal(backend, &ended)
+        ),
+        format!(
+            "INSERT INTO artifacts (id, project_id, scope_kind, scope_id, path, size, sha256, \
+             mode, created_at, expires_at, keep, deleted_at, end_reason, upload_id, billing_end) \
+             VALUES (7, 'mig', 'job', 'J1', 'out/app.tar', 3000, '{live_sha}', 420, {t}, NULL, \
+             FALSE, NULL, NULL, 'u-7', NULL), \
+             (8, 'mig', 'job', 'J1', 'out/old.log', 500, '{ended_sha}', 420, {t}, NULL, \
+             FALSE, {end}, 'deleted', 'u-8', {end})",
+            end = t + half_hour
+        ),
+        format!(
+            "INSERT INTO usage_events (id, project_id, meter, bytes, occurred_at) VALUES \
+             ('push:u-7', 'mig', 'ingress', 3000, {t}), ('push:u-8', 'mig', 'ingress', 500, {t})"
+        ),
+    ] {
+        conn.execute_unprepared(&statement).await.unwrap();
+    }
+    conn.close().await.unwrap();
+
+    let server = TestServer::start_on(db, |_| {}).await;
+    server.clock.advance_seconds(3600);
+    let mut client = server.client().await;
+    let scope = job("mig", "J1");
+    let listed = client
+        .list(pb::ListRequest {
+            scope: Some(scope.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed
+            .artifacts
+            .iter()
+            .map(|a| a.path.as_str())
+            .collect::<Vec<_>>(),
+        ["out/app.tar"]
+    );
+    // An old artifact's upload id names no resumable upload.
+    let e = query(&mut client, scope.clone(), "u-7").await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // Resumable pushes work on the migrated database (the first push records the project).
+    let data = content(100_000, 3);
+    let done = push_all(
+        &mut client,
+        resumable(scope.clone(), "new.bin", "n-1", 0),
+        &data,
+    )
+    .await
+    .unwrap();
+    assert_eq!(done.artifact.unwrap().sha256, sha256_hex(&data));
+    let pulled = pull(&mut client, scope.clone(), "out/app.tar", 0, 0)
+        .await
+        .unwrap();
+    assert!(pulled.data == live);
+    let u = usage(&server, "mig").await;
+    // 3000 bytes for the hour since t, 500 for the half hour they lived; the new artifact
+    // was pushed at this instant.
+    assert_eq!(u.storage_byte_seconds, "11700000.000000");
+    assert_eq!(u.ingress_bytes, 3_500 + 100_000);
+    assert_eq!(u.stored_bytes, 3_000 + 100_000);
+    assert_eq!(u.live_artifacts, 2);
+    server.stop().await;
+}
+
+/// A bytes literal for inline blob content in hand-written SQL.
+fn blob_literal(backend: Backend, data: &[u8]) -> String {
+    let hex = hex::encode(data);
+    match backend {
+        Backend::Sqlite => format!("X'{hex}'"),
+        Backend::Postgres => format!("'\\x{hex}'::bytea"),
+    }
+}
+
+mod migrated {
+    use super::*;
+    on_both_backends!(artifacts_recorded_before_the_uploads_table_read_the_same);
+}
