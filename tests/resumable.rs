@@ -888,3 +888,80 @@ mod migrated {
     use super::*;
     on_both_backends!(artifacts_recorded_before_the_uploads_table_read_the_same);
 }
+
+/// A storage cap of exactly the file's size: the cut-off attempt's reservation is gone by
+/// the time a resume may start, so the resume is admitted, and the cap holds afterwards.
+async fn a_cut_leaks_no_reservation(backend: Backend) {
+    let Some(server) = TestServer::start_metered(backend, |_| {}).await else {
+        return;
+    };
+    let data = content(12 * MIB, 17);
+    let mut c = common::billing::clients(&server).await;
+    c.controls
+        .update_usage_controls(pb::UpdateUsageControlsRequest {
+            project_id: "capped".into(),
+            controls: Some(pb::UsageControls {
+                storage_cap_bytes: Some(data.len() as i64),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["storage_cap_bytes".into()],
+            }),
+            apply_to_existing: false,
+        })
+        .await
+        .unwrap();
+    let scope = job("capped", "j1");
+    let first = PushHeader {
+        expected_size: Some(data.len() as i64),
+        ..resumable(scope.clone(), "capped.bin", "cap-1", 0)
+    };
+    for _ in 0..3 {
+        // Cut three times, each a little further on.
+        let at = settled_or_zero(&mut c.artifacts, &first).await;
+        let proxy = Proxy::start(server.grpc_addr, 3 * MIB as i64).await;
+        let cut = push_all(
+            &mut proxy.client().await,
+            PushHeader {
+                write_offset: at,
+                ..first.clone()
+            },
+            &data[at as usize..],
+        )
+        .await;
+        assert!(cut.is_err(), "cut: {cut:?}");
+    }
+    let (at, response) = resume(&mut c.artifacts, first.clone(), &data).await;
+    assert!(at > 0);
+    assert_eq!(response.artifact.unwrap().sha256, sha256_hex(&data));
+    let u = usage(&server, "capped").await;
+    assert_eq!(u.ingress_bytes, data.len() as i64);
+    assert_eq!(u.stored_bytes, data.len() as i64);
+    // The cap is full: one more byte is refused.
+    let e = push_all(
+        &mut c.artifacts,
+        PushHeader {
+            expected_size: Some(1),
+            ..resumable(scope.clone(), "more.bin", "cap-2", 0)
+        },
+        b"x",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    server.stop().await;
+}
+
+/// [`settled`], or 0 before the upload exists.
+async fn settled_or_zero(client: &mut ArtifactServiceClient<Channel>, header: &PushHeader) -> i64 {
+    let scope = header.scope.clone().unwrap();
+    match query(client, scope, &header.upload_id).await {
+        Err(e) if e.code() == Code::NotFound => 0,
+        _ => settled(client, header).await,
+    }
+}
+
+mod capped {
+    use super::*;
+    on_both_backends!(a_cut_leaks_no_reservation);
+}

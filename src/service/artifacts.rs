@@ -183,7 +183,7 @@ impl ArtifactService {
         let resumable = match &spec.resume {
             Some(resume) => match self.begin_resumable(&spec, resume).await? {
                 resumable::Begun::Completed(outcome) => return self.replayed(Ok(outcome)),
-                resumable::Begun::Open(upload) => Some(upload),
+                resumable::Begun::Open(locked) => Some(*locked),
             },
             None => None,
         };
@@ -234,7 +234,7 @@ impl ArtifactService {
         // A resumable push's artifact carries its upload's internal id: the artifact row is
         // then the record that the upload completed.
         let upload_id = match &resumable {
-            Some(upload) => upload.internal_id.clone(),
+            Some(locked) => locked.record.internal_id.clone(),
             None => uuid::Uuid::new_v4().simple().to_string(),
         };
         // The lock on a resumable upload's file, held until the commit is done.
@@ -242,22 +242,18 @@ impl ArtifactService {
         // A blob in the blob store is leased before its bytes are checked or written, so
         // the sweeper cannot collect it between that check and the commit unnoticed (see
         // `store::sweep`). Inline content travels in the commit itself.
-        let (size, sha256, mut blob, retry_with) = if let Some(upload) = &resumable {
+        let is_resumable = resumable.is_some();
+        let (size, sha256, mut blob, retry_with) = if let Some(locked) = resumable {
             let received = self
-                .receive_resumable(&spec, upload, reservation, chunks)
+                .receive_resumable(&spec, locked, reservation, chunks)
                 .await?;
-            let (size, sha256, file) = match received {
-                resumable::Received::Bytes {
-                    size,
-                    sha256,
-                    file,
-                    reservation: held,
-                } => {
-                    reservation = *held;
-                    (size, sha256, file)
-                }
-                resumable::Received::Completed(outcome) => return self.replayed(Ok(outcome)),
-            };
+            let resumable::Received {
+                size,
+                sha256,
+                file,
+                reservation: held,
+            } = received;
+            reservation = held;
             let lease = self
                 .store
                 .lease_blob_at(&sha256, size, self.clock.now())
@@ -339,7 +335,7 @@ impl ArtifactService {
             let committed = match committed {
                 // Another Push of this resumable upload committed it first (possible only
                 // for one racing past the file lock, see `resumable`): answer its result.
-                Err(Error::AlreadyExists(message)) if resumable.is_some() => {
+                Err(Error::AlreadyExists(message)) if is_resumable => {
                     match self.store.artifact_of_upload(&new.upload_id).await? {
                         Some(artifact) => {
                             return self.replayed(Ok(PushOutcome {

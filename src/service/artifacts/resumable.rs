@@ -45,20 +45,24 @@ pub struct UploadStatus {
 pub(super) enum Begun {
     /// The upload already completed: its artifact.
     Completed(PushOutcome),
-    /// The upload to write to.
-    Open(UploadRecord),
+    /// The upload to write to, locked, with its committed offset checked.
+    Open(Box<LockedUpload>),
 }
 
-pub(super) enum Received {
-    /// Every byte is in, synced and verified; `file` holds the lock until the commit.
-    Bytes {
-        size: i64,
-        sha256: Sha256,
-        file: ResumableFile,
-        reservation: Box<Reservation>,
-    },
-    /// Another Push completed the upload meanwhile.
-    Completed(PushOutcome),
+/// An upload this Push holds the lock of, at its committed offset.
+pub(super) struct LockedUpload {
+    pub record: UploadRecord,
+    file: ResumableFile,
+    committed: i64,
+}
+
+/// Every byte of a resumable upload is in, synced and verified; `file` holds the lock
+/// until the commit.
+pub(super) struct Received {
+    pub size: i64,
+    pub sha256: Sha256,
+    pub file: ResumableFile,
+    pub reservation: Reservation,
 }
 
 fn not_resumable_here() -> Error {
@@ -172,24 +176,13 @@ impl ArtifactService {
         if let Some(artifact) = self.store.artifact_of_upload(&upload.internal_id).await? {
             return Ok(Begun::Completed(completed(artifact)));
         }
-        Ok(Begun::Open(upload))
+        // Locked before admission: a Push racing one still writing is ABORTED here, and the
+        // writer it waits for has released its reservation before its lock.
+        self.lock_upload(spec, upload).await
     }
 
-    /// Locks the upload's file, checks `write_offset` against the committed offset, and
-    /// receives the rest of the content into it. The receiving runs on a task of its own
-    /// (on the tracker shutdown drains), so the final checkpoint is taken even when the
-    /// request is dropped with its connection; the lock is held until then, so a resume
-    /// cannot start before it.
-    pub(super) async fn receive_resumable<S>(
-        &self,
-        spec: &PushSpec,
-        upload: &UploadRecord,
-        mut reservation: Reservation,
-        chunks: S,
-    ) -> Result<Received, Error>
-    where
-        S: Stream<Item = Result<Bytes, Error>> + Send + Unpin + 'static,
-    {
+    /// Locks the upload's file and checks `write_offset` against the committed offset.
+    async fn lock_upload(&self, spec: &PushSpec, upload: UploadRecord) -> Result<Begun, Error> {
         let write_offset = spec.resume.as_ref().map_or(0, |r| r.write_offset);
         let id = upload.internal_id.clone();
         let file = match self
@@ -202,7 +195,7 @@ impl ArtifactService {
             Opened::Missing => {
                 // Promoted to a blob by a Push that completed it meanwhile, or lost.
                 if let Some(artifact) = self.store.artifact_of_upload(&id).await? {
-                    return Ok(Received::Completed(completed(artifact)));
+                    return Ok(Begun::Completed(completed(artifact)));
                 }
                 tracing::warn!(
                     committed = upload.committed_offset,
@@ -226,7 +219,7 @@ impl ArtifactService {
             return Err(no_upload(&upload.scope, &upload.upload_id));
         };
         if let Some(artifact) = self.store.artifact_of_upload(&id).await? {
-            return Ok(Received::Completed(completed(artifact)));
+            return Ok(Begun::Completed(completed(artifact)));
         }
         let on_disk = i64::try_from(file.stored_len().await?).unwrap_or(i64::MAX);
         let mut committed = current.committed_offset;
@@ -250,6 +243,33 @@ impl ArtifactService {
                 upload.upload_id.as_str()
             )));
         }
+        Ok(Begun::Open(Box::new(LockedUpload {
+            record: current,
+            file,
+            committed,
+        })))
+    }
+
+    /// Receives the rest of the content into a locked upload. The receiving runs on a task
+    /// of its own (on the tracker shutdown drains), so the final checkpoint is taken even
+    /// when the request is dropped with its connection; the lock is held until then, so a
+    /// resume cannot start before it.
+    pub(super) async fn receive_resumable<S>(
+        &self,
+        spec: &PushSpec,
+        upload: LockedUpload,
+        mut reservation: Reservation,
+        chunks: S,
+    ) -> Result<Received, Error>
+    where
+        S: Stream<Item = Result<Bytes, Error>> + Send + Unpin + 'static,
+    {
+        let LockedUpload {
+            record,
+            file,
+            committed,
+        } = upload;
+        let id = record.internal_id;
         let writer = file.resume_at(committed as u64).await?;
         reservation.received(committed).await?;
 
@@ -315,6 +335,8 @@ impl ArtifactService {
                 ),
                 Err(e) => tracing::warn!(error = %e, "resumable upload: last checkpoint failed"),
             }
+            // Before the lock goes: a resume must find this attempt's quota free.
+            reservation.release().await;
             return Err(err);
         }
         let size = writer.written() as i64;
@@ -323,6 +345,7 @@ impl ArtifactService {
         {
             // Ended early: a partial write, kept for a later Push to continue.
             let durable = self.checkpoint(id, &mut writer).await?;
+            reservation.release().await;
             return Err(Error::invalid(
                 "header.expected_size",
                 format!(
@@ -342,11 +365,11 @@ impl ArtifactService {
                 .await?;
             return Err(err);
         }
-        Ok(Received::Bytes {
+        Ok(Received {
             size,
             sha256,
             file,
-            reservation: Box::new(reservation),
+            reservation,
         })
     }
 

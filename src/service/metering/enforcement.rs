@@ -478,6 +478,22 @@ impl Reservation {
     }
 }
 
+impl Reservation {
+    /// Ends the reservation unused, now rather than through the tracker as a drop would
+    /// (a resumable push, before another attempt may reserve the same bytes).
+    pub async fn release(mut self) {
+        self.settled = true;
+        if !self.entry {
+            return;
+        }
+        let project = self.record.project_id.clone();
+        let id = std::mem::take(&mut self.id);
+        self.metering
+            .release(&project, Pool::Storage, &id, Release::All, 0)
+            .await;
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         if self.settled || !self.entry {
