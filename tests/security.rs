@@ -1914,6 +1914,21 @@ async fn usage_pages_and_export_for_every_role() {
         "artifactd_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"
     );
     assert_eq!(out.header("location"), "/ui/sign-in");
+    // Pages and the export forbid scripts and framing.
+    let page = get(
+        addr,
+        "/ui/projects/p?month=2026-11",
+        &[("authorization", &format!("Bearer {admin}"))],
+    )
+    .await;
+    assert!(
+        page.header("content-security-policy")
+            .starts_with("default-src 'none'; style-src 'self'"),
+        "{:?}",
+        page.headers
+    );
+    assert_eq!(page.header("x-frame-options"), "DENY");
+    assert_eq!(page.header("x-content-type-options"), "nosniff");
     // The stylesheet needs no token.
     let css = get(addr, "/ui/style.css", &[]).await;
     assert_eq!(

@@ -438,10 +438,10 @@ async fn pages_in_a_browser_show_the_figures_of_the_api() {
     assert!(dom.contains("href=\"/ui/projects/web?month=2026-10\""));
     assert!(dom.contains("href=\"/ui/projects/web?month=2026-12\""));
     browser
-        .screenshot(url.clone(), "ui-project.png", 1280, 2250)
+        .screenshot(url.clone(), "ui-project.png", 1280, 2450)
         .await;
     browser
-        .screenshot(url, "ui-project-phone.png", 390, 2900)
+        .screenshot(url, "ui-project-phone.png", 390, 3300)
         .await;
 
     // The current month has 31 days: 31 markers, the days after today at zero.

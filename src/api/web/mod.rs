@@ -13,7 +13,8 @@
 //! TLS), then authorized by the role matrix ([`crate::domain::access`]) as the gRPC calls
 //! these pages are made of. Never from the URL: no `?job_token=` here. Pages answer a
 //! request without credentials with a redirect to the sign-in form; the export with 401.
-//! Nothing here changes state on GET; the two POSTs check `Origin`.
+//! Nothing here changes state on GET; the two POSTs check `Origin`. Every response forbids
+//! scripts and framing (`Content-Security-Policy`, `X-Frame-Options`).
 
 mod charts;
 mod export;
@@ -65,6 +66,7 @@ impl Web {
             .route("/ui/sign-out", post(session::sign_out))
             .route("/ui/style.css", get(style))
             .with_state(self)
+            .layer(axum::middleware::map_response(hardening_headers))
     }
 
     /// The principal of a request: its bearer token, else its session cookie.
@@ -80,6 +82,31 @@ impl Web {
             )),
         }
     }
+}
+
+/// What the browser may do with these responses: nothing but show them. The pages use no
+/// script, so none may run (an injected one included); styles come from the stylesheet (and
+/// the SVG's own attributes); forms post only here; no other site may frame the pages.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self' 'unsafe-inline'; \
+     img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+async fn hardening_headers(mut response: Response) -> Response {
+    use axum::http::HeaderValue;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    response
 }
 
 /// The session cookie's value, if the request carries one.
