@@ -75,6 +75,21 @@ async fn round_trips_preserve_content_and_mode(backend: Backend) {
             artifact
         );
     }
+    // Type bits: a regular file's are dropped (it is the default), a symbolic link's are
+    // kept (`artifact push --preserve-symlinks` stores the link's target as the content).
+    for (path, mode, stored) in [
+        ("typed/regular", 0o100_750, 0o750),
+        ("typed/link", 0o120_777, 0o120_777),
+    ] {
+        let mut h = header(job("p1", "j1"), path);
+        h.mode = mode;
+        let pushed = push(&mut client, h, b"../target").await.expect("push");
+        assert_eq!(pushed.artifact.expect("artifact").mode, stored, "{path}");
+        let listed = stat(&mut client, job("p1", "j1"), path)
+            .await
+            .expect("stat");
+        assert_eq!(listed.mode, stored, "{path}");
+    }
     assert!(server.leftover_uploads().await.is_empty());
     server.stop().await;
 }
@@ -895,8 +910,20 @@ async fn bad_paths_and_ids_are_invalid_arguments(backend: Backend) {
         (err.code(), err.message()),
         (Code::InvalidArgument, "scope: is required")
     );
+    // A mode may carry the type of a regular file or a symbolic link, nothing else.
+    let mut folder_mode = header(job("p", "j"), "f");
+    folder_mode.mode = 0o040_755;
+    let err = push(&mut client, folder_mode, b"x").await.unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::InvalidArgument,
+            "header.mode: file type 0o40000 is neither a regular file (0o100000) nor a symbolic \
+             link (0o120000)"
+        )
+    );
     let mut bad_mode = header(job("p", "j"), "f");
-    bad_mode.mode = 0o100644;
+    bad_mode.mode = 0o120_000 | 0o10_000;
     let err = push(&mut client, bad_mode, b"x").await.unwrap_err();
     assert!(
         err.message().starts_with("header.mode:"),

@@ -47,14 +47,35 @@ impl fmt::Display for Sha256 {
     }
 }
 
-/// Validates a unix mode, mapping 0 to the 0644 default.
+/// The file-type bits of a unix mode (`st_mode & S_IFMT`).
+pub const S_IFMT: u32 = 0o170_000;
+/// A regular file: the default type, so it is stored as the permission bits alone.
+pub const S_IFREG: u32 = 0o100_000;
+/// A symbolic link stored as a link (`artifact push --preserve-symlinks`): its content is
+/// the link's target.
+pub const S_IFLNK: u32 = 0o120_000;
+
+/// Validates a unix mode, mapping 0 to the 0644 default: permission bits, optionally with
+/// the file type of a regular file (dropped: it is the default) or of a symbolic link (kept,
+/// so a client can recreate the link). Any other type (folder, device, ...) is refused.
 pub fn parse_mode(field: &str, mode: u32) -> Result<u32> {
-    match mode {
-        0 => Ok(DEFAULT_MODE),
-        m if m <= MAX_MODE => Ok(m),
-        m => Err(Error::invalid(
+    let permissions = mode & !S_IFMT;
+    if permissions > MAX_MODE {
+        return Err(Error::invalid(
             field,
-            format!("{m:#o} has bits beyond permission bits (max {MAX_MODE:#o})"),
+            format!("{mode:#o} has bits beyond permission bits (max {MAX_MODE:#o})"),
+        ));
+    }
+    match mode & S_IFMT {
+        0 | S_IFREG if permissions == 0 => Ok(DEFAULT_MODE),
+        0 | S_IFREG => Ok(permissions),
+        S_IFLNK => Ok(mode),
+        kind => Err(Error::invalid(
+            field,
+            format!(
+                "file type {kind:#o} is neither a regular file ({S_IFREG:#o}) nor a symbolic \
+                 link ({S_IFLNK:#o})"
+            ),
         )),
     }
 }
@@ -93,5 +114,15 @@ mod tests {
         assert_eq!(parse_mode("m", 0).unwrap(), 0o644);
         assert_eq!(parse_mode("m", 0o755).unwrap(), 0o755);
         assert!(parse_mode("m", 0o10000).is_err());
+        // A regular file's type bits are dropped, a link's kept; no other type passes.
+        assert_eq!(parse_mode("m", 0o100_755).unwrap(), 0o755);
+        assert_eq!(parse_mode("m", 0o100_000).unwrap(), 0o644);
+        assert_eq!(parse_mode("m", 0o120_777).unwrap(), 0o120_777);
+        for refused in [
+            0o040_755, 0o060_644, 0o020_644, 0o140_777, 0o010_644, 0o170_000,
+        ] {
+            assert!(parse_mode("m", refused).is_err(), "{refused:o}");
+        }
+        assert!(parse_mode("m", 0o120_000 | 0o10000).is_err());
     }
 }

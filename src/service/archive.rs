@@ -113,8 +113,9 @@ pub async fn write_archive(
     while let Some(entry) = entries.next().await {
         let mut entry = entry?;
         let header = ZipEntryBuilder::new(entry.path.into(), compression)
-            // A regular file (S_IFREG) with the artifact's permission bits.
-            .unix_permissions((0o100_000 | (entry.mode & 0o7777)) as u16)
+            // The artifact's permission bits, as a regular file unless it was pushed as a
+            // symbolic link (whose content is its target, as zip stores links).
+            .unix_permissions(zip_mode(entry.mode))
             .last_modification_date(zip_date(entry.modified));
         let mut writer = zip.write_entry_stream(header).await.map_err(zip_error)?;
         while let Some(chunk) = entry.content.next().await {
@@ -128,6 +129,17 @@ pub async fn write_archive(
 
 /// The zip's timestamp (local time without a zone; we write UTC, to the even second the
 /// format holds). Instants before 1980, which zip cannot hold, become 1980-01-01.
+/// The unix mode a zip entry carries: a link stays a link, anything else is a regular file.
+fn zip_mode(mode: u32) -> u16 {
+    use crate::domain::artifact::{S_IFLNK, S_IFMT, S_IFREG};
+    let kind = if mode & S_IFMT == S_IFLNK {
+        S_IFLNK
+    } else {
+        S_IFREG
+    };
+    u16::try_from(kind | (mode & 0o7777)).unwrap_or(0o100_644)
+}
+
 fn zip_date(at: Timestamp) -> async_zip::ZipDateTime {
     let seconds = at.as_micros().div_euclid(1_000_000);
     let (year, month, day) = civil_from_days(seconds.div_euclid(86_400));
