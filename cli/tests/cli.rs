@@ -1,0 +1,505 @@
+#![allow(clippy::unwrap_used)]
+//! The real `artifact` binary against a real artifactd server: Semaphore's path mapping,
+//! folders with modes, symlinks, stdin/stdout, refusals, every exit code, resumed downloads.
+
+mod common;
+
+use common::*;
+
+fn paths(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_maps_paths_as_semaphore_does() {
+    let server = Server::start().await;
+    let cli = Cli::new(&server.url());
+    cli.write("long/path/to/x.zip", b"zip", 0o644);
+    cli.write("src/sub/a", b"a", 0o644);
+    cli.write("src/sub/b/c", b"c", 0o644);
+    cli.write(".hidden", b"h", 0o600);
+    let absolute = cli.path("long/path/to/x.zip").display().to_string();
+    let cases: Vec<(Vec<&str>, Vec<String>)> = vec![
+        (vec!["long/path/to/x.zip"], paths(&["x.zip"])),
+        (vec!["./long/path/to/x.zip"], paths(&["x.zip"])),
+        (vec![absolute.as_str()], paths(&["x.zip"])),
+        (
+            vec!["long/path/to/x.zip", "-d", "long/path/y.zip"],
+            paths(&["long/path/y.zip"]),
+        ),
+        (
+            vec!["long/path/to/x.zip", "-d", "/long/path/y.zip"],
+            paths(&["long/path/y.zip"]),
+        ),
+        (
+            vec!["long/path/to/x.zip", "-d", "./y.zip"],
+            paths(&["y.zip"]),
+        ),
+        (vec!["long/path/to/x.zip", "-d", "../../y"], paths(&["y"])),
+        (vec!["src/sub"], paths(&["sub/a", "sub/b/c"])),
+        (vec!["src/sub/"], paths(&["sub/a", "sub/b/c"])),
+        (
+            vec!["src/sub", "-d", "out/d"],
+            paths(&["out/d/a", "out/d/b/c"]),
+        ),
+        (vec![".hidden"], paths(&[".hidden"])),
+    ];
+    for (i, (args, want)) in cases.into_iter().enumerate() {
+        let job = format!("job-{i}");
+        let mut full = vec!["push", "job"];
+        full.extend(&args);
+        full.extend(["--job-id", job.as_str()]);
+        cli.ok(&full).await;
+        let listed = cli.json(&["list", "job", "--job-id", &job]).await;
+        let mut got: Vec<String> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["path"].as_str().unwrap().to_owned())
+            .collect();
+        got.sort();
+        assert_eq!(got, want, "push job {}", args.join(" "));
+    }
+
+    // `push job .` keeps the names whole (Semaphore's CLI cuts their first character).
+    let here = Cli::new(&server.url());
+    here.write("a", b"a", 0o644);
+    here.write("b/c", b"c", 0o644);
+    here.ok(&["push", "job", ".", "--job-id", "dot"]).await;
+    let mut dot = Cli::new(&server.url());
+    dot.set("SEMAPHORE_JOB_ID", "dot");
+    assert_eq!(dot.remote_paths("job").await, paths(&["a", "b/c"]));
+
+    // stdin needs -d.
+    let run = cli
+        .run_with_stdin(
+            &["push", "job", "-", "-d", "f.txt"],
+            Some(b"from stdin".to_vec()),
+        )
+        .await;
+    run.assert_code(0);
+    assert_eq!(
+        run.stdout(),
+        "pushed 'f.txt' (10 B, sha256 \
+         e1c20b6b2e4a4ba1b0e6a9ac23dfd1b16d4bf5ab8dfba6fa2f8d4b7b70e05bd1) to job j1\n"
+            .replace(
+                "e1c20b6b2e4a4ba1b0e6a9ac23dfd1b16d4bf5ab8dfba6fa2f8d4b7b70e05bd1",
+                &sha256_hex(b"from stdin")
+            )
+    );
+    cli.run(&["push", "job", "-"]).await.assert_error(
+        1,
+        "pushing stdin needs a name: add -d NAME (e.g. `artifact push job - -d log.txt`)",
+    );
+    server.stop().await;
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use std::fmt::Write;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+    digest.as_ref().iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_and_yank_map_paths_as_semaphore_does() {
+    let server = Server::start().await;
+    let cli = Cli::new(&server.url());
+    cli.write("in/x.zip", b"x-content", 0o640);
+    cli.write("in/logs/a", b"log a", 0o644);
+    cli.write("in/logs/b/c", b"log c", 0o755);
+    cli.ok(&["push", "job", "in/x.zip", "-d", "long/path/x.zip"])
+        .await;
+    cli.ok(&["push", "job", "in/logs", "-d", "logs"]).await;
+
+    cli.ok(&["pull", "job", "long/path/x.zip"]).await;
+    assert_eq!(cli.read("x.zip"), b"x-content");
+    cli.ok(&["pull", "job", "/long/path/x.zip", "-d", "a/y.zip"])
+        .await;
+    assert_eq!(cli.read("a/y.zip"), b"x-content");
+    let absolute = cli.path("abs/y.zip").display().to_string();
+    cli.ok(&["pull", "job", "./long/path/x.zip", "-d", &absolute])
+        .await;
+    assert_eq!(cli.read("abs/y.zip"), b"x-content");
+
+    let out = cli.ok(&["pull", "job", "logs"]).await;
+    assert_eq!(out, "pulled 2 files (10 B) into 'logs'\n");
+    assert_eq!(
+        tree(&cli.path("logs")),
+        vec![
+            ("a".to_owned(), b"log a".to_vec(), 0o644),
+            ("b/c".to_owned(), b"log c".to_vec(), 0o755),
+        ]
+    );
+    cli.ok(&["pull", "job", "logs", "-d", "a/dbg"]).await;
+    assert_eq!(tree(&cli.path("a/dbg")), tree(&cli.path("logs")));
+    // The mode pulled is the mode pushed.
+    assert_eq!(tree(&cli.path("a"))[0].2 & 0o777, 0o644);
+    assert_eq!(
+        tree(&cli.path("."))
+            .into_iter()
+            .find(|(p, ..)| p == "x.zip")
+            .unwrap()
+            .2,
+        0o640
+    );
+    // No temporary file is left behind.
+    assert!(
+        tree(&cli.path("."))
+            .iter()
+            .all(|(p, ..)| !p.contains("artifact-part")),
+        "{:?}",
+        tree(&cli.path("."))
+    );
+
+    // Yank: a file, then a folder recursively.
+    let out = cli.ok(&["yank", "job", "/long/path/x.zip"]).await;
+    assert_eq!(out, "yanked 'long/path/x.zip' from job j1 (1 files, 9 B)\n");
+    let yanked = cli.json(&["yank", "job", "logs"]).await;
+    assert_eq!(yanked["deleted_count"], 2);
+    assert!(cli.remote_paths("job").await.is_empty());
+    cli.run(&["yank", "job", "logs"]).await.assert_error(
+        2,
+        "yank of 'logs': no artifact \"logs\" in job j1 of project p1: check the path and the \
+         scope id (`artifact list` shows what is there)",
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folders_keep_modes_hidden_files_and_symlinks() {
+    let server = Server::start().await;
+    let cli = Cli::new(&server.url());
+    cli.write("dist/bin/tool", &content(200_000, 1), 0o755);
+    cli.write("dist/.env", b"HIDDEN=1", 0o600);
+    cli.write("dist/deep/er/file.txt", &content(70_000, 2), 0o644);
+    cli.write("dist/empty", b"", 0o444);
+    for i in 0..50 {
+        cli.write(
+            &format!("dist/many/{i:03}"),
+            &content(i * 100, i as u64),
+            0o640,
+        );
+    }
+    std::os::unix::fs::symlink("bin/tool", cli.path("dist/tool-link")).unwrap();
+    std::os::unix::fs::symlink("../outside", cli.path("dist/dangling")).unwrap();
+
+    // Followed by default: a dangling link cannot be followed.
+    let run = cli.run(&["push", "workflow", "dist"]).await;
+    run.assert_error(
+        2,
+        "cannot read 'dist/dangling': No such file or directory (os error 2): fix or remove it \
+         (a broken link can be pushed with --preserve-symlinks)",
+    );
+    std::fs::remove_file(cli.path("dist/dangling")).unwrap();
+    let pushed = cli.json(&["push", "workflow", "dist"]).await;
+    assert_eq!(pushed["files"], 55);
+    let original = tree(&cli.path("dist"));
+    let mut pull = Cli::new(&server.url());
+    pull.set("SEMAPHORE_JOB_ID", "another-job");
+    pull.ok(&["pull", "workflow", "dist"]).await;
+    let mut followed = original.clone();
+    for entry in &mut followed {
+        if entry.0 == "tool-link" {
+            *entry = ("tool-link".into(), content(200_000, 1), 0o755);
+        }
+    }
+    assert_eq!(tree(&pull.path("dist")), followed);
+
+    // --preserve-symlinks stores links as links and pull recreates them.
+    std::os::unix::fs::symlink("../outside", cli.path("dist/dangling")).unwrap();
+    cli.ok(&[
+        "push",
+        "project",
+        "dist",
+        "-d",
+        "kept",
+        "--preserve-symlinks",
+    ])
+    .await;
+    let link = cli.json(&["stat", "project", "kept/tool-link"]).await;
+    assert_eq!(link["mode"], "120777");
+    assert_eq!(link["size"], 8);
+    pull.ok(&["pull", "project", "kept"]).await;
+    assert_eq!(tree(&pull.path("kept")), tree(&cli.path("dist")));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_and_stdout() {
+    let server = Server::start().await;
+    let cli = Cli::new(&server.url());
+    let data = content(3 * 1024 * 1024 + 7, 9);
+    let run = cli
+        .run_with_stdin(&["push", "job", "-", "-d", "big.bin"], Some(data.clone()))
+        .await;
+    run.assert_code(0);
+    let run = cli.run(&["pull", "job", "big.bin", "-d", "-"]).await;
+    run.assert_code(0);
+    assert!(
+        run.output.stdout == data,
+        "stdout differs ({} bytes)",
+        run.output.stdout.len()
+    );
+    assert_eq!(run.stderr(), "");
+    let small = cli
+        .run_with_stdin(&["push", "job", "-", "-d", "s"], Some(b"tiny".to_vec()))
+        .await;
+    small.assert_code(0);
+    let run = cli.run(&["pull", "job", "s", "-d", "-"]).await;
+    assert_eq!(run.output.stdout, b"tiny");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_targets_are_refused_without_force() {
+    let server = Server::start().await;
+    let cli = Cli::new(&server.url());
+    cli.write("reports/a.xml", b"a1", 0o644);
+    cli.write("reports/b.xml", b"b1", 0o644);
+    cli.write("reports/c.xml", b"c1", 0o644);
+    cli.ok(&["push", "job", "reports/b.xml", "-d", "reports/b.xml"])
+        .await;
+    // A folder push checks every target before it uploads anything.
+    cli.run(&["push", "job", "reports"]).await.assert_error(
+        3,
+        "'reports/b.xml' already exists in job j1: add --force to replace it; nothing was pushed",
+    );
+    assert_eq!(cli.remote_paths("job").await, paths(&["reports/b.xml"]));
+    // A single file: the server refuses.
+    cli.run(&["push", "job", "reports/a.xml", "-d", "reports/b.xml"])
+        .await
+        .assert_error(
+            3,
+            "push of 'reports/b.xml': already exists: add --force to replace it",
+        );
+    cli.write("reports/b.xml", b"b2", 0o644);
+    cli.ok(&["push", "job", "reports", "--force"]).await;
+    assert_eq!(
+        cli.remote_paths("job").await,
+        paths(&["reports/a.xml", "reports/b.xml", "reports/c.xml"])
+    );
+
+    // Pull refuses to overwrite any local file, before it downloads anything.
+    let puller = Cli::new(&server.url());
+    puller.write("reports/c.xml", b"local", 0o644);
+    puller.run(&["pull", "job", "reports"]).await.assert_error(
+        3,
+        "'reports/c.xml' already exists locally: delete it first or add --force; nothing was pulled",
+    );
+    assert!(!puller.path("reports/a.xml").exists());
+    assert_eq!(puller.read("reports/c.xml"), b"local");
+    puller.ok(&["pull", "job", "reports", "--force"]).await;
+    assert_eq!(puller.read("reports/b.xml"), b"b2");
+    assert_eq!(puller.read("reports/c.xml"), b"c1");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_exit_code() {
+    let server = Server::start_with(|c| c.max_artifact_bytes = 1000).await;
+    let mut cli = Cli::new(&server.url());
+    cli.write("f", b"data", 0o644);
+    cli.write("big", &content(2000, 3), 0o644);
+    // 0
+    cli.ok(&["push", "job", "f"]).await;
+    // 1: usage
+    let run = cli.run(&["push", "nowhere", "f"]).await;
+    run.assert_code(1);
+    assert!(
+        run.stderr().contains("invalid value 'nowhere'"),
+        "{}",
+        run.stderr()
+    );
+    cli.run(&["push", "job", "f", "--expire-in", "soon"]).await.assert_error(
+        1,
+        "--expire-in 'soon' is not a duration: use a number and s, m, h, d, w or y (30d, 1w) or never",
+    );
+    cli.unset("SEMAPHORE_JOB_ID");
+    cli.run(&["push", "job", "f"]).await.assert_error(
+        1,
+        "job ID is not set: pass --job-id or set ARTIFACTD_JOB_ID (or SEMAPHORE_JOB_ID)",
+    );
+    cli.set("ARTIFACTD_JOB_ID", "j1");
+    // 2: not found, remote and local
+    cli.run(&["pull", "job", "missing.txt"]).await.assert_error(
+        2,
+        "'missing.txt' not found in job j1: check the path and the id (`artifact list` shows what is there)",
+    );
+    cli.run(&["push", "job", "nope.txt"])
+        .await
+        .assert_error(2, "'nope.txt' does not exist locally: check the path");
+    // 3: exists
+    cli.run(&["push", "job", "f"]).await.assert_code(3);
+    // 4: over the size limit
+    let run = cli.run(&["push", "job", "big"]).await;
+    run.assert_code(4);
+    assert!(
+        run.stderr()
+            .ends_with(": yank artifacts you no longer need or ask for a larger plan\n"),
+        "{}",
+        run.stderr()
+    );
+    // 6: nothing listens there
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut down = Cli::new(&format!("http://127.0.0.1:{port}"));
+    down.set("ARTIFACTD_RETRIES", "1");
+    let run = down.run(&["list", "job"]).await;
+    run.assert_code(6);
+    assert!(
+        run.stderr().starts_with("artifact: list: ")
+            && run.stderr().ends_with(&format!(
+                ": the server at http://127.0.0.1:{port} could not be reached; try again later\n"
+            )),
+        "{}",
+        run.stderr()
+    );
+    server.stop().await;
+
+    // 5: authentication and permission.
+    let secured = Server::start_with(|c| {
+        c.auth = artifactd::config::AuthMode::Jwt;
+        c.jwt_secret = Some(SECRET.parse().unwrap());
+    })
+    .await;
+    let mut cli = Cli::new(&secured.url());
+    cli.write("f", b"data", 0o644);
+    let run = cli.run(&["push", "job", "f"]).await;
+    run.assert_code(5);
+    assert!(
+        run.stderr()
+            .ends_with(": set ARTIFACTD_TOKEN (or ARTIFACTD_TOKEN_FILE) to a valid token\n"),
+        "{}",
+        run.stderr()
+    );
+    cli.set(
+        "SEMAPHORE_ARTIFACT_TOKEN",
+        &token("job", Some("other"), Some("j1")),
+    );
+    let run = cli.run(&["push", "job", "f"]).await;
+    run.assert_code(5);
+    assert!(
+        run.stderr()
+            .ends_with(": use a token issued for this project and scope\n"),
+        "{}",
+        run.stderr()
+    );
+    // The right token, from a file.
+    std::fs::write(cli.path("token"), token("job", Some("p1"), Some("j1"))).unwrap();
+    cli.ok(&["push", "job", "f", "--token-file", "token"]).await;
+    cli.set(
+        "ARTIFACTD_TOKEN_FILE",
+        &cli.path("token").display().to_string(),
+    );
+    cli.ok(&["stat", "job", "f"]).await;
+    secured.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expire_in_and_never() {
+    let server = Server::start().await;
+    let cli = Cli::new(&server.url());
+    cli.write("f", b"data", 0o644);
+    cli.ok(&["push", "job", "f", "--expire-in", "1w"]).await;
+    let stat = cli.json(&["stat", "job", "f"]).await;
+    assert_eq!(stat["created_at"], "2026-11-01T00:00:00Z");
+    assert_eq!(stat["expires_at"], "2026-11-08T00:00:00Z");
+    assert_eq!(stat["keep"], false);
+    cli.ok(&["push", "job", "f", "-d", "g", "--expire-in", "never"])
+        .await;
+    assert_eq!(cli.json(&["stat", "job", "g"]).await["keep"], true);
+    server.stop().await;
+}
+
+/// A download cut mid-stream resumes at the byte it stopped: the file is byte for byte
+/// right and the bytes the client kept are each metered once. What the server handed to
+/// the connection before the cut but the client never got is metered too (the server
+/// meters what it sends, not what arrives): at most one HTTP/2 flow-control window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_download_resumes_and_is_metered_once() {
+    let server = Server::start().await;
+    let cli = Cli::new(&server.url());
+    let size = 24 * 1024 * 1024;
+    let data = content(size, 5);
+    cli.write("big.bin", &data, 0o644);
+    cli.ok(&["push", "job", "big.bin"]).await;
+
+    let proxy = CutProxy::start(server.addr, 9 * 1024 * 1024 + 123).await;
+    let mut puller = Cli::new(&proxy.url());
+    puller.set("ARTIFACTD_RETRIES", "5");
+    let pulled = puller.json(&["pull", "job", "big.bin"]).await;
+    assert_eq!(
+        proxy.cuts.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the proxy cut once"
+    );
+    assert_eq!(pulled["pulled"][0]["sha256"], sha256_hex(&data));
+    assert!(puller.read("big.bin") == data, "the resumed file differs");
+
+    // The user-visible figure: `artifact usage`, once the stream's record is written.
+    let mut egress = 0;
+    for _ in 0..200 {
+        let usage = cli.json(&["usage", "--month", "2026-11"]).await;
+        egress = usage["egress_bytes"].as_i64().unwrap();
+        if egress >= size as i64 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let window = 2 * 1024 * 1024 + 2 * 1024 * 1024;
+    assert!(
+        (size as i64..=size as i64 + window).contains(&egress),
+        "egress {egress} for {size} bytes kept"
+    );
+    eprintln!(
+        "metered {egress} bytes for {size} kept: {} sent before the cut were lost",
+        egress - size as i64
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_and_bill_tables() {
+    let server = Server::start().await;
+    let cli = Cli::new(&server.url());
+    cli.write("f", &content(1024 * 1024, 1), 0o644);
+    cli.ok(&["push", "project", "f"]).await;
+    server.clock.advance_seconds(86_400);
+    let usage = cli.json(&["usage", "--month", "2026-11"]).await;
+    assert_eq!(usage["project_id"], "p1");
+    assert_eq!(usage["stored_bytes"], 1024 * 1024);
+    assert_eq!(usage["live_artifacts"], 1);
+    assert_eq!(usage["ingress_bytes"], 1024 * 1024);
+    assert_eq!(usage["storage_byte_seconds"], "90596966400.000000");
+    let text = cli.ok(&["usage", "--month", "2026-11"]).await;
+    assert!(text.starts_with("project     p1\n"), "{text}");
+    assert!(
+        text.contains("stored now  1.0 MiB (1048576 bytes) in 1 files\n"),
+        "{text}"
+    );
+
+    let bill = cli.json(&["bill", "--month", "2026-11"]).await;
+    assert_eq!(bill["month"], "2026-11");
+    assert!(
+        bill["line_items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["meter"] == "storage")
+    );
+    let text = cli.ok(&["bill", "--month", "2026-11"]).await;
+    assert!(
+        text.starts_with("bill of project p1 for 2026-11 (plan "),
+        "{text}"
+    );
+    assert!(text.contains("\nMETER"), "{text}");
+    assert!(text.contains("\ntotal  "), "{text}");
+    cli.run(&["bill", "--month", "2026-13"])
+        .await
+        .assert_error(1, "--month '2026-13' is not YYYY-MM (e.g. 2026-11)");
+    server.stop().await;
+}

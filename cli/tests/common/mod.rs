@@ -1,0 +1,400 @@
+//! Harness for the `artifact` binary: a real artifactd server on 127.0.0.1:0 (in process, on
+//! a SQLite file and a blob directory of its own, with a manual clock), the real binary run
+//! as a child process in a scratch directory with a clean environment, and a TCP proxy the
+//! test controls that cuts a connection mid-stream.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use artifactd::config::Config;
+use artifactd::domain::{ManualClock, Timestamp};
+use artifactd::server::{self, App};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+/// 2026-11-01T00:00:00Z, where the server's clock starts.
+pub const EPOCH_SECONDS: i64 = 1_793_491_200;
+pub const SECRET: &str = "test-secret-that-is-at-least-32-bytes-long";
+
+pub struct Server {
+    pub addr: SocketAddr,
+    pub clock: ManualClock,
+    pub config: Config,
+    pub app: App,
+    dir: tempfile::TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::with_stores(
+            &format!("sqlite://{}", dir.path().join("db.sqlite").display()),
+            &format!("file://{}", dir.path().join("blobs").display()),
+        );
+        config.blob_fsync = false;
+        tweak(&mut config);
+        let clock = ManualClock::new(Timestamp::from_seconds(EPOCH_SECONDS));
+        let app = App::build(&config, Arc::new(clock.clone())).await.unwrap();
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let served = app.clone();
+        let task = tokio::spawn(async move {
+            server::serve(served, grpc, http, async {
+                let _ = stop.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self {
+            addr,
+            clock,
+            config,
+            app,
+            dir,
+            shutdown: Some(shutdown),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+/// A token signed with [`SECRET`].
+pub fn token(role: &str, project: Option<&str>, job: Option<&str>) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    artifactd::auth::Authenticator::shared_secret(SECRET.as_bytes())
+        .unwrap()
+        .issue(&artifactd::auth::Claims {
+            sub: format!("test-{role}"),
+            role: role.into(),
+            project_id: project.map(Into::into),
+            workflow_id: job.map(|_| "w1".into()),
+            job_id: job.map(Into::into),
+            exp: now + 3600,
+            iat: Some(now),
+            ..Default::default()
+        })
+        .unwrap()
+}
+
+/// A scratch directory to run `artifact` in, against `url`, as job `j1` of workflow `w1`
+/// of project `p1` (through Semaphore's variables unless the test says otherwise).
+pub struct Cli {
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pub env: Vec<(String, String)>,
+}
+
+impl Cli {
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            dir: tempfile::tempdir().unwrap(),
+            env: vec![
+                ("SEMAPHORE_PROJECT_ID".into(), "p1".into()),
+                ("SEMAPHORE_WORKFLOW_ID".into(), "w1".into()),
+                ("SEMAPHORE_JOB_ID".into(), "j1".into()),
+                ("ARTIFACTD_RETRIES".into(), "3".into()),
+            ],
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn write(&self, rel: &str, data: &[u8], mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.path(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, data).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    pub fn read(&self, rel: &str) -> Vec<u8> {
+        std::fs::read(self.path(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
+    }
+
+    pub fn set(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.into(), value.into()));
+    }
+
+    pub fn unset(&mut self, key: &str) {
+        self.env.retain(|(k, _)| k != key);
+    }
+
+    /// Runs `artifact ARGS` in the scratch directory.
+    pub async fn run(&self, args: &[&str]) -> Run {
+        self.run_with_stdin(args, None).await
+    }
+
+    pub async fn run_with_stdin(&self, args: &[&str], stdin: Option<Vec<u8>>) -> Run {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_artifact"));
+        command.current_dir(self.dir.path()).args(args);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("ARTIFACTD_") || key.starts_with("SEMAPHORE_") {
+                command.env_remove(key);
+            }
+        }
+        command.env("ARTIFACTD_URL", &self.url);
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        let label = format!("artifact {}", args.join(" "));
+        let output = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            use std::process::Stdio;
+            command
+                .stdin(if stdin.is_some() {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = command.spawn().unwrap();
+            if let Some(data) = stdin {
+                let mut pipe = child.stdin.take().unwrap();
+                std::thread::spawn(move || {
+                    let _ = pipe.write_all(&data);
+                });
+            }
+            child.wait_with_output().unwrap()
+        })
+        .await
+        .unwrap();
+        Run { label, output }
+    }
+
+    /// `artifact ARGS`, which must succeed; its stdout.
+    pub async fn ok(&self, args: &[&str]) -> String {
+        let run = self.run(args).await;
+        run.assert_code(0);
+        run.stdout()
+    }
+
+    /// `artifact ARGS --json`, which must succeed; its stdout parsed.
+    pub async fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        serde_json::from_str(&self.ok(&args).await).unwrap()
+    }
+
+    /// The sorted remote paths of a scope.
+    pub async fn remote_paths(&self, scope: &str) -> Vec<String> {
+        let listed = self.json(&["list", scope]).await;
+        let mut paths: Vec<String> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["path"].as_str().unwrap().to_owned())
+            .collect();
+        paths.sort();
+        paths
+    }
+}
+
+pub struct Run {
+    pub label: String,
+    pub output: Output,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.output.status.code().unwrap_or(-1)
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    pub fn assert_code(&self, code: i32) {
+        assert_eq!(
+            self.code(),
+            code,
+            "{}\nstdout: {}\nstderr: {}",
+            self.label,
+            self.stdout(),
+            self.stderr()
+        );
+    }
+
+    /// Asserts the exit code and that stderr is exactly `artifact: <message>` on one line.
+    pub fn assert_error(&self, code: i32, message: &str) {
+        self.assert_code(code);
+        assert_eq!(
+            self.stderr(),
+            format!("artifact: {message}\n"),
+            "{}",
+            self.label
+        );
+    }
+}
+
+/// Every file under `root` as (relative path, content, mode & 0o7777), links as
+/// (path, target, 0o120000).
+pub fn tree(root: &Path) -> Vec<(String, Vec<u8>, u32)> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned();
+            if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&path).unwrap();
+                out.push((rel, target.as_os_str().as_bytes().to_vec(), 0o120_000));
+            } else if meta.is_dir() {
+                stack.push(path);
+            } else {
+                out.push((
+                    rel,
+                    std::fs::read(&path).unwrap(),
+                    meta.permissions().mode() & 0o7777,
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per seed.
+pub fn content(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A TCP proxy in front of `target` that cuts the first connection (both directions, at
+/// once) after it has forwarded `cut_after` bytes from the server to the client; later
+/// connections pass through untouched.
+pub struct CutProxy {
+    pub addr: SocketAddr,
+    /// Connections cut so far.
+    pub cuts: Arc<AtomicUsize>,
+    /// Server-to-client bytes forwarded, over all connections.
+    pub forwarded: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CutProxy {
+    pub async fn start(target: SocketAddr, cut_after: u64) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let (c, f) = (cuts.clone(), forwarded.clone());
+        let task = tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(target).await.unwrap();
+                let limit = if first { Some(cut_after) } else { None };
+                first = false;
+                tokio::spawn(relay(client, server, limit, c.clone(), f.clone()));
+            }
+        });
+        Self {
+            addr,
+            cuts,
+            forwarded,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn relay(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    limit: Option<u64>,
+    cuts: Arc<AtomicUsize>,
+    forwarded: Arc<AtomicU64>,
+) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let upstream = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+    });
+    let mut sent = 0u64;
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = match server_read.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let n = match limit {
+            Some(limit) if sent + n as u64 >= limit => {
+                let keep = usize::try_from(limit - sent).unwrap();
+                let _ = client_write.write_all(&buffer[..keep]).await;
+                forwarded.fetch_add(keep as u64, Ordering::SeqCst);
+                cuts.fetch_add(1, Ordering::SeqCst);
+                // Cut: both sockets are dropped, so both ends see the connection die.
+                upstream.abort();
+                return;
+            }
+            _ => n,
+        };
+        if client_write.write_all(&buffer[..n]).await.is_err() {
+            break;
+        }
+        sent += n as u64;
+        forwarded.fetch_add(n as u64, Ordering::SeqCst);
+    }
+    upstream.abort();
+}
