@@ -79,6 +79,12 @@
 //! pushes and pulls running alongside (target: all ended and their content collected in
 //! ≤ 60 s on Postgres); see `artifactd-bench-parts/sweep.rs`.
 //!
+//! # `cli`
+//!
+//! `artifactd-bench cli` measures the `artifact` command line on Postgres: a folder of
+//! 10,000 × 4 KiB files, and one 1 GiB file pushed and pulled against this bench's own
+//! Push/Pull; see `artifactd-bench-parts/cli.rs`.
+//!
 //! # `zip64`
 //!
 //! `artifactd-bench zip64` has the server zip a folder holding a file over 4 GiB and 70,000
@@ -117,6 +123,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
+#[path = "artifactd-bench-parts/cli.rs"]
+mod cli;
 #[path = "artifactd-bench-parts/hash.rs"]
 mod hash;
 #[path = "artifactd-bench-parts/s3.rs"]
@@ -223,6 +231,9 @@ enum BenchCommand {
     #[command(name = "s3", after_help = USAGE_NOTE)]
     S3(s3::S3Args),
     /// Single-core SHA-256 rate: the server's hasher against the `sha2` crate.
+    /// The `artifact` command line against the server's own Push/Pull, on Postgres.
+    #[command(after_help = USAGE_NOTE)]
+    Cli(cli::CliArgs),
     #[command(after_help = USAGE_NOTE)]
     Hash(hash::HashArgs),
     /// A zip needing zip64 (an entry over 4 GiB, over 65,535 entries) read back by Python's
@@ -351,6 +362,7 @@ fn main() -> ExitCode {
         BenchCommand::Sweep(args) => sweep::sweep(&args),
         BenchCommand::Hash(args) => hash::hash(&args),
         BenchCommand::S3(args) => s3::s3(&args),
+        BenchCommand::Cli(args) => cli::cli(&args),
         BenchCommand::Zip64(args) => zip64::zip64(&args),
         BenchCommand::ServeBare { listen } => serve_bare(listen),
     };

@@ -1,0 +1,242 @@
+//! `artifactd-bench cli`: the `artifact` command line against the server's own rates, on
+//! Postgres, in one run (targets: a folder of 10,000 × 4 KiB files pushed at ≥ 1,000
+//! files/s; one 1 GiB file pushed and pulled at ≥ 0.9× of this bench's own Push and Pull).
+//!
+//! It creates a fresh Postgres database, starts `artifactd` on it (local blobs, the
+//! enterprise plan, blob fsync as `--fsync` says) and the `artifact` binary built next to
+//! this one (`cargo build --release --workspace --bins`), then:
+//!
+//! - writes `--files` files of `--file-kib` KiB (distinct content) into a scratch folder and
+//!   times `artifact push job <folder>` (one process, `--parallel` streams on one
+//!   connection, the default 32 unless given);
+//! - per round, times this bench's own Push of `--total-mib` MiB from memory (the throughput
+//!   bench's client) and `artifact push` of a file of that size (distinct content per round,
+//!   so neither is deduplicated; the file is in the page cache), then this bench's own Pull
+//!   (bytes counted and dropped) and `artifact pull` of that file to disk (written, hashed and
+//!   checked against its SHA-256, renamed), and keeps the best of each.
+//!
+//! The CLI's figures include starting the process and connecting.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, bail, ensure};
+use clap::Args;
+
+use super::{
+    ChunkPool, DEFAULT_ADMIN_URL, KIB, MAX_ARTIFACT_BYTES, MIB, ScratchDatabase, ScratchDir,
+    Server, artifact_client, artifact_pull, artifact_push, artifactd_exe, connect, mb_per_s,
+    runtime, warn_if_debug,
+};
+
+const FILES_TARGET: f64 = 1000.0;
+const RATIO_TARGET: f64 = 0.9;
+
+#[derive(Debug, Clone, Args)]
+pub struct CliArgs {
+    /// Admin URL of the Postgres server the scratch database is created on.
+    #[arg(long, env = "TEST_DATABASE_URL", default_value = DEFAULT_ADMIN_URL, hide_env_values = true)]
+    database_admin_url: String,
+    /// Files in the pushed folder.
+    #[arg(long, default_value_t = 10_000)]
+    files: u64,
+    /// Size of each of those files, KiB.
+    #[arg(long, default_value_t = 4)]
+    file_kib: u64,
+    /// Size of the large file, MiB.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=10240))]
+    total_mib: u64,
+    /// Rounds of the large-file comparison (the best of each is kept).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    /// Blob fsync on the server.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    fsync: bool,
+    /// `--parallel` of the CLI (files in flight); unset: the CLI's default.
+    #[arg(long)]
+    parallel: Option<usize>,
+}
+
+/// The `artifact` binary built alongside this one.
+fn artifact_exe() -> anyhow::Result<PathBuf> {
+    let server = artifactd_exe()?;
+    let exe = server.with_file_name(format!("artifact{}", std::env::consts::EXE_SUFFIX));
+    if !exe.is_file() {
+        bail!(
+            "the artifact command line is missing: {} does not exist; build it with \
+             `cargo build --release --workspace --bins`",
+            exe.display()
+        );
+    }
+    Ok(exe)
+}
+
+/// Runs `artifact ARGS` against the server in `cwd`; returns the seconds it took.
+fn run_cli(
+    exe: &Path,
+    port: u16,
+    cwd: &Path,
+    args: &[&str],
+    parallel: Option<usize>,
+) -> anyhow::Result<f64> {
+    let mut command = Command::new(exe);
+    for (name, _) in std::env::vars_os() {
+        let text = name.to_string_lossy();
+        if text.starts_with("ARTIFACTD_") || text.starts_with("SEMAPHORE_") {
+            command.env_remove(&name);
+        }
+    }
+    command
+        .current_dir(cwd)
+        .args(args)
+        .env("ARTIFACTD_URL", format!("http://127.0.0.1:{port}"))
+        .env("ARTIFACTD_PROJECT_ID", super::PROJECT)
+        .env("ARTIFACTD_JOB_ID", super::JOB)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if let Some(parallel) = parallel {
+        command.env("ARTIFACTD_PARALLEL", parallel.to_string());
+    }
+    let started = Instant::now();
+    let status = command
+        .status()
+        .with_context(|| format!("running {}", exe.display()))?;
+    let elapsed = started.elapsed().as_secs_f64();
+    ensure!(
+        status.success(),
+        "`artifact {}` failed ({status})",
+        args.join(" ")
+    );
+    Ok(elapsed)
+}
+
+pub fn cli(args: &CliArgs) -> anyhow::Result<()> {
+    warn_if_debug("cli");
+    let server_exe = artifactd_exe()?;
+    let cli_exe = artifact_exe()?;
+    let runtime = runtime()?;
+    let database = runtime.block_on(ScratchDatabase::create(&args.database_admin_url))?;
+    let scratch = ScratchDir::create()?;
+    let env = [
+        ("DATABASE_URL", database.url.clone()),
+        (
+            "ARTIFACTD_BLOB_URL",
+            format!("file://{}", scratch.path().join("blobs").display()),
+        ),
+        ("ARTIFACTD_BLOB_FSYNC", args.fsync.to_string()),
+        (
+            "ARTIFACTD_MAX_ARTIFACT_BYTES",
+            MAX_ARTIFACT_BYTES.to_string(),
+        ),
+        ("ARTIFACTD_DEFAULT_PLAN", "enterprise".to_owned()),
+    ];
+    let server = Server::start(&server_exe, &env)?;
+    let port = server.grpc_port;
+    let work = scratch.path().join("work");
+    std::fs::create_dir_all(work.join("folder")).context("creating the folder")?;
+
+    // A folder of small files.
+    let file_bytes = usize::try_from(args.file_kib * KIB).context("--file-kib")?;
+    for i in 0..args.files {
+        let mut data = super::pseudo_random(file_bytes, i + 1);
+        data[..8].copy_from_slice(&i.to_le_bytes());
+        let dir = work.join("folder").join(format!("d{:03}", i % 100));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(format!("f{i:05}")), &data)?;
+    }
+    let folder_secs = run_cli(
+        &cli_exe,
+        port,
+        &work,
+        &["push", "job", "folder"],
+        args.parallel,
+    )?;
+    let files_per_s = args.files as f64 / folder_secs;
+    eprintln!(
+        "folder: {} files of {} KiB pushed in {folder_secs:.2} s: {files_per_s:.0} files/s",
+        args.files, args.file_kib
+    );
+
+    // One large file, the CLI against the bench's own client.
+    let total = args.total_mib * MIB;
+    let pool = ChunkPool::new(256 * KIB as usize);
+    let big = work.join("big.bin");
+    let (mut push, mut pull, mut cli_push, mut cli_pull) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        let path = format!("cli/own-{round}.bin");
+        let (own_push, own_pull) = runtime.block_on(async {
+            let mut client = artifact_client(connect(port).await?);
+            let pushed =
+                artifact_push(&mut client, &pool, 11_000 + u64::from(round), total, &path).await?;
+            let pulled = artifact_pull(&mut client, &path, total).await?;
+            Ok::<_, anyhow::Error>((pushed, pulled))
+        })?;
+        push.push(own_push);
+        pull.push(own_pull);
+
+        let mut file = std::fs::File::create(&big).context("writing the large file")?;
+        for chunk in pool.upload(13_000 + u64::from(round), total) {
+            file.write_all(&chunk)?;
+        }
+        drop(file);
+        let remote = format!("cli/big-{round}.bin");
+        let secs = run_cli(
+            &cli_exe,
+            port,
+            &work,
+            &["push", "job", "big.bin", "-d", &remote],
+            args.parallel,
+        )?;
+        cli_push.push(mb_per_s(total, std::time::Duration::from_secs_f64(secs)));
+        let _ = std::fs::remove_file(work.join("pulled.bin"));
+        let secs = run_cli(
+            &cli_exe,
+            port,
+            &work,
+            &["pull", "job", &remote, "-d", "pulled.bin"],
+            args.parallel,
+        )?;
+        cli_pull.push(mb_per_s(total, std::time::Duration::from_secs_f64(secs)));
+        let pulled = std::fs::metadata(work.join("pulled.bin"))?.len();
+        ensure!(pulled == total, "the CLI pulled {pulled} of {total} bytes");
+        eprintln!(
+            "round {round}/{}: bench Push {:.0} MB/s, artifact push {:.0} MB/s; bench Pull {:.0} MB/s, artifact pull {:.0} MB/s",
+            args.rounds,
+            push[push.len() - 1],
+            cli_push[cli_push.len() - 1],
+            pull[pull.len() - 1],
+            cli_pull[cli_pull.len() - 1],
+        );
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let (push, pull, cli_push, cli_pull) =
+        (best(&push), best(&pull), best(&cli_push), best(&cli_pull));
+    let verdict = |pass: bool| if pass { "PASS" } else { "MISS" };
+    println!("artifact CLI on Postgres (blob fsync {}):", args.fsync);
+    println!(
+        "  folder push: {} × {} KiB in {folder_secs:.2} s = {files_per_s:.0} files/s (target ≥ {FILES_TARGET:.0}) {}",
+        args.files,
+        args.file_kib,
+        verdict(files_per_s >= FILES_TARGET)
+    );
+    println!(
+        "  {} MiB push: artifact {cli_push:.0} MB/s vs bench Push {push:.0} MB/s = {:.2}× (target ≥ {RATIO_TARGET}) {}",
+        args.total_mib,
+        cli_push / push,
+        verdict(cli_push / push >= RATIO_TARGET)
+    );
+    println!(
+        "  {} MiB pull: artifact {cli_pull:.0} MB/s (to disk, SHA-256 checked) vs bench Pull {pull:.0} MB/s = {:.2}× (target ≥ {RATIO_TARGET}) {}",
+        args.total_mib,
+        cli_pull / pull,
+        verdict(cli_pull / pull >= RATIO_TARGET)
+    );
+    server.stop();
+    drop(scratch);
+    drop(database);
+    Ok(())
+}
