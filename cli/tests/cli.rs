@@ -428,7 +428,7 @@ async fn a_cut_download_resumes_and_is_metered_once() {
     cli.write("big.bin", &data, 0o644);
     cli.ok(&["push", "job", "big.bin"]).await;
 
-    let proxy = CutProxy::start(server.addr, 9 * 1024 * 1024 + 123).await;
+    let proxy = CutProxy::start(server.addr, Direction::Down, 9 * 1024 * 1024 + 123).await;
     let mut puller = Cli::new(&proxy.url());
     puller.set("ARTIFACTD_RETRIES", "5");
     let pulled = puller.json(&["pull", "job", "big.bin"]).await;

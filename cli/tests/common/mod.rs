@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use artifactd::config::Config;
 use artifactd::domain::{ManualClock, Timestamp};
@@ -312,44 +312,49 @@ pub fn content(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// Which way a [`CutProxy`] counts the bytes it cuts after.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Server to client (a download).
+    Down,
+    /// Client to server (an upload).
+    Up,
+}
+
 /// A TCP proxy in front of `target` that cuts the first connection (both directions, at
-/// once) after it has forwarded `cut_after` bytes from the server to the client; later
-/// connections pass through untouched.
+/// once) after it has forwarded `cut_after` bytes in `direction`; later connections pass
+/// through untouched.
 pub struct CutProxy {
     pub addr: SocketAddr,
     /// Connections cut so far.
     pub cuts: Arc<AtomicUsize>,
-    /// Server-to-client bytes forwarded, over all connections.
-    pub forwarded: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl CutProxy {
-    pub async fn start(target: SocketAddr, cut_after: u64) -> Self {
+    pub async fn start(target: SocketAddr, direction: Direction, cut_after: u64) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cuts = Arc::new(AtomicUsize::new(0));
-        let forwarded = Arc::new(AtomicU64::new(0));
-        let (c, f) = (cuts.clone(), forwarded.clone());
+        let counted = cuts.clone();
         let task = tokio::spawn(async move {
             let mut first = true;
             while let Ok((client, _)) = listener.accept().await {
                 let server = tokio::net::TcpStream::connect(target).await.unwrap();
-                let limit = if first { Some(cut_after) } else { None };
+                let limit = first.then_some((direction, cut_after));
                 first = false;
-                tokio::spawn(relay(client, server, limit, c.clone(), f.clone()));
+                tokio::spawn(relay(client, server, limit, counted.clone()));
             }
         });
-        Self {
-            addr,
-            cuts,
-            forwarded,
-            task,
-        }
+        Self { addr, cuts, task }
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn cuts(&self) -> usize {
+        self.cuts.load(Ordering::SeqCst)
     }
 }
 
@@ -362,39 +367,47 @@ impl Drop for CutProxy {
 async fn relay(
     client: tokio::net::TcpStream,
     server: tokio::net::TcpStream,
-    limit: Option<u64>,
+    limit: Option<(Direction, u64)>,
     cuts: Arc<AtomicUsize>,
-    forwarded: Arc<AtomicU64>,
 ) {
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
-    let upstream = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
-    });
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let down = limit.filter(|(d, _)| *d == Direction::Down).map(|(_, n)| n);
+    let up = limit.filter(|(d, _)| *d == Direction::Up).map(|(_, n)| n);
+    // When either direction ends (or is cut) both sockets are dropped, so both ends see
+    // the connection die.
+    let cut = tokio::select! {
+        cut = pump(server_read, client_write, down) => cut,
+        cut = pump(client_read, server_write, up) => cut,
+    };
+    if cut {
+        cuts.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to`, up to `limit` bytes when there is one; true if it stopped there.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    limit: Option<u64>,
+) -> bool {
     let mut sent = 0u64;
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
-        let n = match server_read.read(&mut buffer).await {
-            Ok(0) | Err(_) => break,
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return false,
             Ok(n) => n,
         };
-        let n = match limit {
-            Some(limit) if sent + n as u64 >= limit => {
-                let keep = usize::try_from(limit - sent).unwrap();
-                let _ = client_write.write_all(&buffer[..keep]).await;
-                forwarded.fetch_add(keep as u64, Ordering::SeqCst);
-                cuts.fetch_add(1, Ordering::SeqCst);
-                // Cut: both sockets are dropped, so both ends see the connection die.
-                upstream.abort();
-                return;
-            }
-            _ => n,
-        };
-        if client_write.write_all(&buffer[..n]).await.is_err() {
-            break;
+        if let Some(limit) = limit
+            && sent + n as u64 >= limit
+        {
+            let keep = usize::try_from(limit - sent).unwrap();
+            let _ = to.write_all(&buffer[..keep]).await;
+            return true;
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return false;
         }
         sent += n as u64;
-        forwarded.fetch_add(n as u64, Ordering::SeqCst);
     }
-    upstream.abort();
 }
