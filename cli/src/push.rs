@@ -439,10 +439,10 @@ async fn push_one(
                 push_whole(client, &header, Bytes::from(data)).await
             }
             Source::File(path) => {
-                let file =
-                    std::fs::File::open(path).map_err(|e| CliError::io("cannot read", path, &e))?;
-                header.expected_size = Some(i64::try_from(item.size).unwrap_or(i64::MAX));
-                push_stream(client, &header, Box::new(file), path, bar).await?
+                // Resumable: it retries (and resumes) by itself.
+                return push_resumable(client, &header, path, item.size, bar)
+                    .await?
+                    .map_err(|status| CliError::status(&what, &status, &client.url));
             }
             Source::Stdin => {
                 let stdin = Box::new(std::io::stdin());
@@ -464,6 +464,85 @@ async fn push_one(
                 attempt += 1;
             }
             Err(status) => return Err(CliError::status(&what, &status, &client.url)),
+        }
+    }
+}
+
+/// A large file pushed resumably (ByteStream-like): under an upload id of its own, so that
+/// after a cut (UNAVAILABLE, reset) the push asks the server how many bytes it holds durably
+/// (QueryUpload) and sends only the rest, from that offset of the file. ABORTED (the server
+/// is still finishing the cut-off stream) and FAILED_PRECONDITION after a cut (it committed
+/// more since it answered) mean: ask again. A server whose blob store cannot resume (an
+/// object store: FAILED_PRECONDITION on the first Push) gets a plain push instead.
+async fn push_resumable(
+    client: &Client,
+    header: &pb::PushHeader,
+    path: &Path,
+    size: u64,
+    bar: &ProgressBar,
+) -> Result<std::result::Result<pb::PushResponse, tonic::Status>> {
+    use std::io::{Seek, SeekFrom};
+    let mut header = header.clone();
+    header.upload_id = format!("{:032x}", fastrand::u128(..));
+    header.expected_size = Some(i64::try_from(size).unwrap_or(i64::MAX));
+    let mut offset: i64 = 0;
+    let mut attempt = 0;
+    let mut cut = false;
+    loop {
+        header.write_offset = offset;
+        let mut file =
+            std::fs::File::open(path).map_err(|e| CliError::io("cannot read", path, &e))?;
+        file.seek(SeekFrom::Start(u64::try_from(offset).unwrap_or(0)))
+            .map_err(|e| CliError::io("cannot read", path, &e))?;
+        let status = match push_stream(client, &header, Box::new(file), path, bar).await? {
+            Ok(response) => return Ok(Ok(response)),
+            Err(status) => status,
+        };
+        let again = is_transient(&status)
+            || (cut
+                && matches!(
+                    status.code(),
+                    tonic::Code::Aborted | tonic::Code::FailedPrecondition
+                ));
+        if !cut && offset == 0 && status.code() == tonic::Code::FailedPrecondition {
+            // No resumable uploads on this server: the caller pushes plainly.
+            header.upload_id.clear();
+            header.write_offset = 0;
+            let file =
+                std::fs::File::open(path).map_err(|e| CliError::io("cannot read", path, &e))?;
+            return push_stream(client, &header, Box::new(file), path, bar).await;
+        }
+        if !again || attempt >= client.retries() {
+            return Ok(Err(status));
+        }
+        cut = true;
+        backoff(attempt).await;
+        attempt += 1;
+        let query = pb::QueryUploadRequest {
+            scope: header.scope.clone(),
+            upload_id: header.upload_id.clone(),
+        };
+        let answer = client
+            .retry(&format!("push of '{}'", header.path), || {
+                let mut api = client.artifacts();
+                let query = query.clone();
+                async move { api.query_upload(query).await }
+            })
+            .await;
+        match answer {
+            Ok(answer) => {
+                let answer = answer.into_inner();
+                if answer.complete {
+                    return Ok(Ok(pb::PushResponse {
+                        artifact: answer.artifact,
+                        deduplicated: false,
+                    }));
+                }
+                offset = answer.committed_offset;
+            }
+            // The header never reached the server: start over.
+            Err(error) if error.exit == Exit::NotFound => offset = 0,
+            Err(error) => return Err(error),
         }
     }
 }

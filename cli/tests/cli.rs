@@ -503,3 +503,25 @@ async fn usage_and_bill_tables() {
         .assert_error(1, "--month '2026-13' is not YYYY-MM (e.g. 2026-11)");
     server.stop().await;
 }
+
+/// An upload cut mid-stream resumes from the server's committed offset (QueryUpload): stored
+/// byte for byte, its ingress counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_upload_resumes_and_is_counted_once() {
+    let server = Server::start().await;
+    let size = 24 * 1024 * 1024;
+    let data = content(size, 11);
+    let proxy = CutProxy::start(server.addr, Direction::Up, 9 * 1024 * 1024 + 77).await;
+    let mut pusher = Cli::new(&proxy.url());
+    pusher.set("ARTIFACTD_RETRIES", "8");
+    pusher.write("up.bin", &data, 0o644);
+    let pushed = pusher.json(&["push", "job", "up.bin"]).await;
+    assert_eq!(proxy.cuts(), 1, "the proxy cut once");
+    assert_eq!(pushed["artifacts"][0]["sha256"], sha256_hex(&data));
+    let cli = Cli::new(&server.url());
+    cli.ok(&["pull", "job", "up.bin"]).await;
+    assert!(cli.read("up.bin") == data, "the stored file differs");
+    let usage = cli.json(&["usage", "--month", "2026-11"]).await;
+    assert_eq!(usage["ingress_bytes"], size as i64);
+    server.stop().await;
+}
