@@ -16,6 +16,7 @@ mod m20261127_000009_jobs;
 mod m20261127_000010_blob_lifecycle;
 mod m20261127_000011_blob_locations;
 mod m20261127_000012_resumable_uploads;
+mod m20261127_000013_trim_artifact_indexes;
 
 pub struct Migrator;
 
@@ -35,6 +36,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000010_blob_lifecycle::Migration),
             Box::new(m20261127_000011_blob_locations::Migration),
             Box::new(m20261127_000012_resumable_uploads::Migration),
+            Box::new(m20261127_000013_trim_artifact_indexes::Migration),
         ]
     }
 }

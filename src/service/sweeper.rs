@@ -2,7 +2,8 @@
 //! replica at a time. Each run, in batches:
 //!
 //! 1. marks expired artifacts ended at their expiry (rows stay: they are the billing log,
-//!    and billing already stopped at `billing_end`, which does not move);
+//!    and billing already stopped at `billing_end`, which does not move), and collects the
+//!    content each batch referenced (as in step 4) while the next batch is being ended;
 //! 2. removes temporary uploads older than the upload max age (an upload in progress is
 //!    written to at least every stream idle timeout, so it is spared);
 //! 3. records blob files the database does not know as stored (crash orphans), so the
@@ -191,10 +192,14 @@ impl Sweeper {
             ran: true,
             ..SweepReport::default()
         };
-        report.ended_artifacts = self.end_expired().await?;
+        let now = self.clock.now();
+        (
+            report.ended_artifacts,
+            report.collected_blobs,
+            report.collected_bytes,
+        ) = self.end_expired(now).await?;
         report.removed_uploads = self.remove_abandoned_uploads().await?;
         report.removed_uploads += self.remove_abandoned_resumable_uploads().await?;
-        let now = self.clock.now();
         let grace = micros(self.settings.blob_grace);
         // Orphans are collected a grace period after they are first seen, so looking for
         // them once per grace period is enough (a listing of every blob is not cheap).
@@ -203,21 +208,45 @@ impl Sweeper {
             report.removed_uploads += self.remove_unclaimed_objects().await?;
             *last_orphan_scan = Some(now);
         }
-        (report.collected_blobs, report.collected_bytes) = self.collect_blobs(now).await?;
+        let (blobs, bytes) = self.collect_blobs(now).await?;
+        report.collected_blobs += blobs;
+        report.collected_bytes += bytes;
         report.pruned_rows = self.prune_history(now).await?;
         Ok(report)
     }
 
-    /// Ends every artifact expired by now, a batch per statement.
-    async fn end_expired(&self) -> Result<u64, Error> {
-        let now = self.clock.now();
-        let mut ended = 0;
+    /// Ends every artifact expired by now, a batch per statement, and collects the content
+    /// each batch referenced while the next batch ends (two connections, so the database
+    /// works on both at once): content whose last reference just ended is collected while
+    /// its index pages are still in memory, instead of by a later scan of every blob.
+    /// Content still referenced elsewhere, or within the grace period, is skipped here (the
+    /// collection checks again under lock) and left to [`Self::collect_blobs`]. Returns the
+    /// artifacts ended and the blobs and bytes collected.
+    async fn end_expired(&self, now: Timestamp) -> Result<(u64, u64, u64), Error> {
+        let cutoff = now.saturating_add_micros(-micros(self.settings.blob_grace));
+        let (mut ended, mut blobs, mut bytes) = (0u64, 0u64, 0u64);
+        let mut ending: Vec<String> = Vec::new();
         loop {
-            let batch = self.store.end_expired(now, self.settings.batch).await?;
-            ended += batch;
-            self.store.metrics().swept_artifacts(batch);
-            if batch < self.settings.batch {
-                return Ok(ended);
+            let (batch, (count, size)) = tokio::try_join!(
+                self.store.end_expired(now, self.settings.batch),
+                self.collect_batch(&ending, cutoff, now),
+            )?;
+            let last = (batch.len() as u64) < self.settings.batch;
+            ended += batch.len() as u64;
+            blobs += count;
+            bytes += size;
+            self.store.metrics().swept_artifacts(batch.len() as u64);
+            // `UNREFERENCED`: an artifact that ended at the cutoff no longer references.
+            ending = batch
+                .into_iter()
+                .filter(|artifact| artifact.ended_at <= cutoff)
+                .map(|artifact| artifact.sha256)
+                .collect();
+            ending.sort_unstable();
+            ending.dedup();
+            if last {
+                let (count, size) = self.collect_batch(&ending, cutoff, now).await?;
+                return Ok((ended, blobs + count, bytes + size));
             }
         }
     }
@@ -357,6 +386,9 @@ impl Sweeper {
         cutoff: Timestamp,
         now: Timestamp,
     ) -> Result<(u64, u64), Error> {
+        if candidates.is_empty() {
+            return Ok((0, 0));
+        }
         let collection = self.store.collect_blobs(candidates, cutoff, now).await?;
         self.blobs.delete_blobs(&collection.stored_at).await?;
         let (count, size) = collection

@@ -52,6 +52,13 @@ pub struct EndedRow {
     pub deleted_at: Timestamp,
 }
 
+/// An artifact the sweeper just ended: the content it referenced, and its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub sha256: String,
+    pub ended_at: Timestamp,
+}
+
 /// One page of the blob index, for the collector.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobPage {
@@ -170,9 +177,11 @@ impl Store {
     }
 
     /// Marks up to `limit` artifacts that expired at or before `now` as ended at their
-    /// expiry (`deleted_at = billing_end`, `end_reason = 'expired'`). Billing is untouched:
-    /// `billing_end` already was the instant storage stopped. Returns how many ended.
-    pub async fn end_expired(&self, now: Timestamp, limit: u64) -> Result<u64, Error> {
+    /// expiry (`deleted_at = billing_end`, `end_reason = 'expired'`), earliest expiry first.
+    /// Billing is untouched: `billing_end` already was the instant storage stopped. Returns
+    /// the content each ended artifact referenced and when it ended, so the sweeper can
+    /// collect that content while its index pages are still in memory.
+    pub async fn end_expired(&self, now: Timestamp, limit: u64) -> Result<Vec<Ended>, Error> {
         let batch = artifact::Entity::find()
             .select_only()
             .column(artifact::Column::Id)
@@ -180,16 +189,29 @@ impl Store {
             .order_by_asc(artifact::Column::BillingEnd)
             .limit(limit)
             .into_query();
-        let ended = mark_expired(
+        let mut update = mark_expired(
             artifact::Entity::update_many()
                 .filter(artifact::Column::Id.in_subquery(batch))
                 // Whoever marks a row first (another sweeper, a push taking the path) wins.
                 .filter(expired_at(now)),
         )
-        .exec(&self.db)
-        .await
-        .map_err(db_error)?;
-        Ok(ended.rows_affected)
+        .into_query();
+        update.returning(
+            sea_orm::sea_query::Query::returning()
+                .columns([artifact::Column::Sha256, artifact::Column::DeletedAt]),
+        );
+        self.db
+            .query_all(&update)
+            .await
+            .map_err(db_error)?
+            .iter()
+            .map(|row| {
+                Ok(Ended {
+                    sha256: row.try_get_by_index(0).map_err(db_error)?,
+                    ended_at: Timestamp::from_micros(row.try_get_by_index(1).map_err(db_error)?),
+                })
+            })
+            .collect()
     }
 
     /// The next page of up to `limit` stored blobs not leased since `cutoff` (now − grace),
