@@ -35,6 +35,7 @@ on_both_backends!(
     two_sweepers_on_one_redis_lease_end_each_artifact_once,
     history_is_pruned_only_once_its_months_are_invoiced,
     a_database_from_the_previous_schema_is_swept_correctly,
+    a_database_from_before_the_index_trim_reads_the_same,
 );
 
 fn expire_in(seconds: i64) -> Option<prost_types::Duration> {
@@ -78,6 +79,20 @@ async fn bill_bytes(server: &TestServer, project: &str, month: &str) -> Vec<u8> 
         .get_bill(pb::GetBillRequest {
             project_id: project.into(),
             month: month.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .encode_to_vec()
+}
+
+async fn list_bytes(server: &TestServer) -> Vec<u8> {
+    server
+        .client()
+        .await
+        .list(pb::ListRequest {
+            scope: Some(job("p", "j")),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -914,4 +929,96 @@ async fn a_database_from_the_previous_schema_is_swept_correctly(backend: Backend
     let paths: Vec<&str> = listed.artifacts.iter().map(|a| a.path.as_str()).collect();
     assert_eq!(paths, ["again.bin", "live.bin"]);
     server.stop().await;
+}
+
+/// A database the server wrote under the schema before the index trim (migrations 1–11):
+/// after migration 12 the bill, the usage and the listing read byte for byte as before it,
+/// and the sweep, one artifact per batch so each batch's content is collected while the
+/// next one ends, ends the two expired artifacts and collects exactly the content no live
+/// artifact shares.
+async fn a_database_from_before_the_index_trim_reads_the_same(backend: Backend) {
+    use migrations::{Migrator, MigratorTrait};
+    let Some(db) = TestDb::create(backend).await else {
+        return;
+    };
+    {
+        let url = match backend {
+            Backend::Sqlite => format!("{}?mode=rwc", db.url),
+            Backend::Postgres => db.url.clone(),
+        };
+        let conn = sea_orm::Database::connect(url.as_str()).await.unwrap();
+        Migrator::up(&conn, Some(11)).await.unwrap();
+        let _ = conn.close().await;
+    }
+    let index_count = match backend {
+        Backend::Sqlite => {
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' \
+             AND name = 'artifacts_project_created'"
+        }
+        Backend::Postgres => {
+            "SELECT COUNT(*) FROM pg_indexes WHERE indexname = 'artifacts_project_created'"
+        }
+    };
+    let mut old = TestServer::start_on(db, |config| {
+        config.migrate_on_start = false;
+        config.redis_url = None;
+    })
+    .await;
+    assert_eq!(count(&old, index_count).await, 1, "the previous schema");
+    let (shared, stored, inline, live) = (
+        content(40_000, 40),
+        content(900, 41),
+        content(50_000, 42),
+        "live.bin",
+    );
+    let mut client = old.client().await;
+    for (path, data, seconds) in [
+        ("a.bin", &shared, Some(60)),
+        ("b.bin", &inline, Some(90)),
+        (live, &stored, None),
+        ("shares-a.bin", &shared, Some(7200)),
+    ] {
+        let mut h = small_header(job("p", "j"), path, data);
+        h.expire_in = seconds.and_then(expire_in);
+        push(&mut client, h, data).await.unwrap();
+    }
+    old.clock.advance_seconds(3600);
+    let before = (
+        bill_bytes(&old, "p", "2026-11").await,
+        usage_bytes(&old, "p").await,
+        list_bytes(&old).await,
+    );
+    old.shut_down().await;
+
+    let blob_url = old.config.blob_url.clone();
+    let server = TestServer::start_on(old.db.shared(), |config| {
+        config.blob_url = blob_url;
+        config.sweep_batch = 1;
+        config.blob_grace = Duration::from_secs(60);
+    })
+    .await;
+    assert_eq!(count(&server, index_count).await, 0, "migration 12 ran");
+    server.clock.advance_seconds(3600);
+    let after = (
+        bill_bytes(&server, "p", "2026-11").await,
+        usage_bytes(&server, "p").await,
+        list_bytes(&server).await,
+    );
+    assert!(before == after, "bill, usage and listing read the same");
+
+    let report = sweep(&server).await;
+    assert_eq!(report.ended_artifacts, 2, "a.bin and b.bin");
+    assert_eq!(
+        (report.collected_blobs, report.collected_bytes),
+        (1, inline.len() as u64),
+        "b.bin's content only: shares-a.bin still holds a.bin's"
+    );
+    assert_eq!(bill_bytes(&server, "p", "2026-11").await, after.0);
+    let mut client = server.client().await;
+    for (path, data) in [(live, &stored), ("shares-a.bin", &shared)] {
+        let pulled = pull(&mut client, job("p", "j"), path, 0, 0).await.unwrap();
+        assert!(pulled.data == *data, "{path} intact");
+    }
+    server.stop().await;
+    drop(old);
 }

@@ -9,7 +9,8 @@
 //! every `artifacts / files`-th, whose content is a file in the blob directory. It then
 //! builds the server in this process (sweeper interval off), serves it on 127.0.0.1,
 //! pushes a few live artifacts for the pullers, starts `--pushers` clients pushing distinct
-//! 4 KiB files back to back and `--pullers` clients pulling the live ones, and times one
+//! 4 KiB files and `--pullers` clients pulling the live ones, each starting `--rate`
+//! operations a second (0: back to back), and times one
 //! `sweep_once`. Afterwards it checks that every seeded artifact ended at its expiry and
 //! every seeded blob (and file) is gone, and prints the figures. The database and the blob
 //! directory are removed at the end.
@@ -58,13 +59,20 @@ pub struct SweepArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     batch: u64,
 
-    /// Clients pushing 4 KiB files back to back during the sweep.
+    /// Clients pushing 4 KiB files during the sweep.
     #[arg(long, default_value_t = 2)]
     pushers: u32,
 
-    /// Clients pulling live artifacts back to back during the sweep.
+    /// Clients pulling live artifacts during the sweep.
     #[arg(long, default_value_t = 2)]
     pullers: u32,
+
+    /// Operations per second each pusher and puller starts (0: back to back). Back-to-back
+    /// clients on this process saturate a 2-core machine by themselves, so the sweep's time
+    /// would measure how much CPU they leave it; a steady rate measures the sweep alongside
+    /// a given load, and the latencies what that load sees.
+    #[arg(long, default_value_t = 25)]
+    rate: u32,
 }
 
 pub fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
@@ -198,6 +206,7 @@ struct Measured {
     ended: u64,
     collected_blobs: u64,
     collected_bytes: u64,
+    cpu: CpuTimes,
     pushes: Vec<Duration>,
     pulls: Vec<Duration>,
     errors: u64,
@@ -230,6 +239,7 @@ async fn measure(app: &App, args: &SweepArgs, port: u16) -> anyhow::Result<Measu
     for id in 0..u64::from(args.pushers) {
         let (sweeping, done, live) = (sweeping.clone(), done.clone(), live.clone());
         let mut client = ArtifactServiceClient::new(connect(port).await?);
+        let mut pace = pacer(args.rate);
         tasks.push((
             true,
             tokio::spawn(async move {
@@ -237,6 +247,7 @@ async fn measure(app: &App, args: &SweepArgs, port: u16) -> anyhow::Result<Measu
                 let mut content = pseudo_random(4096, 9_000 + id);
                 let mut n = 0u64;
                 while !done.load(Ordering::SeqCst) {
+                    pace.tick().await;
                     n += 1;
                     content[..8].copy_from_slice(&((id << 40) | n).to_le_bytes());
                     let started = Instant::now();
@@ -257,12 +268,14 @@ async fn measure(app: &App, args: &SweepArgs, port: u16) -> anyhow::Result<Measu
     for id in 0..u64::from(args.pullers) {
         let (sweeping, done, live) = (sweeping.clone(), done.clone(), live.clone());
         let mut client = ArtifactServiceClient::new(connect(port).await?);
+        let mut pace = pacer(args.rate);
         tasks.push((
             false,
             tokio::spawn(async move {
                 let mut tally = Tally::default();
                 let mut n = id;
                 while !done.load(Ordering::SeqCst) {
+                    pace.tick().await;
                     n += 1;
                     let started = Instant::now();
                     let during = sweeping.load(Ordering::SeqCst);
@@ -277,9 +290,12 @@ async fn measure(app: &App, args: &SweepArgs, port: u16) -> anyhow::Result<Measu
     // Let the load settle, then sweep.
     tokio::time::sleep(Duration::from_secs(1)).await;
     sweeping.store(true, Ordering::SeqCst);
+    let postgres = postgres_pids(app).await?;
+    let cpu_before = CpuTimes::now(&postgres);
     let started = Instant::now();
     let report = app.sweeper.sweep_once().await;
     let elapsed = started.elapsed();
+    let cpu = CpuTimes::now(&postgres).since(&cpu_before);
     sweeping.store(false, Ordering::SeqCst);
     done.store(true, Ordering::SeqCst);
     let report = report.context("the sweep failed")?;
@@ -289,6 +305,7 @@ async fn measure(app: &App, args: &SweepArgs, port: u16) -> anyhow::Result<Measu
         ended: report.ended_artifacts,
         collected_blobs: report.collected_blobs,
         collected_bytes: report.collected_bytes,
+        cpu,
         pushes: Vec::new(),
         pulls: Vec::new(),
         errors: 0,
@@ -309,6 +326,18 @@ async fn measure(app: &App, args: &SweepArgs, port: u16) -> anyhow::Result<Measu
     measured.pushes.sort();
     measured.pulls.sort();
     Ok(measured)
+}
+
+/// Ticks `rate` times a second (a late tick is skipped, not made up); never waits at 0.
+fn pacer(rate: u32) -> tokio::time::Interval {
+    let period = if rate == 0 {
+        Duration::from_nanos(1)
+    } else {
+        Duration::from_secs(1) / rate
+    };
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    interval
 }
 
 fn record(tally: &mut Tally, during: bool, started: Instant, result: anyhow::Result<()>) {
@@ -420,14 +449,31 @@ fn print_sweep(args: &SweepArgs, m: &Measured) {
     let pass = seconds <= SWEEP_TARGET_SECONDS && m.ended == args.artifacts;
     println!(
         "sweep: ended {} artifacts and collected {} blobs ({} bytes; {} files) in {seconds:.1} s \
-         = {:.0} artifacts/s (batch {}; target ≤ {SWEEP_TARGET_SECONDS:.0} s: {})",
+         = {:.0} artifacts/s (batch {}; {} pushers and {} pullers at {}; target ≤ \
+         {SWEEP_TARGET_SECONDS:.0} s: {})",
         m.ended,
         m.collected_blobs,
         m.collected_bytes,
         args.files,
         m.ended as f64 / seconds.max(1e-9),
         args.batch,
+        args.pushers,
+        args.pullers,
+        if args.rate == 0 {
+            "full speed".to_owned()
+        } else {
+            format!("{}/s each", args.rate)
+        },
         if pass { "pass" } else { "MISS" }
+    );
+    println!(
+        "  CPU during the sweep: Postgres (this database's backends and writers) {:.1} s, this process (sweeper, server, clients) {:.1} s, \
+         load average {:.1} at the end: with {} cores the CPU alone bounds the sweep at {:.1} s",
+        m.cpu.postgres,
+        m.cpu.this_process,
+        m.cpu.load_average,
+        m.cpu.cores,
+        (m.cpu.postgres + m.cpu.this_process) / f64::from(m.cpu.cores.max(1)),
     );
     for (what, latencies) in [
         ("pushes (4 KiB)", &m.pushes),
@@ -448,4 +494,77 @@ fn print_sweep(args: &SweepArgs, m: &Measured) {
             m.first_error.as_deref().unwrap_or("?")
         );
     }
+}
+
+/// The Postgres processes working for this benchmark: the backends of its database's
+/// connections (the pool keeps them open) and the server's own writers, which flush what
+/// they wrote. Other databases' backends (other work on a shared machine) are left out.
+async fn postgres_pids(app: &App) -> anyhow::Result<Vec<i32>> {
+    let db = app.store.connection();
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             OR backend_type IN ('checkpointer', 'background writer', 'walwriter')",
+        ))
+        .await?;
+    rows.iter()
+        .map(|row| Ok(row.try_get_by_index::<i32>(0)?))
+        .collect()
+}
+
+/// CPU seconds (user + system) spent by the benchmark's Postgres processes and by this
+/// process, from `/proc` (zero where it cannot be read): what the sweep cost, apart from
+/// what else ran on the machine at the time.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuTimes {
+    postgres: f64,
+    this_process: f64,
+    load_average: f64,
+    cores: u32,
+}
+
+impl CpuTimes {
+    fn now(postgres_pids: &[i32]) -> Self {
+        let postgres = postgres_pids
+            .iter()
+            .filter_map(|pid| {
+                process_cpu_seconds(
+                    &std::path::Path::new("/proc")
+                        .join(pid.to_string())
+                        .join("stat"),
+                )
+            })
+            .sum();
+        Self {
+            postgres,
+            this_process: process_cpu_seconds(std::path::Path::new("/proc/self/stat"))
+                .unwrap_or(0.0),
+            load_average: std::fs::read_to_string("/proc/loadavg")
+                .ok()
+                .and_then(|l| l.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0.0),
+            cores: std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
+        }
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            postgres: self.postgres - before.postgres,
+            this_process: self.this_process - before.this_process,
+            ..*self
+        }
+    }
+}
+
+/// utime + stime of one process from its `/proc/PID/stat`, in seconds (at 100 ticks/s, the
+/// kernel's USER_HZ on Linux).
+fn process_cpu_seconds(stat: &std::path::Path) -> Option<f64> {
+    let stat = std::fs::read_to_string(stat).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
