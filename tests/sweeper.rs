@@ -931,8 +931,8 @@ async fn a_database_from_the_previous_schema_is_swept_correctly(backend: Backend
     server.stop().await;
 }
 
-/// A database the server wrote under the schema before the index trim (migrations 1–11):
-/// after migration 12 the bill, the usage and the listing read byte for byte as before it,
+/// A database the server wrote under the schema before the index trim (migrations 1–12):
+/// after migration 13 the bill, the usage and the listing read byte for byte as before it,
 /// and the sweep, one artifact per batch so each batch's content is collected while the
 /// next one ends, ends the two expired artifacts and collects exactly the content no live
 /// artifact shares.
@@ -947,7 +947,7 @@ async fn a_database_from_before_the_index_trim_reads_the_same(backend: Backend) 
             Backend::Postgres => db.url.clone(),
         };
         let conn = sea_orm::Database::connect(url.as_str()).await.unwrap();
-        Migrator::up(&conn, Some(11)).await.unwrap();
+        Migrator::up(&conn, Some(12)).await.unwrap();
         let _ = conn.close().await;
     }
     let index_count = match backend {
@@ -997,7 +997,7 @@ async fn a_database_from_before_the_index_trim_reads_the_same(backend: Backend) 
         config.blob_grace = Duration::from_secs(60);
     })
     .await;
-    assert_eq!(count(&server, index_count).await, 0, "migration 12 ran");
+    assert_eq!(count(&server, index_count).await, 0, "migration 13 ran");
     server.clock.advance_seconds(3600);
     let after = (
         bill_bytes(&server, "p", "2026-11").await,
