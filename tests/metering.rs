@@ -7,7 +7,7 @@ mod common;
 
 use artifactd::domain::{ArtifactPath, Clock, Scope, ScopeKind, Sha256, Timestamp};
 use artifactd::pb::v1 as pb;
-use artifactd::store::{NewArtifact, PushedBlob};
+use artifactd::store::NewArtifact;
 use common::billing::*;
 use common::*;
 use tonic::Code;
@@ -65,27 +65,7 @@ async fn record_artifact(server: &TestServer, project: &str, path: &str, size: i
         upload_id: uuid::Uuid::new_v4().simple().to_string(),
         record_ingress: true,
     };
-    // The push's lease on its blob, as Push takes it before storing the bytes.
-    let epoch = server
-        .app
-        .store
-        .lease_blob(&new.sha256, size, new.created_at)
-        .await
-        .unwrap();
-    server
-        .app
-        .store
-        .commit_push(
-            &new,
-            false,
-            None,
-            &PushedBlob::Stored {
-                deduplicated: false,
-                epoch,
-            },
-        )
-        .await
-        .unwrap();
+    common::billing::commit_recorded(server, &new).await;
 }
 
 async fn usage(c: &mut Clients, project: &str, from: Timestamp, to: Timestamp) -> pb::Usage {

@@ -94,18 +94,23 @@ pub async fn record_artifact(
         upload_id: uuid::Uuid::new_v4().simple().to_string(),
         record_ingress: false,
     };
-    // The push's lease on its blob, as Push takes it before storing the bytes.
+    commit_recorded(server, &new).await;
+}
+
+/// Commits `new` as a push of stored content would: the push's lease on its blob (as Push
+/// takes it before storing the bytes), then the commit.
+pub async fn commit_recorded(server: &TestServer, new: &NewArtifact) {
     let epoch = server
         .app
         .store
-        .lease_blob(&new.sha256, size, new.created_at)
+        .lease_blob(&new.sha256, new.size, new.created_at)
         .await
         .unwrap();
     server
         .app
         .store
         .commit_push(
-            &new,
+            new,
             false,
             None,
             &PushedBlob::Stored {
