@@ -1,6 +1,6 @@
 //! The one error type of the command line and the exit code each kind of failure gets:
-//! 0 ok, 1 usage (or any other failure), 2 not found, 3 exists, 4 quota, 5 auth,
-//! 6 unavailable after retries. Every message is one line that says what to do.
+//! 0 ok, 1 usage (or any other failure), 2 not found, 3 exists, 4 quota, 5 auth (also a
+//! server certificate that is not trusted), 6 unavailable after retries. Every message is one line that says what to do.
 
 use std::fmt;
 
@@ -47,6 +47,9 @@ impl CliError {
     /// A gRPC failure of `what` (e.g. "push of 'a/b'"), with a hint for the user.
     pub fn status(what: &str, status: &tonic::Status, url: &str) -> Self {
         use tonic::Code;
+        if let Some(problem) = certificate_problem(status) {
+            return Self::untrusted(what, &problem);
+        }
         let server = one_line(status.message());
         let (exit, hint) = match status.code() {
             Code::NotFound => (
@@ -93,12 +96,51 @@ impl CliError {
         }
         Self::new(exit, message)
     }
+
+    /// The server's TLS certificate was refused: no retry mends that, the user's CA does.
+    pub fn untrusted(what: &str, problem: &str) -> Self {
+        Self::new(
+            Exit::Auth,
+            format!(
+                "{what}: the server's certificate is not trusted ({problem}): pass --ca-file or \
+                 set ARTIFACTD_CA_FILE to the PEM file of the CA that signed it"
+            ),
+        )
+    }
+}
+
+/// Why the server's TLS certificate was refused (unknown issuer, wrong name, expired…), if
+/// that is what `error` comes down to. A TLS failure reaches the caller wrapped in
+/// transport and I/O errors; an `io::Error`'s `source()` skips the error it wraps, so that
+/// one is looked into explicitly.
+pub fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(tls @ rustls::Error::InvalidCertificate(_)) =
+            error.downcast_ref::<rustls::Error>()
+        {
+            return Some(tls.to_string());
+        }
+        if let Some(inner) = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            && let Some(problem) = certificate_problem(inner)
+        {
+            return Some(problem);
+        }
+        next = error.source();
+    }
+    None
 }
 
 /// Whether a failure may pass by itself: the server said UNAVAILABLE, or the connection
-/// failed (reset, refused, cut mid-stream) rather than the server answering.
+/// failed (reset, refused, cut mid-stream) rather than the server answering. A refused
+/// server certificate does not pass by itself.
 pub fn is_transient(status: &tonic::Status) -> bool {
     use tonic::Code;
+    if certificate_problem(status).is_some() {
+        return false;
+    }
     match status.code() {
         Code::Unavailable => true,
         // A transport failure carries its cause; a status the server sent carries none.

@@ -33,7 +33,8 @@ pub mod pb {
 /// Push, pull and manage CI artifacts on an artifactd server.
 ///
 /// Exit codes: 0 ok, 1 usage or other error, 2 not found, 3 already exists, 4 quota or
-/// size limit, 5 authentication or permission, 6 server unavailable after retries.
+/// size limit, 5 authentication or permission (or a server certificate that is not
+/// trusted), 6 server unavailable after retries.
 #[derive(Parser, Debug)]
 #[command(name = "artifact", version)]
 struct Cli {

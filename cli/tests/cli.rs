@@ -525,3 +525,74 @@ async fn a_cut_upload_resumes_and_is_counted_once() {
     assert_eq!(usage["ingress_bytes"], size as i64);
     server.stop().await;
 }
+
+/// Not a test: the body of the artifactd child process that the tests below start (see
+/// `common::process`); in an ordinary run it returns at once.
+#[test]
+fn artifactd_child_process() {
+    process::serve_if_child();
+}
+
+/// The server on https with a certificate from a CA of the user's own: with
+/// `ARTIFACTD_CA_FILE` (or `--ca-file`) files go up and come back whole; without it every
+/// command fails at once with exit 5 and one line that names the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_custom_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = local_stores(dir.path());
+    env.push((
+        "ARTIFACTD_TLS_CERT",
+        tls_fixture("tls-cert.pem").display().to_string(),
+    ));
+    env.push((
+        "ARTIFACTD_TLS_KEY",
+        tls_fixture("tls-key.pem").display().to_string(),
+    ));
+    let server = process::ServerProcess::start(&env).await;
+    let ca = tls_fixture("ca-cert.pem").display().to_string();
+    let mut cli = Cli::new(&format!("https://127.0.0.1:{}", server.grpc.port()));
+    cli.set("ARTIFACTD_CA_FILE", &ca);
+    let small = content(1000, 31);
+    let large = content(3 * 1024 * 1024 + 17, 32);
+    cli.write("out/small.txt", &small, 0o640);
+    cli.write("out/large.bin", &large, 0o755);
+    cli.ok(&["push", "job", "out"]).await;
+    cli.ok(&["pull", "job", "out", "-d", "back"]).await;
+    assert_eq!(
+        tree(&cli.path("back")),
+        vec![
+            ("large.bin".to_owned(), large.clone(), 0o755),
+            ("small.txt".to_owned(), small.clone(), 0o640),
+        ]
+    );
+    // The certificate names localhost too; --ca-file does what the variable does.
+    let mut by_name = Cli::new(&format!("https://localhost:{}", server.grpc.port()));
+    let pulled = by_name
+        .json(&["stat", "job", "out/large.bin", "--ca-file", &ca])
+        .await;
+    assert_eq!(pulled["sha256"], sha256_hex(&large));
+    // Without the CA: no retries, exit 5, the fix named.
+    let hint = "the server's certificate is not trusted (invalid peer certificate: UnknownIssuer): \
+                pass --ca-file or set ARTIFACTD_CA_FILE to the PEM file of the CA that signed it";
+    cli.unset("ARTIFACTD_CA_FILE");
+    cli.set("ARTIFACTD_RETRIES", "6");
+    cli.run(&["push", "job", "out/small.txt", "-d", "again.txt"])
+        .await
+        .assert_error(5, &format!("push of 'again.txt': {hint}"));
+    cli.run(&["pull", "job", "out/large.bin", "-d", "again.bin"])
+        .await
+        .assert_error(5, &format!("pull of 'out/large.bin': {hint}"));
+    assert!(!cli.path("again.bin").exists());
+    by_name.unset("ARTIFACTD_CA_FILE");
+    by_name
+        .run(&["list", "job"])
+        .await
+        .assert_error(5, &format!("list: {hint}"));
+    // A CA file that is not there is the user's mistake, named.
+    cli.run(&["list", "job", "--ca-file", "missing.pem"])
+        .await
+        .assert_error(
+            2,
+            "cannot read the CA file 'missing.pem': No such file or directory (os error 2)",
+        );
+}

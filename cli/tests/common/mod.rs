@@ -5,6 +5,8 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -23,6 +25,8 @@ pub const SECRET: &str = "test-secret-that-is-at-least-32-bytes-long";
 
 pub struct Server {
     pub addr: SocketAddr,
+    /// The HTTP port (probes, downloads, the usage export).
+    pub http: SocketAddr,
     pub clock: ManualClock,
     pub config: Config,
     pub app: App,
@@ -49,6 +53,7 @@ impl Server {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap();
+        let http_addr = http.local_addr().unwrap();
         let (shutdown, stop) = oneshot::channel::<()>();
         let served = app.clone();
         let task = tokio::spawn(async move {
@@ -60,6 +65,7 @@ impl Server {
         });
         Self {
             addr,
+            http: http_addr,
             clock,
             config,
             app,
@@ -71,6 +77,10 @@ impl Server {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http)
     }
 
     pub async fn stop(mut self) {
@@ -410,4 +420,26 @@ async fn pump(
         }
         sent += n as u64;
     }
+}
+
+/// `DATABASE_URL` and `ARTIFACTD_BLOB_URL` for a SQLite file and a blob directory in `dir`.
+pub fn local_stores(dir: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "DATABASE_URL",
+            format!("sqlite://{}", dir.join("db.sqlite").display()),
+        ),
+        (
+            "ARTIFACTD_BLOB_URL",
+            format!("file://{}", dir.join("blobs").display()),
+        ),
+    ]
+}
+
+/// The main crate's throwaway test CA and the localhost / 127.0.0.1 certificate it issued
+/// (tests/fixtures; valid until 2036).
+pub fn tls_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
 }
