@@ -596,3 +596,145 @@ async fn https_with_a_custom_ca() {
             "cannot read the CA file 'missing.pem': No such file or directory (os error 2)",
         );
 }
+
+/// The files below the server's blob directory `dir` whose path contains `part`, with
+/// their sizes.
+fn blob_files(dir: &std::path::Path, part: &str) -> Vec<(String, u64)> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.metadata() {
+                Ok(meta) if meta.is_dir() => stack.push(path),
+                Ok(meta) if path.to_string_lossy().contains(part) => {
+                    found.push((path.display().to_string(), meta.len()));
+                }
+                _ => {}
+            }
+        }
+    }
+    found
+}
+
+const MIB: usize = 1024 * 1024;
+
+/// The server killed (SIGKILL) in the middle of a large upload and started again on the same
+/// port and database: the CLI finds it again by itself (retries with backoff), resumes from
+/// what the server holds durably (QueryUpload), and the stored file is byte for byte right,
+/// its ingress counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_survives_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = process::ServerProcess::start(&local_stores(dir.path())).await;
+    let size = 48 * MIB;
+    let data = content(size, 41);
+    // The proxy pins the upload at 20 MiB, so the kill lands in its middle.
+    let proxy = HoldProxy::start(server.grpc, Direction::Up, 20 * MIB as u64).await;
+    let mut pusher = Cli::new(&proxy.url());
+    pusher.set("ARTIFACTD_RETRIES", "8");
+    pusher.write("up.bin", &data, 0o644);
+    let pusher = std::sync::Arc::new(pusher);
+    let running = tokio::spawn({
+        let pusher = pusher.clone();
+        async move { pusher.run(&["push", "job", "up.bin", "--json"]).await }
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(60), proxy.held())
+        .await
+        .expect("the upload reached 20 MiB");
+    // Kill once the server holds part of it durably (a checkpoint every 8 MiB).
+    let blobs = dir.path().join("blobs");
+    for _ in 0..400 {
+        if blob_files(&blobs, "resumable")
+            .iter()
+            .any(|(_, len)| *len >= 16 * MIB as u64)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!running.is_finished(), "the push ended before the kill");
+    server.restart().await;
+    proxy.release();
+    let run = running.await.unwrap();
+    run.assert_code(0);
+    let pushed: serde_json::Value = serde_json::from_str(&run.stdout()).unwrap();
+    assert_eq!(pushed["artifacts"][0]["sha256"], sha256_hex(&data));
+    assert_eq!(pushed["artifacts"][0]["size"], size as i64);
+
+    let cli = Cli::new(&format!("http://{}", server.grpc));
+    cli.ok(&["pull", "job", "up.bin"]).await;
+    assert!(cli.read("up.bin") == data, "the stored file differs");
+    let usage = cli.json(&["usage"]).await;
+    assert_eq!(usage["ingress_bytes"], size as i64, "ingress counted once");
+    assert_eq!(usage["stored_bytes"], size as i64);
+}
+
+/// The server killed in the middle of a large download and started again: the CLI resumes
+/// at the byte it had and the file is byte for byte right. Egress: the server meters what it
+/// sends, recording it at the end of a stream and every 64 MiB within one; the killed
+/// stream reached neither, so none of its bytes are metered and egress is only what the
+/// resumed stream sent: less than the file (the server's crash is the server's loss).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_survives_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = process::ServerProcess::start(&local_stores(dir.path())).await;
+    let size = 48 * MIB;
+    let data = content(size, 43);
+    let cli = Cli::new(&format!("http://{}", server.grpc));
+    cli.write("big.bin", &data, 0o644);
+    cli.ok(&["push", "job", "big.bin"]).await;
+
+    let held_at = 20 * MIB;
+    let proxy = HoldProxy::start(server.grpc, Direction::Down, held_at as u64).await;
+    let mut puller = Cli::new(&proxy.url());
+    puller.set("ARTIFACTD_RETRIES", "8");
+    let puller = std::sync::Arc::new(puller);
+    let running = tokio::spawn({
+        let puller = puller.clone();
+        async move { puller.run(&["pull", "job", "big.bin", "--json"]).await }
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(60), proxy.held())
+        .await
+        .expect("the download reached 20 MiB");
+    assert!(!running.is_finished(), "the pull ended before the kill");
+    server.restart().await;
+    proxy.release();
+    let run = running.await.unwrap();
+    run.assert_code(0);
+    let pulled: serde_json::Value = serde_json::from_str(&run.stdout()).unwrap();
+    assert_eq!(pulled["pulled"][0]["sha256"], sha256_hex(&data));
+    assert!(puller.read("big.bin") == data, "the resumed file differs");
+    let parts = std::fs::read_dir(puller.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".artifact-part"))
+        .count();
+    assert_eq!(parts, 0, "no temporary file is left");
+
+    let mut egress = 0;
+    for _ in 0..200 {
+        egress = cli.json(&["usage"]).await["egress_bytes"].as_i64().unwrap();
+        if egress > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    // From the killed stream the client had what the proxy forwarded before it held
+    // (`held_at` bytes, framing included) plus what the server had already written into the
+    // sockets' buffers when it died; the resumed stream sent the rest, and only that is
+    // metered.
+    let buffers = 8 * MIB;
+    assert!(
+        ((size - held_at - buffers) as i64..size as i64).contains(&egress),
+        "egress {egress} for a {size}-byte file resumed after a kill at {held_at} bytes"
+    );
+    eprintln!(
+        "metered {egress} bytes for {size} kept: the {} bytes the client had from the killed stream were never metered",
+        size as i64 - egress
+    );
+}

@@ -17,7 +17,7 @@ use artifactd::config::Config;
 use artifactd::domain::{ManualClock, Timestamp};
 use artifactd::server::{self, App};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 /// 2026-11-01T00:00:00Z, where the server's clock starts.
 pub const EPOCH_SECONDS: i64 = 1_793_491_200;
@@ -417,6 +417,122 @@ async fn pump(
         }
         if to.write_all(&buffer[..n]).await.is_err() {
             return false;
+        }
+        sent += n as u64;
+    }
+}
+
+/// A TCP proxy in front of `target` that, on its first connection, forwards `hold_after`
+/// bytes in `direction` and then holds that direction (forwards nothing more of it) until
+/// [`HoldProxy::release`]; then it passes on whatever comes, including the end of a killed
+/// server's connection. It pins a transfer mid-way while the test kills the server. Later
+/// connections pass through; one the target refuses (a server restarting) is dropped, so
+/// the client sees it reset.
+pub struct HoldProxy {
+    pub addr: SocketAddr,
+    held: Arc<Notify>,
+    release: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Hold {
+    after: u64,
+    held: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+impl HoldProxy {
+    pub async fn start(target: SocketAddr, direction: Direction, hold_after: u64) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (held, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let (h, r) = (held.clone(), release.clone());
+        let task = tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let hold = first.then(|| Hold {
+                    after: hold_after,
+                    held: h.clone(),
+                    release: r.clone(),
+                });
+                first = false;
+                tokio::spawn(relay_holding(client, server, direction, hold));
+            }
+        });
+        Self {
+            addr,
+            held,
+            release,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits until the first connection has forwarded its `hold_after` bytes and holds.
+    pub async fn held(&self) {
+        self.held.notified().await;
+    }
+
+    /// Lets the held direction flow again.
+    pub fn release(&self) {
+        self.release.notify_one();
+    }
+}
+
+impl Drop for HoldProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn relay_holding(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    direction: Direction,
+    hold: Option<Hold>,
+) {
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let (down, up) = match direction {
+        Direction::Down => (hold, None),
+        Direction::Up => (None, hold),
+    };
+    // When either direction ends, both sockets are dropped (both ends see it die).
+    tokio::select! {
+        () = pump_holding(server_read, client_write, down) => {}
+        () = pump_holding(client_read, server_write, up) => {}
+    }
+}
+
+async fn pump_holding(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut hold: Option<Hold>,
+) {
+    let mut sent = 0u64;
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut start = 0;
+        if let Some(h) = hold.take_if(|h| sent + n as u64 >= h.after) {
+            start = usize::try_from(h.after - sent).unwrap();
+            if to.write_all(&buffer[..start]).await.is_err() {
+                return;
+            }
+            h.held.notify_one();
+            h.release.notified().await;
+        }
+        if to.write_all(&buffer[start..n]).await.is_err() {
+            return;
         }
         sent += n as u64;
     }
