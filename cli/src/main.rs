@@ -6,12 +6,14 @@
 //! - `push` / `pull`: files, folders, symlinks and stdin/stdout, many at once on one
 //!   connection; downloads resume where they were cut.
 //! - `commands`: yank, list, stat, usage, bill.
+//! - `export`: `usage --export`, from the server's HTTP port.
 //! - `output`: tables, `--json`, progress bars.
 //! - `error`: exit codes.
 
 mod commands;
 mod connect;
 mod error;
+mod export;
 mod output;
 mod paths;
 mod pull;
@@ -49,7 +51,12 @@ struct Global {
     /// Server URL, http:// or https://.
     #[arg(long, global = true, env = "ARTIFACTD_URL", default_value = connect::DEFAULT_URL)]
     url: String,
-    /// PEM file of the CA that signed the server's certificate (besides the system's).
+    /// The server's HTTP URL, for `usage --export` [default: the --url scheme and host on
+    /// port 9090].
+    #[arg(long, global = true, env = "ARTIFACTD_HTTP_URL")]
+    http_url: Option<String>,
+    /// PEM file of the CA that signed the server's certificate (besides the system's); for
+    /// both URLs.
     #[arg(long, global = true, env = "ARTIFACTD_CA_FILE")]
     ca_file: Option<PathBuf>,
     /// File holding the bearer token (ARTIFACTD_TOKEN, when set, wins).
@@ -90,8 +97,8 @@ enum Command {
     List(ListArgs),
     /// Show one file's metadata.
     Stat(PathArgs),
-    /// A project's usage for a month.
-    Usage(MonthArgs),
+    /// A project's usage for a month, or with --export its usage records (CSV or JSON lines).
+    Usage(UsageArgs),
     /// A project's bill for a month.
     Bill(MonthArgs),
 }
@@ -146,6 +153,24 @@ struct ListArgs {
     scope: ScopeArg,
     /// Only files under this folder (or with this path prefix).
     prefix: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct UsageArgs {
+    /// YYYY-MM (UTC); the current month by default.
+    #[arg(long)]
+    month: Option<String>,
+    /// The month's usage records as the server exports them (one per project × meter ×
+    /// day), from its HTTP port (--http-url); without a project id, every project the token
+    /// may read.
+    #[arg(long)]
+    export: bool,
+    /// Export format.
+    #[arg(long, value_enum, default_value = "csv", requires = "export")]
+    format: export::Format,
+    /// Write the export to FILE (complete, or not at all) instead of stdout.
+    #[arg(short, long, value_name = "FILE", requires = "export")]
+    output: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -231,6 +256,24 @@ async fn run(cli: Cli, out: &Output) -> Result<()> {
         Command::List(a) => {
             commands::list(&client()?, out, scope(g, a.scope)?, a.prefix.as_deref()).await
         }
+        Command::Usage(a) if a.export => {
+            let (month, _, _) = commands::month_bounds(a.month.as_deref())?;
+            let http_url = g
+                .http_url
+                .clone()
+                .unwrap_or_else(|| export::default_http_url(&g.url));
+            let request = export::Request {
+                http_url: &http_url,
+                ca_file: g.ca_file.as_deref(),
+                token: connect::token(g.token_file.as_deref())?,
+                retries: g.retries,
+                project: optional_id(&g.project_id, "project"),
+                month,
+                format: a.format,
+                output: a.output.clone(),
+            };
+            export::run(request, out).await
+        }
         Command::Usage(a) => {
             let project = project_id(g)?;
             commands::usage(&client()?, out, &project, a.month.as_deref()).await
@@ -254,6 +297,11 @@ fn id(flag: &Option<String>, name: &str) -> Result<String> {
                 "{name} ID is not set: pass --{name}-id or set ARTIFACTD_{upper}_ID (or SEMAPHORE_{upper}_ID)"
             ))
         })
+}
+
+/// An id from its flag or the environment, if set anywhere.
+fn optional_id(flag: &Option<String>, name: &str) -> Option<String> {
+    id(flag, name).ok()
 }
 
 fn project_id(g: &Global) -> Result<String> {

@@ -534,8 +534,9 @@ fn artifactd_child_process() {
 }
 
 /// The server on https with a certificate from a CA of the user's own: with
-/// `ARTIFACTD_CA_FILE` (or `--ca-file`) files go up and come back whole; without it every
-/// command fails at once with exit 5 and one line that names the fix.
+/// `ARTIFACTD_CA_FILE` (or `--ca-file`) files go up and come back whole, over gRPC and over
+/// HTTP (the usage export); without it every command fails at once with exit 5 and one
+/// line that names the fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_with_a_custom_ca() {
     let dir = tempfile::tempdir().unwrap();
@@ -571,6 +572,20 @@ async fn https_with_a_custom_ca() {
         .json(&["stat", "job", "out/large.bin", "--ca-file", &ca])
         .await;
     assert_eq!(pulled["sha256"], sha256_hex(&large));
+    // The usage export over https, with the same CA.
+    let http_url = format!("https://127.0.0.1:{}", server.http.port());
+    let csv = cli
+        .ok(&[
+            "usage",
+            "--export",
+            "--month",
+            "2026-11",
+            "--http-url",
+            &http_url,
+        ])
+        .await;
+    assert!(csv.starts_with("event_id,project_id,meter,"), "{csv}");
+
     // Without the CA: no retries, exit 5, the fix named.
     let hint = "the server's certificate is not trusted (invalid peer certificate: UnknownIssuer): \
                 pass --ca-file or set ARTIFACTD_CA_FILE to the PEM file of the CA that signed it";
@@ -583,6 +598,16 @@ async fn https_with_a_custom_ca() {
         .await
         .assert_error(5, &format!("pull of 'out/large.bin': {hint}"));
     assert!(!cli.path("again.bin").exists());
+    cli.run(&[
+        "usage",
+        "--export",
+        "--month",
+        "2026-11",
+        "--http-url",
+        &http_url,
+    ])
+    .await
+    .assert_error(5, &format!("usage export of 2026-11: {hint}"));
     by_name.unset("ARTIFACTD_CA_FILE");
     by_name
         .run(&["list", "job"])
@@ -737,4 +762,175 @@ async fn a_download_survives_a_server_restart() {
         "metered {egress} bytes for {size} kept: the {} bytes the client had from the killed stream were never metered",
         size as i64 - egress
     );
+}
+
+/// `artifact usage --export` passes the server's export through byte for byte (CSV and
+/// JSON lines, to stdout or to a file), and refuses what the server refuses with the
+/// documented exit codes, leaving no file behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_export_is_the_servers_byte_for_byte() {
+    let server = Server::start_with(|c| {
+        c.auth = artifactd::config::AuthMode::Jwt;
+        c.jwt_secret = Some(SECRET.parse().unwrap());
+    })
+    .await;
+    for (project, seed) in [("p1", 1), ("p2", 2)] {
+        let mut job = Cli::new(&server.url());
+        job.set("SEMAPHORE_PROJECT_ID", project);
+        job.set("ARTIFACTD_TOKEN", &token("job", Some(project), Some("j1")));
+        job.write("f", &content(300_000, seed), 0o644);
+        job.ok(&["push", "project", "f"]).await;
+        server.clock.advance_seconds(86_400 + 3_600);
+        job.ok(&["pull", "project", "f", "-d", "g"]).await;
+    }
+    server.clock.advance_seconds(2 * 86_400);
+
+    let http = reqwest::Client::new();
+    let direct = |token: String, query: &'static str| {
+        let http = http.clone();
+        let url = format!("{}/api/v1/usage/export?{query}", server.http_url());
+        async move {
+            let response = http.get(url).bearer_auth(token).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.bytes().await.unwrap().to_vec()
+        }
+    };
+    let mut cli = Cli::new(&server.url());
+    cli.set("ARTIFACTD_HTTP_URL", &server.http_url());
+    let reader = token("billing_reader", Some("p1"), None);
+    cli.set("ARTIFACTD_TOKEN", &reader);
+
+    let csv = direct(reader.clone(), "month=2026-11&format=csv&project=p1").await;
+    assert!(csv.starts_with(b"event_id,project_id,meter,"));
+    assert!(csv.split(|b| *b == b'\n').count() > 3, "records for p1");
+    let run = cli.run(&["usage", "--export", "--month", "2026-11"]).await;
+    run.assert_code(0);
+    assert!(
+        run.output.stdout == csv,
+        "CSV on stdout differs:\n{}",
+        run.stdout()
+    );
+    assert_eq!(run.stderr(), "");
+
+    let jsonl = direct(reader.clone(), "month=2026-11&format=jsonl&project=p1").await;
+    let text = cli
+        .ok(&[
+            "usage",
+            "--export",
+            "--month",
+            "2026-11",
+            "--format",
+            "jsonl",
+            "-o",
+            "out/usage.jsonl",
+        ])
+        .await;
+    assert_eq!(
+        text,
+        format!(
+            "exported the usage of 2026-11 (jsonl, {}) to 'out/usage.jsonl'\n",
+            human(jsonl.len())
+        )
+    );
+    assert!(std::fs::read(cli.path("out/usage.jsonl")).unwrap() == jsonl);
+    assert_eq!(std::fs::read_dir(cli.path("out")).unwrap().count(), 1);
+    let summary = cli
+        .json(&[
+            "usage",
+            "--export",
+            "--month",
+            "2026-11",
+            "--format",
+            "jsonl",
+            "-o",
+            "again.jsonl",
+        ])
+        .await;
+    assert_eq!(summary["bytes"], jsonl.len() as u64);
+    assert_eq!(summary["file"], "again.jsonl");
+
+    // An admin without a project id: every project, as the server exports them.
+    let admin = token("admin", None, None);
+    let all = direct(admin.clone(), "month=2026-11&format=csv").await;
+    let mut everyone = Cli::new(&server.url());
+    everyone.unset("SEMAPHORE_PROJECT_ID");
+    everyone.set("ARTIFACTD_HTTP_URL", &server.http_url());
+    everyone.set("ARTIFACTD_TOKEN", &admin);
+    let run = everyone
+        .run(&["usage", "--export", "--month", "2026-11"])
+        .await;
+    run.assert_code(0);
+    assert!(run.output.stdout == all, "admin's CSV differs");
+    assert!(all.len() > csv.len(), "p2's records are in it");
+
+    // 5: a billing_reader of another project; no file is left.
+    let mut other = Cli::new(&server.url());
+    other.set("ARTIFACTD_HTTP_URL", &server.http_url());
+    other.set(
+        "ARTIFACTD_TOKEN",
+        &token("billing_reader", Some("p2"), None),
+    );
+    let run = other
+        .run(&["usage", "--export", "--month", "2026-11", "-o", "usage.csv"])
+        .await;
+    run.assert_code(5);
+    assert!(
+        run.stderr()
+            .starts_with("artifact: usage export of 2026-11: ")
+            && run
+                .stderr()
+                .ends_with(": use a billing_reader, maintainer or admin token of this project\n"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(std::fs::read_dir(other.dir.path()).unwrap().count(), 0);
+    // 5: no token.
+    other.unset("ARTIFACTD_TOKEN");
+    let run = other
+        .run(&["usage", "--export", "--month", "2026-11"])
+        .await;
+    run.assert_code(5);
+    assert!(
+        run.stderr()
+            .ends_with(": set ARTIFACTD_TOKEN (or ARTIFACTD_TOKEN_FILE) to a valid token\n"),
+        "{}",
+        run.stderr()
+    );
+    // 1: a month that is not one; an option that needs --export.
+    cli.run(&["usage", "--export", "--month", "2026-13"])
+        .await
+        .assert_error(1, "--month '2026-13' is not YYYY-MM (e.g. 2026-11)");
+    cli.run(&["usage", "--format", "jsonl"])
+        .await
+        .assert_code(1);
+    // 6: nothing listens on the HTTP port; no file is left.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    cli.set("ARTIFACTD_HTTP_URL", &format!("http://127.0.0.1:{port}"));
+    cli.set("ARTIFACTD_RETRIES", "1");
+    let run = cli
+        .run(&["usage", "--export", "--month", "2026-11", "-o", "down.csv"])
+        .await;
+    run.assert_code(6);
+    assert!(
+        run.stderr().ends_with(&format!(
+            ": the server's HTTP port at http://127.0.0.1:{port} could not be reached; check --http-url (ARTIFACTD_HTTP_URL) or try again later\n"
+        )),
+        "{}",
+        run.stderr()
+    );
+    assert!(!cli.path("down.csv").exists());
+    server.stop().await;
+}
+
+/// The CLI's rendering of a byte count (as `human_bytes`).
+fn human(bytes: usize) -> String {
+    if bytes < 1024 {
+        format!("{bytes} B")
+    } else if bytes < 1024 * 1024 {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+    }
 }
