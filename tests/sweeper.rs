@@ -36,6 +36,7 @@ on_both_backends!(
     history_is_pruned_only_once_its_months_are_invoiced,
     a_database_from_the_previous_schema_is_swept_correctly,
     a_database_from_before_the_index_trim_reads_the_same,
+    what_an_asynchronous_sweep_commit_can_lose_is_redone,
 );
 
 fn expire_in(seconds: i64) -> Option<prost_types::Duration> {
@@ -1021,4 +1022,116 @@ async fn a_database_from_before_the_index_trim_reads_the_same(backend: Backend) 
     }
     server.stop().await;
     drop(old);
+}
+
+/// The sweeper commits its ending and collecting without waiting for the WAL flush
+/// (`store::sweep`, `begin_sweep_transaction`), so a crash of Postgres can lose its last
+/// commits — never a later commit without them. This puts the database back in the state
+/// such a loss leaves, after a sweep that ended artifacts and collected their content:
+///
+/// - lost end marks: the artifacts still read as ended (Stat NOT_FOUND, not listed), their
+///   paths take a push without `force`, the bill does not move, and the next sweep marks
+///   them again at their expiry;
+/// - lost collection marks (the bytes were deleted before the commit): a push of the same
+///   content writes the bytes again and pulls whole, and the next sweep collects the other
+///   row again although its bytes are already gone.
+async fn what_an_asynchronous_sweep_commit_can_lose_is_redone(backend: Backend) {
+    let Some(server) = TestServer::start_metered(backend, |config| {
+        config.blob_grace = Duration::from_secs(60);
+    })
+    .await
+    else {
+        return;
+    };
+    let mut client = server.client().await;
+    let small = content(30_000, 11); // a file written in one step
+    let big = content(3 << 20, 12); // a streamed upload, promoted
+    let start = server.clock.now();
+    for (path, data) in [("small.bin", &small), ("big.bin", &big)] {
+        let mut h = header(job("p", "j"), path);
+        h.expire_in = expire_in(60);
+        push(&mut client, h, data).await.unwrap();
+    }
+    server.clock.advance_seconds(121); // expired, and the grace has passed since
+    let bill_before = bill_bytes(&server, "p", "2026-11").await;
+    let report = sweep(&server).await;
+    assert_eq!(report.ended_artifacts, 2);
+    assert_eq!(report.collected_blobs, 2);
+    let (small_sha, big_sha) = (sha256_hex(&small), sha256_hex(&big));
+    for sha in [&small_sha, &big_sha] {
+        assert!(!blob_path(&server, sha).exists());
+    }
+
+    // Both commits lost: the rows as they were before the sweep, the bytes gone.
+    let db = server.app.store.connection();
+    for sql in [
+        "UPDATE artifacts SET deleted_at = NULL, end_reason = NULL".to_string(),
+        format!(
+            "UPDATE blobs SET collected_at = NULL, epoch = epoch - 1 \
+             WHERE sha256 IN ('{small_sha}', '{big_sha}')"
+        ),
+    ] {
+        db.execute_raw(Statement::from_string(db.get_database_backend(), sql))
+            .await
+            .unwrap();
+    }
+    for path in ["small.bin", "big.bin"] {
+        let err = stat(&mut client, job("p", "j"), path).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{path} still reads as ended");
+    }
+    assert!(
+        pb::ListResponse::decode(list_bytes(&server).await.as_slice())
+            .unwrap()
+            .artifacts
+            .is_empty()
+    );
+    assert_eq!(bill_bytes(&server, "p", "2026-11").await, bill_before);
+
+    // The same small content again, at the same path without force: written anew.
+    push(&mut client, header(job("p", "j"), "small.bin"), &small)
+        .await
+        .unwrap();
+    let pulled = pull(&mut client, job("p", "j"), "small.bin", 0, 0)
+        .await
+        .unwrap();
+    assert!(pulled.data == small, "pulled whole");
+    assert!(blob_path(&server, &small_sha).exists());
+    let bill_after_push = bill_bytes(&server, "p", "2026-11").await;
+
+    // The next sweep marks big.bin again at its expiry and collects its row once more.
+    server.clock.advance_seconds(61);
+    let again = sweep(&server).await;
+    assert_eq!(again.ended_artifacts, 1, "big.bin is marked again");
+    assert_eq!(again.collected_blobs, 1, "big's row is collected again");
+    assert_eq!(again.collected_bytes, big.len() as u64);
+    assert_eq!(
+        count(
+            &server,
+            &format!(
+                "SELECT COUNT(*) FROM artifacts WHERE end_reason = 'expired' \
+                 AND deleted_at = billing_end AND deleted_at = {}",
+                start.as_micros() + 60_000_000
+            )
+        )
+        .await,
+        2,
+        "the first small.bin and big.bin end at their expiry"
+    );
+    assert_eq!(
+        count(
+            &server,
+            &format!(
+                "SELECT COUNT(*) FROM blobs WHERE sha256 = '{small_sha}' AND collected_at IS NULL"
+            )
+        )
+        .await,
+        1,
+        "the live small.bin's content stays"
+    );
+    assert_eq!(
+        bill_bytes(&server, "p", "2026-11").await,
+        bill_after_push,
+        "marking again moves no bill"
+    );
+    server.stop().await;
 }

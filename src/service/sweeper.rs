@@ -226,12 +226,18 @@ impl Sweeper {
         let cutoff = now.saturating_add_micros(-micros(self.settings.blob_grace));
         let (mut ended, mut blobs, mut bytes) = (0u64, 0u64, 0u64);
         let mut ending: Vec<String> = Vec::new();
+        let mut from = None;
         loop {
             let (batch, (count, size)) = tokio::try_join!(
-                self.store.end_expired(now, self.settings.batch),
+                self.store.end_expired(now, from, self.settings.batch),
                 self.collect_batch(&ending, cutoff, now),
             )?;
             let last = (batch.len() as u64) < self.settings.batch;
+            from = batch
+                .iter()
+                .map(|artifact| artifact.ended_at)
+                .max()
+                .or(from);
             ended += batch.len() as u64;
             blobs += count;
             bytes += size;
