@@ -19,13 +19,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use artifactd::domain::ProjectId;
+use artifactd::domain::{Clock, ProjectId};
 use artifactd::pb::v1 as pb;
 use artifactd::store::UsageAlert;
 use common::billing::*;
 use common::*;
 
-on_both_backends!(the_project_page_lists_what_is_stored);
+on_both_backends!(
+    the_project_page_lists_what_is_stored,
+    a_database_from_before_the_live_size_index_reads_the_same,
+    the_projects_page_sorts_across_pages_by_every_column,
+);
 
 const GIB: i64 = 1 << 30;
 const MIB: i64 = 1 << 20;
@@ -458,7 +462,7 @@ async fn pages_in_a_browser_show_the_figures_of_the_api() {
     // Every project: the closed month's totals are the invoices', one sparkline each.
     let url = format!("{base}/ui/?month=2026-11");
     let dom = browser.dom(url.clone()).await;
-    let table = between(&dom, "<table id=\"projects\">", "</table>");
+    let table = between(&dom, "<table id=\"projects\"", "</table>");
     assert_eq!(
         attrs(table, "data-project"),
         ["web", "api", "docs"],
@@ -473,7 +477,7 @@ async fn pages_in_a_browser_show_the_figures_of_the_api() {
     let by_name = browser
         .dom(format!("{base}/ui/?month=2026-11&sort=project"))
         .await;
-    let table = between(&by_name, "<table id=\"projects\">", "</table>");
+    let table = between(&by_name, "<table id=\"projects\"", "</table>");
     assert_eq!(attrs(table, "data-project"), ["api", "docs", "web"]);
     browser.screenshot(url, "ui-projects.png", 1280, 420).await;
     browser
@@ -532,5 +536,373 @@ async fn the_project_page_lists_what_is_stored(backend: Backend) {
     );
     let scopes = between(&html, "<table id=\"scopes\">", "</table>");
     assert_eq!(attrs(scopes, "data-bytes"), [(44 * MIB + 1).to_string()]);
+    server.stop().await;
+}
+
+/// The project page's "What is stored" section for `month`.
+async fn stored_section(server: &TestServer, month: &str) -> String {
+    let page = common::http::get(
+        server.http_addr,
+        &format!("/ui/projects/shop?month={month}"),
+        &[],
+    )
+    .await;
+    assert_eq!(page.status, hyper::StatusCode::OK, "{}", page.text());
+    between(&page.text(), "<section id=\"stored\">", "</section>").to_owned()
+}
+
+/// Migration 14 adds `artifacts_live_size`: a database written under migrations 1–13 lists
+/// the same largest artifacts, folders and scopes after the upgrade, for the current month
+/// (live rows only) and for a past one (rows ended since its end are still listed there),
+/// with more candidates than the page shows in both halves of the query. On Postgres the
+/// largest-artifacts query can walk the new index.
+async fn a_database_from_before_the_live_size_index_reads_the_same(backend: Backend) {
+    use migrations::{Migrator, MigratorTrait};
+    use sea_orm::{ConnectionTrait, Statement};
+    let Some(db) = TestDb::create(backend).await else {
+        return;
+    };
+    {
+        let url = match backend {
+            Backend::Sqlite => format!("{}?mode=rwc", db.url),
+            Backend::Postgres => db.url.clone(),
+        };
+        let conn = sea_orm::Database::connect(url.as_str()).await.unwrap();
+        Migrator::up(&conn, Some(13)).await.unwrap();
+        let _ = conn.close().await;
+    }
+    let has_index = |server: &TestServer| {
+        let db = server.app.store.connection().clone();
+        async move {
+            let sql = match db.get_database_backend() {
+                sea_orm::DbBackend::Postgres => {
+                    "SELECT COUNT(*) FROM pg_indexes WHERE indexname = 'artifacts_live_size'"
+                }
+                _ => {
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' \
+                     AND name = 'artifacts_live_size'"
+                }
+            };
+            let row = db
+                .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+                .await
+                .unwrap()
+                .unwrap();
+            row.try_get_by_index::<i64>(0).unwrap() == 1
+        }
+    };
+    let mut old = TestServer::start_on(db, |config| {
+        config.migrate_on_start = false;
+        config.redis_url = None;
+    })
+    .await;
+    assert!(!has_index(&old).await, "the previous schema");
+    let shop = ProjectId::parse("p", "shop").unwrap();
+    let scope =
+        artifactd::domain::Scope::parse("scope", "shop", artifactd::domain::ScopeKind::Job, "j")
+            .unwrap();
+    old.clock.set(at(2026, 10, 1, 0));
+    old.app
+        .store
+        .ensure_project(&shop, "free", old.clock.now())
+        .await
+        .unwrap();
+    old.clock.set(at(2026, 10, 5, 0));
+    record_artifact(&old, "shop", "keep/a.bin", 30 * MIB, None).await;
+    record_artifact(&old, "shop", "b.bin", 7 * MIB, Some(at(2026, 11, 10, 0))).await;
+    record_artifact(&old, "shop", "c.bin", 5 * MIB, None).await;
+    record_artifact(&old, "shop", "gone/d.bin", GIB, Some(at(2026, 10, 6, 0))).await;
+    record_artifact(&old, "shop", "e.bin", 3 * MIB, None).await;
+    // 22 small files, all ended after October: more than the page shows.
+    for n in 0..22 {
+        record_artifact(&old, "shop", &format!("many/f{n:02}"), 1024 + n, None).await;
+    }
+    // 22 more that stay: the live half also has more than the page shows.
+    for n in 0..22 {
+        record_artifact(&old, "shop", &format!("live/f{n:02}"), 512 + n, None).await;
+    }
+    let end = |server: &TestServer, path: &str, recursive: bool| {
+        let (store, scope, now) = (server.app.store.clone(), scope.clone(), server.clock.now());
+        let path = artifactd::domain::ArtifactPath::parse("path", path).unwrap();
+        async move {
+            store
+                .end_live(&scope, Some(&path), recursive, now)
+                .await
+                .unwrap()
+        }
+    };
+    old.clock.set(at(2026, 10, 20, 0));
+    end(&old, "e.bin", false).await;
+    old.clock.set(at(2026, 11, 3, 0));
+    end(&old, "c.bin", false).await;
+    end(&old, "many", true).await;
+    // The sweeper's mark on the expired one (deleted_at = its expiry).
+    old.app
+        .store
+        .end_expired(old.clock.now(), 100)
+        .await
+        .unwrap();
+    old.clock.set(at(2026, 11, 12, 0));
+    let before = (
+        stored_section(&old, "2026-10").await,
+        stored_section(&old, "2026-11").await,
+    );
+    // October's end: a, b, c, then the 17 largest of the files ended since; November (now):
+    // a, then the 19 largest live files.
+    let largest = |section: &str| {
+        attrs(
+            between(section, "<table id=\"largest\">", "</table>"),
+            "data-bytes",
+        )
+    };
+    let mut october = vec![
+        (30 * MIB).to_string(),
+        (7 * MIB).to_string(),
+        (5 * MIB).to_string(),
+    ];
+    october.extend((5..22).rev().map(|n| (1024 + n).to_string()));
+    assert_eq!(largest(&before.0), october);
+    let mut november = vec![(30 * MIB).to_string()];
+    november.extend((3..22).rev().map(|n| (512 + n).to_string()));
+    assert_eq!(largest(&before.1), november);
+    old.shut_down().await;
+
+    let server = TestServer::start_on(old.db.shared(), |_| {}).await;
+    assert!(has_index(&server).await, "migration 14 ran");
+    server.clock.set(at(2026, 11, 12, 0));
+    let after = (
+        stored_section(&server, "2026-10").await,
+        stored_section(&server, "2026-11").await,
+    );
+    assert_eq!(before, after, "the page reads the same");
+
+    if backend == Backend::Postgres {
+        // The page's own query walks the new index. A table this small would be scanned,
+        // so this server's connections are told not to (enable_seqscan off for the
+        // database), and Postgres' index statistics say whether the index was read.
+        let scans = || async {
+            let db = server.app.store.connection();
+            let row = db
+                .query_one_raw(Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT idx_scan FROM pg_stat_user_indexes \
+                     WHERE indexrelname = 'artifacts_live_size'",
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            row.try_get_by_index::<i64>(0).unwrap()
+        };
+        let name = server.db.url.rsplit('/').next().unwrap().to_owned();
+        server
+            .app
+            .store
+            .connection()
+            .execute_unprepared(&format!(
+                "ALTER DATABASE \"{name}\" SET enable_seqscan = off"
+            ))
+            .await
+            .unwrap();
+        let fresh = TestServer::start_on(server.db.shared(), |_| {}).await;
+        fresh.clock.set(at(2026, 11, 12, 0));
+        let before = scans().await;
+        assert_eq!(stored_section(&fresh, "2026-11").await, after.1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Statistics reach other sessions within about a second.
+        while scans().await == before {
+            assert!(
+                Instant::now() < deadline,
+                "artifacts_live_size never read: {before} scans"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        fresh.stop().await;
+    }
+    server.stop().await;
+    drop(old);
+}
+
+/// The project ids of every page of `/ui/` from `first`, following the "Next page" links.
+async fn projects_in_page_order(server: &TestServer, first: &str) -> (Vec<String>, usize) {
+    let (mut projects, mut pages, mut url) = (Vec::new(), 0, first.to_owned());
+    loop {
+        let page = common::http::get(server.http_addr, &url, &[]).await;
+        assert_eq!(page.status, hyper::StatusCode::OK, "{url}: {}", page.text());
+        let html = page.text();
+        pages += 1;
+        projects.extend(attrs(
+            between(&html, "<table id=\"projects\"", "</table>"),
+            "data-project",
+        ));
+        // The link to the next page (not the month navigation's).
+        match html.find("Next page") {
+            Some(i) => {
+                let from = html[..i].rfind("href=\"").unwrap() + "href=\"".len();
+                let rest = &html[from..];
+                url = rest[..rest.find('"').unwrap()].replace("&amp;", "&");
+                assert!(pages < 10, "paging does not end");
+            }
+            None => return (projects, pages),
+        }
+    }
+}
+
+/// `/ui/` orders every project across its pages by any column, either way: 60 projects
+/// (3 pages of 25) with many equal figures, the open month (drafts sorted in memory) and the
+/// same month closed (invoices sorted by the database). Each order, page after page, is
+/// exactly the full list sorted independently here: nothing repeated, nothing skipped.
+async fn the_projects_page_sorts_across_pages_by_every_column(backend: Backend) {
+    use artifactd::domain::metering::{Month, ProjectTotals, ProjectsSort};
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let mut c = clients(&server).await;
+    server.clock.set(at(2026, 10, 31, 0));
+    c.plans
+        .create_plan(pb::CreatePlanRequest {
+            plan: Some(plan("paid", 0, 1_000_000, 3_000_000)),
+        })
+        .await
+        .unwrap();
+    for i in 0..60i64 {
+        // Ids in an order unrelated to the figures.
+        let id = format!("p{:02}", (i * 37) % 60);
+        let project = ProjectId::parse("p", &id).unwrap();
+        server
+            .app
+            .store
+            .ensure_project(&project, "free", server.clock.now())
+            .await
+            .unwrap();
+        if i % 3 != 0 {
+            c.plans
+                .assign_plan(pb::AssignPlanRequest {
+                    project_id: id.clone(),
+                    plan_id: "paid".into(),
+                })
+                .await
+                .unwrap();
+        }
+        server.clock.set(at(2026, 11, 1, 0));
+        if i % 2 == 0 {
+            record_artifact(&server, &id, "a.bin", ((i * 13) % 9 + 1) * MIB, None).await;
+        }
+        egress(&server, &id, ((i * 7) % 11) * MIB, at(2026, 11, 3, 0)).await;
+        ingress(&server, &id, (i % 4) * 1000, at(2026, 11, 4, 0)).await;
+        server.clock.set(at(2026, 10, 31, 0));
+    }
+    let month = Month::parse("m", "2026-11").unwrap();
+    for (when, state) in [
+        (at(2026, 11, 20, 0), "open"),
+        (at(2026, 12, 2, 0), "closed"),
+    ] {
+        server.clock.set(when);
+        if state == "closed" {
+            server.app.metering.finalize_month(month).await.unwrap();
+        }
+        let rows = server
+            .app
+            .metering
+            .projects_usage(month, ProjectsSort::default(), None, 1000)
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 60);
+        let distinct = |f: fn(&ProjectTotals) -> i128| {
+            rows.iter()
+                .map(f)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+        };
+        // Ties on every figure, and more than one value of each.
+        for (name, n) in [
+            ("total", distinct(|r| r.total_micros.into())),
+            ("storage", distinct(|r| r.storage_byte_micros)),
+            ("egress", distinct(|r| r.egress_bytes.into())),
+            ("ingress", distinct(|r| r.ingress_bytes.into())),
+        ] {
+            assert!(n > 1 && n < 60, "{state}: {name} has {n} values");
+        }
+        for key in ["project", "total", "storage", "egress", "ingress"] {
+            for dir in ["asc", "desc"] {
+                let mut expected = rows.clone();
+                expected.sort_by(|a, b| {
+                    let figure = |r: &ProjectTotals| -> i128 {
+                        match key {
+                            "total" => r.total_micros.into(),
+                            "storage" => r.storage_byte_micros,
+                            "egress" => r.egress_bytes.into(),
+                            "ingress" => r.ingress_bytes.into(),
+                            _ => 0,
+                        }
+                    };
+                    let by_figure = figure(a).cmp(&figure(b));
+                    let by_id = a.project_id.cmp(&b.project_id);
+                    match (key, dir) {
+                        ("project", "asc") => by_id,
+                        ("project", _) => by_id.reverse(),
+                        (_, "asc") => by_figure.then(by_id),
+                        _ => by_figure.reverse().then(by_id),
+                    }
+                });
+                let expected: Vec<String> = expected.into_iter().map(|r| r.project_id).collect();
+                let (got, pages) = projects_in_page_order(
+                    &server,
+                    &format!("/ui/?month=2026-11&sort={key}&dir={dir}"),
+                )
+                .await;
+                assert_eq!(pages, 3, "{state} {key} {dir}");
+                assert_eq!(got, expected, "{state} {key} {dir}");
+            }
+        }
+        // Without parameters: largest total first, as ListProjectsUsage lists them.
+        let (got, _) = projects_in_page_order(&server, "/ui/?month=2026-11").await;
+        assert_eq!(
+            got,
+            rows.iter()
+                .map(|r| r.project_id.clone())
+                .collect::<Vec<_>>()
+        );
+    }
+    // A column's link flips the direction of the column shown, and starts other columns
+    // in their own first order; bad parameters are the page's 400.
+    let html = common::http::get(
+        server.http_addr,
+        "/ui/?month=2026-11&sort=egress&dir=desc",
+        &[],
+    )
+    .await
+    .text();
+    let head = between(&html, "<thead>", "</thead>");
+    for link in [
+        "/ui/?month=2026-11&amp;sort=egress&amp;dir=asc",
+        "/ui/?month=2026-11&amp;sort=project&amp;dir=asc",
+        "/ui/?month=2026-11&amp;sort=storage&amp;dir=desc",
+    ] {
+        assert!(head.contains(link), "{link} in {head}");
+    }
+    for (query, message) in [
+        ("sort=size", "sort: &quot;size&quot; is not a column"),
+        (
+            "sort=total&dir=up",
+            "dir: &quot;up&quot; is not a direction",
+        ),
+        (
+            "sort=total&page=bm90IGEgdG9rZW4",
+            "page: is not a page this listing linked to",
+        ),
+        (
+            "sort=project&page=MTI6cDAx",
+            "page: is not a page this listing linked to",
+        ),
+    ] {
+        let reply = common::http::get(
+            server.http_addr,
+            &format!("/ui/?month=2026-11&{query}"),
+            &[],
+        )
+        .await;
+        assert_eq!(reply.status, hyper::StatusCode::BAD_REQUEST, "{query}");
+        assert!(reply.text().contains(message), "{query}: {}", reply.text());
+    }
     server.stop().await;
 }

@@ -17,6 +17,7 @@ mod m20261127_000010_blob_lifecycle;
 mod m20261127_000011_blob_locations;
 mod m20261127_000012_resumable_uploads;
 mod m20261127_000013_trim_artifact_indexes;
+mod m20261128_000014_live_artifacts_by_size;
 
 pub struct Migrator;
 
@@ -37,6 +38,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000011_blob_locations::Migration),
             Box::new(m20261127_000012_resumable_uploads::Migration),
             Box::new(m20261127_000013_trim_artifact_indexes::Migration),
+            Box::new(m20261128_000014_live_artifacts_by_size::Migration),
         ]
     }
 }

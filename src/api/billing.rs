@@ -5,7 +5,9 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, timestamp};
 use crate::auth::Authenticator;
-use crate::domain::metering::{Month, Quantity, format_day, parse_day};
+use crate::domain::metering::{
+    Month, ProjectsCursor, ProjectsSort, Quantity, format_day, parse_day,
+};
 use crate::domain::{Access, Error, ProjectId, authorize};
 use crate::pb::v1::{
     self as pb, plan_service_server, usage_control_service_server, usage_service_server,
@@ -373,11 +375,17 @@ impl usage_service_server::UsageService for BillingApi {
         };
         let after = match request.page_token.as_str() {
             "" => None,
-            token => Some(decode_usage_token(token)?),
+            token => {
+                let (total, project) = decode_usage_token(token)?;
+                Some(ProjectsCursor {
+                    value: Some(i128::from(total)),
+                    project,
+                })
+            }
         };
         let rows = self
             .metering
-            .projects_usage(month, after, page_size as u64 + 1)
+            .projects_usage(month, ProjectsSort::default(), after, page_size as u64 + 1)
             .await?;
         let more = rows.len() > page_size;
         let rows = &rows[..rows.len().min(page_size)];

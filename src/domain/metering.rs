@@ -466,6 +466,110 @@ pub struct ProjectTotals {
     pub ingress_bytes: i64,
 }
 
+/// A column the all-projects listing can be ordered by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProjectsSortKey {
+    Project,
+    Total,
+    Storage,
+    Egress,
+    Ingress,
+}
+
+impl ProjectsSortKey {
+    pub const ALL: [Self; 5] = [
+        Self::Project,
+        Self::Total,
+        Self::Storage,
+        Self::Egress,
+        Self::Ingress,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Project => "project",
+            Self::Total => "total",
+            Self::Storage => "storage",
+            Self::Egress => "egress",
+            Self::Ingress => "ingress",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+
+    /// The figure a row is ordered by (none when ordering by project id alone).
+    pub fn value(self, row: &ProjectTotals) -> Option<i128> {
+        match self {
+            Self::Project => None,
+            Self::Total => Some(i128::from(row.total_micros)),
+            Self::Storage => Some(row.storage_byte_micros),
+            Self::Egress => Some(i128::from(row.egress_bytes)),
+            Self::Ingress => Some(row.ingress_bytes.into()),
+        }
+    }
+}
+
+/// The order of the all-projects listing: a column and a direction, ties broken by project
+/// id (ascending; by the direction itself when the column is the project id), so every
+/// project has one place and a page boundary never repeats or skips one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProjectsSort {
+    pub key: ProjectsSortKey,
+    pub descending: bool,
+}
+
+impl Default for ProjectsSort {
+    /// Largest total first: ListProjectsUsage's order.
+    fn default() -> Self {
+        Self {
+            key: ProjectsSortKey::Total,
+            descending: true,
+        }
+    }
+}
+
+/// Where a page of the all-projects listing ended: the last row's figure (by the sort's
+/// column; none for the project column) and project id. The next page starts after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectsCursor {
+    pub value: Option<i128>,
+    pub project: String,
+}
+
+impl ProjectsSort {
+    /// Where `row` stands relative to `other` in this order.
+    pub fn compare(&self, row: &ProjectTotals, other: &ProjectTotals) -> std::cmp::Ordering {
+        self.compare_to(row, &self.cursor(other))
+    }
+
+    /// Where `row` stands relative to the row `cursor` was taken from.
+    pub fn compare_to(&self, row: &ProjectTotals, cursor: &ProjectsCursor) -> std::cmp::Ordering {
+        let by_value = self.key.value(row).cmp(&cursor.value);
+        let by_value = if self.descending {
+            by_value.reverse()
+        } else {
+            by_value
+        };
+        let by_project = row.project_id.cmp(&cursor.project);
+        let by_project = if self.key == ProjectsSortKey::Project && self.descending {
+            by_project.reverse()
+        } else {
+            by_project
+        };
+        by_value.then(by_project)
+    }
+
+    /// The cursor of a page that ends with `row`.
+    pub fn cursor(&self, row: &ProjectTotals) -> ProjectsCursor {
+        ProjectsCursor {
+            value: self.key.value(row),
+            project: row.project_id.clone(),
+        }
+    }
+}
+
 /// Byte-microseconds as exact byte-seconds (six decimals are exact: 10^6 µs per second).
 pub fn byte_seconds(byte_micros: i128) -> String {
     decimal(byte_micros, MICROS, 6)

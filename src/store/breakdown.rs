@@ -1,11 +1,19 @@
 //! What holds a project's stored bytes at an instant: its largest artifacts, and the
 //! scopes and top-level folders holding the most, each a bounded query (`LIMIT`), for the usage pages.
 //!
-//! Both read the artifacts costing storage at the instant (`created_at <= at <
-//! billing_end`) through `artifacts_project_billing (project_id, created_at, billing_end,
-//! size)`, then keep the top rows (a top-N sort: memory bounded by the limit).
+//! Each reads the artifacts costing storage at the instant (`created_at <= at <
+//! billing_end`), split in two on `deleted_at`, which partitions them exactly:
+//!
+//! - not ended (`deleted_at IS NULL`): for the largest artifacts, `artifacts_live_size
+//!   (project_id, size DESC) WHERE deleted_at IS NULL` is walked largest first and the walk
+//!   stops after `limit` rows stored at the instant;
+//! - ended after the instant (`deleted_at > at`): `artifacts_ended (deleted_at, id)` finds
+//!   them, and for the current month (the instant is now) there are none.
+//!
+//! Scopes and folders are sums, so they read every stored row of the project, then keep
+//! the top rows (a top-N sort: memory bounded by the limit).
 
-use sea_orm::{ConnectionTrait, DbBackend};
+use sea_orm::{ConnectionTrait, DbBackend, QueryResult};
 
 use super::{Store, db_error};
 use crate::domain::{Error, ProjectId, Timestamp};
@@ -40,30 +48,66 @@ pub struct StoredScope {
     pub artifacts: i64,
 }
 
+/// The artifacts stored at an instant: the `?`s are the project, the instant twice.
+const STORED_AT: &str = "project_id = ? AND created_at <= ? \
+                         AND (billing_end IS NULL OR billing_end > ?)";
+/// The artifacts stored at an instant that are not ended: the `?`s are the project, the
+/// instant twice.
+const LIVE_AT: &str = "project_id = ? AND deleted_at IS NULL AND created_at <= ? \
+                       AND (billing_end IS NULL OR billing_end > ?)";
+/// The artifacts stored at an instant that have ended since: the project, the instant
+/// three times. (`deleted_at > ?` is implied by `billing_end > ?` for an ended row; it lets
+/// `artifacts_ended` answer at once when the instant is now.)
+const ENDED_SINCE: &str = "project_id = ? AND deleted_at > ? AND created_at <= ? \
+                           AND billing_end > ?";
+
 impl Store {
-    /// The `limit` largest artifacts stored at `at`, largest first (ties by path).
+    /// The rows of `sql`, whose `?`s are, for each of `branches`, the project, `at` as many
+    /// times as the branch says and the limit; then the limit once more if `outer_limit`.
+    async fn stored_at_rows(
+        &self,
+        sql: &str,
+        branches: &[usize],
+        outer_limit: bool,
+        project: &ProjectId,
+        at: Timestamp,
+        limit: u64,
+    ) -> Result<Vec<QueryResult>, Error> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut values = Vec::new();
+        for ats in branches {
+            values.push(project.as_str().into());
+            values.extend((0..*ats).map(|_| at.as_micros().into()));
+            values.push(limit.into());
+        }
+        if outer_limit {
+            values.push(limit.into());
+        }
+        self.db
+            .query_all_raw(self.statement(sql, values))
+            .await
+            .map_err(db_error)
+    }
+
+    /// The `limit` largest artifacts stored at `at`, largest first (ties by path): the
+    /// `limit` largest not ended, and the `limit` largest ended since, merged.
     pub async fn largest_artifacts(
         &self,
         project: &ProjectId,
         at: Timestamp,
         limit: u64,
     ) -> Result<Vec<StoredArtifact>, Error> {
+        const COLUMNS: &str = "scope_kind, scope_id, path, size, created_at";
+        const ORDER: &str = "ORDER BY size DESC, scope_kind, scope_id, path LIMIT ?";
+        let sql = format!(
+            "SELECT {COLUMNS} FROM (SELECT {COLUMNS} FROM artifacts WHERE {LIVE_AT} {ORDER}) \
+             AS live UNION ALL \
+             SELECT {COLUMNS} FROM (SELECT {COLUMNS} FROM artifacts WHERE {ENDED_SINCE} {ORDER}) \
+             AS ended {ORDER}"
+        );
         let rows = self
-            .db
-            .query_all_raw(self.statement(
-                "SELECT scope_kind, scope_id, path, size, created_at FROM artifacts \
-                 WHERE project_id = ? AND created_at <= ? \
-                 AND (billing_end IS NULL OR billing_end > ?) \
-                 ORDER BY size DESC, scope_kind, scope_id, path LIMIT ?",
-                vec![
-                    project.as_str().into(),
-                    at.as_micros().into(),
-                    at.as_micros().into(),
-                    i64::try_from(limit).unwrap_or(i64::MAX).into(),
-                ],
-            ))
-            .await
-            .map_err(db_error)?;
+            .stored_at_rows(&sql, &[2, 3], true, project, at, limit)
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(StoredArtifact {
@@ -85,21 +129,19 @@ impl Store {
         limit: u64,
     ) -> Result<Vec<StoredScope>, Error> {
         let rows = self
-            .db
-            .query_all_raw(self.statement(
-                "SELECT scope_kind, scope_id, CAST(SUM(size) AS BIGINT), COUNT(*) FROM artifacts \
-                 WHERE project_id = ? AND created_at <= ? \
-                 AND (billing_end IS NULL OR billing_end > ?) \
-                 GROUP BY scope_kind, scope_id ORDER BY 3 DESC, 1, 2 LIMIT ?",
-                vec![
-                    project.as_str().into(),
-                    at.as_micros().into(),
-                    at.as_micros().into(),
-                    i64::try_from(limit).unwrap_or(i64::MAX).into(),
-                ],
-            ))
-            .await
-            .map_err(db_error)?;
+            .stored_at_rows(
+                &format!(
+                    "SELECT scope_kind, scope_id, CAST(SUM(size) AS BIGINT), COUNT(*) \
+                     FROM artifacts WHERE {STORED_AT} \
+                     GROUP BY scope_kind, scope_id ORDER BY 3 DESC, 1, 2 LIMIT ?"
+                ),
+                &[2],
+                false,
+                project,
+                at,
+                limit,
+            )
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(StoredScope {
@@ -126,23 +168,18 @@ impl Store {
         let folder =
             format!("CASE WHEN {position} > 0 THEN substr(path, 1, {position}) ELSE '' END");
         let rows = self
-            .db
-            .query_all_raw(self.statement(
+            .stored_at_rows(
                 &format!(
                     "SELECT scope_kind, scope_id, {folder}, CAST(SUM(size) AS BIGINT), COUNT(*) \
-                     FROM artifacts WHERE project_id = ? AND created_at <= ? \
-                     AND (billing_end IS NULL OR billing_end > ?) \
-                     GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1, 2, 3 LIMIT ?"
+                     FROM artifacts WHERE {STORED_AT} GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1, 2, 3 LIMIT ?"
                 ),
-                vec![
-                    project.as_str().into(),
-                    at.as_micros().into(),
-                    at.as_micros().into(),
-                    i64::try_from(limit).unwrap_or(i64::MAX).into(),
-                ],
-            ))
-            .await
-            .map_err(db_error)?;
+                &[2],
+                false,
+                project,
+                at,
+                limit,
+            )
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(StoredFolder {

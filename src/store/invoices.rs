@@ -8,7 +8,8 @@ use sea_orm::{ConnectionTrait, TransactionTrait};
 
 use super::{Store, db_error};
 use crate::domain::metering::{
-    LineItem, Meter, Month, MonthUsage, ProjectTotals as InvoiceSummary, Quantity,
+    LineItem, Meter, Month, MonthUsage, ProjectTotals as InvoiceSummary, ProjectsCursor,
+    ProjectsSort, ProjectsSortKey, Quantity,
 };
 use crate::domain::{Error, Plan, ProjectId, Timestamp};
 
@@ -312,30 +313,80 @@ impl Store {
             .collect()
     }
 
-    /// A page of `month`'s invoices, largest total first, then by project id, after the
-    /// `(total, project)` of the previous page's last row (keyset paging: stable, and one
-    /// index range scan whatever the page).
+    /// A page of `month`'s invoices in `sort`'s order, after `after` (the previous page's
+    /// last row): keyset paging, so pages are stable and each is one bounded query. The
+    /// default order (largest total first) is one range scan of `invoices_month_total`;
+    /// another column reads the month's invoices and keeps the top `limit` (a top-N sort).
+    ///
+    /// Storage is stored as decimal text (it exceeds int64): it is ordered by its length,
+    /// then its digits, which is numeric order for non-negative integers in either database.
     pub async fn invoices_page(
         &self,
         month: Month,
-        after: Option<(i64, String)>,
+        sort: ProjectsSort,
+        after: Option<&ProjectsCursor>,
         limit: u64,
     ) -> Result<Vec<InvoiceSummary>, Error> {
-        let (total, project) = after.unwrap_or((i64::MAX, String::new()));
+        // The ordering expressions before the project id, each with its cursor value.
+        let value = after.and_then(|c| c.value).unwrap_or_default();
+        let digits = value.to_string();
+        let keys: Vec<(String, sea_orm::Value)> = match sort.key {
+            ProjectsSortKey::Project => Vec::new(),
+            ProjectsSortKey::Storage => vec![
+                (
+                    "length(storage_byte_micros)".to_owned(),
+                    (digits.len() as i64).into(),
+                ),
+                ("storage_byte_micros".to_owned(), digits.into()),
+            ],
+            key => {
+                let column = match key {
+                    ProjectsSortKey::Total => "total_micros",
+                    ProjectsSortKey::Egress => "egress_bytes",
+                    _ => "ingress_bytes",
+                };
+                let value = i64::try_from(value)
+                    .map_err(|_| Error::invalid("page", "is not a page this listing linked to"))?;
+                vec![(column.to_owned(), value.into())]
+            }
+        };
+        let (direction, beyond) = if sort.descending {
+            ("DESC", "<")
+        } else {
+            ("ASC", ">")
+        };
+        let project_direction = if keys.is_empty() { direction } else { "ASC" };
+        let project_beyond = if keys.is_empty() { beyond } else { ">" };
+        let mut values: Vec<sea_orm::Value> = vec![month.to_string().into()];
+        // (k1 beyond ? OR (k1 = ? AND (k2 beyond ? OR (k2 = ? AND project_id > ?)))).
+        let mut condition = String::new();
+        if let Some(cursor) = after {
+            let mut close = String::new();
+            for (expr, value) in &keys {
+                condition.push_str(&format!("({expr} {beyond} ? OR ({expr} = ? AND "));
+                values.extend([value.clone(), value.clone()]);
+                close.push_str("))");
+            }
+            condition.push_str(&format!("project_id {project_beyond} ?"));
+            values.push(cursor.project.clone().into());
+            condition = format!(" AND {condition}{close}");
+        }
+        let order: Vec<String> = keys
+            .iter()
+            .map(|(expr, _)| format!("{expr} {direction}"))
+            .chain([format!("project_id {project_direction}")])
+            .collect();
+        values.push(i64::try_from(limit).unwrap_or(i64::MAX).into());
         let rows = self
             .db
             .query_all_raw(self.statement(
-                "SELECT project_id, plan_id, currency, total_micros, storage_byte_micros, \
-                 egress_bytes, ingress_bytes FROM invoices WHERE month = ? \
-                 AND (total_micros < ? OR (total_micros = ? AND project_id > ?)) \
-                 ORDER BY total_micros DESC, project_id LIMIT ?",
-                vec![
-                    month.to_string().into(),
-                    total.into(),
-                    total.into(),
-                    project.into(),
-                    i64::try_from(limit).unwrap_or(i64::MAX).into(),
-                ],
+                &format!(
+                    "SELECT project_id, plan_id, currency, total_micros, storage_byte_micros, \
+                     egress_bytes, ingress_bytes FROM invoices WHERE month = ?{condition} \
+                     ORDER BY {} LIMIT ?",
+                    order.join(", ")
+                ),
+                values,
             ))
             .await
             .map_err(db_error)?;

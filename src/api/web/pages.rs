@@ -15,7 +15,9 @@ use super::Web;
 use super::charts::{self, BLUE, ORANGE, Series};
 use super::export::rfc3339;
 use crate::api::http::http_status;
-use crate::domain::metering::{DAY_MICROS, LineItem, Month, decimal, format_day};
+use crate::domain::metering::{
+    DAY_MICROS, LineItem, Month, ProjectsCursor, ProjectsSort, ProjectsSortKey, decimal, format_day,
+};
 use crate::domain::{Access, Error, Principal, ProjectId, Timestamp, authorize};
 
 /// Rows of the all-projects page.
@@ -422,7 +424,7 @@ fn meter_bar(figure: i128, limit: i128) -> Markup {
     }
 }
 
-/// `GET /ui/`: every project's month totals, largest first, a page at a time.
+/// `GET /ui/`: every project's month totals, in the order chosen, a page at a time.
 pub(super) async fn projects(
     State(web): State<Web>,
     Query(query): Query<HashMap<String, String>>,
@@ -446,8 +448,59 @@ pub(super) async fn projects(
     }
 }
 
-/// Sort keys of the all-projects table (within the page shown).
-const SORTS: [&str; 5] = ["total", "project", "storage", "egress", "ingress"];
+/// `?sort=&dir=`: the column and direction of the all-projects table (largest total first
+/// when absent; a column's first click orders names A→Z and figures largest first).
+fn sort_param(query: &HashMap<String, String>) -> Result<ProjectsSort, Error> {
+    let key = match query.get("sort").filter(|s| !s.is_empty()) {
+        None => return Ok(ProjectsSort::default()),
+        Some(text) => ProjectsSortKey::parse(text).ok_or_else(|| {
+            let keys: Vec<&str> = ProjectsSortKey::ALL.iter().map(|k| k.as_str()).collect();
+            Error::invalid(
+                "sort",
+                format!("{text:?} is not a column: {}", keys.join(", ")),
+            )
+        })?,
+    };
+    let descending = match query.get("dir").map(String::as_str) {
+        None | Some("") => key != ProjectsSortKey::Project,
+        Some("desc") => true,
+        Some("asc") => false,
+        Some(other) => {
+            return Err(Error::invalid(
+                "dir",
+                format!("{other:?} is not a direction: asc or desc"),
+            ));
+        }
+    };
+    Ok(ProjectsSort { key, descending })
+}
+
+/// A page link's cursor: the last row's figure (empty when sorting by project) and project
+/// id, base64url. Opaque to readers; one that does not decode is INVALID_ARGUMENT.
+fn encode_cursor(cursor: &ProjectsCursor) -> String {
+    use base64::Engine;
+    let value = cursor.value.map(|v| v.to_string()).unwrap_or_default();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{value}:{}", cursor.project))
+}
+
+fn decode_cursor(token: &str, sort: ProjectsSort) -> Result<ProjectsCursor, Error> {
+    use base64::Engine;
+    let bad = || Error::invalid("page", "is not a page this listing linked to");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (value, project) = text.split_once(':').ok_or_else(bad)?;
+    let value = match (sort.key, value) {
+        (ProjectsSortKey::Project, "") => None,
+        (ProjectsSortKey::Project, _) => return Err(bad()),
+        (_, value) => Some(value.parse::<i128>().map_err(|_| bad())?),
+    };
+    Ok(ProjectsCursor {
+        value,
+        project: project.to_owned(),
+    })
+}
 
 async fn projects_page(
     web: &Web,
@@ -457,29 +510,19 @@ async fn projects_page(
     authorize(principal, Access::ReadAllUsage)?;
     let now = web.metering.now();
     let month = month_param(query, now)?;
+    let sort = sort_param(query)?;
     let after = match query.get("page").filter(|p| !p.is_empty()) {
-        Some(token) => Some(
-            crate::api::billing::decode_usage_token(token)
-                .map_err(|_| Error::invalid("page", "is not a page this listing linked to"))?,
-        ),
+        Some(token) => Some(decode_cursor(token, sort)?),
         None => None,
     };
-    let sort = query
-        .get("sort")
-        .map(String::as_str)
-        .filter(|s| SORTS.contains(s))
-        .unwrap_or("total");
     let mut rows = web
         .metering
-        .projects_usage(month, after, PROJECTS_PAGE as u64 + 1)
+        .projects_usage(month, sort, after, PROJECTS_PAGE as u64 + 1)
         .await?;
     let more = rows.len() > PROJECTS_PAGE;
     rows.truncate(PROJECTS_PAGE);
     let next = match rows.last() {
-        Some(last) if more => Some(crate::api::billing::encode_usage_token(
-            last.total_micros,
-            &last.project_id,
-        )),
+        Some(last) if more => Some(encode_cursor(&sort.cursor(last))),
         _ => None,
     };
     let last_day = month.end().saturating_add_micros(-DAY_MICROS);
@@ -493,32 +536,45 @@ async fn projects_page(
         let stored: Vec<i64> = days.iter().map(|d| d.stored_bytes_at_end).collect();
         lines.push((row, charts::sparkline(&stored)?));
     }
-    match sort {
-        "project" => lines.sort_by(|a, b| a.0.project_id.cmp(&b.0.project_id)),
-        "storage" => lines.sort_by_key(|l| std::cmp::Reverse(l.0.storage_byte_micros)),
-        "egress" => lines.sort_by_key(|l| std::cmp::Reverse(l.0.egress_bytes)),
-        "ingress" => lines.sort_by_key(|l| std::cmp::Reverse(l.0.ingress_bytes)),
-        _ => {}
-    }
-    let here = |extra: &str| {
-        let page = query
-            .get("page")
-            .map(|p| format!("&page={}", percent_encode(p)))
-            .unwrap_or_default();
-        format!("/ui/?month={month}{page}{extra}")
+    let direction = |descending: bool| if descending { "desc" } else { "asc" };
+    // A column's link: the other direction for the current column (from the first page),
+    // else the column's own first order.
+    let column_link = |key: ProjectsSortKey| {
+        let descending = if key == sort.key {
+            !sort.descending
+        } else {
+            key != ProjectsSortKey::Project
+        };
+        format!(
+            "/ui/?month={month}&sort={}&dir={}",
+            key.as_str(),
+            direction(descending)
+        )
     };
+    let columns = [
+        (ProjectsSortKey::Project, "Project"),
+        (ProjectsSortKey::Total, "Total"),
+        (ProjectsSortKey::Storage, "Storage"),
+        (ProjectsSortKey::Egress, "Egress"),
+        (ProjectsSortKey::Ingress, "Ingress"),
+    ];
     let body = html! {
         nav.months {
             a rel="prev" href=(format!("/ui/?month={}", month.previous())) { "← " (month.previous().to_string()) }
             h1 { "All projects · " (month.to_string()) }
             a rel="next" href=(format!("/ui/?month={}", month.next())) { (month.next().to_string()) " →" }
         }
-        p.note { "Largest total first, " (PROJECTS_PAGE) " per page (as ListProjectsUsage pages them); the column links sort the page shown." }
-        table #projects {
+        p.note { (PROJECTS_PAGE) " per page, ordered across every page by the column chosen (ties by project id); click a column again for the other direction." }
+        table #projects data-sort=(sort.key.as_str()) data-dir=(direction(sort.descending)) {
             thead {
                 tr {
-                    @for (key, label) in [("project", "Project"), ("total", "Total"), ("storage", "Storage"), ("egress", "Egress"), ("ingress", "Ingress")] {
-                        th { @if key == sort { (label) " ▾" } @else { a href=(here(&format!("&sort={key}"))) { (label) } } }
+                    @for (key, label) in columns {
+                        th aria-sort=[(key == sort.key).then(|| if sort.descending { "descending" } else { "ascending" })] {
+                            a href=(column_link(key)) {
+                                (label)
+                                @if key == sort.key { @if sort.descending { " ▾" } @else { " ▴" } }
+                            }
+                        }
                     }
                     th { "Plan" }
                     th { "Stored per day" }
@@ -539,7 +595,7 @@ async fn projects_page(
             }
         }
         @if let Some(token) = &next {
-            p { a rel="next" href=(format!("/ui/?month={month}&page={}&sort={sort}", percent_encode(token))) { "Next page →" } }
+            p { a rel="next" href=(format!("/ui/?month={month}&sort={}&dir={}&page={}", sort.key.as_str(), direction(sort.descending), percent_encode(token))) { "Next page →" } }
         }
         p.export { "Export every project's month: "
             a href=(format!("/api/v1/usage/export?month={month}&format=csv")) { "CSV" } " · "

@@ -13,8 +13,8 @@ use futures::StreamExt;
 use super::{Bill, DailyUsage, Metering, UsageReport};
 use crate::domain::metering::MICROS;
 use crate::domain::metering::{
-    self, DAY_MICROS, LineItem, Meter, Month, MonthUsage, Quantity, Segment, byte_micros,
-    segment_lines, split_by_month, total,
+    self, DAY_MICROS, LineItem, Meter, Month, MonthUsage, ProjectsCursor, ProjectsSort, Quantity,
+    Segment, byte_micros, segment_lines, split_by_month, total,
 };
 use crate::domain::plan::GIB;
 use crate::domain::{Error, ProjectId, Timestamp};
@@ -486,8 +486,8 @@ impl Metering {
             .collect())
     }
 
-    /// A page of every project's totals for `month`, largest first (ties by project id),
-    /// after the `(total, project)` the previous page ended with.
+    /// A page of every project's totals for `month` in `sort`'s order (ties by project id),
+    /// after the row the previous page ended with.
     ///
     /// A finalized month reads its invoices with one keyset query. Invoices still missing
     /// (the finalizer writes them right after the grace) are finalized first when they are
@@ -496,7 +496,8 @@ impl Metering {
     pub async fn projects_usage(
         &self,
         month: Month,
-        after: Option<(i64, String)>,
+        sort: ProjectsSort,
+        after: Option<ProjectsCursor>,
         limit: u64,
     ) -> Result<Vec<InvoiceSummary>, Error> {
         let now = self.clock.now();
@@ -519,7 +520,10 @@ impl Metering {
             for project in &missing {
                 self.finalize(project, month).await?;
             }
-            return self.store.invoices_page(month, after, limit).await;
+            return self
+                .store
+                .invoices_page(month, sort, after.as_ref(), limit)
+                .await;
         }
         let mut rows = Vec::new();
         for id in self.store.list_project_ids().await? {
@@ -555,18 +559,13 @@ impl Metering {
                 ingress_bytes: bytes(Meter::Ingress),
             });
         }
-        rows.sort_by(|a, b| {
-            b.total_micros
-                .cmp(&a.total_micros)
-                .then_with(|| a.project_id.cmp(&b.project_id))
-        });
+        rows.sort_by(|a, b| sort.compare(a, b));
         Ok(rows
             .into_iter()
-            .filter(|r| match &after {
-                Some((total, project)) => {
-                    r.total_micros < *total || (r.total_micros == *total && r.project_id > *project)
-                }
-                None => true,
+            .filter(|r| {
+                after
+                    .as_ref()
+                    .is_none_or(|c| sort.compare_to(r, c) == std::cmp::Ordering::Greater)
             })
             .take(usize::try_from(limit).unwrap_or(usize::MAX))
             .collect())
