@@ -2,8 +2,9 @@
 //! artifacts end once at their expiry and no bill moves; abandoned uploads go while one in
 //! progress stays; unreferenced content and crash orphans are collected after the grace
 //! period and not before; a push deduplicating against content the sweeper is collecting
-//! never commits an artifact without bytes; two sweepers end each artifact once; and old
-//! history is pruned only once every month it bills is invoiced.
+//! never commits an artifact without bytes (and, forced with a table lock on Postgres, fails
+//! ABORTED and succeeds on retry); two sweepers end each artifact once; and old history is
+//! pruned only once every month it bills is invoiced.
 
 #![allow(clippy::unwrap_used)]
 
@@ -1133,5 +1134,126 @@ async fn what_an_asynchronous_sweep_commit_can_lose_is_redone(backend: Backend) 
         bill_after_push,
         "marking again moves no bill"
     );
+    server.stop().await;
+}
+
+/// The race behind ABORTED, forced on Postgres with real locks: a streamed push leases
+/// content that no artifact references any more, and is held before its commit statement
+/// while the sweeper collects that content; the commit then finds its lease broken. The
+/// hold is a table lock the test takes on its own connection: `LOCK TABLE jobs IN
+/// EXCLUSIVE MODE` lets plain reads through but not the commit statement, which locks
+/// `jobs` rows `FOR SHARE` (keep-latest pins) and so must wait for the table lock before it
+/// touches any row; the lease before it and the sweep never lock `jobs`. The client sees
+/// exactly ABORTED with a message that says to retry, nothing was stored, and the retry
+/// stores the content again and pulls back byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_whose_content_is_collected_before_its_commit_is_aborted_and_a_retry_succeeds() {
+    let Some(server) = TestServer::start_with(Backend::Postgres, |config| {
+        config.blob_grace = Duration::ZERO;
+        config.metering = false;
+    })
+    .await
+    else {
+        return;
+    };
+    let mut client = server.client().await;
+    // Larger than a small push and of undeclared size: streamed through an upload, leased
+    // once its digest is known (a small push would store its bytes again by itself).
+    let data = content(300_000, 31);
+    let sha = sha256_hex(&data);
+    push(&mut client, header(project("race"), "first.bin"), &data)
+        .await
+        .unwrap();
+    client
+        .delete(pb::DeleteRequest {
+            scope: Some(project("race")),
+            path: "first.bin".into(),
+            recursive: false,
+        })
+        .await
+        .unwrap();
+    assert!(blob_path(&server, &sha).exists());
+    // The racing push's lease then carries a time of its own.
+    server.clock.advance_seconds(1);
+
+    let holder = sea_orm::Database::connect(server.db.url.as_str())
+        .await
+        .unwrap();
+    let hold = sea_orm::TransactionTrait::begin(&holder).await.unwrap();
+    hold.execute_unprepared("LOCK TABLE jobs IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let racing = {
+        let (mut client, data) = (client.clone(), data.clone());
+        tokio::spawn(async move {
+            push(&mut client, header(project("race"), "second.bin"), &data).await
+        })
+    };
+    // The push has received its bytes, leased the content (deduplicating onto the stored
+    // file) and is waiting in its commit for the lock.
+    let waiting = "SELECT COUNT(*) FROM pg_locks WHERE relation = 'jobs'::regclass AND NOT granted";
+    let mut waited = 0;
+    while count(&server, waiting).await == 0 {
+        waited += 1;
+        assert!(waited < 1000, "the push never reached its commit");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        count(
+            &server,
+            &format!(
+                "SELECT COUNT(*) FROM blobs WHERE sha256 = '{sha}' AND collected_at IS NULL \
+                 AND last_ref_at = {}",
+                server.clock.now().as_micros()
+            )
+        )
+        .await,
+        1,
+        "the push leased the content before its commit"
+    );
+    server.clock.advance_seconds(1);
+    let report = sweep(&server).await;
+    assert_eq!(
+        report.collected_blobs, 1,
+        "the sweeper collects the content"
+    );
+    assert!(!blob_path(&server, &sha).exists());
+    hold.rollback().await.unwrap();
+
+    let status = racing.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "the content was reclaimed while this push committed; nothing was stored, retry the push"
+    );
+    assert_eq!(
+        stat(&mut client, project("race"), "second.bin")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound,
+        "nothing was stored"
+    );
+    assert_eq!(
+        count(
+            &server,
+            "SELECT COUNT(*) FROM artifacts WHERE deleted_at IS NULL"
+        )
+        .await,
+        0
+    );
+
+    // The retry the message asks for stores the content again.
+    let retried = push(&mut client, header(project("race"), "second.bin"), &data)
+        .await
+        .unwrap();
+    assert!(!retried.deduplicated, "the content was stored anew");
+    assert_eq!(retried.artifact.unwrap().sha256, sha);
+    assert!(blob_path(&server, &sha).exists());
+    let pulled = pull(&mut client, project("race"), "second.bin", 0, 0)
+        .await
+        .unwrap();
+    assert!(pulled.data == data, "the retry's bytes pull back intact");
+    let _ = holder.close().await;
     server.stop().await;
 }
