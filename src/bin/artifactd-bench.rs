@@ -693,6 +693,10 @@ impl Server {
     }
 
     /// Kills the server now and waits for it to be gone.
+    fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
     fn stop(self) {
         drop(self.child);
     }
@@ -1178,6 +1182,22 @@ fn available_bytes(dir: &Path) -> anyhow::Result<u64> {
         .parse()
         .with_context(|| format!("parsing df output {stdout:?}"))?;
     Ok(kib * KIB)
+}
+
+/// utime + stime of one process from its `/proc/PID/stat`, in seconds (at 100 ticks/s, the
+/// kernel's USER_HZ on Linux).
+fn process_cpu_seconds(stat: &std::path::Path) -> Option<f64> {
+    let stat = std::fs::read_to_string(stat).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// CPU seconds of process `pid` so far (0 when it cannot be read, e.g. it has exited).
+fn cpu_seconds(pid: u32) -> f64 {
+    process_cpu_seconds(&Path::new("/proc").join(pid.to_string()).join("stat")).unwrap_or(0.0)
 }
 
 /// One field of `/proc/<pid>/status` in KiB, e.g. `VmRSS`.

@@ -28,7 +28,8 @@ use object_store::{ObjectStoreExt, WriteMultipart};
 
 use super::{
     ChunkPool, KIB, MAX_ARTIFACT_BYTES, MIB, ScratchDir, Server, artifact_client, artifact_pull,
-    artifact_push, artifactd_exe, connect, mb_per_s, random_tag, runtime, warn_if_debug,
+    artifact_push, artifactd_exe, connect, cpu_seconds, mb_per_s, random_tag, runtime,
+    warn_if_debug,
 };
 
 /// Part size of the direct multipart upload: the server's own (S3's minimum).
@@ -48,6 +49,90 @@ pub struct S3Args {
     /// Rounds; the median of each figure is reported.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
+}
+
+/// CPU seconds of the three processes a transfer runs through: the S3 server, artifactd
+/// (zero for a direct transfer, which does not go through it) and this process (the client).
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    s3_server: f64,
+    artifactd: f64,
+    client: f64,
+}
+
+impl Cpu {
+    fn now(s3_server: Option<u32>, artifactd: u32) -> Self {
+        Self {
+            s3_server: s3_server.map_or(0.0, cpu_seconds),
+            artifactd: cpu_seconds(artifactd),
+            client: cpu_seconds(std::process::id()),
+        }
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            s3_server: self.s3_server - before.s3_server,
+            artifactd: self.artifactd - before.artifactd,
+            client: self.client - before.client,
+        }
+    }
+
+    fn total(self) -> f64 {
+        self.s3_server + self.artifactd + self.client
+    }
+
+    /// Core-seconds per GiB moved, by process.
+    fn describe(self, gib: f64) -> String {
+        format!(
+            "S3 server {:.2} + artifactd {:.2} + client {:.2} = {:.2} core-s/GiB",
+            self.s3_server / gib,
+            self.artifactd / gib,
+            self.client / gib,
+            self.total() / gib
+        )
+    }
+}
+
+/// The process listening on 127.0.0.1/0.0.0.0 `port` (the S3 server), found through the
+/// socket inodes of `/proc/net/tcp*` and `/proc/*/fd`; `None` if it cannot be seen (another
+/// user's process, another machine).
+fn listener_pid(port: u16) -> Option<u32> {
+    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = fields.get(1)?.rsplit_once(':')?.1;
+                    let listening = *fields.get(3)? == "0A";
+                    let inode = fields.get(9)?;
+                    (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                        .then(|| format!("socket:[{inode}]"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return None;
+    }
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let fds = std::fs::read_dir(entry.path().join("fd")).ok()?;
+            fds.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .any(|target| {
+                    inodes
+                        .iter()
+                        .any(|inode| target.as_os_str() == inode.as_str())
+                })
+                .then_some(pid)
+        })
 }
 
 fn median(mut rates: Vec<f64>) -> f64 {
@@ -80,6 +165,19 @@ pub fn s3(args: &S3Args) -> anyhow::Result<()> {
         .build()
         .context("the S3 server from AWS_* variables")?;
     let server = Server::start(&artifactd_exe()?, &env)?;
+    let artifactd_pid = server.pid();
+    let s3_server_pid = std::env::var("AWS_ENDPOINT")
+        .ok()
+        .and_then(|endpoint| {
+            endpoint
+                .rsplit(':')
+                .next()?
+                .trim_end_matches('/')
+                .parse()
+                .ok()
+        })
+        .and_then(listener_pid);
+    let (mut pull_cpu, mut get_cpu) = (Cpu::default(), Cpu::default());
     let pool = ChunkPool::new(256 * KIB as usize);
     let runtime = runtime()?;
     let (mut push, mut pull, mut put, mut get) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -88,7 +186,14 @@ pub fn s3(args: &S3Args) -> anyhow::Result<()> {
         for round in 1..=args.rounds {
             let path = format!("s3/round-{round}.bin");
             push.push(artifact_push(&mut client, &pool, 7_000 + u64::from(round), total, &path).await?);
+            let before = Cpu::now(s3_server_pid, artifactd_pid);
             pull.push(artifact_pull(&mut client, &path, total).await?);
+            let used = Cpu::now(s3_server_pid, artifactd_pid).since(before);
+            pull_cpu = Cpu {
+                s3_server: pull_cpu.s3_server + used.s3_server,
+                artifactd: pull_cpu.artifactd + used.artifactd,
+                client: pull_cpu.client + used.client,
+            };
 
             let key = ObjectPath::from(format!("{prefix}/direct/round-{round}.bin"));
             let started = Instant::now();
@@ -103,6 +208,7 @@ pub fn s3(args: &S3Args) -> anyhow::Result<()> {
             upload.finish().await?;
             put.push(mb_per_s(total, started.elapsed()));
 
+            let before = Cpu::now(s3_server_pid, artifactd_pid);
             let started = Instant::now();
             let mut stream = direct.get(&key).await?.into_stream();
             let mut received = 0u64;
@@ -112,6 +218,12 @@ pub fn s3(args: &S3Args) -> anyhow::Result<()> {
             }
             anyhow::ensure!(received == total, "GET returned {received} of {total} bytes");
             get.push(mb_per_s(total, started.elapsed()));
+            let used = Cpu::now(s3_server_pid, artifactd_pid).since(before);
+            get_cpu = Cpu {
+                s3_server: get_cpu.s3_server + used.s3_server,
+                artifactd: 0.0,
+                client: get_cpu.client + used.client,
+            };
             direct.delete(&key).await?;
             eprintln!(
                 "round {round}/{}: Push {:.0} MB/s, Pull {:.0} MB/s; direct PUT {:.0} MB/s, GET {:.0} MB/s",
@@ -126,6 +238,10 @@ pub fn s3(args: &S3Args) -> anyhow::Result<()> {
     })?;
     drop(runtime);
     server.stop();
+    // Seconds spent in each kind of transfer, over every round.
+    let seconds =
+        |rates: &[f64]| -> f64 { rates.iter().map(|rate| total as f64 / 1e6 / rate).sum() };
+    let (pull_seconds, get_seconds) = (seconds(&pull), seconds(&get));
     drop(scratch);
     let (push, pull, put, get) = (median(push), median(pull), median(put), median(get));
     let verdict = |ratio: f64| if ratio >= TARGET { "pass" } else { "FAIL" };
@@ -139,6 +255,32 @@ pub fn s3(args: &S3Args) -> anyhow::Result<()> {
         pull / get,
         verdict(pull / get)
     );
+    // Where the cores went: on a machine where the S3 server, artifactd and the client share
+    // the cores, a Pull is bound by the CPU all three spend per byte, and the direct GET by
+    // what two of them spend.
+    let gib = total as f64 * f64::from(args.rounds) / (1u64 << 30) as f64;
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    println!(
+        "CPU: Pull {} ({:.2} of {cores} cores busy); direct GET {} ({:.2} cores busy){}",
+        pull_cpu.describe(gib),
+        pull_cpu.total() / pull_seconds,
+        get_cpu.describe(gib),
+        get_cpu.total() / get_seconds,
+        if s3_server_pid.is_none() {
+            "; the S3 server's process was not found"
+        } else {
+            ""
+        }
+    );
+    if pull_cpu.total() > 0.0 {
+        // The most a Pull could do if it kept every core busy at its measured CPU per byte.
+        let ceiling = cores as f64 * gib / pull_cpu.total() * f64::from(1u32 << 30) / 1e6;
+        println!(
+            "  with every core busy at that CPU per byte, a Pull could reach {ceiling:.0} MB/s \
+             = {:.2}× the direct GET: the physical ceiling of this machine for this ratio",
+            ceiling / get
+        );
+    }
     println!(
         "(artifactd's blobs are left under s3://{}/{prefix}/)",
         args.bucket

@@ -32,7 +32,7 @@ use tonic::transport::Channel;
 
 use super::{
     DEFAULT_ADMIN_URL, ScratchDatabase, ScratchDir, connect, connect_postgres, millis, now_micros,
-    percentile, pseudo_random, runtime, small_push, warn_if_debug,
+    percentile, process_cpu_seconds, pseudo_random, runtime, small_push, warn_if_debug,
 };
 
 const SWEEP_TARGET_SECONDS: f64 = 60.0;
@@ -556,15 +556,4 @@ impl CpuTimes {
             ..*self
         }
     }
-}
-
-/// utime + stime of one process from its `/proc/PID/stat`, in seconds (at 100 ticks/s, the
-/// kernel's USER_HZ on Linux).
-fn process_cpu_seconds(stat: &std::path::Path) -> Option<f64> {
-    let stat = std::fs::read_to_string(stat).ok()?;
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0)
 }
