@@ -639,7 +639,7 @@ async fn a_database_from_before_the_live_size_index_reads_the_same(backend: Back
     // The sweeper's mark on the expired one (deleted_at = its expiry).
     old.app
         .store
-        .end_expired(old.clock.now(), 100)
+        .end_expired(old.clock.now(), None, 100)
         .await
         .unwrap();
     old.clock.set(at(2026, 11, 12, 0));
