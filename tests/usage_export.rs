@@ -20,6 +20,8 @@ use hyper::StatusCode;
 on_both_backends!(
     exports_reconcile_with_the_closed_invoice_and_the_open_bill,
     every_project_is_exported_a_page_at_a_time,
+    a_late_network_record_is_a_correction_with_an_id_of_its_own,
+    an_invoice_from_before_migration_15_exports_as_before,
 );
 
 const GIB: i64 = 1 << 30;
@@ -55,6 +57,8 @@ struct Record {
     quantity: i128,
     unit: String,
     closed: bool,
+    /// The month a correction record corrects; empty for a day's record.
+    correction_for: String,
 }
 
 /// `"123.000456"` byte-seconds → byte-microseconds, exactly.
@@ -74,13 +78,13 @@ fn parse_csv(body: &str) -> Vec<Record> {
     let mut lines = body.split("\r\n");
     assert_eq!(
         lines.next().unwrap(),
-        "event_id,project_id,meter,day,period_start,period_end,plan_id,plan_version,quantity,unit,closed"
+        "event_id,project_id,meter,day,period_start,period_end,plan_id,plan_version,quantity,unit,closed,correction_for"
     );
     lines
         .filter(|l| !l.is_empty())
         .map(|l| {
             let f: Vec<&str> = l.split(',').collect();
-            assert_eq!(f.len(), 11, "{l}");
+            assert_eq!(f.len(), 12, "{l}");
             Record {
                 event_id: f[0].into(),
                 project: f[1].into(),
@@ -91,6 +95,7 @@ fn parse_csv(body: &str) -> Vec<Record> {
                 quantity: exact(f[8], f[9]),
                 unit: f[9].into(),
                 closed: f[10] == "true",
+                correction_for: f[11].into(),
             }
         })
         .collect()
@@ -111,6 +116,7 @@ fn parse_jsonl(body: &str) -> Vec<Record> {
                 quantity: exact(&s("quantity"), &s("unit")),
                 unit: s("unit"),
                 closed: v["closed"].as_bool().unwrap(),
+                correction_for: v["correction_for"].as_str().unwrap_or_default().to_owned(),
             }
         })
         .collect()
@@ -148,7 +154,10 @@ fn reconcile(
     lines: &[artifactd::domain::metering::LineItem],
 ) {
     let mut sums: BTreeMap<(String, String, i32), i128> = BTreeMap::new();
-    for r in records.iter().filter(|r| r.project == project) {
+    for r in records
+        .iter()
+        .filter(|r| r.project == project && r.correction_for.is_empty())
+    {
         *sums
             .entry((r.meter.clone(), r.plan.clone(), r.version))
             .or_default() += r.quantity;
@@ -177,6 +186,31 @@ fn reconcile(
         sums.len(),
         "records of (meter, plan) no line bills: {sums:?}"
     );
+    // Each correction line is one correction record of the same bytes.
+    let mut corrections: Vec<(String, String, Quantity)> = records
+        .iter()
+        .filter(|r| r.project == project && !r.correction_for.is_empty())
+        .map(|r| {
+            (
+                r.meter.clone(),
+                r.correction_for.clone(),
+                Quantity::gib(r.quantity).reduced(),
+            )
+        })
+        .collect();
+    let mut lines: Vec<(String, String, Quantity)> = lines
+        .iter()
+        .filter_map(|l| {
+            Some((
+                l.meter.as_str().to_owned(),
+                l.correction_for?.to_string(),
+                l.usage.reduced(),
+            ))
+        })
+        .collect();
+    corrections.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    lines.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    assert_eq!(corrections, lines, "correction records and lines");
 }
 
 async fn exports_reconcile_with_the_closed_invoice_and_the_open_bill(backend: Backend) {
@@ -410,4 +444,189 @@ async fn every_project_is_exported_a_page_at_a_time(backend: Backend) {
         .sum();
     assert_eq!(stored, i128::from(1 << 20) * 86_400 * 1_000_000);
     server.stop().await;
+}
+
+/// A network record that arrives after its month was invoiced: the closed month's export
+/// stays the same bytes, and the open month's export has the correction as a record of its
+/// own (a new id, the late bytes) that reconciles with that month's draft, then with its
+/// invoice once it closes. A second late record, billed a month later, gets another id.
+async fn a_late_network_record_is_a_correction_with_an_id_of_its_own(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let mut c = clients(&server).await;
+    put_on_plan(&mut c, "late", plan("l", 1, 1_000_000, 1_000_000)).await;
+    server.clock.set(at(2026, 11, 2, 0));
+    record_artifact(&server, "late", "a.bin", GIB, None).await;
+    egress(&server, "late", GIB, at(2026, 11, 10, 7)).await;
+    ingress(&server, "late", 5000, at(2026, 11, 11, 7)).await;
+
+    server.clock.set(at(2026, 12, 1, 2));
+    let (nov, month) = (
+        Month::parse("m", "2026-11").unwrap(),
+        Month::parse("m", "2026-12").unwrap(),
+    );
+    let late = ProjectId::parse("p", "late").unwrap();
+    let (closed, _, text) = export(&server, "month=2026-11&project=late").await;
+    let invoice = server.app.store.invoice(&late, nov).await.unwrap().unwrap();
+    assert!(closed.iter().all(|r| r.closed));
+    reconcile(&closed, "late", nov, &invoice.lines);
+
+    // 2 GiB more for the 20th of November, recorded now: the past does not change.
+    egress(&server, "late", 2 * GIB, at(2026, 11, 20, 0)).await;
+    assert_eq!(export(&server, "month=2026-11&project=late").await.2, text);
+    server.clock.set(at(2026, 12, 5, 0));
+    assert_eq!(export(&server, "month=2026-11&project=late").await.2, text);
+
+    // December has it, as a correction of November with an id no November record has.
+    let (open, jsonl, _) = export(&server, "month=2026-12&project=late").await;
+    assert_eq!(open, jsonl);
+    let corrections: Vec<&Record> = open
+        .iter()
+        .filter(|r| !r.correction_for.is_empty())
+        .collect();
+    assert_eq!(corrections.len(), 1, "{corrections:?}");
+    let correction = corrections[0].clone();
+    assert_eq!(
+        (
+            correction.meter.as_str(),
+            correction.correction_for.as_str(),
+            correction.quantity
+        ),
+        ("egress", "2026-11", i128::from(2 * GIB))
+    );
+    assert_eq!(
+        (correction.day.as_str(), correction.closed),
+        ("2026-12-01", false)
+    );
+    let november_ids: HashSet<&str> = closed.iter().map(|r| r.event_id.as_str()).collect();
+    assert!(!november_ids.contains(correction.event_id.as_str()));
+    let ids: HashSet<&str> = open.iter().map(|r| r.event_id.as_str()).collect();
+    assert_eq!(ids.len(), open.len());
+    let draft = server.app.metering.bill(&late, month).await.unwrap();
+    reconcile(&open, "late", month, &draft.lines);
+
+    // December closes with the correction on its invoice; its export says the same, under
+    // the same id. A second late record for November is January's, with an id of its own.
+    server.clock.set(at(2027, 1, 1, 2));
+    let (december, _, december_text) = export(&server, "month=2026-12&project=late").await;
+    let invoice = server
+        .app
+        .store
+        .invoice(&late, month)
+        .await
+        .unwrap()
+        .unwrap();
+    reconcile(&december, "late", month, &invoice.lines);
+    let closed_correction: Vec<&Record> = december
+        .iter()
+        .filter(|r| !r.correction_for.is_empty())
+        .collect();
+    assert_eq!(closed_correction.len(), 1);
+    assert_eq!(closed_correction[0].event_id, correction.event_id);
+    assert!(closed_correction[0].closed);
+    egress(&server, "late", GIB, at(2026, 11, 21, 0)).await;
+    assert_eq!(
+        export(&server, "month=2026-12&project=late").await.2,
+        december_text
+    );
+    assert_eq!(export(&server, "month=2026-11&project=late").await.2, text);
+    let (january, _, _) = export(&server, "month=2027-01&project=late").await;
+    let again: Vec<&Record> = january
+        .iter()
+        .filter(|r| !r.correction_for.is_empty())
+        .collect();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(
+        (again[0].correction_for.as_str(), again[0].quantity),
+        ("2026-11", i128::from(GIB))
+    );
+    assert_ne!(again[0].event_id, correction.event_id);
+    let january_bill = server
+        .app
+        .metering
+        .bill(&late, Month::parse("m", "2027-01").unwrap())
+        .await
+        .unwrap();
+    reconcile(
+        &january,
+        "late",
+        Month::parse("m", "2027-01").unwrap(),
+        &january_bill.lines,
+    );
+    server.stop().await;
+}
+
+/// An invoice finalized under migrations 1–14 has no network pieces kept: after the upgrade
+/// it is served as it was (`network_frozen` false), and its month's network records are read
+/// from the usage rows, as before: the same records, now marked closed.
+async fn an_invoice_from_before_migration_15_exports_as_before(backend: Backend) {
+    use migrations::{Migrator, MigratorTrait};
+    use sea_orm::ConnectionTrait;
+    let Some(db) = TestDb::create(backend).await else {
+        return;
+    };
+    {
+        let url = match backend {
+            Backend::Sqlite => format!("{}?mode=rwc", db.url),
+            Backend::Postgres => db.url.clone(),
+        };
+        let conn = sea_orm::Database::connect(url.as_str()).await.unwrap();
+        Migrator::up(&conn, Some(14)).await.unwrap();
+        let _ = conn.close().await;
+    }
+    let mut old = TestServer::start_on(db, |config| {
+        config.migrate_on_start = false;
+        config.redis_url = None;
+    })
+    .await;
+    let mut c = clients(&old).await;
+    put_on_plan(&mut c, "web", plan("w", 1, 1_000_000, 1_000_000)).await;
+    old.clock.set(at(2026, 11, 2, 0));
+    record_artifact(&old, "web", "a.bin", GIB, None).await;
+    egress(&old, "web", 3 * GIB, at(2026, 11, 10, 7)).await;
+    // In the grace: the month is exported from the rows.
+    old.clock.set(at(2026, 12, 1, 0));
+    let (before, _, _) = export(&old, "month=2026-11&project=web").await;
+    assert!(before.iter().all(|r| !r.closed));
+    // The invoice the previous code froze, in the previous schema's columns.
+    let nov = Month::parse("m", "2026-11").unwrap();
+    old.app
+        .store
+        .connection()
+        .execute_unprepared(&format!(
+            "INSERT INTO invoices (project_id, month, period_start, period_end, finalized_at, \
+             plan_id, plan_version, currency, total_micros, storage_byte_micros, egress_bytes, \
+             ingress_bytes) VALUES ('web', '2026-11', {}, {}, {}, 'w', 1, 'USD', 2000000, \
+             '0', {}, 0)",
+            nov.start().as_micros(),
+            nov.end().as_micros(),
+            at(2026, 12, 1, 1).as_micros(),
+            3 * GIB
+        ))
+        .await
+        .unwrap();
+    old.shut_down().await;
+
+    let server = TestServer::start_on(old.db.shared(), |_| {}).await;
+    server.clock.set(at(2026, 12, 1, 2));
+    let web = ProjectId::parse("p", "web").unwrap();
+    let bill = server.app.metering.bill(&web, nov).await.unwrap();
+    assert!(bill.closed);
+    assert_eq!(
+        bill.total_micros, 2_000_000,
+        "the stored invoice, as it was"
+    );
+    assert_eq!(
+        server.app.store.invoice_network(&web, nov).await.unwrap(),
+        None
+    );
+    let (after, _, _) = export(&server, "month=2026-11&project=web").await;
+    let closed: Vec<Record> = before
+        .into_iter()
+        .map(|r| Record { closed: true, ..r })
+        .collect();
+    assert_eq!(after, closed);
+    server.stop().await;
+    drop(old);
 }

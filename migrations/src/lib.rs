@@ -18,6 +18,7 @@ mod m20261127_000011_blob_locations;
 mod m20261127_000012_resumable_uploads;
 mod m20261127_000013_trim_artifact_indexes;
 mod m20261128_000014_live_artifacts_by_size;
+mod m20261128_000015_invoice_network;
 
 pub struct Migrator;
 
@@ -39,6 +40,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000012_resumable_uploads::Migration),
             Box::new(m20261127_000013_trim_artifact_indexes::Migration),
             Box::new(m20261128_000014_live_artifacts_by_size::Migration),
+            Box::new(m20261128_000015_invoice_network::Migration),
         ]
     }
 }

@@ -6,7 +6,7 @@
 
 use sea_orm::{ConnectionTrait, TransactionTrait};
 
-use super::{Store, db_error};
+use super::{NetworkPiece, Store, db_error};
 use crate::domain::metering::{
     LineItem, Meter, Month, MonthUsage, ProjectTotals as InvoiceSummary, ProjectsCursor,
     ProjectsSort, ProjectsSortKey, Quantity,
@@ -28,15 +28,21 @@ pub struct Invoice {
 }
 
 impl Store {
-    /// Freezes `invoice` unless the month was finalized already (by this or another
-    /// replica); either way the stored invoice is what callers serve afterwards.
-    pub async fn insert_invoice(&self, invoice: &Invoice) -> Result<(), Error> {
+    /// Freezes `invoice`, with the network bytes per piece of a day its lines sum
+    /// (`network`), unless the month was finalized already (by this or another replica);
+    /// either way the stored invoice is what callers serve afterwards.
+    pub async fn insert_invoice(
+        &self,
+        invoice: &Invoice,
+        network: &[NetworkPiece],
+    ) -> Result<(), Error> {
         let txn = self.db.begin().await.map_err(db_error)?;
         let inserted = txn
             .execute_raw(self.statement(
                 "INSERT INTO invoices (project_id, month, period_start, period_end, finalized_at, \
                  plan_id, plan_version, currency, total_micros, storage_byte_micros, egress_bytes, \
-                 ingress_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                 ingress_bytes, network_frozen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, TRUE) \
+                 ON CONFLICT DO NOTHING",
                 vec![
                     invoice.project_id.as_str().into(),
                     invoice.month.to_string().into(),
@@ -84,6 +90,21 @@ impl Store {
                 .await
                 .map_err(db_error)?;
             }
+            for piece in network.iter().filter(|p| p.bytes != 0) {
+                txn.execute_raw(self.statement(
+                    "INSERT INTO invoice_network (project_id, month, meter, piece_start, bytes) \
+                     VALUES (?, ?, ?, ?, ?)",
+                    vec![
+                        invoice.project_id.as_str().into(),
+                        invoice.month.to_string().into(),
+                        piece.meter.as_str().into(),
+                        piece.start.as_micros().into(),
+                        piece.bytes.into(),
+                    ],
+                ))
+                .await
+                .map_err(db_error)?;
+            }
         }
         txn.commit().await.map_err(db_error)?;
         if finalized {
@@ -103,6 +124,56 @@ impl Store {
             .await?
             .into_iter()
             .next())
+    }
+
+    /// The network bytes per piece of a day `month`'s invoice billed (pieces without any
+    /// omitted), or `None` when it has no invoice or one finalized before they were kept
+    /// (migration 15).
+    pub async fn invoice_network(
+        &self,
+        project: &ProjectId,
+        month: Month,
+    ) -> Result<Option<Vec<NetworkPiece>>, Error> {
+        let frozen = self
+            .db
+            .query_one_raw(self.statement(
+                "SELECT network_frozen FROM invoices WHERE project_id = ? AND month = ?",
+                vec![project.as_str().into(), month.to_string().into()],
+            ))
+            .await
+            .map_err(db_error)?
+            .map(|r| r.try_get_by_index::<bool>(0))
+            .transpose()
+            .map_err(db_error)?;
+        if frozen != Some(true) {
+            return Ok(None);
+        }
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT meter, piece_start, bytes FROM invoice_network \
+                 WHERE project_id = ? AND month = ? ORDER BY piece_start, meter",
+                vec![project.as_str().into(), month.to_string().into()],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                let meter: String = r.try_get_by_index(0).map_err(db_error)?;
+                Ok(NetworkPiece {
+                    meter: match meter.as_str() {
+                        "egress" => Meter::Egress,
+                        "ingress" => Meter::Ingress,
+                        other => {
+                            return Err(Error::Internal(format!("invoice meter {other:?}")));
+                        }
+                    },
+                    start: Timestamp::from_micros(r.try_get_by_index(1).map_err(db_error)?),
+                    bytes: r.try_get_by_index(2).map_err(db_error)?,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()
+            .map(Some)
     }
 
     /// The network bytes each invoice of months `first..=last` billed for its own month.

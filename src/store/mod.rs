@@ -36,7 +36,7 @@ pub use quota::{QuotaBase, QuotaCheck};
 pub use retention::LiveArtifact;
 pub use sweep::{BlobCollection, BlobLease, BlobPage, Ended, EndedRow, SweepLock};
 pub use uploads::UploadRecord;
-pub use usage::UsageAlert;
+pub use usage::{NetworkPiece, UsageAlert};
 
 /// Arbitrary but fixed key of the Postgres advisory lock that serialises migrations across
 /// replicas starting at once.

@@ -25,6 +25,15 @@ pub struct UsageAlert {
     pub crossed_at: Timestamp,
 }
 
+/// The network bytes of one meter in one piece of a day (a UTC day, cut where a plan
+/// segment starts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkPiece {
+    pub meter: Meter,
+    pub start: Timestamp,
+    pub bytes: i64,
+}
+
 impl Store {
     /// Records a usage event once: a replay of the same id inserts nothing.
     pub async fn record_usage(
@@ -75,6 +84,72 @@ impl Store {
             )
             .await?;
         Ok(i128::from(row))
+    }
+
+    /// Network bytes of `[from, to)` (`from` a UTC midnight) per meter and piece of a day:
+    /// each record falls in the piece that starts at the later of its day's start and the
+    /// last of `cuts` (plan segment starts, ascending) at or before it; records before the
+    /// first cut are in no piece. One query, so every figure is from one snapshot.
+    pub async fn network_pieces(
+        &self,
+        project: &ProjectId,
+        from: Timestamp,
+        to: Timestamp,
+        cuts: &[Timestamp],
+    ) -> Result<Vec<NetworkPiece>, Error> {
+        let day = crate::domain::metering::DAY_MICROS;
+        let segment = if cuts.is_empty() {
+            "0".to_owned()
+        } else {
+            cuts.iter()
+                .map(|_| "CASE WHEN occurred_at >= ? THEN 1 ELSE 0 END")
+                .collect::<Vec<_>>()
+                .join(" + ")
+        };
+        let sql = format!(
+            "SELECT meter, (occurred_at - ?) / {day}, CAST({segment} AS BIGINT), \
+             CAST(SUM(bytes) AS BIGINT) FROM usage_events \
+             WHERE project_id = ? AND occurred_at >= ? AND occurred_at < ? GROUP BY 1, 2, 3"
+        );
+        let mut values: Vec<Value> = vec![from.as_micros().into()];
+        values.extend(cuts.iter().map(|c| Value::from(c.as_micros())));
+        values.extend([
+            project.as_str().into(),
+            from.as_micros().into(),
+            to.as_micros().into(),
+        ]);
+        let rows = self
+            .db
+            .query_all_raw(self.statement(&sql, values))
+            .await
+            .map_err(db_error)?;
+        let mut pieces: Vec<NetworkPiece> = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let meter: String = r.try_get_by_index(0).map_err(db_error)?;
+            let meter = match meter.as_str() {
+                "egress" => Meter::Egress,
+                "ingress" => Meter::Ingress,
+                other => return Err(Error::Internal(format!("usage event meter {other:?}"))),
+            };
+            let days: i64 = r.try_get_by_index(1).map_err(db_error)?;
+            let segment: i64 = r.try_get_by_index(2).map_err(db_error)?;
+            let Some(cut) = usize::try_from(segment)
+                .ok()
+                .and_then(|s| s.checked_sub(1))
+                .and_then(|s| cuts.get(s))
+            else {
+                continue;
+            };
+            let start = from.saturating_add_micros(days * day).max(*cut);
+            let bytes: i64 = r.try_get_by_index(3).map_err(db_error)?;
+            pieces.push(NetworkPiece {
+                meter,
+                start,
+                bytes,
+            });
+        }
+        pieces.sort_by_key(|p| (p.start, p.meter.as_str()));
+        Ok(pieces)
     }
 
     /// Bytes of a network meter per UTC day in `[from, to)` (days without traffic omitted),

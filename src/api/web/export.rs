@@ -27,7 +27,7 @@ enum Format {
 }
 
 /// The columns of a CSV export, and the keys of a JSON line, in order.
-pub const COLUMNS: [&str; 11] = [
+pub const COLUMNS: [&str; 12] = [
     "event_id",
     "project_id",
     "meter",
@@ -39,6 +39,7 @@ pub const COLUMNS: [&str; 11] = [
     "quantity",
     "unit",
     "closed",
+    "correction_for",
 ];
 
 /// Which projects one export covers.
@@ -207,6 +208,7 @@ impl Export {
                         let value = match *key {
                             "plan_version" => serde_json::Value::from(record.plan_version),
                             "closed" => serde_json::Value::from(record.closed),
+                            "correction_for" if value.is_empty() => serde_json::Value::Null,
                             _ => serde_json::Value::from(value),
                         };
                         line.insert((*key).to_owned(), value);
@@ -240,6 +242,10 @@ fn fields(record: &UsageRecord) -> Vec<String> {
         quantity,
         unit.to_owned(),
         record.closed.to_string(),
+        record
+            .correction_for
+            .map(|m| m.to_string())
+            .unwrap_or_default(),
     ]
 }
 

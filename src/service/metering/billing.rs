@@ -18,7 +18,7 @@ use crate::domain::metering::{
 };
 use crate::domain::plan::GIB;
 use crate::domain::{Error, ProjectId, Timestamp};
-use crate::store::{Invoice, InvoiceSummary, ProjectRecord};
+use crate::store::{Invoice, InvoiceSummary, NetworkPiece, ProjectRecord};
 
 /// Longest range ListDailyUsage answers in one call.
 pub const MAX_DAILY_RANGE_DAYS: i64 = 366;
@@ -41,6 +41,8 @@ pub struct Extra {
 /// A bill computed from rows (not an invoice).
 struct Draft {
     segments: Vec<Segment>,
+    /// Finalizing: the network bytes per piece of a day the lines sum (read at once).
+    network: Vec<NetworkPiece>,
     /// Each segment's usage to date, in the order of `segments`.
     used: Vec<MonthUsage>,
     lines: Vec<LineItem>,
@@ -67,13 +69,14 @@ impl Metering {
 
     /// Usage of `[from, to)` up to now: storage integrated until `min(to, now)`, network
     /// records dated before `to` and not after now (a record dated this very microsecond
-    /// counts).
+    /// counts); network left zero unless `network`.
     async fn usage_between(
         &self,
         project: &ProjectId,
         from: Timestamp,
         to: Timestamp,
         direct: bool,
+        network: bool,
     ) -> Result<MonthUsage, Error> {
         let now = self.clock.now();
         let storage_to = to.min(now);
@@ -90,7 +93,7 @@ impl Metering {
                     .await?
             };
         }
-        if network_to > from {
+        if network && network_to > from {
             usage.egress_bytes = self
                 .store
                 .network_bytes(project, Meter::Egress, from, network_to)
@@ -207,7 +210,7 @@ impl Metering {
             usage: draft.usage,
             finalized_at: now,
         };
-        self.store.insert_invoice(&invoice).await?;
+        self.store.insert_invoice(&invoice, &draft.network).await?;
         let stored = self.store.invoice(project, month).await?.ok_or_else(|| {
             Error::Internal(format!("invoice of {month} missing after finalizing"))
         })?;
@@ -223,8 +226,10 @@ impl Metering {
         self.draft_with(project, month, false).await
     }
 
-    /// `direct`: storage summed straight from the artifact log in one query (finalizing a
-    /// month, done once) instead of through the day rollups that make repeated bills cheap.
+    /// `direct` (finalizing a month, done once): storage summed straight from the artifact
+    /// log in one query instead of through the day rollups that make repeated bills cheap,
+    /// and network read per piece of a day in one query, kept with the invoice so the
+    /// month's export always shows what it billed.
     async fn draft_with(
         &self,
         project: &ProjectId,
@@ -235,13 +240,35 @@ impl Metering {
             .store
             .plan_segments(project, month.start(), month.end())
             .await?;
+        let network = if direct {
+            let cuts: Vec<Timestamp> = segments.iter().map(|s| s.from).collect();
+            let until = network_end(month.end(), self.clock.now());
+            self.store
+                .network_pieces(project, month.start(), until, &cuts)
+                .await?
+        } else {
+            Vec::new()
+        };
         let mut lines = Vec::new();
         let mut usage = MonthUsage::default();
         let mut per_segment = Vec::with_capacity(segments.len());
         for segment in &segments {
-            let used = self
-                .usage_between(project, segment.from, segment.to, direct)
+            let mut used = self
+                .usage_between(project, segment.from, segment.to, direct, !direct)
                 .await?;
+            if direct {
+                let in_segment = |meter: Meter| -> i128 {
+                    network
+                        .iter()
+                        .filter(|p| {
+                            p.meter == meter && p.start >= segment.from && p.start < segment.to
+                        })
+                        .map(|p| i128::from(p.bytes))
+                        .sum()
+                };
+                used.egress_bytes = in_segment(Meter::Egress);
+                used.ingress_bytes = in_segment(Meter::Ingress);
+            }
             usage.storage_byte_micros += used.storage_byte_micros;
             usage.egress_bytes += used.egress_bytes;
             usage.ingress_bytes += used.ingress_bytes;
@@ -251,6 +278,7 @@ impl Metering {
         lines.extend(self.corrections(project, month).await?);
         Ok(Draft {
             segments,
+            network,
             used: per_segment,
             lines,
             usage,
@@ -260,7 +288,11 @@ impl Metering {
     /// Correction lines for network records of invoiced months before `month` that arrived
     /// after their invoice (and after any earlier correction): the month re-billed from
     /// rows at its own plan segments, minus what was already billed for it.
-    async fn corrections(&self, project: &ProjectId, month: Month) -> Result<Vec<LineItem>, Error> {
+    pub(super) async fn corrections(
+        &self,
+        project: &ProjectId,
+        month: Month,
+    ) -> Result<Vec<LineItem>, Error> {
         let mut first = month;
         for _ in 0..CORRECTION_LOOKBACK_MONTHS {
             first = first.previous();

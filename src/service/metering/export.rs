@@ -5,10 +5,18 @@
 //! The pieces partition each plan segment of the month exactly as a bill does (storage
 //! integrated up to now, network records up to and including now), so the records of one
 //! (meter, plan version) add up to that bill line's usage, to the byte-microsecond.
+//!
+//! A closed month's network records are the bytes its invoice billed, kept with the invoice
+//! per piece of a day (migration 15), so re-exporting a closed month is the same bytes
+//! however many late records arrive. A late network record is billed on the open month as
+//! a correction line; it is exported there as a record of its own, one per (meter, month
+//! corrected) per month billed, with an id of its own: an ingester that already took the
+//! closed month's records takes the correction as new usage.
 
 use super::Metering;
 use super::billing::network_end;
-use crate::domain::metering::{DAY_MICROS, Meter, Month, day_start};
+use crate::domain::metering::{DAY_MICROS, LineItem, Meter, Month, day_start};
+use crate::domain::plan::GIB;
 use crate::domain::{Error, ProjectId, Timestamp};
 use crate::store::{StoredArtifact, StoredFolder, StoredScope};
 
@@ -33,6 +41,9 @@ pub struct UsageRecord {
     pub quantity: i128,
     /// The month's bill is closed (finalized): these figures are its invoice's.
     pub closed: bool,
+    /// A correction: network bytes of this earlier month that arrived after its invoice,
+    /// billed in the month exported (the record covers that whole month).
+    pub correction_for: Option<Month>,
 }
 
 impl UsageRecord {
@@ -52,6 +63,21 @@ impl UsageRecord {
         );
         uuid::Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes())
     }
+
+    /// The id of the correction billed in `month` for `meter`'s late records of
+    /// `corrected`: one per bill line, never an ordinary record's.
+    fn correction_id(
+        project: &ProjectId,
+        meter: Meter,
+        month: Month,
+        corrected: Month,
+    ) -> uuid::Uuid {
+        let name = format!(
+            "artifactd usage correction\n{project}\n{}\n{month}\n{corrected}",
+            meter.as_str()
+        );
+        uuid::Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes())
+    }
 }
 
 /// What holds a project's stored bytes at an instant, largest first.
@@ -66,9 +92,9 @@ pub struct StoredBreakdown {
 pub const EXPORT_PROJECTS_PAGE: u64 = 100;
 
 impl Metering {
-    /// One project's records for `month`, day by day up to now (a later day has none yet).
-    /// At most 3 × (days + plan changes) records: bounded by the month, not the history.
-    /// NOT_FOUND for a project never seen.
+    /// One project's records for `month`, day by day up to now (a later day has none yet),
+    /// then the month's corrections. At most 3 × (days + plan changes) + 2 × 3 records:
+    /// bounded by the month, not the history. NOT_FOUND for a project never seen.
     pub async fn usage_records(
         &self,
         project: &ProjectId,
@@ -81,6 +107,40 @@ impl Metering {
             .store
             .plan_segments(project, month.start(), month.end())
             .await?;
+        // A closed month: its invoice's network pieces and correction lines (finalized on
+        // first read, as GetBill does). An invoice from before the pieces were kept reads
+        // its network from the rows, as it always did.
+        let (frozen, corrections) = if closed {
+            let invoice = self.finalize(project, month).await?;
+            let corrections: Vec<LineItem> = invoice
+                .lines
+                .into_iter()
+                .filter(|l| l.correction_for.is_some())
+                .collect();
+            (
+                self.store.invoice_network(project, month).await?,
+                corrections,
+            )
+        } else if month.start() <= now {
+            (None, self.corrections(project, month).await?)
+        } else {
+            (None, Vec::new())
+        };
+        let network = match frozen {
+            Some(pieces) => pieces,
+            None => {
+                let cuts: Vec<Timestamp> = segments.iter().map(|s| s.from).collect();
+                self.store
+                    .network_pieces(project, month.start(), network_end(month.end(), now), &cuts)
+                    .await?
+            }
+        };
+        let network_bytes = |meter: Meter, from: Timestamp| -> i128 {
+            network
+                .iter()
+                .find(|p| p.meter == meter && p.start == from)
+                .map_or(0, |p| i128::from(p.bytes))
+        };
         let mut records = Vec::new();
         for segment in &segments {
             let mut day = day_start(segment.from);
@@ -98,21 +158,10 @@ impl Metering {
                 } else {
                     0
                 };
-                let network_to = network_end(to, now);
                 for (meter, quantity) in [
                     (Meter::Storage, storage),
-                    (
-                        Meter::Egress,
-                        self.store
-                            .network_bytes(project, Meter::Egress, from, network_to)
-                            .await?,
-                    ),
-                    (
-                        Meter::Ingress,
-                        self.store
-                            .network_bytes(project, Meter::Ingress, from, network_to)
-                            .await?,
-                    ),
+                    (Meter::Egress, network_bytes(Meter::Egress, from)),
+                    (Meter::Ingress, network_bytes(Meter::Ingress, from)),
                 ] {
                     records.push(UsageRecord {
                         event_id: UsageRecord::id(
@@ -131,10 +180,30 @@ impl Metering {
                         plan_version: segment.plan.version,
                         quantity,
                         closed,
+                        correction_for: None,
                     });
                 }
                 day = next;
             }
+        }
+        for line in corrections {
+            let Some(corrected) = line.correction_for else {
+                continue;
+            };
+            records.push(UsageRecord {
+                event_id: UsageRecord::correction_id(project, line.meter, month, corrected),
+                project_id: project.clone(),
+                meter: line.meter,
+                day: month.start(),
+                from: month.start(),
+                to: month.end(),
+                plan_id: line.plan_id.clone(),
+                plan_version: line.plan_version,
+                // The line's usage is these bytes in GiB, exactly.
+                quantity: line.usage.numerator * i128::from(GIB) / line.usage.denominator,
+                closed,
+                correction_for: Some(corrected),
+            });
         }
         Ok(records)
     }
