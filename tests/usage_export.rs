@@ -22,6 +22,7 @@ on_both_backends!(
     every_project_is_exported_a_page_at_a_time,
     a_late_network_record_is_a_correction_with_an_id_of_its_own,
     an_invoice_from_before_migration_15_exports_as_before,
+    an_export_that_fails_mid_stream_never_ends_cleanly,
 );
 
 const GIB: i64 = 1 << 30;
@@ -629,4 +630,84 @@ async fn an_invoice_from_before_migration_15_exports_as_before(backend: Backend)
     assert_eq!(after, closed);
     server.stop().await;
     drop(old);
+}
+
+/// An export that fails after its first bytes: the chunked body is cut off without its last
+/// chunk (the connection closes), so a client (curl: exit 18, "transfer closed with
+/// outstanding read data remaining") cannot take the truncated file for a whole one. The
+/// fault is real and deterministic: 1,000 projects are far more than the socket buffers
+/// hold, the test reads the first bytes only, then renames `usage_events` away, so the next
+/// project's query fails.
+async fn an_export_that_fails_mid_stream_never_ends_cleanly(backend: Backend) {
+    use sea_orm::ConnectionTrait;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    server.clock.set(at(2026, 11, 1, 0));
+    for i in 0..1000 {
+        server
+            .app
+            .store
+            .ensure_project(
+                &ProjectId::parse("p", &format!("p{i:04}")).unwrap(),
+                "free",
+                server.clock.now(),
+            )
+            .await
+            .unwrap();
+    }
+    server.clock.set(at(2026, 11, 30, 12));
+    let mut stream = tokio::net::TcpStream::connect(server.http_addr)
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"GET /api/v1/usage/export?month=2026-11&format=jsonl HTTP/1.1\r\n\
+              Host: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut got = vec![0u8; 64 * 1024];
+    let mut read = 0;
+    while read < got.len() {
+        let n = stream.read(&mut got[read..]).await.unwrap();
+        assert!(n > 0, "the server closed before 64 KiB");
+        read += n;
+    }
+    let head = String::from_utf8_lossy(&got[..read]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.to_lowercase().contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    server
+        .app
+        .store
+        .connection()
+        .execute_unprepared("ALTER TABLE usage_events RENAME TO usage_events_gone")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let reading = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        stream.read_to_end(&mut rest),
+    )
+    .await
+    .expect("the server ends the response");
+    // The body ends without its last chunk (a reset is as good as a close here).
+    let mut body = got[..read].to_vec();
+    body.extend_from_slice(&rest);
+    let _ = reading;
+    assert!(
+        !body.ends_with(b"\r\n0\r\n\r\n"),
+        "a failed export must not end like a whole one"
+    );
+    let text = String::from_utf8_lossy(&body);
+    let records = text.matches("\"event_id\"").count();
+    assert!(
+        records > 0 && records < 1000 * 30 * 3,
+        "{records} records before the cut"
+    );
+    server.stop().await;
 }
