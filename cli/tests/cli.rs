@@ -934,3 +934,35 @@ fn human(bytes: usize) -> String {
         format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
     }
 }
+
+/// A small push whose answer is lost (the connection cut after the server committed it,
+/// while it answers) is retried; the retry finds the path taken by this push's own content
+/// and reports success, not "already exists", and its ingress is counted once. (Pushes
+/// without --force carry no idempotency key, so the server commits them in one statement.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_push_whose_answer_is_lost_succeeds_once() {
+    let server = Server::start().await;
+    // The server's first bytes are its HTTP/2 settings (and the acknowledgement of the
+    // client's); the answer to the push comes only after the commit. Cutting at 100 bytes
+    // lands inside that answer.
+    let proxy = CutProxy::start(server.addr, Direction::Down, 100).await;
+    let mut pusher = Cli::new(&proxy.url());
+    pusher.set("ARTIFACTD_RETRIES", "4");
+    let data = content(3000, 51);
+    pusher.write("small.txt", &data, 0o600);
+    let pushed = pusher.json(&["push", "job", "small.txt"]).await;
+    assert_eq!(proxy.cuts(), 1, "the proxy cut once");
+    assert_eq!(pushed["artifacts"][0]["sha256"], sha256_hex(&data));
+    let cli = Cli::new(&server.url());
+    let usage = cli.json(&["usage", "--month", "2026-11"]).await;
+    assert_eq!(usage["ingress_bytes"], 3000, "ingress counted once");
+    assert_eq!(usage["live_artifacts"], 1);
+    // Another file at that path is still refused.
+    let other = Cli::new(&server.url());
+    other.write("small.txt", b"different", 0o600);
+    other
+        .run(&["push", "job", "small.txt"])
+        .await
+        .assert_code(3);
+    server.stop().await;
+}

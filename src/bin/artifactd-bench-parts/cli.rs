@@ -8,7 +8,8 @@
 //!
 //! - writes `--files` files of `--file-kib` KiB (distinct content) into a scratch folder and
 //!   times `artifact push job <folder>` (one process, `--parallel` streams on one
-//!   connection, the default 32 unless given);
+//!   connection, the default 32 unless given), then `artifact pull job <folder>` of it into
+//!   an empty folder (every file written to a temporary file, SHA-256 checked, renamed);
 //! - per round, times this bench's own Push of `--total-mib` MiB from memory (the throughput
 //!   bench's client) and `artifact push` of a file of that size (distinct content per round,
 //!   so neither is deduplicated; the file is in the page cache), then this bench's own Pull
@@ -159,6 +160,21 @@ pub fn cli(args: &CliArgs) -> anyhow::Result<()> {
         "folder: {} files of {} KiB pushed in {folder_secs:.2} s: {files_per_s:.0} files/s",
         args.files, args.file_kib
     );
+    let pull_secs = run_cli(
+        &cli_exe,
+        port,
+        &work,
+        &["pull", "job", "folder", "-d", "pulled-folder"],
+        args.parallel,
+    )?;
+    let pulled_files = walk_count(&work.join("pulled-folder"))?;
+    ensure!(
+        pulled_files == args.files,
+        "the CLI pulled {pulled_files} of {} files",
+        args.files
+    );
+    let pull_files_per_s = args.files as f64 / pull_secs;
+    eprintln!("folder: pulled in {pull_secs:.2} s: {pull_files_per_s:.0} files/s",);
 
     // One large file, the CLI against the bench's own client.
     let total = args.total_mib * MIB;
@@ -224,6 +240,10 @@ pub fn cli(args: &CliArgs) -> anyhow::Result<()> {
         verdict(files_per_s >= FILES_TARGET)
     );
     println!(
+        "  folder pull: {} × {} KiB in {pull_secs:.2} s = {pull_files_per_s:.0} files/s",
+        args.files, args.file_kib,
+    );
+    println!(
         "  {} MiB push: artifact {cli_push:.0} MB/s vs bench Push {push:.0} MB/s = {:.2}× (target ≥ {RATIO_TARGET}) {}",
         args.total_mib,
         cli_push / push,
@@ -239,4 +259,23 @@ pub fn cli(args: &CliArgs) -> anyhow::Result<()> {
     drop(scratch);
     drop(database);
     Ok(())
+}
+
+/// Regular files under `dir`, recursively.
+fn walk_count(dir: &Path) -> anyhow::Result<u64> {
+    let mut count = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                stack.push(entry.path());
+            } else {
+                count += 1;
+            }
+        }
+    }
+    Ok(count)
 }
