@@ -260,6 +260,18 @@ pub struct Config {
     #[arg(long, env = "ARTIFACTD_HISTORY_RETENTION", default_value = "13months", value_parser = humantime::parse_duration)]
     pub history_retention: Duration,
 
+    /// Bytes per second the background scrub re-reads and re-hashes stored blobs at (local
+    /// directory or object store), quarantining any whose size or digest is wrong so their
+    /// Pulls fail DATA_LOSS instead of serving wrong bytes; `0` turns it off on this
+    /// replica. One replica scrubs at a time.
+    #[arg(long, env = "ARTIFACTD_SCRUB_BYTES_PER_SECOND", default_value_t = 8 * 1024 * 1024)]
+    pub scrub_bytes_per_second: u64,
+    /// From the start of one scrub pass over every stored blob to the start of the next (the
+    /// first pass starts this long after the first start; a pass that takes longer is
+    /// followed at once by the next).
+    #[arg(long, env = "ARTIFACTD_SCRUB_INTERVAL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub scrub_interval: Duration,
+
     /// Log format on standard error: `text` (human-readable) or `json` (one JSON object per
     /// line, with the fields of the RPC span it belongs to).
     #[arg(long, env = "ARTIFACTD_LOG_FORMAT", value_enum, default_value = "text")]
@@ -385,6 +397,14 @@ impl Config {
         }
     }
 
+    /// The scrubber's settings.
+    pub fn scrub_settings(&self) -> crate::service::scrubber::ScrubSettings {
+        crate::service::scrubber::ScrubSettings {
+            bytes_per_second: self.scrub_bytes_per_second,
+            interval: self.scrub_interval,
+        }
+    }
+
     /// The token rules these settings ask for.
     pub fn token_rules(&self) -> crate::auth::TokenRules {
         crate::auth::TokenRules {
@@ -432,6 +452,8 @@ impl Config {
             upload_max_age: Duration::from_secs(3600),
             resumable_upload_max_age: Duration::from_secs(24 * 3600),
             history_retention: Duration::from_secs(13 * 2_630_016),
+            scrub_bytes_per_second: 8 * 1024 * 1024,
+            scrub_interval: Duration::from_secs(24 * 3600),
             log_format: LogFormat::Text,
         }
     }

@@ -46,7 +46,7 @@ use crate::pb::v1::token_service_server::TokenServiceServer;
 use crate::pb::v1::usage_control_service_server::UsageControlServiceServer;
 use crate::pb::v1::usage_service_server::UsageServiceServer;
 use crate::service::tokens::Tokens;
-use crate::service::{Accounts, ArtifactService, Jobs, Metering, Sweeper};
+use crate::service::{Accounts, ArtifactService, Jobs, Metering, Scrubber, Sweeper};
 use crate::store::Store;
 
 /// Largest gRPC message accepted or sent: a 1 MiB chunk plus framing, well under tonic's
@@ -81,6 +81,7 @@ pub struct App {
     pub accounts: Accounts,
     pub jobs: Jobs,
     pub sweeper: Sweeper,
+    pub scrubber: Scrubber,
     pub auth: Authenticator,
     /// PEM certificate chain and key, when serving TLS.
     tls: Option<(Vec<u8>, Vec<u8>)>,
@@ -134,9 +135,15 @@ impl App {
             store.clone(),
             blobs.clone(),
             metering.clone(),
-            counters,
+            counters.clone(),
             clock.clone(),
             config.sweep_settings(),
+        );
+        let scrubber = Scrubber::new(
+            store.clone(),
+            blobs.clone(),
+            counters,
+            config.scrub_settings(),
         );
         let artifacts = ArtifactService::new(
             store.clone(),
@@ -154,6 +161,7 @@ impl App {
             accounts,
             jobs,
             sweeper,
+            scrubber,
             auth,
             tls,
             clock: clock_for_tokens,
@@ -324,6 +332,8 @@ pub async fn serve(
     // Expired artifacts, unreferenced content, abandoned uploads and old history, one
     // replica at a time; stopped with the gRPC side and awaited before the pool closes.
     let sweeper = tokio::spawn(app.sweeper.clone().run(stop_grpc.clone()));
+    // Stored blobs re-hashed at a bounded rate, one replica at a time; awaited likewise.
+    let scrubber = tokio::spawn(app.scrubber.clone().run(stop_grpc.clone()));
     // Memory a burst of streams freed goes back to the OS within seconds (glibc keeps it).
     tokio::spawn(crate::process::return_free_memory(stop_grpc.clone()));
     // The stored-totals gauges, read from the database every minute, not per request.
@@ -346,6 +356,7 @@ pub async fn serve(
         tracing::warn!("drain deadline passed with egress records or releases pending");
     }
     let _ = sweeper.await;
+    let _ = scrubber.await;
     app.store.close().await;
     outcome
 }

@@ -48,7 +48,9 @@ use tokio::task::JoinHandle;
 use crate::domain::{Error, Hasher, Sha256};
 
 mod resumable;
+mod scrub;
 pub use resumable::{Opened, ResumableFile, ResumableWriter};
+pub use scrub::{Pace, Scrubbed};
 
 /// Size of the chunks blobs are read in once a read is flowing: inside Pull's 64 KiB–1 MiB
 /// range.

@@ -147,6 +147,10 @@ struct Families {
     data_loss: IntCounter,
     connections_open: IntGauge,
     connections_refused: IntCounter,
+    scrub_blobs: IntCounter,
+    scrub_bytes: IntCounter,
+    scrub_corrupt: IntCounter,
+    scrub_passes: IntCounter,
     sweeper_runs: IntCounterVec,
     sweeper_ended: IntCounter,
     sweeper_blobs: IntCounter,
@@ -401,6 +405,27 @@ impl Metrics {
                 "Client connections beyond ARTIFACTD_MAX_CONNECTIONS: answered RESOURCE_EXHAUSTED \
                  and closed, or closed at once.",
             ),
+            scrub_blobs: counter(
+                r,
+                "artifactd_scrub_blobs_total",
+                "Stored blobs the scrubber re-read and re-hashed (ARTIFACTD_SCRUB_BYTES_PER_SECOND).",
+            ),
+            scrub_bytes: counter(
+                r,
+                "artifactd_scrub_bytes_total",
+                "Bytes the scrubber re-read from the blob store.",
+            ),
+            scrub_corrupt: counter(
+                r,
+                "artifactd_scrub_corrupt_blobs_total",
+                "Stored blobs the scrubber found with a wrong size or digest and quarantined; \
+                 their artifacts pull DATA_LOSS until the content is pushed again. Should stay 0.",
+            ),
+            scrub_passes: counter(
+                r,
+                "artifactd_scrub_passes_total",
+                "Passes over every stored blob the scrubber completed.",
+            ),
             sweeper_runs: counter_vec(
                 r,
                 "artifactd_sweeper_runs_total",
@@ -515,6 +540,24 @@ impl Metrics {
     pub fn set_stored(&self, artifacts: i64, bytes: i64) {
         self.inner.stored_artifacts.set(artifacts);
         self.inner.stored_bytes.set(bytes);
+    }
+
+    /// The scrubber re-read `bytes` bytes.
+    pub fn scrubbed_bytes(&self, bytes: u64) {
+        self.inner.scrub_bytes.inc_by(bytes);
+    }
+
+    /// The scrubber checked a blob, and found it damaged if `corrupt`.
+    pub fn scrubbed_blob(&self, corrupt: bool) {
+        self.inner.scrub_blobs.inc();
+        if corrupt {
+            self.inner.scrub_corrupt.inc();
+        }
+    }
+
+    /// The scrubber completed a pass over every stored blob.
+    pub fn scrub_pass_completed(&self) {
+        self.inner.scrub_passes.inc();
     }
 
     /// The sweeper marked `ended` expired artifacts ended (counted batch by batch, so a

@@ -7,6 +7,7 @@ pub mod artifacts;
 pub mod jobs;
 pub mod metering;
 pub mod retention;
+pub mod scrubber;
 pub mod sweeper;
 pub mod tokens;
 
@@ -19,4 +20,5 @@ pub use artifacts::{
 pub use jobs::Jobs;
 pub use metering::{Bill, DailyUsage, Metering, UsageRecord, UsageReport};
 pub use retention::{PolicyExpired, PolicyExpiredPages, Retention, RuleFigures};
+pub use scrubber::Scrubber;
 pub use sweeper::Sweeper;

@@ -499,6 +499,14 @@ impl std::fmt::Debug for SweeperLock {
 }
 
 impl SweeperLock {
+    /// False once a Redis lease was found taken by another holder (see [`Lease::held`]).
+    pub fn held(&self) -> bool {
+        match self {
+            Self::Redis(lease) => lease.held(),
+            Self::Store(_) => true,
+        }
+    }
+
     pub async fn release(self) {
         match self {
             Self::Redis(lease) => lease.release().await,

@@ -34,7 +34,7 @@ pub use lifecycle::PinChange;
 pub use locations::KeyLock;
 pub use quota::{QuotaBase, QuotaCheck};
 pub use retention::LiveArtifact;
-pub use sweep::{BlobCollection, BlobLease, BlobPage, Ended, EndedRow, SweepLock};
+pub use sweep::{BlobCollection, BlobLease, BlobPage, Ended, EndedRow, StoredBlob, SweepLock};
 pub use uploads::UploadRecord;
 pub use usage::{NetworkPiece, UsageAlert};
 

@@ -40,6 +40,8 @@ use crate::domain::{Error, Sha256, Timestamp};
 
 /// Arbitrary but fixed key of the Postgres advisory lock only one sweeper holds at a time.
 const SWEEP_LOCK_KEY: i64 = 0x7377_6565_7065_7221; // "sweeper!"
+/// The same for the one scrubber.
+const SCRUB_LOCK_KEY: i64 = 0x7363_7275_6262_6572; // "scrubber"
 
 /// An ended artifact row the history pruner may remove.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +104,15 @@ impl SweepLock {
     }
 }
 
+/// A blob whose bytes are in the blob store, as recorded in its row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlob {
+    pub sha256: Sha256,
+    pub size: i64,
+    /// Where its bytes are (`None`: its content address).
+    pub location: Option<String>,
+}
+
 /// A push's lease on a blob's row ([`Store::lease_blob_at`]).
 #[derive(Debug, Clone)]
 pub struct BlobLease {
@@ -158,15 +169,23 @@ impl Store {
     /// Tries to become the one sweeper: `None` when another holds the lock. On SQLite (one
     /// process) the caller's own mutual exclusion is enough and this always succeeds.
     pub async fn try_sweep_lock(&self) -> Result<Option<SweepLock>, Error> {
+        self.try_worker_lock(SWEEP_LOCK_KEY).await
+    }
+
+    /// Tries to become the one scrubber (see `service::scrubber`), as
+    /// [`Store::try_sweep_lock`] does for the sweeper.
+    pub async fn try_scrub_lock(&self) -> Result<Option<SweepLock>, Error> {
+        self.try_worker_lock(SCRUB_LOCK_KEY).await
+    }
+
+    /// The Postgres advisory lock `key`, held in a transaction of its own until released.
+    async fn try_worker_lock(&self, key: i64) -> Result<Option<SweepLock>, Error> {
         if self.db.get_database_backend() != DbBackend::Postgres {
             return Ok(Some(SweepLock { txn: None }));
         }
         let txn = self.db.begin().await.map_err(db_error)?;
         let row = txn
-            .query_one_raw(self.statement(
-                "SELECT pg_try_advisory_xact_lock(?)",
-                vec![SWEEP_LOCK_KEY.into()],
-            ))
+            .query_one_raw(self.statement("SELECT pg_try_advisory_xact_lock(?)", vec![key.into()]))
             .await
             .map_err(db_error)?;
         let locked: bool = match row {
@@ -174,6 +193,38 @@ impl Store {
             None => false,
         };
         Ok(locked.then_some(SweepLock { txn: Some(txn) }))
+    }
+
+    /// Up to `limit` blobs whose bytes are in the blob store (not collected, no inline
+    /// copy), after `after` in digest order: the scrubber's walk.
+    pub async fn stored_blobs_after(
+        &self,
+        after: Option<&Sha256>,
+        limit: u64,
+    ) -> Result<Vec<StoredBlob>, Error> {
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT sha256, size, location FROM blobs WHERE collected_at IS NULL \
+                 AND content IS NULL AND sha256 > ? ORDER BY sha256 LIMIT ?",
+                vec![
+                    after.map_or("", Sha256::as_str).into(),
+                    (limit as i64).into(),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|row| {
+                let sha256: String = row.try_get_by_index(0).map_err(db_error)?;
+                Ok(StoredBlob {
+                    sha256: Sha256::parse("blobs.sha256", &sha256)
+                        .map_err(|e| Error::Internal(format!("blob row {sha256}: {e}")))?,
+                    size: row.try_get_by_index(1).map_err(db_error)?,
+                    location: row.try_get_by_index(2).map_err(db_error)?,
+                })
+            })
+            .collect()
     }
 
     /// Marks up to `limit` artifacts that expired at or before `now` as ended at their
