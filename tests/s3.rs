@@ -97,7 +97,9 @@ impl S3Server {
         })
     }
 
-    /// Every object under the server's prefix (relative key, size), in key order.
+    /// Every object under the server's prefix (relative key, size), in key order — except
+    /// the background scrub's saved place (`scrub/state.json`, written once at start-up,
+    /// whenever the scrubber gets to it), which is service state, not content.
     async fn objects(&self) -> Vec<(String, u64)> {
         let prefix = ObjectPath::from(self.prefix.as_str());
         let mut found: Vec<(String, u64)> = self
@@ -108,6 +110,7 @@ impl S3Server {
                 let key = meta.location.as_ref()[self.prefix.len() + 1..].to_owned();
                 (key, meta.size)
             })
+            .filter(|(key, _)| std::future::ready(!key.starts_with("scrub/")))
             .collect()
             .await;
         found.sort();
