@@ -105,12 +105,7 @@ impl BlobStore {
                 read(len);
                 pace.spent(len).await;
             }
-            let digest = hasher.finish();
-            if total != size {
-                Some(format!("{total} bytes read, expected {size}"))
-            } else {
-                (digest != *sha256).then(|| format!("content hashes to {digest}"))
-            }
+            damage(total, size, &hasher.finish(), sha256)
         };
         let Some(damage) = damage else {
             return Ok(Scrubbed::Intact);
@@ -198,12 +193,7 @@ async fn scrub_local(
             read(len);
             pace.spent(len).await;
         }
-        let digest = hasher.finish();
-        if total != size {
-            Some(format!("{total} bytes read, expected {size}"))
-        } else {
-            (digest != *sha256).then(|| format!("content hashes to {digest}"))
-        }
+        damage(total, size, &hasher.finish(), sha256)
     };
     drop(file);
     let Some(damage) = damage else {
@@ -233,4 +223,14 @@ async fn scrub_local(
     }
     tracing::error!(%sha256, %damage, "scrub found a damaged blob; quarantined");
     Ok(Scrubbed::Quarantined(damage))
+}
+
+/// What is wrong with a blob read back whole: `total` bytes hashing to `digest`, where
+/// `size` bytes hashing to `sha256` were stored. `None` when it is intact.
+fn damage(total: u64, size: u64, digest: &Sha256, sha256: &Sha256) -> Option<String> {
+    if total != size {
+        Some(format!("{total} bytes read, expected {size}"))
+    } else {
+        (digest != sha256).then(|| format!("content hashes to {digest}"))
+    }
 }
