@@ -939,18 +939,11 @@ async fn a_database_from_the_previous_schema_is_swept_correctly(backend: Backend
 /// next one ends, ends the two expired artifacts and collects exactly the content no live
 /// artifact shares.
 async fn a_database_from_before_the_index_trim_reads_the_same(backend: Backend) {
-    use migrations::{Migrator, MigratorTrait};
     let Some(db) = TestDb::create(backend).await else {
         return;
     };
     {
-        let url = match backend {
-            Backend::Sqlite => format!("{}?mode=rwc", db.url),
-            Backend::Postgres => db.url.clone(),
-        };
-        let conn = sea_orm::Database::connect(url.as_str()).await.unwrap();
-        Migrator::up(&conn, Some(12)).await.unwrap();
-        let _ = conn.close().await;
+        db.migrate_to(12).await;
     }
     let index_count = match backend {
         Backend::Sqlite => {

@@ -557,19 +557,12 @@ async fn stored_section(server: &TestServer, month: &str) -> String {
 /// with more candidates than the page shows in both halves of the query. On Postgres the
 /// largest-artifacts query can walk the new index.
 async fn a_database_from_before_the_live_size_index_reads_the_same(backend: Backend) {
-    use migrations::{Migrator, MigratorTrait};
     use sea_orm::{ConnectionTrait, Statement};
     let Some(db) = TestDb::create(backend).await else {
         return;
     };
     {
-        let url = match backend {
-            Backend::Sqlite => format!("{}?mode=rwc", db.url),
-            Backend::Postgres => db.url.clone(),
-        };
-        let conn = sea_orm::Database::connect(url.as_str()).await.unwrap();
-        Migrator::up(&conn, Some(13)).await.unwrap();
-        let _ = conn.close().await;
+        db.migrate_to(13).await;
     }
     let has_index = |server: &TestServer| {
         let db = server.app.store.connection().clone();

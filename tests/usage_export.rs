@@ -562,19 +562,12 @@ async fn a_late_network_record_is_a_correction_with_an_id_of_its_own(backend: Ba
 /// it is served as it was (`network_frozen` false), and its month's network records are read
 /// from the usage rows, as before: the same records, now marked closed.
 async fn an_invoice_from_before_migration_15_exports_as_before(backend: Backend) {
-    use migrations::{Migrator, MigratorTrait};
     use sea_orm::ConnectionTrait;
     let Some(db) = TestDb::create(backend).await else {
         return;
     };
     {
-        let url = match backend {
-            Backend::Sqlite => format!("{}?mode=rwc", db.url),
-            Backend::Postgres => db.url.clone(),
-        };
-        let conn = sea_orm::Database::connect(url.as_str()).await.unwrap();
-        Migrator::up(&conn, Some(14)).await.unwrap();
-        let _ = conn.close().await;
+        db.migrate_to(14).await;
     }
     let mut old = TestServer::start_on(db, |config| {
         config.migrate_on_start = false;

@@ -45,6 +45,20 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// Migrates this (empty) database up to migration `version` only, as a deployment of an
+    /// earlier release left it; the previous-schema tests then write it with that schema.
+    pub async fn migrate_to(&self, version: u32) {
+        use migrations::{Migrator, MigratorTrait};
+        let url = if self.postgres.is_some() {
+            self.url.clone()
+        } else {
+            format!("{}?mode=rwc", self.url)
+        };
+        let conn = sea_orm::Database::connect(url.as_str()).await.unwrap();
+        Migrator::up(&conn, Some(version)).await.unwrap();
+        let _ = conn.close().await;
+    }
+
     pub async fn create(backend: Backend) -> Option<Self> {
         match backend {
             Backend::Sqlite => {
