@@ -26,11 +26,12 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, WriteMultipart};
 
-use super::{
-    ChunkPool, KIB, MAX_ARTIFACT_BYTES, MIB, ScratchDir, Server, artifact_client, artifact_pull,
-    artifact_push, artifactd_exe, connect, cpu_seconds, mb_per_s, random_tag, runtime,
-    warn_if_debug,
-};
+use crate::client::{artifact_client, artifact_pull, artifact_push, connect, mb_per_s};
+use crate::content::ChunkPool;
+use crate::measure::cpu_seconds;
+use crate::process::{Server, artifactd_exe};
+use crate::scratch::{ScratchDir, random_tag};
+use crate::{KIB, MAX_ARTIFACT_BYTES, MIB, runtime, warn_if_debug};
 
 /// Part size of the direct multipart upload: the server's own (S3's minimum).
 const PART_BYTES: usize = 5 * 1024 * 1024;

@@ -30,10 +30,12 @@ use clap::Args;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use tonic::transport::Channel;
 
-use super::{
-    DEFAULT_ADMIN_URL, ScratchDatabase, ScratchDir, connect, connect_postgres, millis, now_micros,
-    percentile, process_cpu_seconds, pseudo_random, runtime, small_push, warn_if_debug,
-};
+use crate::client::connect;
+use crate::content::pseudo_random;
+use crate::measure::{millis, now_micros, percentile, process_cpu_seconds};
+use crate::pushrate::small_push;
+use crate::scratch::{ScratchDatabase, ScratchDir, connect_postgres};
+use crate::{DEFAULT_ADMIN_URL, runtime, warn_if_debug};
 
 const SWEEP_TARGET_SECONDS: f64 = 60.0;
 const DAY_MICROS: i64 = 86_400 * 1_000_000;
@@ -127,7 +129,7 @@ pub fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
 }
 
 /// Projects, blobs and artifacts by `generate_series`, then the blob files.
-async fn seed(
+pub(crate) async fn seed(
     url: &str,
     args: &SweepArgs,
     now: i64,

@@ -26,10 +26,12 @@ use std::time::Instant;
 use anyhow::{Context, bail, ensure};
 use clap::Args;
 
-use super::{
-    ChunkPool, DEFAULT_ADMIN_URL, KIB, MAX_ARTIFACT_BYTES, MIB, ScratchDatabase, ScratchDir,
-    Server, artifact_client, artifact_pull, artifact_push, artifactd_exe, connect, mb_per_s,
-    runtime, warn_if_debug,
+use crate::client::{artifact_client, artifact_pull, artifact_push, connect, mb_per_s};
+use crate::content::{ChunkPool, pseudo_random};
+use crate::process::{Server, artifactd_exe};
+use crate::scratch::{ScratchDatabase, ScratchDir};
+use crate::{
+    DEFAULT_ADMIN_URL, JOB, KIB, MAX_ARTIFACT_BYTES, MIB, PROJECT, runtime, warn_if_debug,
 };
 
 const FILES_TARGET: f64 = 1000.0;
@@ -93,8 +95,8 @@ fn run_cli(
         .current_dir(cwd)
         .args(args)
         .env("ARTIFACTD_URL", format!("http://127.0.0.1:{port}"))
-        .env("ARTIFACTD_PROJECT_ID", super::PROJECT)
-        .env("ARTIFACTD_JOB_ID", super::JOB)
+        .env("ARTIFACTD_PROJECT_ID", PROJECT)
+        .env("ARTIFACTD_JOB_ID", JOB)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
@@ -142,7 +144,7 @@ pub fn cli(args: &CliArgs) -> anyhow::Result<()> {
     // A folder of small files.
     let file_bytes = usize::try_from(args.file_kib * KIB).context("--file-kib")?;
     for i in 0..args.files {
-        let mut data = super::pseudo_random(file_bytes, i + 1);
+        let mut data = pseudo_random(file_bytes, i + 1);
         data[..8].copy_from_slice(&i.to_le_bytes());
         let dir = work.join("folder").join(format!("d{:03}", i % 100));
         std::fs::create_dir_all(&dir)?;

@@ -25,10 +25,12 @@ use bytes::Bytes;
 use clap::Args;
 use tokio::io::AsyncWriteExt;
 
-use super::{
-    ChunkPool, KIB, MAX_ARTIFACT_BYTES, MIB, ScratchDir, Server, artifact_client, artifact_push,
-    artifactd_exe, bench_scope, connect, mb_per_s, runtime, small_push, warn_if_debug,
-};
+use crate::client::{artifact_client, artifact_push, bench_scope, connect, mb_per_s};
+use crate::content::ChunkPool;
+use crate::process::{Server, artifactd_exe};
+use crate::pushrate::small_push;
+use crate::scratch::ScratchDir;
+use crate::{KIB, MAX_ARTIFACT_BYTES, MIB, runtime, warn_if_debug};
 
 /// Largest size and entry count a zip can record without zip64.
 const CLASSIC_MAX_SIZE: u64 = u32::MAX as u64;
