@@ -108,7 +108,9 @@ impl App {
         if config.migrate_on_start {
             Store::migrate(&config.database_url).await?;
         }
-        let store = Store::connect(&config.database_url, config.db_idle_timeout).await?;
+        let store = Store::connect(&config.database_url, config.db_idle_timeout)
+            .await?
+            .with_group_commits(config.push_group_commits);
         let blobs = BlobStore::open(&config.blob_url, config.blob_fsync)?;
         if store.get_plan(&config.default_plan).await?.is_none() {
             return Err(Error::invalid(

@@ -136,6 +136,9 @@ struct Families {
     http_received: IntCounterVec,
     http_sent: IntCounterVec,
     pushes: IntCounterVec,
+    push_groups: IntCounterVec,
+    push_group_pushes: IntCounter,
+    push_group_waiting: IntGauge,
     dedup_hits: IntCounter,
     rejections: IntCounterVec,
     reservations: IntGauge,
@@ -344,6 +347,24 @@ impl Metrics {
                  row) or blob_store.",
                 &["storage"],
             ),
+            push_groups: counter_vec(
+                r,
+                "artifactd_push_group_commits_total",
+                "Group commits of small pushes (Postgres, ARTIFACTD_PUSH_GROUP_COMMITS), by \
+                 outcome: committed, or failed (rolled back; its pushes then committed alone).",
+                &["outcome"],
+            ),
+            push_group_pushes: counter(
+                r,
+                "artifactd_push_group_pushes_total",
+                "Pushes in the group commits counted by artifactd_push_group_commits_total \
+                 (divided by it: the mean group size).",
+            ),
+            push_group_waiting: gauge(
+                r,
+                "artifactd_push_group_waiting",
+                "Small pushes waiting for a group commit to start (every group slot busy).",
+            ),
             dedup_hits: counter(
                 r,
                 "artifactd_dedup_hits_total",
@@ -458,6 +479,9 @@ impl Metrics {
         for reason in Rejection::ALL {
             families.rejections.with_label_values(&[reason.as_str()]);
         }
+        for outcome in ["committed", "failed"] {
+            families.push_groups.with_label_values(&[outcome]);
+        }
         for storage in ["inline", "blob_store"] {
             families.pushes.with_label_values(&[storage]);
         }
@@ -479,6 +503,18 @@ impl Metrics {
         // Encoding into a Vec fails only on families with invalid names, which `new` rules out.
         let _ = TextEncoder::new().encode(&self.inner.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// A group commit of `pushes` small pushes ended; `committed`: its statement succeeded.
+    pub fn push_group(&self, pushes: usize, committed: bool) {
+        let outcome = if committed { "committed" } else { "failed" };
+        self.inner.push_groups.with_label_values(&[outcome]).inc();
+        self.inner.push_group_pushes.inc_by(pushes as u64);
+    }
+
+    /// Pushes waiting for a group commit moved by `delta`.
+    pub fn push_group_waiting(&self, delta: i64) {
+        self.inner.push_group_waiting.add(delta);
     }
 
     pub fn push_committed(&self, storage: PushStorage, deduplicated: bool) {

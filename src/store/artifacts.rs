@@ -19,6 +19,7 @@ use sea_orm::{
 
 use super::entities::{artifact, blob, push_idempotency, usage_event};
 use super::lifecycle::{expired_at, live_at, mark_expired};
+use super::push_batch::Grouped;
 use super::{Store, db_error};
 use crate::domain::{
     Artifact, ArtifactPath, Error, Scope, ScopeKind, Sha256, Timestamp, scope::prefix_upper_bound,
@@ -151,11 +152,36 @@ impl Store {
             && idempotency_key.is_none()
             && self.db.get_database_backend() == DbBackend::Postgres
         {
-            match self.commit_new_in_one_statement(new, blob).await {
-                // The path is taken, perhaps by an expired row nothing has marked yet: the
-                // transaction below marks it and inserts, or conflicts again if it is live.
-                Err(err) if is_unique_violation(&err) => {}
-                other => return other,
+            let grouped = match (&self.groups, blob) {
+                (Some(groups), PushedBlob::Inline(content)) => {
+                    self.forget_snapshots(&self.db, new.scope.project(), new.created_at)
+                        .await?;
+                    groups.commit(new, content).await
+                }
+                _ => Grouped::Alone,
+            };
+            match grouped {
+                Grouped::Created {
+                    id,
+                    pinned,
+                    deduplicated,
+                } => {
+                    return Ok(Some(PushCommit::Created {
+                        artifact: new.clone().into_artifact(id, pinned),
+                        replaced: false,
+                        replaced_bytes: 0,
+                        deduplicated,
+                    }));
+                }
+                // Settled alone by the transaction below, as after a unique violation.
+                Grouped::PathTaken => {}
+                Grouped::Alone => match self.commit_new_in_one_statement(new, blob).await {
+                    // The path is taken, perhaps by an expired row nothing has marked yet:
+                    // the transaction below marks it and inserts, or conflicts again if it
+                    // is live.
+                    Err(err) if is_unique_violation(&err) => {}
+                    other => return other,
+                },
             }
         }
         let now = new.created_at.as_micros();

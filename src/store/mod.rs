@@ -9,6 +9,7 @@ mod jobs;
 pub mod lifecycle;
 mod locations;
 mod plans;
+mod push_batch;
 mod quota;
 mod retention;
 mod sweep;
@@ -55,6 +56,8 @@ pub struct Store {
     rollup_horizon: std::sync::Arc<std::sync::atomic::AtomicI64>,
     /// The server's metrics: created with its store, so every layer above reaches them.
     metrics: crate::metrics::Metrics,
+    /// Group commit of small pushes (Postgres, when configured; see `push_batch`).
+    groups: Option<std::sync::Arc<push_batch::PushGroups>>,
 }
 
 impl Store {
@@ -68,7 +71,19 @@ impl Store {
             db,
             rollup_horizon: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
             metrics: crate::metrics::Metrics::new(),
+            groups: None,
         })
+    }
+
+    /// Lets up to `concurrent` groups of small (inline) pushes commit at once, each group
+    /// in one statement (Postgres; `0`, or SQLite, where writers take turns anyway: every
+    /// push commits alone). See `push_batch`.
+    pub fn with_group_commits(mut self, concurrent: usize) -> Self {
+        self.groups = (concurrent > 0 && self.db.get_database_backend() == DbBackend::Postgres)
+            .then(|| {
+                push_batch::PushGroups::new(self.db.clone(), self.metrics.clone(), concurrent)
+            });
+        self
     }
 
     /// The metrics of the server this store belongs to.
@@ -107,6 +122,9 @@ impl Store {
     }
 
     pub async fn close(self) {
+        if let Some(groups) = &self.groups {
+            groups.drain().await;
+        }
         let _ = self.db.close().await;
     }
 }

@@ -1,0 +1,305 @@
+//! Group commit for small pushes on Postgres: the inline pushes that reach their commit
+//! while another group is committing wait for it to finish and then commit together, in
+//! one statement and so one transaction and one WAL flush.
+//!
+//! Each push in a group is answered only after the group's statement has returned, that is
+//! after its commit is durable. Nothing waits on a timer: a push arriving while fewer than
+//! the configured number of groups are committing starts a group of its own at once, so a
+//! lone push costs what it did before; under load the pushes that arrive during a commit
+//! (a millisecond or two) form the next group.
+//!
+//! One push cannot fail another. The statement inserts artifacts with `ON CONFLICT DO
+//! NOTHING` on the one-live-row-per-path index, so a push whose path is taken (by a live
+//! row, an expired row nothing has marked yet, or another push of the same group) simply
+//! is not in the statement's result: it is answered [`Grouped::PathTaken`] and its caller
+//! settles it alone through the ordinary transaction, which marks an expired row ended and
+//! inserts, or answers ALREADY_EXISTS. Any other failure of the statement (a deadlock with
+//! a forced push, a connection lost) rolls the whole group back, and every push of it is
+//! answered [`Grouped::Alone`]: each commits alone, as it would have without grouping, and
+//! gets its own precise outcome.
+//!
+//! Blob rows come first, in content order, as in every other push transaction, so groups
+//! and single pushes take row locks in one order. A push whose path was taken has still
+//! written (or refreshed) its content's blob row: it is an unreferenced blob, which the
+//! sweeper collects after the grace period like the content of any push that lost a race.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use sea_orm::sea_query::ArrayType;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, Value};
+use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
+
+use super::artifacts::NewArtifact;
+use crate::domain::Timestamp;
+
+/// The most pushes one group commits: a bound on the statement's size and on how long its
+/// row locks are held.
+const MAX_GROUP: usize = 256;
+
+/// How a grouped push ended.
+#[derive(Debug)]
+pub(super) enum Grouped {
+    /// Committed (durably) with its group.
+    Created {
+        id: i64,
+        pinned: bool,
+        deduplicated: bool,
+    },
+    /// Its path was taken when the group committed: nothing of it but its blob row was
+    /// written; the caller decides alone (expired row, ALREADY_EXISTS).
+    PathTaken,
+    /// The group's statement failed as a whole and was rolled back: the caller commits the
+    /// push alone.
+    Alone,
+}
+
+struct Pending {
+    new: NewArtifact,
+    expires_at: i64,
+    content: Bytes,
+    /// Queued behind busy groups (counted in `artifactd_push_group_waiting`).
+    waited: bool,
+    reply: oneshot::Sender<Grouped>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Pending>,
+    committing: usize,
+}
+
+/// Gathers concurrent inline pushes into group commits (see the module documentation).
+pub(super) struct PushGroups {
+    db: DatabaseConnection,
+    metrics: crate::metrics::Metrics,
+    queue: Mutex<Queue>,
+    /// How many groups may commit at once (each on a connection of its own).
+    concurrent: usize,
+    /// The group commits in progress; [`PushGroups::drain`] waits for them.
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for PushGroups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushGroups")
+            .field("concurrent", &self.concurrent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PushGroups {
+    pub(super) fn new(
+        db: DatabaseConnection,
+        metrics: crate::metrics::Metrics,
+        concurrent: usize,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            db,
+            metrics,
+            queue: Mutex::new(Queue::default()),
+            concurrent: concurrent.max(1),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Commits an inline push with whichever group it joins; answers once the group's
+    /// statement has returned. The group runs on a task of its own, so a caller that goes
+    /// away (a client disconnecting) never cuts the others' commit short.
+    pub(super) async fn commit(self: &Arc<Self>, new: &NewArtifact, content: &Bytes) -> Grouped {
+        let Some(expires_at) = new.expires_at.map(Timestamp::as_micros) else {
+            return Grouped::Alone;
+        };
+        let (reply, answer) = oneshot::channel();
+        let start = {
+            let Ok(mut queue) = self.queue.lock() else {
+                return Grouped::Alone;
+            };
+            // With every slot busy, a group committing now takes it when it is done.
+            let start = queue.committing < self.concurrent;
+            if start {
+                queue.committing += 1;
+            }
+            queue.waiting.push(Pending {
+                new: new.clone(),
+                expires_at,
+                content: content.clone(),
+                waited: !start,
+                reply,
+            });
+            start
+        };
+        if !start {
+            self.metrics.push_group_waiting(1);
+        }
+        if start {
+            let groups = self.clone();
+            self.tasks.spawn(async move { groups.run().await });
+        }
+        // A dropped sender means the task ended without answering (a panic): alone.
+        answer.await.unwrap_or(Grouped::Alone)
+    }
+
+    /// Commits groups until nothing waits, then gives its slot back.
+    async fn run(&self) {
+        loop {
+            let group = {
+                let Ok(mut queue) = self.queue.lock() else {
+                    return;
+                };
+                if queue.waiting.is_empty() {
+                    queue.committing -= 1;
+                    return;
+                }
+                let take = queue.waiting.len().min(MAX_GROUP);
+                queue.waiting.drain(..take).collect::<Vec<_>>()
+            };
+            let waited = group.iter().filter(|p| p.waited).count();
+            self.metrics.push_group_waiting(-(waited as i64));
+            self.commit_group(group).await;
+        }
+    }
+
+    async fn commit_group(&self, group: Vec<Pending>) {
+        let outcome = commit_rows(&self.db, &group).await;
+        self.metrics.push_group(group.len(), outcome.is_ok());
+        let mut rows = match outcome {
+            Ok(rows) => rows,
+            Err(err) => {
+                tracing::warn!(error = %err, pushes = group.len(), "group commit failed; its pushes commit alone");
+                for pending in group {
+                    let _ = pending.reply.send(Grouped::Alone);
+                }
+                return;
+            }
+        };
+        // Pushes of the same new content in one group: the first stored it, the others
+        // found it stored, as if they had committed one after the other.
+        let mut content_new: HashMap<String, bool> = HashMap::new();
+        for pending in group {
+            let answer = match rows.remove(&pending.new.upload_id) {
+                Some(row) => {
+                    let first = content_new
+                        .entry(pending.new.sha256.as_str().to_owned())
+                        .or_insert(row.inserted);
+                    let deduplicated = !*first;
+                    *first = false;
+                    Grouped::Created {
+                        id: row.id,
+                        pinned: row.pinned,
+                        deduplicated,
+                    }
+                }
+                None => Grouped::PathTaken,
+            };
+            let _ = pending.reply.send(answer);
+        }
+    }
+
+    /// Waits for the group commits in progress (shutdown, before the pool closes).
+    pub(super) async fn drain(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+struct Row {
+    id: i64,
+    pinned: bool,
+    inserted: bool,
+}
+
+/// The group's statement: blob rows (one per content, in content order), the artifacts
+/// whose path is free (in path order), and their ingress events, one statement and so one
+/// transaction. `pin` counts the blob rows first, which runs the blob insert to its end
+/// before any artifact goes in (a data-modifying CTE otherwise runs as its rows are read).
+/// Returns the committed artifacts by upload id.
+const GROUP_SQL: &str = "\
+WITH r AS (\
+  SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], \
+    $6::text[], $7::text[], $8::int[], $9::bigint[], $10::text[], $11::bool[], $12::bytea[], \
+    $13::int[]) \
+  AS r(sha256, size, now, project_id, scope_kind, scope_id, path, mode, expires, upload_id, \
+    ingress, content, ord)), \
+blob AS (INSERT INTO blobs (sha256, size, created_at, content, last_ref_at) \
+  SELECT DISTINCT ON (sha256) sha256, size, now, content, now FROM r ORDER BY sha256, ord \
+  ON CONFLICT (sha256) DO UPDATE SET last_ref_at = EXCLUDED.last_ref_at, \
+    content = COALESCE(blobs.content, EXCLUDED.content), collected_at = NULL \
+  RETURNING sha256, (xmax = 0) AS inserted), \
+pin AS (SELECT r.*, r.scope_kind = 'job' AND EXISTS (SELECT 1 FROM jobs \
+    WHERE jobs.project_id = r.project_id AND jobs.job_id = r.scope_id AND keeps_artifacts \
+    FOR SHARE) AS pinned \
+  FROM r WHERE (SELECT count(*) FROM blob) > 0), \
+artifact AS (INSERT INTO artifacts (project_id, scope_kind, scope_id, path, size, sha256, \
+    mode, created_at, expires_at, keep, upload_id, billing_end, kept_latest) \
+  SELECT project_id, scope_kind, scope_id, path, size, sha256, mode, now, expires, false, \
+    upload_id, CASE WHEN pinned THEN NULL ELSE expires END, pinned \
+  FROM pin ORDER BY project_id, scope_kind, scope_id, path, ord \
+  ON CONFLICT (project_id, scope_kind, scope_id, path) WHERE deleted_at IS NULL DO NOTHING \
+  RETURNING id, upload_id, sha256, kept_latest), \
+ingress AS (INSERT INTO usage_events (id, project_id, meter, bytes, occurred_at) \
+  SELECT 'push:' || r.upload_id, r.project_id, 'ingress', r.size, r.now \
+  FROM r JOIN artifact USING (upload_id) WHERE r.ingress) \
+SELECT artifact.upload_id, artifact.id, artifact.kept_latest, blob.inserted \
+FROM artifact JOIN blob USING (sha256)";
+
+async fn commit_rows(
+    db: &DatabaseConnection,
+    group: &[Pending],
+) -> Result<HashMap<String, Row>, DbErr> {
+    fn column<T>(group: &[Pending], kind: ArrayType, f: impl Fn(&Pending) -> T) -> Value
+    where
+        T: Into<Value>,
+    {
+        Value::Array(
+            kind,
+            Some(Box::new(group.iter().map(|p| f(p).into()).collect())),
+        )
+    }
+    let values = vec![
+        column(group, ArrayType::String, |p| {
+            p.new.sha256.as_str().to_owned()
+        }),
+        column(group, ArrayType::BigInt, |p| p.new.size),
+        column(group, ArrayType::BigInt, |p| p.new.created_at.as_micros()),
+        column(group, ArrayType::String, |p| {
+            p.new.scope.project().as_str().to_owned()
+        }),
+        column(group, ArrayType::String, |p| {
+            p.new.scope.kind().as_str().to_owned()
+        }),
+        column(group, ArrayType::String, |p| p.new.scope.id().to_owned()),
+        column(group, ArrayType::String, |p| p.new.path.as_str().to_owned()),
+        column(group, ArrayType::Int, |p| p.new.mode as i32),
+        column(group, ArrayType::BigInt, |p| p.expires_at),
+        column(group, ArrayType::String, |p| p.new.upload_id.clone()),
+        column(group, ArrayType::Bool, |p| p.new.record_ingress),
+        column(group, ArrayType::Bytes, |p| p.content.to_vec()),
+        Value::Array(
+            ArrayType::Int,
+            Some(Box::new((0..group.len() as i32).map(Value::from).collect())),
+        ),
+    ];
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            GROUP_SQL,
+            values,
+        ))
+        .await?;
+    let mut committed = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let upload_id: String = row.try_get_by_index(0)?;
+        committed.insert(
+            upload_id,
+            Row {
+                id: row.try_get_by_index(1)?,
+                pinned: row.try_get_by_index(2)?,
+                inserted: row.try_get_by_index(3)?,
+            },
+        );
+    }
+    Ok(committed)
+}
