@@ -12,12 +12,12 @@
 //! invisible until complete; a completed one the database does not name (a push that died
 //! before claiming it) is removed by the sweeper, under a lock the claim takes too.
 //!
-//! No stream ever holds a thread while it waits for its peer. File reads, writes and hashing
-//! run one chunk at a time on the blocking pool (a task per chunk that ends when the chunk is
-//! done), so a client that stops reading or trickles bytes costs an idle future, not one of
-//! the pool's threads. Overlap is kept where it pays: an upload hashes and writes chunk N on
-//! the pool while the request stream delivers chunk N+1, and a read that is flowing reads one
-//! chunk ahead of the consumer.
+//! No stream ever holds a thread while it waits for its peer. An upload is a pipeline (see
+//! `pipeline`): each chunk goes to a hash stage and a write stage, each working through a
+//! small bounded queue on the blocking pool only while it has chunks, so receiving, hashing
+//! and writing overlap on different threads and a client that trickles bytes costs an idle
+//! future, not one of the pool's threads. Reads run a chunk per blocking task, and a read
+//! that is flowing reads one chunk ahead of the consumer.
 //!
 //! Durability (local directory, `fsync` on): an upload is fsynced before promotion, every
 //! directory created on the way to a blob's address is fsynced into its parent, and the
@@ -47,8 +47,10 @@ use tokio::task::JoinHandle;
 
 use crate::domain::{Error, Hasher, Sha256};
 
+mod pipeline;
 mod resumable;
 mod scrub;
+use pipeline::Stage;
 pub use resumable::{Opened, ResumableFile, ResumableWriter};
 pub use scrub::{Pace, Scrubbed};
 
@@ -164,16 +166,16 @@ impl BlobStore {
                     .await
                     .map_err(Error::blob_store)?;
                 UploadSink::Multipart(
-                    Some(WriteMultipart::new_with_chunk_size(
+                    PartUpload(Some(WriteMultipart::new_with_chunk_size(
                         upload,
                         MULTIPART_PART_BYTES,
-                    )),
-                    ChunkWorker::new(Hasher::new()),
+                    ))),
+                    Stage::new(Hasher::new()),
                 )
             }
         };
         Ok(Upload {
-            sink,
+            sink: Some(sink),
             temp: TempBlob {
                 store: self.clone(),
                 key,
@@ -692,31 +694,27 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 /// An upload being written.
 pub struct Upload {
-    sink: UploadSink,
+    /// `None` once finished.
+    sink: Option<UploadSink>,
     temp: TempBlob,
 }
 
 enum UploadSink {
-    /// Hashes and writes a local file, a chunk per blocking task.
+    /// Hashes and writes a local file, each on a pipeline stage of its own.
     Local(LocalWriter),
-    /// Parts go to the object store; hashing runs a chunk per blocking task alongside.
-    Multipart(Option<WriteMultipart>, ChunkWorker<Hasher>),
+    /// Parts go to the object store; hashing runs alongside on a pipeline stage.
+    Multipart(PartUpload, Stage<Hasher>),
 }
 
 impl Upload {
-    /// Appends a chunk. Returns once the previous chunk is hashed and written and this one
-    /// is handed to the pool, so at most one chunk is in flight per upload (backpressure).
+    /// Appends a chunk: hands it to the hash and the write (or part upload) and returns
+    /// once both have room for it, so a push holds a bounded amount of payload in flight
+    /// (backpressure; see `pipeline`).
     pub async fn write(&mut self, chunk: Bytes) -> Result<(), Error> {
         match &mut self.sink {
-            UploadSink::Local(writer) => writer.write(chunk).await,
-            UploadSink::Multipart(Some(upload), hasher) => {
-                let hashed = chunk.clone();
-                hasher
-                    .submit(move |hasher| {
-                        hasher.update(&hashed);
-                        Ok(())
-                    })
-                    .await?;
+            Some(UploadSink::Local(writer)) => writer.write(chunk).await,
+            Some(UploadSink::Multipart(PartUpload(Some(upload)), hasher)) => {
+                hasher.submit(chunk.clone()).await?;
                 upload
                     .wait_for_capacity(MULTIPART_PARTS_IN_FLIGHT)
                     .await
@@ -724,83 +722,40 @@ impl Upload {
                 upload.put(chunk);
                 Ok(())
             }
-            UploadSink::Multipart(None, _) => {
-                Err(Error::Internal("upload already finished".into()))
-            }
+            _ => Err(Error::Internal("upload already finished".into())),
         }
     }
 
     /// Completes the upload and returns the content's SHA-256 with the bytes, durable
     /// (fsync on local disks when enabled) under the temporary key the [`TempBlob`] owns.
     pub async fn finish(mut self) -> Result<(TempBlob, Sha256), Error> {
-        let digest = match &mut self.sink {
-            UploadSink::Local(writer) => writer.finish().await?,
-            UploadSink::Multipart(upload, hasher) => {
-                let digest = hasher.idle().await?.finish();
-                if let Some(upload) = upload.take() {
+        let digest = match self.sink.take() {
+            Some(UploadSink::Local(writer)) => writer.finish().await?,
+            Some(UploadSink::Multipart(mut upload, hasher)) => {
+                let digest = hasher.finish().await?.finish();
+                if let Some(upload) = upload.0.take() {
                     upload.finish().await.map_err(Error::blob_store)?;
                 }
                 digest
             }
+            None => return Err(Error::Internal("upload already finished".into())),
         };
         Ok((self.temp.take(), digest))
     }
 }
 
-/// State that is worked on one chunk at a time on the blocking pool while the caller goes on
-/// receiving: `submit` waits for the previous chunk's task, then hands the next one over.
-/// Nothing waits on a channel, so no thread is held between chunks.
-struct ChunkWorker<S> {
-    idle: Option<S>,
-    busy: Option<JoinHandle<std::io::Result<S>>>,
-}
+/// A multipart upload that is aborted when dropped unfinished, so the store drops its parts.
+struct PartUpload(Option<WriteMultipart>);
 
-impl<S: Send + 'static> ChunkWorker<S> {
-    fn new(state: S) -> Self {
-        Self {
-            idle: Some(state),
-            busy: None,
-        }
-    }
-
-    /// The state, once the chunk in flight (if any) is done.
-    async fn idle(&mut self) -> Result<S, Error> {
-        if let Some(busy) = self.busy.take() {
-            return busy
-                .await
-                .map_err(|e| Error::Internal(format!("upload task failed: {e}")))?
-                .map_err(Error::blob_store);
-        }
-        self.idle
-            .take()
-            .ok_or_else(|| Error::Internal("upload already finished or failed".into()))
-    }
-
-    async fn submit(
-        &mut self,
-        work: impl FnOnce(&mut S) -> std::io::Result<()> + Send + 'static,
-    ) -> Result<(), Error> {
-        let mut state = self.idle().await?;
-        self.busy = Some(tokio::task::spawn_blocking(move || {
-            work(&mut state)?;
-            Ok(state)
-        }));
-        Ok(())
-    }
-}
-
-impl Drop for UploadSink {
+impl Drop for PartUpload {
     fn drop(&mut self) {
-        if let UploadSink::Multipart(upload, _) = self {
-            // Unfinished: abort so the store drops the parts. Needs a runtime, which every
-            // caller of this module runs in; without one there is nothing to clean anyway.
-            if let (Some(upload), Ok(runtime)) =
-                (upload.take(), tokio::runtime::Handle::try_current())
-            {
-                runtime.spawn(async move {
-                    let _ = upload.abort().await;
-                });
-            }
+        // Needs a runtime, which every caller of this module runs in; without one there is
+        // nothing to clean anyway.
+        if let (Some(upload), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(async move {
+                let _ = upload.abort().await;
+            });
         }
     }
 }
@@ -854,16 +809,14 @@ impl Drop for TempBlob {
     }
 }
 
-/// Hashes and writes an upload to a local file, a chunk per blocking task, overlapping the
-/// receipt of the next chunk. The file is created before the first chunk, so whoever drops
-/// the upload finds a file to remove.
+/// Writes an upload to a local file while hashing it: the two are stages of a pipeline
+/// (see `pipeline`), so receiving, hashing and writing overlap. The file is created before
+/// the first chunk, so whoever drops the upload finds a file to remove.
 struct LocalWriter {
     file: Arc<std::fs::File>,
-    hasher: ChunkWorker<Hasher>,
+    hash: Stage<Hasher>,
+    write: Stage<FileWriter>,
     fsync: bool,
-    unflushed: usize,
-    /// A background flush in progress (see [`BACKGROUND_FLUSH_BYTES`]).
-    flushing: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 impl LocalWriter {
@@ -878,47 +831,78 @@ impl LocalWriter {
             other => other,
         })
         .await?;
+        let file = Arc::new(file);
         Ok(Self {
-            file: Arc::new(file),
-            hasher: ChunkWorker::new(Hasher::new()),
+            hash: Stage::new(Hasher::new()),
+            write: Stage::new(FileWriter::new(file.clone(), fsync)),
+            file,
             fsync,
-            unflushed: 0,
-            flushing: None,
         })
     }
 
     async fn write(&mut self, chunk: Bytes) -> Result<(), Error> {
-        let len = chunk.len();
-        let file = self.file.clone();
-        self.hasher
-            .submit(move |hasher| {
-                hasher.update(&chunk);
-                (&*file).write_all(&chunk)
-            })
-            .await?;
-        if self.fsync {
-            self.unflushed += len;
-            let idle = self.flushing.as_ref().is_none_or(JoinHandle::is_finished);
-            if self.unflushed >= BACKGROUND_FLUSH_BYTES && idle {
-                self.unflushed = 0;
-                let file = self.file.clone();
-                // Best effort: the fsync in `finish` is the one that counts.
-                self.flushing = Some(tokio::task::spawn_blocking(move || file.sync_data()));
-            }
-        }
-        Ok(())
+        self.hash.submit(chunk.clone()).await?;
+        self.write.submit(chunk).await
     }
 
-    async fn finish(&mut self) -> Result<Sha256, Error> {
-        let hasher = self.hasher.idle().await?;
-        if let Some(flushing) = self.flushing.take() {
-            let _ = flushing.await;
+    async fn finish(self) -> Result<Sha256, Error> {
+        let writer = self.write.finish().await?;
+        if let Some(flushing) = writer.flushing {
+            let _ = flushing.await; // best effort: the fsync below is the one that counts
         }
         if self.fsync {
-            let file = self.file.clone();
-            blocking(move || file.sync_data()).await?;
+            sync_data(self.file.clone()).await?;
         }
-        Ok(hasher.finish())
+        Ok(self.hash.finish().await?.finish())
+    }
+}
+
+/// `fdatasync` on the blocking pool; a full disk surfaces here too (delayed allocation).
+async fn sync_data(file: Arc<std::fs::File>) -> Result<(), Error> {
+    tokio::task::spawn_blocking(move || file.sync_data())
+        .await
+        .map_err(|e| Error::Internal(format!("blob file task failed: {e}")))?
+        .map_err(|e| pipeline::write_error(e.kind(), &e.to_string()))
+}
+
+/// The write stage of a local upload: appends each chunk to the file. With `flush_every`
+/// (fsync on, and a runtime to start it on), a flush of what is written so far starts beside
+/// the writes every so many bytes, so the fsync before commit finds little left to do.
+struct FileWriter {
+    file: Arc<std::fs::File>,
+    flush_every: Option<usize>,
+    unflushed: usize,
+    flushing: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl FileWriter {
+    fn new(file: Arc<std::fs::File>, fsync: bool) -> Self {
+        Self {
+            file,
+            flush_every: fsync.then_some(BACKGROUND_FLUSH_BYTES),
+            unflushed: 0,
+            flushing: None,
+        }
+    }
+}
+
+impl pipeline::Work for FileWriter {
+    fn chunk(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        (&*self.file).write_all(chunk)?;
+        let Some(every) = self.flush_every else {
+            return Ok(());
+        };
+        self.unflushed += chunk.len();
+        let idle = self.flushing.as_ref().is_none_or(JoinHandle::is_finished);
+        if self.unflushed >= every
+            && idle
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            self.unflushed = 0;
+            let file = self.file.clone();
+            self.flushing = Some(runtime.spawn_blocking(move || file.sync_data()));
+        }
+        Ok(())
     }
 }
 
@@ -1236,6 +1220,70 @@ mod tests {
                 "{endpoint}"
             );
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn local_uploads_store_and_hash_every_chunking() {
+        let dir = tempfile::tempdir().unwrap();
+        for fsync in [false, true] {
+            let store =
+                BlobStore::open(&format!("file://{}", dir.path().display()), fsync).unwrap();
+            let chunk = 256 * 1024;
+            for (i, (len, cut)) in [
+                (0, chunk),              // empty
+                (chunk, chunk),          // exactly one chunk
+                (chunk + 1, chunk),      // one byte into a second
+                (3 * chunk - 1, 65_537), // odd sizes
+                (40 << 20, 1024 * 1024), // past a background flush (fsync on)
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let data: Vec<u8> = (0..len).map(|b| (b * 7 % 253) as u8).collect();
+                let data = Bytes::from(data);
+                let mut upload = store.begin_upload(&format!("odd{i}")).await.unwrap();
+                let mut at = 0;
+                while at < len {
+                    let part = data.slice(at..(at + cut).min(len));
+                    at += part.len();
+                    upload.write(part).await.unwrap();
+                }
+                let (temp, sha) = upload.finish().await.unwrap();
+                assert_eq!(sha, digest(&data), "{len} bytes in {cut}-byte chunks");
+                let path = dir.path().join(temp.key());
+                assert_eq!(std::fs::read(&path).unwrap(), data, "{len} bytes");
+                drop(temp);
+                assert!(!path.exists(), "an unpromoted upload is removed");
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_fails_the_upload_as_resource_exhausted() {
+        // /dev/full fails every write with ENOSPC, as a full filesystem does.
+        // (Anyone may open it for writing; opening truncates nothing.)
+        let mut writer = LocalWriter::create(PathBuf::from("/dev/full"), false)
+            .await
+            .unwrap();
+        let mut refused = None;
+        for _ in 0..64 {
+            if let Err(e) = writer.write(Bytes::from(vec![1u8; 256 * 1024])).await {
+                refused = Some(e);
+                break;
+            }
+        }
+        let err = match refused {
+            Some(err) => err,
+            None => writer.finish().await.unwrap_err(),
+        };
+        assert!(
+            matches!(&err, Error::ResourceExhausted(m) if m.contains("out of space")),
+            "{err:?}"
+        );
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::ResourceExhausted
+        );
     }
 
     #[test]

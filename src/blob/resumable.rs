@@ -13,7 +13,7 @@
 //! the hash library's internals, and proves the prefix is readable before anything is
 //! appended to it.
 
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,7 +21,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
 
-use super::{BlobStore, ChunkWorker, TempBlob, blocking};
+use super::pipeline::Stage;
+use super::{BlobStore, FileWriter, TempBlob, blocking};
 use crate::domain::{Error, Hasher, Sha256};
 
 const RESUMABLE_PREFIX: &str = "resumable";
@@ -159,7 +160,9 @@ impl ResumableFile {
         .await?;
         Ok(ResumableWriter {
             file: self.file.clone(),
-            hasher: ChunkWorker::new(hasher),
+            hash: Stage::new(hasher),
+            // Checkpoints sync every few MiB: no background flush.
+            write: Stage::new(FileWriter::new(self.file.clone(), false)),
             written: offset,
             fsync: self.store.fsync,
             unsynced_dir: self.path.parent().map(PathBuf::from),
@@ -187,11 +190,12 @@ impl ResumableFile {
     }
 }
 
-/// Appends to a resumable upload, hashing on the blocking pool a chunk at a time (as
+/// Appends to a resumable upload, hashing and writing on pipeline stages (as
 /// [`super::Upload`] does).
 pub struct ResumableWriter {
     file: Arc<std::fs::File>,
-    hasher: ChunkWorker<Hasher>,
+    hash: Stage<Hasher>,
+    write: Stage<FileWriter>,
     written: u64,
     fsync: bool,
     /// The directory whose entry for the file is synced at the first sync (fsync on).
@@ -206,34 +210,22 @@ impl ResumableWriter {
 
     pub async fn write(&mut self, chunk: Bytes) -> Result<(), Error> {
         let len = chunk.len() as u64;
-        let file = self.file.clone();
-        self.hasher
-            .submit(move |hasher| {
-                hasher.update(&chunk);
-                (&*file).write_all(&chunk)
-            })
-            .await?;
+        self.hash.submit(chunk.clone()).await?;
+        self.write.submit(chunk).await?;
         self.written += len;
         Ok(())
     }
 
-    /// Waits for the chunk in flight and makes every byte written durable (fsync when
+    /// Waits for the chunks handed over to be written and makes them durable (fsync when
     /// ARTIFACTD_BLOB_FSYNC is on; otherwise handed to the OS, which survives a process
-    /// crash). Returns the durable size.
+    /// crash). Returns the durable size. Hashing goes on meanwhile.
     pub async fn sync(&mut self) -> Result<u64, Error> {
-        let hasher = self.hasher.idle().await?;
-        self.hasher = ChunkWorker::new(hasher);
+        self.write.drained().await?;
         if self.fsync {
-            let file = self.file.clone();
-            let dir = self.unsynced_dir.take();
-            blocking(move || {
-                file.sync_data()?;
-                match dir {
-                    Some(dir) => super::sync_dir(&dir),
-                    None => Ok(()),
-                }
-            })
-            .await?;
+            super::sync_data(self.file.clone()).await?;
+            if let Some(dir) = self.unsynced_dir.take() {
+                blocking(move || super::sync_dir(&dir)).await?;
+            }
         }
         Ok(self.written)
     }
@@ -241,6 +233,6 @@ impl ResumableWriter {
     /// Syncs and returns the SHA-256 of everything written.
     pub async fn finish(mut self) -> Result<Sha256, Error> {
         self.sync().await?;
-        Ok(self.hasher.idle().await?.finish())
+        Ok(self.hash.finish().await?.finish())
     }
 }

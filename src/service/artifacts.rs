@@ -2,7 +2,7 @@
 //! they stream).
 //!
 //! Push follows the crash-safe order of DESIGN.md: the header is checked before any byte is
-//! read; bytes stream into a temporary upload while a separate blocking task hashes them;
+//! read; bytes stream into a temporary upload while pipeline stages hash and write them;
 //! size and digest are verified; the upload is promoted to its content address; and only
 //! then one transaction writes the artifact row. The database therefore never references a
 //! missing blob, and a push that fails at any step leaves no visible artifact.
@@ -509,7 +509,7 @@ impl ArtifactService {
     where
         S: Stream<Item = Result<Bytes, Error>> + Send + Unpin,
     {
-        // The upload hashes on a blocking thread as it writes, overlapping the receive loop.
+        // The upload hashes and writes on stages of their own while this loop receives.
         let mut upload = self.blobs.begin_upload(upload_id).await?;
 
         let mut size: i64 = 0;
