@@ -8,6 +8,7 @@ mod invoices;
 mod jobs;
 pub mod lifecycle;
 mod locations;
+mod nodelay;
 mod plans;
 mod push_batch;
 mod quota;
@@ -157,6 +158,17 @@ async fn open(
     // SQLite has one writer at a time; the others wait for the lock. sqlx's 5 s was too short
     // for 32 concurrent pushes on a loaded 2-core machine (UNAVAILABLE "database is locked").
     options.map_sqlx_sqlite_opts(|sqlite| sqlite.busy_timeout(SQLITE_BUSY_TIMEOUT));
+    if let Some(port) = postgres_tcp_port(&url) {
+        // Every new connection gets TCP_NODELAY (the driver sets none; see nodelay.rs).
+        options.map_sqlx_postgres_pool_opts(move |pool| {
+            pool.after_connect(move |_, _| {
+                Box::pin(async move {
+                    nodelay::set_on_sockets_to(port);
+                    Ok(())
+                })
+            })
+        });
+    }
     let db = Database::connect(options).await.map_err(Error::database)?;
     if db.get_database_backend() == DbBackend::Sqlite {
         db.execute_unprepared("PRAGMA journal_mode=WAL")
@@ -164,6 +176,15 @@ async fn open(
             .map_err(Error::database)?;
     }
     Ok(db)
+}
+
+/// The server port of a `postgres://` URL that connects over TCP (not a Unix socket).
+fn postgres_tcp_port(url: &str) -> Option<u16> {
+    if !url.starts_with("postgres") {
+        return None;
+    }
+    let options: sea_orm::sqlx::postgres::PgConnectOptions = url.parse().ok()?;
+    options.get_socket().is_none().then(|| options.get_port())
 }
 
 /// For `sqlite://` URLs: creates the database file's directory and asks SQLite to create the
