@@ -10,7 +10,8 @@
 //!   content, artifact row, ingress record) through artifactd's own store code, one statement
 //!   per push exactly as artifactd commits a lone small push, over a pool of 32 connections;
 //!   no gRPC, no metering, no group commit: the naive ceiling;
-//! - **metering on**: `artifactd` with group commit on (`ARTIFACTD_PUSH_GROUP_COMMITS=2`), a
+//! - **metering on**: `artifactd` with group commit on (`ARTIFACTD_PUSH_GROUP_COMMITS`, 1 or
+//!   `--group-commits`), a
 //!   fresh Redis key prefix,
 //!   projects on the `free` plan, whose overage policy is *block* with a 2 GiB storage limit,
 //!   so every push reserves quota and is checked against the limit;
@@ -86,6 +87,10 @@ pub(crate) struct PushRateArgs {
     /// Have artifactd fsync each blob before committing it (ARTIFACTD_BLOB_FSYNC).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     fsync: bool,
+
+    /// ARTIFACTD_PUSH_GROUP_COMMITS of the metering on and off modes ("on, alone" has 0).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    group_commits: u32,
 }
 
 /// What one pushrate measurement runs.
@@ -241,9 +246,9 @@ fn pushrate_mode(
     let redis = runtime.block_on(ScratchRedisPrefix::create(&args.redis_url))?;
     let scratch = ScratchDir::create()?;
     let group_commits = if mode == PushMode::MeteredAlone {
-        "0"
+        0
     } else {
-        "2"
+        args.group_commits
     };
     let env = [
         ("DATABASE_URL", database.url.clone()),
@@ -252,7 +257,7 @@ fn pushrate_mode(
         ("ARTIFACTD_METERING", metering.to_string()),
         ("ARTIFACTD_BLOB_FSYNC", args.fsync.to_string()),
         ("ARTIFACTD_DEFAULT_PLAN", PUSHRATE_PLAN.to_owned()),
-        ("ARTIFACTD_PUSH_GROUP_COMMITS", group_commits.to_owned()),
+        ("ARTIFACTD_PUSH_GROUP_COMMITS", group_commits.to_string()),
         (
             "ARTIFACTD_BLOB_URL",
             format!("file://{}", scratch.path().join("blobs").display()),
@@ -487,11 +492,12 @@ fn print_pushrate(args: &PushRateArgs, figures: &[(PushMode, Vec<PushFigures>)],
     println!(
         "server: Postgres ({}, a fresh database per run), Redis ({}, a fresh key prefix per \
          run), default plan {PUSHRATE_PLAN} (block overage, 2 GiB storage limit), local blob \
-         directory under {}, ARTIFACTD_PUSH_GROUP_COMMITS=2 (but \"on, alone\"), every other setting \
-         default (blob fsync on)",
+         directory under {}, ARTIFACTD_PUSH_GROUP_COMMITS={} (but \"on, alone\"), every other \
+         setting default (blob fsync on)",
         redact(&args.database_admin_url),
         redact(&args.redis_url),
-        std::env::temp_dir().display()
+        std::env::temp_dir().display(),
+        args.group_commits
     );
     println!(
         "bare loop: the same rows (blob with content, artifact, ingress record) through \
