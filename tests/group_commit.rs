@@ -260,10 +260,12 @@ async fn failed_group_commits_each_push_alone(backend: Backend) {
     plug_push.await.unwrap().unwrap();
     wait_for_blocked_groups(&sql, 1).await;
     // Waiting on the group's new row while the group waits on ours: a deadlock, and the
-    // group, which has waited longer, is the one Postgres rolls back.
+    // group, which has waited longer, is the one Postgres rolls back. (Once it has, the
+    // push of that content may commit the row alone before this insert looks again.)
     blocker_lock
         .execute_unprepared(&format!(
-            "INSERT INTO blobs (sha256, size, created_at) VALUES ('{}', 1, 0)",
+            "INSERT INTO blobs (sha256, size, created_at) VALUES ('{}', 1, 0) \
+             ON CONFLICT (sha256) DO NOTHING",
             sha256_hex(&first)
         ))
         .await
