@@ -1085,11 +1085,26 @@ async fn what_an_asynchronous_sweep_commit_can_lose_is_redone(backend: Backend) 
     push(&mut client, header(job("p", "j"), "small.bin"), &small)
         .await
         .unwrap();
+    let egress_sql = "SELECT CAST(COUNT(*) AS BIGINT) FROM usage_events WHERE meter = 'egress'";
+    let egress_before = count(&server, egress_sql).await;
     let pulled = pull(&mut client, job("p", "j"), "small.bin", 0, 0)
         .await
         .unwrap();
     assert!(pulled.data == small, "pulled whole");
     assert!(blob_path(&server, &small_sha).exists());
+    // The pull's egress is recorded when its stream ends, a moment after the last byte:
+    // wait for that record, so the bill below already holds it.
+    for _ in 0..250 {
+        if count(&server, egress_sql).await > egress_before {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        count(&server, egress_sql).await,
+        egress_before + 1,
+        "the pull's egress"
+    );
     let bill_after_push = bill_bytes(&server, "p", "2026-11").await;
 
     // The next sweep marks big.bin again at its expiry and collects its row once more.
