@@ -726,17 +726,11 @@ async fn concurrent_control_updates_both_survive(backend: Backend) {
 /// `team` plan with October's artifacts and egress — bills October exactly as the old
 /// code did (one plan over the whole month), and lists the same artifacts.
 async fn a_database_from_the_previous_schema_bills_the_same(backend: Backend) {
-    use migrations::{Migrator, MigratorTrait};
     let Some(db) = TestDb::create(backend).await else {
         return;
     };
     {
-        let url = match backend {
-            Backend::Sqlite => format!("{}?mode=rwc", db.url),
-            Backend::Postgres => db.url.clone(),
-        };
-        let conn = Database::connect(url.as_str()).await.unwrap();
-        Migrator::up(&conn, Some(4)).await.unwrap();
+        let conn = db.connect_migrated_to(4).await;
         let oct1 = at(2026, 10, 1, 0).as_micros();
         let oct11 = at(2026, 10, 11, 0).as_micros();
         let statements = [

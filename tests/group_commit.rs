@@ -144,19 +144,7 @@ async fn colliding_small_pushes_store_one_per_path_and_bill_it_once(backend: Bac
     )
     .await;
     assert_eq!(paths, rows);
-    let ingress = scalar(
-        &sql,
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM usage_events u JOIN artifacts a \
-         ON u.id = 'push:' || a.upload_id AND u.bytes = a.size \
-         WHERE u.project_id = 'grouped' AND u.meter = 'ingress'",
-    )
-    .await;
-    let all_ingress = scalar(
-        &sql,
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM usage_events WHERE project_id = 'grouped' \
-         AND meter = 'ingress'",
-    )
-    .await;
+    let (ingress, all_ingress) = ingress_records(&sql).await;
     assert_eq!(
         (ingress, all_ingress),
         (rows, rows),
@@ -300,19 +288,7 @@ async fn failed_group_commits_each_push_alone(backend: Backend) {
         "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts WHERE project_id = 'grouped'",
     )
     .await;
-    let ingress = scalar(
-        &sql,
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM usage_events u JOIN artifacts a \
-         ON u.id = 'push:' || a.upload_id AND u.bytes = a.size \
-         WHERE u.project_id = 'grouped' AND u.meter = 'ingress'",
-    )
-    .await;
-    let all_ingress = scalar(
-        &sql,
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM usage_events WHERE project_id = 'grouped' \
-         AND meter = 'ingress'",
-    )
-    .await;
+    let (ingress, all_ingress) = ingress_records(&sql).await;
     assert_eq!((rows, ingress, all_ingress), (expected, expected, expected));
     let now = server.clock.now();
     let usage = c
@@ -387,6 +363,24 @@ async fn wait_for_waiting(server: &TestServer, n: usize) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("{n} pushes never queued for a group");
+}
+
+/// The project's ingress records that match an artifact's upload and size, and all of them.
+async fn ingress_records(sql: &DatabaseConnection) -> (i64, i64) {
+    let matched = scalar(
+        sql,
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM usage_events u JOIN artifacts a \
+         ON u.id = 'push:' || a.upload_id AND u.bytes = a.size \
+         WHERE u.project_id = 'grouped' AND u.meter = 'ingress'",
+    )
+    .await;
+    let all = scalar(
+        sql,
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM usage_events WHERE project_id = 'grouped' \
+         AND meter = 'ingress'",
+    )
+    .await;
+    (matched, all)
 }
 
 async fn scalar(sql: &DatabaseConnection, query: &str) -> i64 {

@@ -9,8 +9,7 @@ mod common;
 use artifactd::domain::Clock;
 use artifactd::pb::v1 as pb;
 use common::*;
-use migrations::{Migrator, MigratorTrait};
-use sea_orm::{ConnectionTrait, Database};
+use sea_orm::ConnectionTrait;
 use tonic::Code;
 
 on_both_backends!(
@@ -138,12 +137,7 @@ async fn keys_recorded_before_the_migration_replay_the_same(backend: Backend) {
     let Some(db) = TestDb::create(backend).await else {
         return;
     };
-    let url = match backend {
-        Backend::Sqlite => format!("{}?mode=rwc", db.url),
-        Backend::Postgres => db.url.clone(),
-    };
-    let conn = Database::connect(url.as_str()).await.unwrap();
-    Migrator::up(&conn, Some(5)).await.unwrap();
+    let conn = db.connect_migrated_to(5).await;
     let t = TEST_EPOCH_SECONDS * 1_000_000;
     let data = content(3_000, 11);
     let sha = sha256_hex(&data);

@@ -12,8 +12,7 @@ use artifactd::domain::{Clock, Timestamp};
 use artifactd::pb::v1::{self as pb, job_service_client::JobServiceClient};
 use common::billing::*;
 use common::*;
-use migrations::{Migrator, MigratorTrait};
-use sea_orm::{ConnectionTrait, Database};
+use sea_orm::ConnectionTrait;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -675,16 +674,9 @@ async fn a_database_from_the_previous_schema_reads_the_same(backend: Backend) {
     let Some(db) = TestDb::create(backend).await else {
         return;
     };
-    let url = match backend {
-        Backend::Sqlite => format!("{}?mode=rwc", db.url),
-        Backend::Postgres => db.url.clone(),
-    };
-    let conn = Database::connect(url.as_str()).await.unwrap();
-    let before_jobs = Migrator::migrations()
-        .iter()
-        .position(|m| m.name() == "m20261127_000009_jobs")
-        .unwrap();
-    Migrator::up(&conn, Some(before_jobs as u32)).await.unwrap();
+    let conn = db
+        .connect_migrated_to(TestDb::version_before("m20261127_000009_jobs"))
+        .await;
     let t = TEST_EPOCH_SECONDS * 1_000_000;
     let data = content(3_000, 11);
     let sha = sha256_hex(&data);

@@ -1190,7 +1190,6 @@ async fn ended_rows(server: &TestServer, now: Timestamp) -> Vec<Row> {
 /// one deleted — migrates: it lists the live one only, bills October exactly as before, and
 /// the expired one's path takes a push without force.
 async fn a_database_from_schema_7_lists_and_bills_the_same(backend: Backend) {
-    use migrations::{Migrator, MigratorTrait};
     let Some(db) = TestDb::create(backend).await else {
         return;
     };
@@ -1202,12 +1201,7 @@ async fn a_database_from_schema_7_lists_and_bills_the_same(backend: Backend) {
     let dec31 = at(2026, 12, 31, 0).as_micros();
     let gib: i64 = 1 << 30;
     {
-        let url = match backend {
-            Backend::Sqlite => format!("{}?mode=rwc", db.url),
-            Backend::Postgres => db.url.clone(),
-        };
-        let conn = Database::connect(url.as_str()).await.unwrap();
-        Migrator::up(&conn, Some(7)).await.unwrap();
+        let conn = db.connect_migrated_to(7).await;
         let a = "a".repeat(64);
         let statements = [
             "INSERT INTO projects (project_id, plan_id, alert_thresholds, created_at, updated_at) \

@@ -790,24 +790,16 @@ async fn a_server_killed_mid_upload_resumes_after_restart() {
 /// bill the same (storage byte-seconds and ingress from the rows as they were), an old
 /// artifact's upload id is no resumable upload, and resumable pushes work on it.
 async fn artifacts_recorded_before_the_uploads_table_read_the_same(backend: Backend) {
-    use migrations::{Migrator, MigratorTrait};
-    use sea_orm::{ConnectionTrait, Database};
+    use sea_orm::ConnectionTrait;
 
     let Some(db) = common::TestDb::create(backend).await else {
         return;
     };
-    let url = match backend {
-        Backend::Sqlite => format!("{}?mode=rwc", db.url),
-        Backend::Postgres => db.url.clone(),
-    };
-    let conn = Database::connect(url.as_str()).await.unwrap();
-    let before_uploads = Migrator::migrations()
-        .iter()
-        .position(|m| m.name() == "m20261127_000012_resumable_uploads")
-        .unwrap();
-    Migrator::up(&conn, Some(before_uploads as u32))
-        .await
-        .unwrap();
+    let conn = db
+        .connect_migrated_to(common::TestDb::version_before(
+            "m20261127_000012_resumable_uploads",
+        ))
+        .await;
     let t = common::TEST_EPOCH_SECONDS * 1_000_000;
     let half_hour = 1_800_000_000;
     let (live, ended) = (content(3_000, 1), content(500, 2));

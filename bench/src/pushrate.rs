@@ -354,22 +354,12 @@ async fn push_back_to_back(
         kind: ScopeKind::Job.into(),
         id: format!("client-{id}"),
     };
-    let mut content = pseudo_random(size, 1_000 + id);
-    let mut tally = PushTally::default();
-    let mut n: u64 = 0;
-    while Instant::now() < window_end {
-        n += 1;
-        content[..8].copy_from_slice(&((id << 40) | n).to_le_bytes());
-        let data = Bytes::copy_from_slice(&content);
-        let started = Instant::now();
+    let mut pushes = BackToBack::new(id, size, (window_start, window_end), "client");
+    while let Some((n, data)) = pushes.next_push() {
         let outcome = small_push(&mut client, &scope, format!("f{n}"), data).await;
-        let done = Instant::now();
-        let in_window = window_start <= done && done <= window_end;
-        tally.record(outcome, done - started, in_window, || {
-            format!("client {id}, push {n}")
-        });
+        pushes.record(outcome);
     }
-    tally
+    pushes.tally
 }
 
 /// The bare loop's task `id`: the same pushes as `push_back_to_back`'s client `id`.
@@ -395,21 +385,62 @@ async fn bare_back_to_back(
             return tally;
         }
     };
-    let mut content = pseudo_random(size, 1_000 + id);
-    let mut n: u64 = 0;
-    while Instant::now() < window_end {
-        n += 1;
-        content[..8].copy_from_slice(&((id << 40) | n).to_le_bytes());
-        let data = Bytes::copy_from_slice(&content);
-        let started = Instant::now();
+    let mut pushes = BackToBack::new(id, size, (window_start, window_end), "task");
+    while let Some((n, data)) = pushes.next_push() {
         let outcome = bare_push(&store, &scope, n, data).await;
-        let done = Instant::now();
-        let in_window = window_start <= done && done <= window_end;
-        tally.record(outcome, done - started, in_window, || {
-            format!("task {id}, push {n}")
-        });
+        pushes.record(outcome);
     }
-    tally
+    pushes.tally
+}
+
+/// Pusher `id`'s pushes one after the other until the window ends, each timed: every push
+/// has distinct content, random bytes of the pusher's own with the first 8 stamped with the
+/// pusher and a counter (from 1).
+struct BackToBack {
+    id: u64,
+    who: &'static str,
+    window: (Instant, Instant),
+    content: Vec<u8>,
+    n: u64,
+    started: Instant,
+    tally: PushTally,
+}
+
+impl BackToBack {
+    fn new(id: u64, size: usize, window: (Instant, Instant), who: &'static str) -> Self {
+        Self {
+            id,
+            who,
+            window,
+            content: pseudo_random(size, 1_000 + id),
+            n: 0,
+            started: Instant::now(),
+            tally: PushTally::default(),
+        }
+    }
+
+    /// The next push's counter and content, until the window ends; its clock starts now.
+    fn next_push(&mut self) -> Option<(u64, Bytes)> {
+        if Instant::now() >= self.window.1 {
+            return None;
+        }
+        self.n += 1;
+        self.content[..8].copy_from_slice(&((self.id << 40) | self.n).to_le_bytes());
+        let data = Bytes::copy_from_slice(&self.content);
+        self.started = Instant::now();
+        Some((self.n, data))
+    }
+
+    /// The outcome of the push `next_push` gave last.
+    fn record(&mut self, outcome: anyhow::Result<bool>) {
+        let done = Instant::now();
+        let in_window = self.window.0 <= done && done <= self.window.1;
+        let (who, id, n) = (self.who, self.id, self.n);
+        self.tally
+            .record(outcome, done - self.started, in_window, || {
+                format!("{who} {id}, push {n}")
+            });
+    }
 }
 
 /// One push's rows, committed as artifactd commits a lone small push: hashed, then blob row

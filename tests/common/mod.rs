@@ -48,6 +48,12 @@ impl TestDb {
     /// Migrates this (empty) database up to migration `version` only, as a deployment of an
     /// earlier release left it; the previous-schema tests then write it with that schema.
     pub async fn migrate_to(&self, version: u32) {
+        let _ = self.connect_migrated_to(version).await.close().await;
+    }
+
+    /// [`Self::migrate_to`], keeping the connection open for the test to write rows under
+    /// that schema (close it before a server starts on the database).
+    pub async fn connect_migrated_to(&self, version: u32) -> sea_orm::DatabaseConnection {
         use migrations::{Migrator, MigratorTrait};
         let url = if self.postgres.is_some() {
             self.url.clone()
@@ -56,7 +62,18 @@ impl TestDb {
         };
         let conn = sea_orm::Database::connect(url.as_str()).await.unwrap();
         Migrator::up(&conn, Some(version)).await.unwrap();
-        let _ = conn.close().await;
+        conn
+    }
+
+    /// How many migrations come before the one named `name`: the version to migrate to for
+    /// the schema an earlier release had just before that migration.
+    pub fn version_before(name: &str) -> u32 {
+        use migrations::{Migrator, MigratorTrait};
+        let position = Migrator::migrations()
+            .iter()
+            .position(|m| m.name() == name)
+            .unwrap_or_else(|| panic!("no migration named {name}"));
+        u32::try_from(position).unwrap()
     }
 
     pub async fn create(backend: Backend) -> Option<Self> {
