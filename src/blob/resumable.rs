@@ -220,14 +220,28 @@ impl ResumableWriter {
     /// ARTIFACTD_BLOB_FSYNC is on; otherwise handed to the OS, which survives a process
     /// crash). Returns the durable size. Hashing goes on meanwhile.
     pub async fn sync(&mut self) -> Result<u64, Error> {
+        self.sync_later().await?.await
+    }
+
+    /// Waits for the chunks handed over to be written, then returns the rest of
+    /// [`Self::sync`] (the fsync, which takes far longer) as a step of its own, to run while
+    /// more chunks are written: it makes every byte written so far durable and resolves to
+    /// their count.
+    pub async fn sync_later(
+        &mut self,
+    ) -> Result<impl Future<Output = Result<u64, Error>> + Send + 'static, Error> {
         self.write.drained().await?;
-        if self.fsync {
-            super::sync_data(self.file.clone()).await?;
-            if let Some(dir) = self.unsynced_dir.take() {
-                blocking(move || super::sync_dir(&dir)).await?;
+        let (file, written) = (self.file.clone(), self.written);
+        let sync = self.fsync.then(|| self.unsynced_dir.take());
+        Ok(async move {
+            if let Some(dir) = sync {
+                super::sync_data(file).await?;
+                if let Some(dir) = dir {
+                    blocking(move || super::sync_dir(&dir)).await?;
+                }
             }
-        }
-        Ok(self.written)
+            Ok(written)
+        })
     }
 
     /// Syncs and returns the SHA-256 of everything written.

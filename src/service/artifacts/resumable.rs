@@ -300,7 +300,11 @@ impl ArtifactService {
     where
         S: Stream<Item = Result<Bytes, Error>> + Send + Unpin,
     {
+        // A checkpoint's fsync and database write run while the next bytes arrive (waiting
+        // for them stalled the stream every few MiB); one at a time, so the committed offset
+        // only moves forward, and each starts once the previous one is done.
         let mut checkpointed = writer.written();
+        let mut in_flight: Option<tokio::task::JoinHandle<Result<u64, Error>>> = None;
         let streamed: Result<(), Error> = async {
             while let Some(chunk) = chunks.next().await {
                 let chunk = chunk?;
@@ -318,13 +322,28 @@ impl ArtifactService {
                     continue;
                 }
                 writer.write(chunk).await?;
-                if writer.written() - checkpointed >= CHECKPOINT_BYTES {
-                    checkpointed = self.checkpoint(id, &mut writer).await?;
+                if writer.written() - checkpointed >= CHECKPOINT_BYTES
+                    && in_flight
+                        .as_ref()
+                        .is_none_or(tokio::task::JoinHandle::is_finished)
+                {
+                    if let Some(previous) = in_flight.take() {
+                        joined(previous).await?;
+                    }
+                    in_flight = Some(self.checkpoint_later(id, &mut writer).await?);
+                    checkpointed = writer.written();
                 }
             }
             Ok(())
         }
         .await;
+        // Before any later checkpoint: an earlier one finishing after it would move the
+        // committed offset back.
+        let earlier = match in_flight.take() {
+            Some(previous) => joined(previous).await.map(drop),
+            None => Ok(()),
+        };
+        let streamed = streamed.and(earlier);
         if let Err(err) = streamed {
             // Keep what arrived: the client resumes from there.
             match self.checkpoint(id, &mut writer).await {
@@ -373,6 +392,24 @@ impl ArtifactService {
         })
     }
 
+    /// Starts a checkpoint of what was written so far: its sync and the record of the
+    /// committed offset go on on a task of their own.
+    async fn checkpoint_later(
+        &self,
+        id: &str,
+        writer: &mut ResumableWriter,
+    ) -> Result<tokio::task::JoinHandle<Result<u64, Error>>, Error> {
+        let sync = writer.sync_later().await?;
+        let (store, clock, id) = (self.store.clone(), self.clock.clone(), id.to_owned());
+        Ok(tokio::spawn(async move {
+            let durable = sync.await?;
+            store
+                .checkpoint_upload(&id, durable as i64, clock.now())
+                .await?;
+            Ok(durable)
+        }))
+    }
+
     /// Makes what was written durable and records it as committed.
     async fn checkpoint(&self, id: &str, writer: &mut ResumableWriter) -> Result<u64, Error> {
         let durable = writer.sync().await?;
@@ -381,6 +418,13 @@ impl ArtifactService {
             .await?;
         Ok(durable)
     }
+}
+
+/// The outcome of a checkpoint started with `checkpoint_later`.
+async fn joined(checkpoint: tokio::task::JoinHandle<Result<u64, Error>>) -> Result<u64, Error> {
+    checkpoint
+        .await
+        .map_err(|e| Error::Internal(format!("a resumable upload's checkpoint failed: {e}")))?
 }
 
 fn no_upload(scope: &Scope, upload_id: &UploadId) -> Error {
