@@ -49,6 +49,17 @@ pub(crate) async fn artifact_push(
     total: u64,
     path: &str,
 ) -> anyhow::Result<f64> {
+    Ok(push_artifact(client, pool, variant, total, path).await?.0)
+}
+
+/// [`artifact_push`], returning the stored blob's SHA-256 (hex) beside the MB/s.
+pub(crate) async fn push_artifact(
+    client: &mut ArtifactServiceClient<Channel>,
+    pool: &ChunkPool,
+    variant: u64,
+    total: u64,
+    path: &str,
+) -> anyhow::Result<(f64, String)> {
     let header = PushHeader {
         scope: Some(bench_scope()),
         path: path.into(),
@@ -69,7 +80,10 @@ pub(crate) async fn artifact_push(
     let started = Instant::now();
     let response = client.push(messages).await?.into_inner();
     let elapsed = started.elapsed();
-    let size = response.artifact.map(|a| a.size).unwrap_or_default();
+    let (size, sha256) = response
+        .artifact
+        .map(|a| (a.size, a.sha256))
+        .unwrap_or_default();
     ensure!(
         u64::try_from(size) == Ok(total),
         "artifactd stored {size} bytes, {total} were sent"
@@ -78,7 +92,7 @@ pub(crate) async fn artifact_push(
         !response.deduplicated,
         "the push was deduplicated, so it measured no blob write"
     );
-    Ok(mb_per_s(total, elapsed))
+    Ok((mb_per_s(total, elapsed), sha256))
 }
 
 /// Pulls `path` whole and checks its size. Returns MB/s.

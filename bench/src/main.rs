@@ -31,6 +31,7 @@ mod content;
 mod getbill;
 mod hash;
 mod measure;
+mod pagecache;
 mod process;
 mod projects;
 mod pushrate;

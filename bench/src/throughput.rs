@@ -16,13 +16,23 @@
 //! - **bare push** (`Sink`) against **Push**: artifactd streams to a temporary upload,
 //!   hashes on the side, fsyncs (unless `--fsync false`), promotes and commits a row;
 //! - **bare pull** (`Source`) against **Pull**: artifactd reads the blob from disk (usually
-//!   from the page cache, as it was just written).
+//!   from the page cache, as it was just written);
+//! - **cold Pull** against a **disk read**: the blob file is dropped from the page cache
+//!   (`fdatasync`, then `posix_fadvise(DONTNEED)` on that file only) before artifactd pulls it,
+//!   and before this process reads the same file straight from the disk in chunk-sized reads
+//!   (the kernel's default read-ahead, as `cat` does), which is the cold Pull's ceiling. The
+//!   two alternate which goes first from round to round.
 //!
 //! Push's ceiling is min(bare push, SHA-256 rate): one artifact's digest is sequential. The
 //! targets are Push ≥ 0.85× of that ceiling, its server CPU per GiB ≤ 1.2× (bare + hash),
-//! and Pull ≥ 0.90× of bare. Running both sides in
+//! Pull ≥ 0.90× of bare warm and ≥ 0.85× of the disk read cold. Running both sides in
 //! separate processes on the same machine keeps the comparison fair: each measurement pays
 //! for the same client, the same loopback TCP and the same HTTP/2 framing.
+//!
+//! Then, for concurrency, one 256 MiB push alternates with 4 concurrent 256 MiB pushes (each
+//! on its own connection), over the same rounds: their aggregate MB/s against the one push
+//! (target ≥ 1.6× when the hash is the ceiling: the pushes' hashing spreads over the cores)
+//! and the server's CPU-seconds per GiB.
 //!
 //! Finally it pushes many large files at once (64 × 256 MiB by default, one connection each,
 //! like 64 CI jobs uploading together) while sampling the server's resident memory from
@@ -44,9 +54,12 @@ use clap::{ArgAction, Args};
 use futures::stream;
 use tonic::transport::Channel;
 
-use crate::client::{artifact_client, artifact_pull, artifact_push, connect, mb_per_s};
+use crate::client::{
+    artifact_client, artifact_pull, artifact_push, connect, mb_per_s, push_artifact,
+};
 use crate::content::ChunkPool;
 use crate::measure::{RSS_SAMPLE_EVERY, RssSampler, cpu_seconds, proc_status_kib, verdict};
+use crate::pagecache;
 use crate::process::{
     artifactd_exe, free_port, spawn_artifactd, spawn_bare, wait_ready_http, wait_ready_tcp,
 };
@@ -58,6 +71,11 @@ use crate::{GIB, KIB, MAX_ARTIFACT_BYTES, MAX_MESSAGE_BYTES, MIB, runtime, warn_
 /// plus the hash's own.
 const PUSH_TARGET: f64 = 0.85;
 const PULL_TARGET: f64 = 0.90;
+/// Target for a cold Pull, as a fraction of a direct read of the same file from the disk.
+const COLD_PULL_TARGET: f64 = 0.85;
+/// Target for concurrent pushes' aggregate rate, as a multiple of one push, when one core's
+/// hash is the ceiling.
+const CONCURRENT_TARGET: f64 = 1.6;
 const PUSH_CPU_TARGET: f64 = 1.2;
 /// Target for the server's peak resident memory during the concurrent pushes.
 const RSS_TARGET_MIB: f64 = 200.0;
@@ -91,6 +109,15 @@ pub(crate) struct ThroughputArgs {
     /// Concurrent pushes in the memory phase, each over its own connection; 0 skips it.
     #[arg(long, default_value_t = 64)]
     mem_pushes: u32,
+
+    /// Pushes at once in the concurrency phase, each over its own connection; 0 skips it.
+    #[arg(long, default_value_t = 4)]
+    concurrent_pushes: u32,
+
+    /// Size of each push of the concurrency phase (and of the one push it is set against),
+    /// in MiB.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10240))]
+    concurrent_file_mib: u64,
 }
 
 pub(crate) fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
@@ -103,6 +130,7 @@ pub(crate) fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
     let scratch = ScratchDir::create()?;
     eprintln!("scratch data in {}", scratch.path().display());
 
+    let blob_dir = scratch.path().join("blobs");
     let grpc_port = free_port()?;
     let http_port = free_port()?;
     let bare_port = free_port()?;
@@ -114,7 +142,7 @@ pub(crate) fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
         ),
         (
             "ARTIFACTD_BLOB_URL",
-            format!("file://{}", scratch.path().join("blobs").display()),
+            format!("file://{}", blob_dir.display()),
         ),
         (
             "ARTIFACTD_MAX_ARTIFACT_BYTES",
@@ -133,10 +161,17 @@ pub(crate) fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
     let runtime = runtime()?;
     let hash = hash_rate(args.rounds);
     let pids = (server.pid(), bare.pid());
+    eprintln!("load average at start: {}", load_average());
     let best = runtime.block_on(measure_throughput(
-        args, &pool, total, grpc_port, bare_port, pids,
+        args, &pool, total, &blob_dir, grpc_port, bare_port, pids,
     ))?;
     print_throughput(args, &best, hash);
+
+    if args.concurrent_pushes > 0 {
+        let concurrent =
+            runtime.block_on(measure_concurrent(args, &pool, grpc_port, server.pid()))?;
+        print_concurrent(args, &concurrent, best.bare_push.min(hash.0) == hash.0);
+    }
 
     if args.mem_pushes > 0 {
         let file_bytes = memory_file_size(args, scratch.path())?;
@@ -151,6 +186,7 @@ pub(crate) fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
         print_memory(args.mem_pushes, file_bytes, &memory);
     }
 
+    println!("load average at the end: {}", load_average());
     drop(runtime);
     drop(bare);
     drop(server);
@@ -169,6 +205,9 @@ struct Best {
     push_cpu: f64,
     bare_pull_cpu: f64,
     pull_cpu: f64,
+    disk_read: f64,
+    cold_pull: f64,
+    cold_pull_cpu: f64,
 }
 
 /// Single-core rate (MB/s, median of `rounds`) of the server's own hasher over 1 GiB held in
@@ -200,6 +239,7 @@ async fn measure_throughput(
     args: &ThroughputArgs,
     pool: &ChunkPool,
     total: u64,
+    blob_dir: &Path,
     grpc_port: u16,
     bare_port: u16,
     (server_pid, bare_pid): (u32, u32),
@@ -210,7 +250,7 @@ async fn measure_throughput(
     let mut artifacts = artifact_client(connect(grpc_port).await?);
     let chunk_size = i32::try_from(pool.chunk_size).context("chunk size")?;
 
-    let mut rounds: [Vec<f64>; 8] = Default::default();
+    let mut rounds: [Vec<f64>; 11] = Default::default();
     for round in 0..args.rounds {
         // Each round pushes different content, so no push is answered by deduplication.
         let variant = u64::from(round);
@@ -220,7 +260,7 @@ async fn measure_throughput(
             .context("bare push")?;
         let bare_push_cpu = cpu_per_gib(cpu, cpu_seconds(bare_pid), total);
         let cpu = cpu_seconds(server_pid);
-        let push = artifact_push(&mut artifacts, pool, variant, total, THROUGHPUT_PATH)
+        let (push, sha256) = push_artifact(&mut artifacts, pool, variant, total, THROUGHPUT_PATH)
             .await
             .context("Push")?;
         let push_cpu = cpu_per_gib(cpu, cpu_seconds(server_pid), total);
@@ -234,12 +274,30 @@ async fn measure_throughput(
             .await
             .context("Pull")?;
         let pull_cpu = cpu_per_gib(cpu, cpu_seconds(server_pid), total);
+        let blob = blob_file(blob_dir, &sha256)?;
+        let chunk = pool.chunk_size;
+        let disk_first = round % 2 == 0;
+        let mut disk_read = 0.0;
+        if disk_first {
+            disk_read = pagecache::read_cold(&blob, chunk).context("disk read")?;
+        }
+        pagecache::evict(&blob)?;
+        let cpu = cpu_seconds(server_pid);
+        let cold_pull = artifact_pull(&mut artifacts, THROUGHPUT_PATH, total)
+            .await
+            .context("cold Pull")?;
+        let cold_pull_cpu = cpu_per_gib(cpu, cpu_seconds(server_pid), total);
+        if !disk_first {
+            disk_read = pagecache::read_cold(&blob, chunk).context("disk read")?;
+        }
         eprintln!(
             "round {}/{}: bare push {bare_push:.1}, Push {push:.1}, bare pull {bare_pull:.1}, \
-             Pull {pull:.1} MB/s; server CPU-s/GiB: bare push {bare_push_cpu:.2}, Push \
-             {push_cpu:.2}, bare pull {bare_pull_cpu:.2}, Pull {pull_cpu:.2}",
+             Pull {pull:.1}, disk read {disk_read:.1}, cold Pull {cold_pull:.1} MB/s; server \
+             CPU-s/GiB: bare push {bare_push_cpu:.2}, Push {push_cpu:.2}, bare pull \
+             {bare_pull_cpu:.2}, Pull {pull_cpu:.2}, cold Pull {cold_pull_cpu:.2} (load {})",
             round + 1,
-            args.rounds
+            args.rounds,
+            load_average()
         );
         for (series, value) in rounds.iter_mut().zip([
             bare_push,
@@ -250,11 +308,14 @@ async fn measure_throughput(
             push_cpu,
             bare_pull_cpu,
             pull_cpu,
+            disk_read,
+            cold_pull,
+            cold_pull_cpu,
         ]) {
             series.push(value);
         }
     }
-    let [a, b, c, d, e, f, g, h] = rounds.map(crate::hash::median);
+    let [a, b, c, d, e, f, g, h, i, j, k] = rounds.map(crate::hash::median);
     Ok(Best {
         bare_push: a,
         push: b,
@@ -264,7 +325,32 @@ async fn measure_throughput(
         push_cpu: f,
         bare_pull_cpu: g,
         pull_cpu: h,
+        disk_read: i,
+        cold_pull: j,
+        cold_pull_cpu: k,
     })
+}
+
+/// Where the local blob store keeps the blob with digest `sha256` (hex).
+fn blob_file(blob_dir: &Path, sha256: &str) -> anyhow::Result<std::path::PathBuf> {
+    ensure!(
+        sha256.len() == 64,
+        "Push returned {sha256:?}, not a SHA-256 in hex"
+    );
+    let path = blob_dir
+        .join("blobs/sha256")
+        .join(&sha256[0..2])
+        .join(&sha256[2..4])
+        .join(sha256);
+    ensure!(path.is_file(), "no blob file at {}", path.display());
+    Ok(path)
+}
+
+/// The 1, 5 and 15 minute load averages, as `uptime` prints them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
 }
 
 async fn bare_push(
@@ -338,14 +424,123 @@ fn print_throughput(args: &ThroughputArgs, best: &Best, (hash, hash_cpu): (f64, 
         pull_ratio,
         verdict(pull_ratio >= PULL_TARGET)
     );
+    let cold_ratio = best.cold_pull / best.disk_read;
+    println!(
+        "{:<14} {:>8.1}   cold, straight from the file",
+        "disk read", best.disk_read
+    );
+    println!(
+        "{:<14} {:>8.1} {:>8.2}×   ≥ {COLD_PULL_TARGET:.2}× disk read (cold)  {}",
+        "cold Pull",
+        best.cold_pull,
+        cold_ratio,
+        verdict(cold_ratio >= COLD_PULL_TARGET)
+    );
     println!(
         "server CPU-s/GiB: Push {:.2} (bare {:.2} + hash {hash_cpu:.2}; target ≤ {cpu_bound:.2}) {}; \
-         Pull {:.2} (bare {:.2})",
+         Pull {:.2} (bare {:.2}); cold Pull {:.2}",
         best.push_cpu,
         best.bare_push_cpu,
         verdict(best.push_cpu <= cpu_bound),
         best.pull_cpu,
-        best.bare_pull_cpu
+        best.bare_pull_cpu,
+        best.cold_pull_cpu
+    );
+}
+
+/// Medians of the concurrency phase.
+struct Concurrent {
+    one: f64,
+    one_cpu: f64,
+    aggregate: f64,
+    aggregate_cpu: f64,
+}
+
+/// One push, then `--concurrent-pushes` at once, each round (see the module documentation).
+async fn measure_concurrent(
+    args: &ThroughputArgs,
+    pool: &ChunkPool,
+    grpc_port: u16,
+    server_pid: u32,
+) -> anyhow::Result<Concurrent> {
+    let size = args.concurrent_file_mib * MIB;
+    let pushes = u64::from(args.concurrent_pushes);
+    let mut client = artifact_client(connect(grpc_port).await?);
+    let mut clients = Vec::new();
+    for _ in 0..pushes {
+        clients.push(artifact_client(connect(grpc_port).await?));
+    }
+    // Variants past the throughput phase's and the memory phase's.
+    let mut variant = 1_000_000;
+    let mut rounds: [Vec<f64>; 4] = Default::default();
+    for round in 0..args.rounds {
+        let cpu = cpu_seconds(server_pid);
+        let one = artifact_push(&mut client, pool, variant, size, "concurrent/one.bin")
+            .await
+            .context("the single push")?;
+        let one_cpu = cpu_per_gib(cpu, cpu_seconds(server_pid), size);
+        variant += 1;
+
+        let cpu = cpu_seconds(server_pid);
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (n, mut client) in clients.drain(..).enumerate() {
+            let pool = pool.clone();
+            let variant = variant + n as u64;
+            tasks.spawn(async move {
+                let path = format!("concurrent/{n}.bin");
+                artifact_push(&mut client, &pool, variant, size, &path)
+                    .await
+                    .with_context(|| format!("concurrent Push of {path}"))?;
+                anyhow::Ok(client)
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            clients.push(joined.context("a push task panicked")??);
+        }
+        let aggregate = mb_per_s(size * pushes, started.elapsed());
+        let aggregate_cpu = cpu_per_gib(cpu, cpu_seconds(server_pid), size * pushes);
+        variant += pushes;
+        eprintln!(
+            "concurrency round {}/{}: one push {one:.1} MB/s ({one_cpu:.2} CPU-s/GiB), {pushes} \
+             at once {aggregate:.1} MB/s ({aggregate_cpu:.2} CPU-s/GiB) (load {})",
+            round + 1,
+            args.rounds,
+            load_average()
+        );
+        for (series, value) in rounds
+            .iter_mut()
+            .zip([one, one_cpu, aggregate, aggregate_cpu])
+        {
+            series.push(value);
+        }
+    }
+    let [one, one_cpu, aggregate, aggregate_cpu] = rounds.map(crate::hash::median);
+    Ok(Concurrent {
+        one,
+        one_cpu,
+        aggregate,
+        aggregate_cpu,
+    })
+}
+
+fn print_concurrent(args: &ThroughputArgs, concurrent: &Concurrent, hash_is_ceiling: bool) {
+    let ratio = concurrent.aggregate / concurrent.one;
+    let verdict = if hash_is_ceiling {
+        verdict(ratio >= CONCURRENT_TARGET)
+    } else {
+        "(no target: the bare stream, not the hash, is the ceiling)"
+    };
+    println!(
+        "concurrency: {} × {} MiB pushes at once {:.1} MB/s aggregate, one push {:.1} MB/s: \
+         {ratio:.2}× (target ≥ {CONCURRENT_TARGET:.1}×) {verdict}; server CPU-s/GiB {:.2} \
+         (one push {:.2})",
+        args.concurrent_pushes,
+        args.concurrent_file_mib,
+        concurrent.aggregate,
+        concurrent.one,
+        concurrent.aggregate_cpu,
+        concurrent.one_cpu
     );
 }
 
