@@ -21,7 +21,8 @@
 //!   (`fdatasync`, then `posix_fadvise(DONTNEED)` on that file only) before artifactd pulls it,
 //!   and before this process reads the same file straight from the disk in chunk-sized reads
 //!   (the kernel's default read-ahead, as `cat` does), which is the cold Pull's ceiling. The
-//!   two alternate which goes first from round to round.
+//!   two alternate which goes first from round to round, after one unmeasured cold read
+//!   (the first read after a write was the slowest here, whichever it was).
 //!
 //! Push's ceiling is min(bare push, SHA-256 rate): one artifact's digest is sequential. The
 //! targets are Push ≥ 0.85× of that ceiling, its server CPU per GiB ≤ 1.2× (bare + hash),
@@ -276,6 +277,10 @@ async fn measure_throughput(
         let pull_cpu = cpu_per_gib(cpu, cpu_seconds(server_pid), total);
         let blob = blob_file(blob_dir, &sha256)?;
         let chunk = pool.chunk_size;
+        // The first cold read after a push ran at a fraction of later ones here (the VM's
+        // disk still settling the write), whichever read it was: one unmeasured read first,
+        // so that the disk read and the cold Pull meet the same disk.
+        pagecache::read_cold(&blob, chunk).context("settling read")?;
         let disk_first = round % 2 == 0;
         let mut disk_read = 0.0;
         if disk_first {

@@ -7,8 +7,10 @@
 //! hash), not at the sum of the three. Concurrent pushes each have their own stages, so their
 //! hashing spreads over the cores.
 //!
-//! A stage holds no thread while its queue is empty: a task is started on the pool when a
-//! chunk arrives at an idle stage, drains the queue and ends. A client that trickles or
+//! A stage holds no thread while its queue is empty: a task is started on the pool once an
+//! idle stage's queue is three quarters full (or the sender would otherwise wait, or the
+//! upload ends), drains the queue and ends. A stage that keeps up with the network thus
+//! takes several chunks per start rather than a wake-up per chunk. A client that trickles or
 //! stops costs an idle future, as before, and a stage's thread only ever waits on the disk,
 //! never on a peer. The queue is bounded in bytes ([`STAGE_QUEUE_BYTES`]), which is the
 //! backpressure: the receive loop waits for room, so a push holds at most about that much
@@ -31,6 +33,11 @@ use crate::domain::{Error, Hasher};
 /// concurrent pushes hold tens of MiB between them.
 pub(super) const STAGE_QUEUE_BYTES: usize = 1024 * 1024;
 
+/// An idle stage is started once this share of its queue (in quarters) is filled, or when
+/// the sender would otherwise wait, or at the end: a stage that keeps up then works through
+/// several chunks per start instead of being woken for each.
+const WAKE_QUARTERS: u32 = 3;
+
 /// What a stage does with each chunk, in order, on the blocking pool.
 pub(super) trait Work: Send + 'static {
     fn chunk(&mut self, chunk: &[u8]) -> std::io::Result<()>;
@@ -48,10 +55,14 @@ pub(super) struct Stage<W: Work> {
     shared: Arc<Mutex<Shared<W>>>,
     room: Arc<Semaphore>,
     capacity: u32,
+    /// Queued bytes (by weight) at which an idle stage is started.
+    wake_at: u32,
 }
 
 struct Shared<W> {
     queue: VecDeque<(Bytes, OwnedSemaphorePermit)>,
+    /// Weight of the queued chunks (not counting one in work).
+    queued: u32,
     /// The worker while no task runs it (`None` while one does, or after a failure).
     idle: Option<W>,
     /// Why the stage stopped: a chunk failed, a task panicked, or the stage was dropped.
@@ -75,11 +86,13 @@ impl<W: Work> Stage<W> {
         Self {
             shared: Arc::new(Mutex::new(Shared {
                 queue: VecDeque::new(),
+                queued: 0,
                 idle: Some(worker),
                 failed: None,
             })),
             room: Arc::new(Semaphore::new(capacity as usize)),
             capacity,
+            wake_at: (capacity / 4 * WAKE_QUARTERS).max(1),
         }
     }
 
@@ -93,6 +106,12 @@ impl<W: Work> Stage<W> {
         let weight = u32::try_from(chunk.len())
             .unwrap_or(u32::MAX)
             .min(self.capacity);
+        // No room: an idle stage holding chunks below its wake mark must start, or nothing
+        // would ever give room back. (Nobody else takes permits, and an idle stage gives
+        // none back, so the count cannot change under this check.)
+        if self.room.available_permits() < weight as usize {
+            self.start_if_idle();
+        }
         let permit = self
             .room
             .clone()
@@ -104,16 +123,33 @@ impl<W: Work> Stage<W> {
             return Err(failure.to_error());
         }
         shared.queue.push_back((chunk, permit));
+        shared.queued += weight;
+        if shared.queued >= self.wake_at {
+            self.start(shared);
+        }
+        Ok(())
+    }
+
+    /// Starts a task on the pool to work through the queue, unless one runs or the queue is
+    /// empty.
+    fn start(&self, mut shared: MutexGuard<'_, Shared<W>>) {
+        if shared.queue.is_empty() {
+            return;
+        }
         if let Some(worker) = shared.idle.take() {
             let queue = self.shared.clone();
             drop(shared);
             tokio::task::spawn_blocking(move || drain(&queue, worker));
         }
-        Ok(())
+    }
+
+    fn start_if_idle(&self) {
+        self.start(lock(&self.shared));
     }
 
     /// Waits until every chunk handed over is done (the queue empty and no task running).
     pub(super) async fn drained(&mut self) -> Result<(), Error> {
+        self.start_if_idle();
         // Every permit back means every chunk is done; the draining task gives its last
         // permit back only under the lock, after it has put the worker back.
         let all = self
@@ -150,6 +186,7 @@ impl<W: Work> Drop for Stage<W> {
     fn drop(&mut self) {
         let mut shared = lock(&self.shared);
         shared.queue.clear();
+        shared.queued = 0;
         shared.failed.get_or_insert(Failure::Dropped);
     }
 }
@@ -167,6 +204,7 @@ fn drain<W: Work>(shared: &Mutex<Shared<W>>, mut worker: W) {
             }
             match shared.queue.pop_front() {
                 Some((chunk, permit)) => {
+                    shared.queued -= permit.num_permits() as u32;
                     done = Some(permit);
                     chunk
                 }
@@ -185,6 +223,7 @@ fn drain<W: Work>(shared: &Mutex<Shared<W>>, mut worker: W) {
         };
         let mut shared = lock(shared);
         shared.queue.clear();
+        shared.queued = 0;
         shared.failed.get_or_insert(failure);
         drop(done.take());
         return;
@@ -308,6 +347,25 @@ mod tests {
             );
             assert_eq!(hasher.finish(), Hasher::digest(&payload), "{len} bytes");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stage_below_its_wake_mark_starts_when_the_sender_would_wait() {
+        // 1000 bytes of room, started at 750: the 400 bytes queued first do not start the
+        // stage, and the 700 that follow do not fit beside them, so the stage must start
+        // for the sender to get room. (The timeout turns a hang into a failure.)
+        let mut stage = Stage::with_capacity(Recorder::new(), 1000);
+        let chunks = [vec![1u8; 400], vec![2u8; 700], vec![3u8; 10]];
+        let recorder = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            for chunk in &chunks {
+                stage.submit(Bytes::from(chunk.clone())).await.unwrap();
+            }
+            stage.finish().await.unwrap()
+        })
+        .await
+        .expect("a stage below its wake mark never started");
+        assert_eq!(recorder.seen, chunks.concat());
+        assert_eq!(recorder.chunks, 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
