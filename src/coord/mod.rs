@@ -32,7 +32,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use redis::IntoConnectionInfo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::io::tcp::TcpSettings;
 use tokio_util::task::TaskTracker;
 
 use crate::domain::Error;
@@ -243,7 +245,16 @@ impl Counters {
 
     /// Like [`Counters::redis`] with another reservation lifetime (tests).
     pub fn redis_with_ttl(url: &str, prefix: &str, ttl: Duration) -> Result<Self, Error> {
-        let client = redis::Client::open(url).map_err(|e| Error::Unavailable {
+        // redis-rs leaves Nagle's algorithm on: with many commands in flight on the one
+        // multiplexed connection, each small write then waits for the previous one's ACK.
+        let info = url
+            .into_connection_info()
+            .map_err(|e| Error::Unavailable {
+                what: "redis",
+                cause: e.to_string(),
+            })?
+            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+        let client = redis::Client::open(info).map_err(|e| Error::Unavailable {
             what: "redis",
             cause: e.to_string(),
         })?;
@@ -909,6 +920,36 @@ pub(crate) mod tests {
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
         assert!(lapsed, "the leaked 60 bytes never lapsed");
+    }
+
+    /// Every connection to Redis has `TCP_NODELAY` (the driver's default is off).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn redis_connections_have_tcp_nodelay() {
+        let Some(url) = crate::coord::tests::redis_url() else {
+            return;
+        };
+        let port = match url.as_str().into_connection_info().unwrap().addr() {
+            redis::ConnectionAddr::Tcp(_, port) => *port,
+            other => {
+                eprintln!("skipped: TEST_REDIS_URL is not TCP ({other:?})");
+                return;
+            }
+        };
+        let prefix = format!("unit-{}:", uuid::Uuid::new_v4().simple());
+        let counters = Counters::redis(&url, &prefix).unwrap();
+        let s = Pool::Storage;
+        counters.prime("p", s, 0, 0).await;
+        assert_eq!(
+            counters.try_reserve("p", s, "r", 1, Some(10)).await,
+            Reserve::Granted
+        );
+        let sockets = crate::store::nodelay::nodelay_of_sockets_to(port);
+        assert!(!sockets.is_empty(), "no socket to Redis' port {port}");
+        for (inode, nodelay) in sockets {
+            assert_eq!(nodelay, Some(true), "socket {inode} to Redis' port {port}");
+        }
+        counters.settle("p", s, "r", Release::All, 0).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

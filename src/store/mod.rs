@@ -8,7 +8,7 @@ mod invoices;
 mod jobs;
 pub mod lifecycle;
 mod locations;
-mod nodelay;
+pub(crate) mod nodelay;
 mod plans;
 mod push_batch;
 mod quota;

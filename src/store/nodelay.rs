@@ -42,6 +42,24 @@ pub fn set_on_sockets_to(port: u16) -> usize {
     set
 }
 
+/// `TCP_NODELAY` of each TCP socket of this process connected to remote `port`, by socket
+/// inode (tests: Postgres' pool here, Redis' connection in `coord`).
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) fn nodelay_of_sockets_to(port: u16) -> Vec<(u64, Option<bool>)> {
+    let inodes = remote_port_inodes(port);
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").expect("fds").flatten() {
+        let Some(inode) = socket_inode(&entry.path()) else {
+            continue;
+        };
+        if inodes.contains(&inode) {
+            let fd: i32 = entry.file_name().to_str().expect("fd").parse().expect("fd");
+            found.push((inode, imp::nodelay(fd)));
+        }
+    }
+    found
+}
+
 /// The socket inode a `/proc/self/fd/N` link names (`socket:[12345]`), if it is a socket.
 fn socket_inode(fd_link: &std::path::Path) -> Option<u64> {
     let link = std::fs::read_link(fd_link).ok()?;
@@ -181,25 +199,14 @@ mod tests {
         for result in futures::future::join_all(statements).await {
             result.expect("statement");
         }
-        let inodes = remote_port_inodes(port);
-        let mut checked = 0;
-        for entry in std::fs::read_dir("/proc/self/fd").expect("fds").flatten() {
-            let Some(inode) = socket_inode(&entry.path()) else {
-                continue;
-            };
-            if inodes.contains(&inode) {
-                let fd: i32 = entry.file_name().to_str().expect("fd").parse().expect("fd");
-                assert_eq!(
-                    imp::nodelay(fd),
-                    Some(true),
-                    "socket {inode} to port {port}"
-                );
-                checked += 1;
-            }
+        let sockets = nodelay_of_sockets_to(port);
+        for (inode, nodelay) in &sockets {
+            assert_eq!(*nodelay, Some(true), "socket {inode} to port {port}");
         }
         assert!(
-            checked >= 2,
-            "only {checked} sockets to port {port} were open"
+            sockets.len() >= 2,
+            "only {} sockets to port {port} were open",
+            sockets.len()
         );
         db.close().await.expect("close");
     }
