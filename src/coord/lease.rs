@@ -8,6 +8,7 @@
 //! another then took) never deletes someone else's.
 
 use std::sync::Arc;
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -17,20 +18,28 @@ use super::{Counters, millis};
 use crate::domain::Error;
 
 /// KEYS: lease. ARGV: token, ttl ms. Extends the lease if `token` still holds it.
-const RENEW: &str = r"
+static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
-";
+",
+    )
+});
 
 /// KEYS: lease. ARGV: token. Deletes the lease if `token` still holds it.
-const RELEASE: &str = r"
+static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
-";
+",
+    )
+});
 
 /// A lease this process holds, renewed until [`Lease::release`] (or until it is dropped:
 /// then it lapses after its lifetime, as a dead holder's would).
@@ -101,7 +110,7 @@ impl Lease {
     /// counted and otherwise ignored: the lease then lapses after its lifetime.
     pub async fn release(self) {
         self.renewing.abort();
-        let result: redis::RedisResult<i64> = redis::Script::new(RELEASE)
+        let result: redis::RedisResult<i64> = RELEASE
             .key(&self.key)
             .arg(&self.token)
             .invoke_async(&mut self.redis.clone())
@@ -128,7 +137,7 @@ async fn renew(
     ttl: Duration,
     lost: Arc<AtomicBool>,
 ) {
-    let script = redis::Script::new(RENEW);
+    let script = &*RENEW;
     loop {
         tokio::time::sleep(ttl / 3).await;
         let result: redis::RedisResult<i64> = script

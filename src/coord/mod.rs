@@ -28,6 +28,7 @@ pub use lease::Lease;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -126,7 +127,9 @@ struct Local {
 /// KEYS: figure, deadlines (ZSET id → deadline ms), amounts (HASH id → bytes).
 /// ARGV: id, total wanted for this id, limit (-1: none), ttl ms.
 /// Returns {granted 1 | denied 0 | miss -1, figure, reserved by others}.
-const RESERVE: &str = r#"
+static RESERVE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms)
@@ -153,12 +156,16 @@ redis.call('ZADD', KEYS[2], now_ms + ttl, ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[3], ttl)
 return {1, stored, others}
-"#;
+"#,
+    )
+});
 
 /// KEYS: figure, deadlines, amounts, generation. ARGV: id ('' for none), generation ttl.
 /// The idempotent form of a settle that could not reach Redis: the entry (if named) goes,
 /// and the figure is forgotten, so the next reservation rebuilds it from the database.
-const RESET: &str = r#"
+static RESET: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 if ARGV[1] ~= '' then
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
@@ -167,11 +174,15 @@ redis.call('DEL', KEYS[1])
 redis.call('INCR', KEYS[4])
 redis.call('EXPIRE', KEYS[4], ARGV[2])
 return 1
-"#;
+"#,
+    )
+});
 
 /// KEYS: figure, deadlines, amounts, generation. ARGV: id, bytes taken out of the entry
 /// (-1: all), delta for the figure (applied only when the figure is known), generation ttl.
-const SETTLE: &str = r#"
+static SETTLE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 local take = tonumber(ARGV[2])
 if take < 0 then
   redis.call('HDEL', KEYS[3], ARGV[1])
@@ -196,18 +207,26 @@ if tonumber(ARGV[3]) ~= 0 then
   end
 end
 return 1
-"#;
+"#,
+    )
+});
 
 /// KEYS: figure, generation. ARGV: value, token, ttl. Sets the figure unless it exists or
 /// a change was recorded since the token was taken (the value may predate it).
-const PRIME: &str = r#"
+static PRIME: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[2]) then return 0 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then return 1 end
 return 0
-"#;
+"#,
+    )
+});
 
 /// KEYS: deadlines, amounts. ARGV: ttl ms, ids... Moves the deadline of each id still held.
-const REFRESH: &str = r#"
+static REFRESH: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 local now = redis.call('TIME')
 local deadline = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[1])
 for i = 2, #ARGV do
@@ -218,10 +237,14 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1
-"#;
+"#,
+    )
+});
 
 /// KEYS: deadlines, amounts. Sum of the live entries.
-const RESERVED: &str = r#"
+static RESERVED: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local total = 0
@@ -230,7 +253,9 @@ for _, id in ipairs(live) do
   total = total + tonumber(redis.call('HGET', KEYS[2], id) or '0')
 end
 return total
-"#;
+"#,
+    )
+});
 
 impl Counters {
     pub fn in_process() -> Self {
@@ -389,7 +414,7 @@ impl Counters {
         let ttl = self.inner.reservation_ttl;
         let outcome = 'outcome: {
             if let Some(redis) = self.connection() {
-                let result: redis::RedisResult<(i64, i64, i64)> = redis::Script::new(RESERVE)
+                let result: redis::RedisResult<(i64, i64, i64)> = RESERVE
                     .key(&figure)
                     .key(&deadlines)
                     .key(&amounts)
@@ -462,7 +487,7 @@ impl Counters {
             self.held().remove(&(amounts.clone(), id.to_owned()));
         }
         if let Some(redis) = self.connection() {
-            let result: redis::RedisResult<i64> = redis::Script::new(SETTLE)
+            let result: redis::RedisResult<i64> = SETTLE
                 .key(&figure)
                 .key(&deadlines)
                 .key(&amounts)
@@ -521,7 +546,7 @@ impl Counters {
     pub async fn reserved(&self, project: &str, pool: Pool<'_>) -> i64 {
         let (deadlines, amounts) = self.entry_keys(project, pool);
         if let Some(redis) = self.connection() {
-            let result: redis::RedisResult<i64> = redis::Script::new(RESERVED)
+            let result: redis::RedisResult<i64> = RESERVED
                 .key(&deadlines)
                 .key(&amounts)
                 .invoke_async(&mut redis.clone())
@@ -584,7 +609,7 @@ impl Counters {
         let key = self.figure_key(project, pool);
         let generation = self.generation_key(project, pool);
         if let Some(redis) = self.connection() {
-            let result: redis::RedisResult<i64> = redis::Script::new(PRIME)
+            let result: redis::RedisResult<i64> = PRIME
                 .key(&key)
                 .key(&generation)
                 .arg(value)
@@ -636,7 +661,7 @@ impl Counters {
         };
         let give_up = Instant::now() + self.inner.reservation_ttl;
         self.spawn(async move {
-            let script = redis::Script::new(RESET);
+            let script = &*RESET;
             let mut delay = Duration::from_millis(100);
             loop {
                 tokio::time::sleep(delay).await;
@@ -675,7 +700,7 @@ impl Counters {
                 None => continue,
             };
             if let Some(redis) = self.connection() {
-                let refresh = redis::Script::new(REFRESH);
+                let refresh = &*REFRESH;
                 let mut script = refresh.prepare_invoke();
                 script.key(&deadlines).key(&amounts).arg(millis(ttl));
                 for id in &ids {
