@@ -119,6 +119,11 @@ pub(crate) struct ThroughputArgs {
     /// in MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10240))]
     concurrent_file_mib: u64,
+
+    /// Run the throughput measurements; `false` skips them and the concurrency phase set
+    /// against them, leaving the memory phase on a fresh server (its peak RSS alone).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    throughput: bool,
 }
 
 pub(crate) fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
@@ -154,21 +159,28 @@ pub(crate) fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
         ("ARTIFACTD_DEFAULT_PLAN", "enterprise".to_owned()),
     ];
     let mut server = spawn_artifactd(&server_exe, grpc_port, http_port, &env)?;
-    let mut bare = spawn_bare(bare_port)?;
     wait_ready_http(&mut server, http_port)?;
-    wait_ready_tcp(&mut bare, bare_port)?;
-
     let pool = ChunkPool::new(chunk_size);
     let runtime = runtime()?;
-    let hash = hash_rate(args.rounds);
-    let pids = (server.pid(), bare.pid());
-    eprintln!("load average at start: {}", load_average());
-    let best = runtime.block_on(measure_throughput(
-        args, &pool, total, &blob_dir, grpc_port, bare_port, pids,
-    ))?;
-    print_throughput(args, &best, hash);
 
-    if args.concurrent_pushes > 0 {
+    // The throughput measurements, and the concurrency phase set against them.
+    let mut measured = None;
+    if args.throughput {
+        let mut bare = spawn_bare(bare_port)?;
+        wait_ready_tcp(&mut bare, bare_port)?;
+        let hash = hash_rate(args.rounds);
+        let pids = (server.pid(), bare.pid());
+        eprintln!("load average at start: {}", load_average());
+        let best = runtime.block_on(measure_throughput(
+            args, &pool, total, &blob_dir, grpc_port, bare_port, pids,
+        ))?;
+        print_throughput(args, &best, hash);
+        measured = Some((best, hash));
+    }
+
+    if let Some((best, hash)) = &measured
+        && args.concurrent_pushes > 0
+    {
         let concurrent =
             runtime.block_on(measure_concurrent(args, &pool, grpc_port, server.pid()))?;
         print_concurrent(args, &concurrent, best.bare_push.min(hash.0) == hash.0);
@@ -189,7 +201,6 @@ pub(crate) fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
 
     println!("load average at the end: {}", load_average());
     drop(runtime);
-    drop(bare);
     drop(server);
     drop(scratch);
     Ok(())
