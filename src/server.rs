@@ -336,8 +336,6 @@ pub async fn serve(
     let sweeper = tokio::spawn(app.sweeper.clone().run(stop_grpc.clone()));
     // Stored blobs re-hashed at a bounded rate, one replica at a time; awaited likewise.
     let scrubber = tokio::spawn(app.scrubber.clone().run(stop_grpc.clone()));
-    // Memory a burst of streams freed goes back to the OS within seconds (glibc keeps it).
-    tokio::spawn(crate::process::return_free_memory(stop_grpc.clone()));
     // The stored-totals gauges, read from the database every minute, not per request.
     tokio::spawn(app.metrics.clone().refresh_stored(
         app.store.clone(),
