@@ -36,17 +36,18 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::stream::{self, BoxStream, Stream, StreamExt};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, WriteMultipart};
+use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 use tokio::task::JoinHandle;
 
 use crate::domain::{Error, Hasher, Sha256};
 
+mod object_read;
 mod pagecache;
 mod pipeline;
 mod resumable;
@@ -292,8 +293,9 @@ impl BlobStore {
     }
 
     /// Streams `range` of a blob stored at `location` (`None`: its content address): chunks
-    /// of 64 KiB growing to [`READ_CHUNK_BYTES`] on a local directory, one ranged GET
-    /// streamed in [`READ_CHUNK_BYTES`] chunks from an object store. A blob that is missing,
+    /// of 64 KiB growing to [`READ_CHUNK_BYTES`] on a local directory; one ranged GET from an
+    /// object store, its body's buffers passed on uncopied in chunks of at most
+    /// [`READ_CHUNK_BYTES`] (see `object_read`). A blob that is missing,
     /// or shorter than `range`, is [`Error::DataLoss`] (up front when that is already
     /// visible).
     pub async fn read(
@@ -325,22 +327,9 @@ impl BlobStore {
             .map_err(|e| io_read_error(sha256, e))?;
             return Ok(LocalRead::new(file, sha256.clone(), range).boxed());
         }
-        let options = GetOptions {
-            range: Some(GetRange::Bounded(range.clone())),
-            ..Default::default()
-        };
-        let result = match self.store.get_opts(&key, options).await {
-            Ok(result) => result,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(Error::DataLoss(format!("blob {sha256} is missing")));
-            }
-            Err(e) => return Err(Error::blob_store(e)),
-        };
-        Ok(rechunk(
-            result.into_stream(),
-            sha256.clone(),
-            range.end - range.start,
-        ))
+        Ok(object_read::read(&*self.store, &key, sha256, range)
+            .await?
+            .boxed())
     }
 
     /// Whether a blob's content is stored at `location` (`None`: its content address), for
@@ -1002,51 +991,6 @@ impl Stream for LocalRead {
     }
 }
 
-/// Regroups an object-store byte stream into [`READ_CHUNK_BYTES`] chunks, and reports a
-/// stream that ends before `expected` bytes as lost data.
-fn rechunk(
-    input: BoxStream<'static, object_store::Result<Bytes>>,
-    sha256: Sha256,
-    expected: u64,
-) -> BoxStream<'static, Result<Bytes, Error>> {
-    stream::unfold(
-        (input, BytesMut::new(), false, 0u64),
-        move |(mut input, mut buf, mut ended, mut received)| {
-            let sha256 = sha256.clone();
-            async move {
-                loop {
-                    if buf.len() >= READ_CHUNK_BYTES || (ended && !buf.is_empty()) {
-                        let take = buf.len().min(READ_CHUNK_BYTES);
-                        let chunk = buf.split_to(take).freeze();
-                        return Some((Ok(chunk), (input, buf, ended, received)));
-                    }
-                    if ended {
-                        return None;
-                    }
-                    match input.next().await {
-                        Some(Ok(bytes)) => {
-                            received += bytes.len() as u64;
-                            buf.extend_from_slice(&bytes);
-                        }
-                        Some(Err(e)) => {
-                            return Some((Err(Error::blob_store(e)), (input, buf, true, received)));
-                        }
-                        None if received < expected => {
-                            let lost = Error::DataLoss(format!(
-                                "blob {sha256} ended after {received} of {expected} bytes"
-                            ));
-                            buf.clear();
-                            return Some((Err(lost), (input, buf, true, received)));
-                        }
-                        None => ended = true,
-                    }
-                }
-            }
-        },
-    )
-    .boxed()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1149,6 +1093,73 @@ mod tests {
     #[tokio::test]
     async fn memory_roundtrip() {
         roundtrip(&BlobStore::open("memory://", false).unwrap()).await;
+    }
+
+    async fn read_all(
+        store: &BlobStore,
+        sha: &Sha256,
+        key: &str,
+        range: Range<u64>,
+    ) -> (Vec<u8>, Result<(), Error>) {
+        let mut stream = match store.read(sha, Some(key), range).await {
+            Ok(stream) => stream,
+            Err(e) => return (Vec::new(), Err(e)),
+        };
+        let mut got = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(chunk) => {
+                    assert!(
+                        (1..=READ_CHUNK_BYTES).contains(&chunk.len()),
+                        "{}",
+                        chunk.len()
+                    );
+                    got.extend_from_slice(&chunk);
+                }
+                Err(e) => return (got, Err(e)),
+            }
+        }
+        (got, Ok(()))
+    }
+
+    /// An object-store read returns exactly its range in chunks of at most
+    /// [`READ_CHUNK_BYTES`]; an object cut short before the read is DATA_LOSS up front (also
+    /// when the range starts past its end), and a missing one is DATA_LOSS.
+    #[tokio::test]
+    async fn object_store_reads_report_lost_bytes_up_front() {
+        let store = BlobStore::open("memory://", false).unwrap();
+        let data: Vec<u8> = (0..(3 * READ_CHUNK_BYTES + 5))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let sha = digest(&data);
+        let key = "blobs/pushed/whole";
+        let put = |bytes: &[u8]| {
+            let payload = object_store::PutPayload::from(bytes.to_vec());
+            let store = store.store.clone();
+            async move { store.put(&ObjectPath::from(key), payload).await.unwrap() }
+        };
+        put(&data).await;
+        let len = data.len();
+        for range in [0..len, 1..READ_CHUNK_BYTES + 1, len - 1..len] {
+            let (got, end) =
+                read_all(&store, &sha, key, range.start as u64..range.end as u64).await;
+            assert!(end.is_ok(), "{range:?}: {end:?}");
+            assert!(got == data[range.clone()], "{range:?}");
+        }
+
+        put(&data[..len / 2]).await;
+        for range in [0..len as u64, len as u64 - 10..len as u64] {
+            let (got, end) = read_all(&store, &sha, key, range.clone()).await;
+            assert!(matches!(end, Err(Error::DataLoss(_))), "{range:?}: {end:?}");
+            assert!(got.is_empty(), "{range:?}: refused before any byte");
+        }
+        // A range inside what is left is still served.
+        let (got, end) = read_all(&store, &sha, key, 5..100).await;
+        assert!(end.is_ok() && got == data[5..100]);
+
+        store.store.delete(&ObjectPath::from(key)).await.unwrap();
+        let (_, end) = read_all(&store, &sha, key, 0..len as u64).await;
+        assert!(matches!(end, Err(Error::DataLoss(_))), "{end:?}");
     }
 
     /// An S3 store at `endpoint` that does not retry (object_store retries 5xx and

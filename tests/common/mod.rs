@@ -14,6 +14,7 @@
 pub mod archive;
 pub mod billing;
 pub mod binary;
+pub mod blobs;
 pub mod http;
 
 use std::net::SocketAddr;
