@@ -14,16 +14,20 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options, read once when it starts (`_RJEM_MALLOC_CONF` in the environment
-/// overrides them): a background thread purges freed pages, dirty pages are returned after
-/// 1 s unused, and `muzzy_decay_ms:0` makes that return an `MADV_DONTNEED` (RSS drops at
-/// once) rather than a lazy `MADV_FREE`, which the kernel reclaims only under pressure.
+/// jemalloc's options, read once when it starts (`MALLOC_CONF` in the environment overrides
+/// them; `_RJEM_MALLOC_CONF` where jemalloc is prefixed): a background thread purges freed
+/// pages, dirty pages are returned after 1 s unused, and `muzzy_decay_ms:0` makes that
+/// return an `MADV_DONTNEED` (RSS drops at once) rather than a lazy `MADV_FREE`, which the
+/// kernel reclaims only under pressure. On Linux jemalloc is also the C `malloc` (the crate's
+/// unprefixed feature), so SQLite's and aws-lc's allocations return their pages the same way
+/// instead of staying in glibc arenas.
 #[cfg(not(target_env = "msvc"))]
 #[allow(unsafe_code)]
 // SAFETY: jemalloc reads this symbol as a `const char *` to a NUL-terminated string; a
 // `&u8` to the first byte of a static byte string is exactly that, and nothing else
 // exports the name.
-#[unsafe(export_name = "_rjem_malloc_conf")]
+#[cfg_attr(target_os = "linux", unsafe(export_name = "malloc_conf"))]
+#[cfg_attr(not(target_os = "linux"), unsafe(export_name = "_rjem_malloc_conf"))]
 static MALLOC_CONF: Option<&u8> =
     Some(&b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0"[0]);
 
