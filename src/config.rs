@@ -203,6 +203,12 @@ pub struct Config {
     #[arg(long, env = "ARTIFACTD_METERING", default_value_t = true, action = ArgAction::Set)]
     pub metering: bool,
 
+    /// Measure every gRPC call: the `artifactd_grpc_*` families, the DATA_LOSS count, and
+    /// the per-call span with its log line. `false` turns that layer off (the other
+    /// families stay); only for measuring what it costs (`artifactd-bench metrics-cost`).
+    #[arg(long, env = "ARTIFACTD_GRPC_METRICS", default_value_t = true, action = ArgAction::Set)]
+    pub grpc_metrics: bool,
+
     /// Deadline of every unary call (all but Push, Pull and watch/reflection streams).
     #[arg(long, env = "ARTIFACTD_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
@@ -454,6 +460,7 @@ impl Config {
             redis_url: None,
             redis_prefix: String::new(),
             metering: true,
+            grpc_metrics: true,
             stream_idle_timeout: Duration::from_secs(60),
             max_streams: 2048,
             max_connections: 1024,

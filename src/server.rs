@@ -91,6 +91,7 @@ pub struct App {
     max_streams: usize,
     max_connections: usize,
     request_timeout: Duration,
+    grpc_metrics: bool,
 }
 
 impl App {
@@ -172,6 +173,7 @@ impl App {
             max_streams: config.max_streams,
             max_connections: config.max_connections,
             request_timeout: config.request_timeout,
+            grpc_metrics: config.grpc_metrics,
         })
     }
 }
@@ -257,7 +259,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // Outermost, so calls cut by the deadline are measured too.
-        .layer(GrpcMetricsLayer::new(app.metrics.clone()))
+        .layer(GrpcMetricsLayer::new(app.metrics.clone(), app.grpc_metrics))
         .layer(RefuseOverLimitLayer)
         .layer(UnaryDeadlineLayer::new(app.request_timeout))
         .add_service(health_service)

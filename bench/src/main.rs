@@ -3,8 +3,9 @@
 //! many small pushes it takes with metering on.
 //!
 //! One module per subcommand (`throughput`, `getbill`, `pushrate`, `projects`, `archive`,
-//! `sweep`, `s3`, `hash`, `cli`, `zip64`), each documented where it is; the shared parts are
-//! `process` (child servers), `scratch` (scratch data), `content`, `client` and `measure`.
+//! `sweep`, `s3`, `metrics-cost`, `hash`, `cli`, `zip64`), each documented where it is; the
+//! shared parts are `process` (child servers), `scratch` (scratch data), `content`, `client`
+//! and `measure`.
 //!
 //! Build both binaries first, in release mode:
 //! `cargo build --release --workspace --bins && target/release/artifactd-bench <subcommand>`.
@@ -31,6 +32,7 @@ mod content;
 mod getbill;
 mod hash;
 mod measure;
+mod metrics_cost;
 mod pagecache;
 mod process;
 mod projects;
@@ -96,6 +98,10 @@ enum BenchCommand {
     /// Small pushes per second from many clients on Postgres + Redis, metering on and off.
     #[command(name = "pushrate", after_help = USAGE_NOTE)]
     PushRate(PushRateArgs),
+    /// Small pushes/s and Pull MB/s (and the server's CPU for each) with the gRPC metrics
+    /// layer on and off, alternating, on Postgres + Redis.
+    #[command(name = "metrics-cost", after_help = USAGE_NOTE)]
+    MetricsCost(metrics_cost::MetricsCostArgs),
     /// ListProjectsUsage page latency over many projects' finalized month, Postgres.
     #[command(name = "projects", after_help = USAGE_NOTE)]
     Projects(ProjectsArgs),
@@ -135,6 +141,7 @@ fn main() -> ExitCode {
         BenchCommand::GetBill(args) => getbill(&args),
         BenchCommand::Projects(args) => projects(&args),
         BenchCommand::PushRate(args) => pushrate(&args),
+        BenchCommand::MetricsCost(args) => metrics_cost::metrics_cost(&args),
         BenchCommand::Archive(args) => archive(&args),
         BenchCommand::Sweep(args) => sweep::sweep(&args),
         BenchCommand::Hash(args) => hash::hash(&args),

@@ -126,16 +126,16 @@ impl PushMode {
 
 /// Pushes counted in one pushrate run.
 #[derive(Debug, Default)]
-struct PushTally {
+pub(crate) struct PushTally {
     /// Successful pushes that completed inside the measured window.
-    pushes: u64,
+    pub(crate) pushes: u64,
     /// Their latencies, from the request to the answer.
-    latencies: Vec<Duration>,
+    pub(crate) latencies: Vec<Duration>,
     /// Failed pushes over the whole run, warm-up included.
-    errors: u64,
+    pub(crate) errors: u64,
     /// Successful pushes in the window that were answered by deduplication (expected: none).
-    deduplicated: u64,
-    first_error: Option<String>,
+    pub(crate) deduplicated: u64,
+    pub(crate) first_error: Option<String>,
 }
 
 impl PushTally {
@@ -282,16 +282,30 @@ fn pushrate_mode(
 }
 
 async fn measure_pushrate(args: &PushRateArgs, grpc_port: u16) -> anyhow::Result<PushTally> {
-    let size = usize::try_from(args.size).context("--size")?;
+    measure_pushes(grpc_port, args.clients, args.seconds, args.size, 0).await
+}
+
+/// `clients` clients, each on a connection of its own, pushing `size`-byte artifacts back to
+/// back to the server on `grpc_port`; pushes completing in the `seconds` after a 1 s warm-up
+/// are counted. Clients are numbered from `first_client` (each pushes to a job scope of its
+/// own number), so later runs against the same server push to paths of their own.
+pub(crate) async fn measure_pushes(
+    grpc_port: u16,
+    client_count: u32,
+    seconds: u64,
+    size: u64,
+    first_client: u64,
+) -> anyhow::Result<PushTally> {
+    let size = usize::try_from(size).context("--size")?;
     // Every client connects before the clock starts.
     let mut clients = Vec::new();
-    for _ in 0..args.clients {
+    for _ in 0..client_count {
         clients.push(artifact_client(connect(grpc_port).await?));
     }
     let window_start = Instant::now() + PUSHRATE_WARMUP;
-    let window_end = window_start + Duration::from_secs(args.seconds);
+    let window_end = window_start + Duration::from_secs(seconds);
     let mut tasks = tokio::task::JoinSet::new();
-    for (id, client) in (0_u64..).zip(clients) {
+    for (id, client) in (first_client..).zip(clients) {
         tasks.spawn(push_back_to_back(
             client,
             id,

@@ -18,14 +18,17 @@ use tonic::codegen::http;
 use super::{Metrics, code_name, grpc_status};
 
 /// Measures every gRPC call: counts, durations, in-flight calls, payload bytes, and a span.
+/// Built off (`ARTIFACTD_GRPC_METRICS=false`, for measuring its cost) it passes calls
+/// through untouched but for the response body's wrapper.
 #[derive(Clone, Debug)]
 pub struct GrpcMetricsLayer {
     metrics: Metrics,
+    enabled: bool,
 }
 
 impl GrpcMetricsLayer {
-    pub fn new(metrics: Metrics) -> Self {
-        Self { metrics }
+    pub fn new(metrics: Metrics, enabled: bool) -> Self {
+        Self { metrics, enabled }
     }
 }
 
@@ -36,6 +39,7 @@ impl<S> tower_layer::Layer<S> for GrpcMetricsLayer {
         GrpcMetrics {
             inner,
             metrics: self.metrics.clone(),
+            enabled: self.enabled,
         }
     }
 }
@@ -44,6 +48,7 @@ impl<S> tower_layer::Layer<S> for GrpcMetricsLayer {
 pub struct GrpcMetrics<S> {
     inner: S,
     metrics: Metrics,
+    enabled: bool,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -64,6 +69,13 @@ where
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if !self.enabled {
+            let future = self.inner.call(request);
+            return Box::pin(async move {
+                let response = future.await?;
+                Ok(response.map(|inner| MeteredBody { inner, call: None }))
+            });
+        }
         let call = Call::start(&self.metrics, request.uri().path());
         // The request's head is kept; only its body is wrapped to count bytes.
         let (parts, body) = request.into_parts();
