@@ -1273,24 +1273,25 @@ mod tests {
         }
     }
 
+    /// The error an upload into `path` ends with: the first refused write of 64 × 256 KiB,
+    /// else its finish (which must fail).
+    async fn first_write_error(path: &str, fsync: bool) -> Error {
+        let mut writer = LocalWriter::create(PathBuf::from(path), fsync)
+            .await
+            .unwrap();
+        for _ in 0..64 {
+            if let Err(e) = writer.write(Bytes::from(vec![1u8; 256 * 1024])).await {
+                return e;
+            }
+        }
+        writer.finish().await.unwrap_err()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_disk_fails_the_upload_as_resource_exhausted() {
         // /dev/full fails every write with ENOSPC, as a full filesystem does.
         // (Anyone may open it for writing; opening truncates nothing.)
-        let mut writer = LocalWriter::create(PathBuf::from("/dev/full"), false)
-            .await
-            .unwrap();
-        let mut refused = None;
-        for _ in 0..64 {
-            if let Err(e) = writer.write(Bytes::from(vec![1u8; 256 * 1024])).await {
-                refused = Some(e);
-                break;
-            }
-        }
-        let err = match refused {
-            Some(err) => err,
-            None => writer.finish().await.unwrap_err(),
-        };
+        let err = first_write_error("/dev/full", false).await;
         assert!(
             matches!(&err, Error::ResourceExhausted(m) if m.contains("out of space")),
             "{err:?}"
@@ -1341,20 +1342,7 @@ mod tests {
     async fn a_failing_writeback_fails_the_upload() {
         // sync_file_range refuses a character device (ESPIPE), as a disk error would fail
         // it: the push must fail, not commit what was never flushed.
-        let mut writer = LocalWriter::create(PathBuf::from("/dev/null"), true)
-            .await
-            .unwrap();
-        let mut refused = None;
-        for _ in 0..64 {
-            if let Err(e) = writer.write(Bytes::from(vec![1u8; 256 * 1024])).await {
-                refused = Some(e);
-                break;
-            }
-        }
-        let err = match refused {
-            Some(err) => err,
-            None => writer.finish().await.unwrap_err(),
-        };
+        let err = first_write_error("/dev/null", true).await;
         assert!(
             matches!(
                 &err,
