@@ -1,7 +1,9 @@
 //! Reading a range of an object-store blob: one ranged GET, its body passed on as it comes.
 //!
-//! Nothing is copied on the way: the body's buffers are cut (never copied) to at most
-//! [`READ_CHUNK_BYTES`]. An object that is missing, or that ends before the range does, is
+//! Large buffers of the body are passed on uncopied, cut to at most [`READ_CHUNK_BYTES`];
+//! buffers smaller than [`MIN_CHUNK_BYTES`] (an HTTP body yields some of a few KiB) are
+//! gathered until they make one, so every chunk but the last is 64 KiB–1 MiB, as from a
+//! local directory. An object that is missing, or that ends before the range does, is
 //! [`Error::DataLoss`] — up front when the GET's answer already shows it (the object's whole
 //! size comes with a ranged answer), else when its body ends short.
 //!
@@ -14,13 +16,16 @@ use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::stream::{BoxStream, Stream, StreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 
 use super::READ_CHUNK_BYTES;
 use crate::domain::{Error, Sha256};
+
+/// The smallest chunk sent but for the last: smaller body buffers are gathered to this.
+const MIN_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Streams `range` of the object `key`, blob `sha256`'s bytes.
 pub(super) async fn read(
@@ -44,6 +49,7 @@ pub(super) async fn read(
                 range,
                 received: 0,
                 piece: Bytes::new(),
+                gathered: BytesMut::new(),
                 done: false,
             });
         }
@@ -77,6 +83,8 @@ pub(super) struct ObjectRead {
     received: u64,
     /// What is left of the body's last buffer.
     piece: Bytes,
+    /// Small buffers copied together until they make a chunk of [`MIN_CHUNK_BYTES`].
+    gathered: BytesMut,
     done: bool,
 }
 
@@ -87,8 +95,16 @@ impl Stream for ObjectRead {
         let this = &mut *self;
         while !this.done {
             if !this.piece.is_empty() {
-                let cut = this.piece.len().min(READ_CHUNK_BYTES);
-                return Poll::Ready(Some(Ok(this.piece.split_to(cut))));
+                if this.gathered.is_empty() && this.piece.len() >= MIN_CHUNK_BYTES {
+                    let cut = this.piece.len().min(READ_CHUNK_BYTES);
+                    return Poll::Ready(Some(Ok(this.piece.split_to(cut))));
+                }
+                let take = this.piece.len().min(MIN_CHUNK_BYTES - this.gathered.len());
+                this.gathered.extend_from_slice(&this.piece.split_to(take));
+                if this.gathered.len() >= MIN_CHUNK_BYTES {
+                    return Poll::Ready(Some(Ok(this.gathered.split().freeze())));
+                }
+                continue;
             }
             match std::task::ready!(this.body.poll_next_unpin(cx)) {
                 Some(Ok(piece)) => {
@@ -107,6 +123,9 @@ impl Stream for ObjectRead {
                             "blob {} ended after {} of {expected} bytes",
                             this.sha256, this.received
                         )))));
+                    }
+                    if !this.gathered.is_empty() {
+                        return Poll::Ready(Some(Ok(this.gathered.split().freeze())));
                     }
                 }
             }
