@@ -52,6 +52,15 @@ use crate::store::Store;
 /// Largest gRPC message accepted or sent: a 1 MiB chunk plus framing, well under tonic's
 /// 4 MiB default, which we keep.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Largest HTTP/2 DATA frame the server accepts (SETTINGS_MAX_FRAME_SIZE), and the one clients
+/// of its own (the `artifact` CLI, the bench) advertise for what they receive: one frame holds
+/// a whole chunk message (up to 1 MiB and its 5-byte prefix). At h2's default of 16 KiB, a
+/// 256 KiB chunk was 17 frames, and framing them cost as much CPU as the bytes: a bare tonic
+/// stream's server spent 0.89–0.97 CPU-s per GiB at 16 KiB against 0.41–0.58 at 256 KiB–1 MiB,
+/// and a Pull's 1.36–1.46 against 0.89–1.00 (`artifactd-bench throughput`, 2026-11-28, README).
+/// Flow-control windows stay hyper's (1 MiB per stream on the server), so a stream still
+/// buffers at most 1 MiB unread.
+pub const HTTP2_MAX_FRAME_BYTES: u32 = 1024 * 1024;
 /// Concurrent HTTP/2 streams one client connection may open.
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// Total size of a request's headers (metadata), including any bearer token.
@@ -255,6 +264,7 @@ pub async fn serve(
         // Bounded edges: streams per connection, header size, and keepalives that find
         // peers which vanished without closing their connection.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .max_frame_size(Some(HTTP2_MAX_FRAME_BYTES))
         .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

@@ -348,3 +348,55 @@ async fn grpc_and_http_over_tls() {
     }
     server.stop().await;
 }
+
+/// The server lets a client send a whole chunk message in one HTTP/2 DATA frame: its SETTINGS
+/// carry SETTINGS_MAX_FRAME_SIZE = 1 MiB (at h2's 16 KiB default, framing cost as much CPU as
+/// the bytes). Read off the wire with a raw HTTP/2 handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_settings_allow_one_frame_per_chunk() {
+    const SETTINGS: u8 = 0x4;
+    const ACK: u8 = 0x1;
+    const MAX_FRAME_SIZE: u16 = 0x5;
+    let server = TestServer::start(Backend::Sqlite).await.unwrap();
+    let mut socket = tokio::net::TcpStream::connect(server.grpc_addr)
+        .await
+        .unwrap();
+    // The client preface and an empty SETTINGS frame (9-byte header, no payload).
+    socket
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut advertised = None;
+    while advertised.is_none() {
+        let mut header = [0u8; 9];
+        socket.read_exact(&mut header).await.unwrap();
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        socket.read_exact(&mut payload).await.unwrap();
+        if header[3] == SETTINGS && header[4] & ACK == 0 {
+            let settings: Vec<(u16, u32)> = payload
+                .chunks_exact(6)
+                .map(|p| {
+                    (
+                        u16::from_be_bytes([p[0], p[1]]),
+                        u32::from_be_bytes([p[2], p[3], p[4], p[5]]),
+                    )
+                })
+                .collect();
+            advertised = Some(
+                settings
+                    .iter()
+                    .find(|(id, _)| *id == MAX_FRAME_SIZE)
+                    .map(|(_, value)| *value),
+            );
+        }
+    }
+    assert_eq!(
+        advertised,
+        Some(Some(artifactd::server::HTTP2_MAX_FRAME_BYTES)),
+        "the server's SETTINGS frame"
+    );
+    assert_eq!(artifactd::server::HTTP2_MAX_FRAME_BYTES, 1024 * 1024);
+    drop(socket);
+    server.stop().await;
+}

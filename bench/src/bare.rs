@@ -87,6 +87,7 @@ pub(crate) fn serve_bare(listen: SocketAddr) -> anyhow::Result<()> {
         // The same transport setup as artifactd's gRPC listener (src/server.rs).
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
+            .max_frame_size(Some(artifactd::server::HTTP2_MAX_FRAME_BYTES))
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await

@@ -18,6 +18,8 @@ pub(crate) async fn connect(port: u16) -> anyhow::Result<Channel> {
     Endpoint::from_shared(url.clone())
         .with_context(|| format!("endpoint {url}"))?
         .tcp_nodelay(true)
+        // As the `artifact` CLI does: whole chunks in one HTTP/2 frame when pulling.
+        .max_frame_size(artifactd::server::HTTP2_MAX_FRAME_BYTES)
         .connect()
         .await
         .with_context(|| format!("connecting to {url}"))
