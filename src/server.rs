@@ -52,15 +52,17 @@ use crate::store::Store;
 /// Largest gRPC message accepted or sent: a 1 MiB chunk plus framing, well under tonic's
 /// 4 MiB default, which we keep.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
-/// Largest HTTP/2 DATA frame the server accepts (SETTINGS_MAX_FRAME_SIZE), and the one clients
-/// of its own (the `artifact` CLI, the bench) advertise for what they receive: one frame holds
-/// a whole chunk message (up to 1 MiB and its 5-byte prefix). At h2's default of 16 KiB, a
-/// 256 KiB chunk was 17 frames, and framing them cost as much CPU as the bytes: a bare tonic
-/// stream's server spent 0.89–0.97 CPU-s per GiB at 16 KiB against 0.41–0.58 at 256 KiB–1 MiB,
-/// and a Pull's 1.36–1.46 against 0.89–1.00 (`artifactd-bench throughput`, 2026-11-28, README).
-/// Flow-control windows stay hyper's (1 MiB per stream on the server), so a stream still
-/// buffers at most 1 MiB unread.
+/// Largest HTTP/2 DATA frame the server accepts (SETTINGS_MAX_FRAME_SIZE): any chunk message
+/// (up to 1 MiB) fits one frame whole. At h2's default of 16 KiB a 256 KiB chunk was 17
+/// frames, and framing them cost as much CPU as the bytes: a bare tonic stream's server spent
+/// 0.89–0.97 CPU-s per GiB at 16 KiB against 0.41–0.58 at 256 KiB–1 MiB frames, and a Pull
+/// 1.36–1.46 against 0.89–1.00 (`artifactd-bench throughput`, 2026-11-28, README). The frame
+/// size did not move memory: flow-control windows stay hyper's (1 MiB per stream), and 64
+/// concurrent 256 MiB pushes peaked at 141–195 MiB of RSS with 16 KiB, 320 KiB and 1 MiB
+/// frames alike.
 pub const HTTP2_MAX_FRAME_BYTES: u32 = 1024 * 1024;
+/// The frame size the `artifact` CLI and the bench advertise for what they receive (Pull).
+pub const HTTP2_CLIENT_MAX_FRAME_BYTES: u32 = HTTP2_MAX_FRAME_BYTES;
 /// Concurrent HTTP/2 streams one client connection may open.
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// Total size of a request's headers (metadata), including any bearer token.

@@ -19,7 +19,7 @@ pub(crate) async fn connect(port: u16) -> anyhow::Result<Channel> {
         .with_context(|| format!("endpoint {url}"))?
         .tcp_nodelay(true)
         // As the `artifact` CLI does: whole chunks in one HTTP/2 frame when pulling.
-        .max_frame_size(artifactd::server::HTTP2_MAX_FRAME_BYTES)
+        .max_frame_size(artifactd::server::HTTP2_CLIENT_MAX_FRAME_BYTES)
         .connect()
         .await
         .with_context(|| format!("connecting to {url}"))

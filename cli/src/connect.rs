@@ -14,9 +14,9 @@ use crate::pb;
 
 pub const DEFAULT_URL: &str = "http://127.0.0.1:50051";
 
-/// Largest HTTP/2 DATA frame accepted from the server, as artifactd accepts from clients
-/// (`artifactd::server::HTTP2_MAX_FRAME_BYTES`): a pulled chunk arrives in one frame instead
-/// of sixteen or more at h2's 16 KiB default, which cost as much CPU as the bytes themselves.
+/// Largest HTTP/2 DATA frame accepted from the server (`artifactd::server::
+/// HTTP2_CLIENT_MAX_FRAME_BYTES`): a pulled chunk (up to 1 MiB) arrives in one frame instead of
+/// 17 or more at h2's 16 KiB default, whose framing cost as much CPU as the bytes themselves.
 const HTTP2_MAX_FRAME_BYTES: u32 = 1024 * 1024;
 
 /// Adds `authorization: Bearer <token>` to every call.
