@@ -342,7 +342,7 @@ async fn wait_for_blocked_groups(sql: &DatabaseConnection, n: i64) {
             sql,
             "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_stat_activity \
              WHERE datname = current_database() AND wait_event_type = 'Lock' \
-             AND query LIKE 'WITH r AS%'",
+             AND query LIKE 'WITH r0 AS%'",
         )
         .await;
         if blocked == n {

@@ -358,3 +358,90 @@ async fn only_one_sweeper_acts_at_a_time() {
     assert_eq!(blobs, N as f64, "each blob collected by one replica");
     assert!(runs >= 1.0);
 }
+
+/// A retention policy set through one replica applies to the very next push through the
+/// other, though small declared pushes take their rules from a cache (their group's
+/// statement checks the rules' stamp): one push at a time, and a burst committing in groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_set_through_one_replica_applies_to_the_next_push_through_the_other() {
+    let Some(r) = replicas(&[]).await else {
+        return;
+    };
+    const DAY_MICROS: i64 = 86_400_000_000;
+    let mut a = Clients::on(r.a.channel().await);
+    let b = Clients::on(r.b.channel().await);
+    // Small and declared: these pushes commit with a group, on cached rules.
+    let lifetime = |pushed: pb::PushResponse| {
+        let artifact = pushed.artifact.unwrap();
+        let micros = |t: Option<prost_types::Timestamp>| {
+            let t = t.unwrap();
+            t.seconds * 1_000_000 + i64::from(t.nanos) / 1000
+        };
+        micros(artifact.expires_at) - micros(artifact.created_at)
+    };
+    let push_through_b = |path: String| {
+        let mut client = b.artifacts.clone();
+        async move {
+            let data = content(100, 7);
+            let mut h = header(job("p", "j"), &path);
+            h.expected_size = Some(data.len() as i64);
+            lifetime(push(&mut client, h, &data).await.unwrap())
+        }
+    };
+    let no_rule = push_through_b("logs/0.txt".into()).await;
+    let rule = |selector: &str, days: i64| pb::RetentionRule {
+        selector: selector.into(),
+        max_age: Some(prost_types::Duration {
+            seconds: days * 86_400,
+            nanos: 0,
+        }),
+    };
+    // Several rules, selectors with the stamp's separators and a multi-byte character.
+    for (round, days) in [2i64, 3, 2].into_iter().enumerate() {
+        a.controls
+            .set_retention_policy(pb::SetRetentionPolicyRequest {
+                project_id: "p".into(),
+                policy: Some(pb::RetentionPolicy {
+                    job_rules: vec![
+                        rule("bin/a;b:c/*", 1),
+                        rule("logs/**", days),
+                        rule("**/*.xml", 5),
+                        rule("ü/**", 4),
+                    ],
+                    ..Default::default()
+                }),
+                apply_to_existing: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            push_through_b(format!("logs/{round}-first.txt")).await,
+            days * DAY_MICROS,
+            "round {round}: the next push"
+        );
+        let burst: Vec<_> = (0..16)
+            .map(|i| tokio::spawn(push_through_b(format!("logs/{round}-{i}.txt"))))
+            .collect();
+        for pushed in burst {
+            assert_eq!(pushed.await.unwrap(), days * DAY_MICROS, "round {round}");
+        }
+        assert_eq!(
+            push_through_b(format!("bin/a;b:c/{round}")).await,
+            DAY_MICROS
+        );
+        assert_eq!(
+            push_through_b(format!("x/{round}.xml")).await,
+            5 * DAY_MICROS
+        );
+        assert_eq!(push_through_b(format!("ü/{round}")).await, 4 * DAY_MICROS);
+    }
+    a.controls
+        .set_retention_policy(pb::SetRetentionPolicyRequest {
+            project_id: "p".into(),
+            policy: Some(pb::RetentionPolicy::default()),
+            apply_to_existing: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(push_through_b("logs/last.txt".into()).await, no_rule);
+}

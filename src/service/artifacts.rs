@@ -44,6 +44,18 @@ pub const MAX_PAGE_SIZE: u32 = 1000;
 /// push's lease and its commit (only possible when a push outlasts the blob grace period).
 const COLLECTED_RETRIES: u32 = 3;
 
+/// Times a push reads its retention rules when they keep changing before its commit.
+const RULES_READS: u32 = 3;
+
+/// A push whose retention rules changed before each of its commit attempts.
+fn rules_changed() -> Error {
+    Error::Aborted(
+        "the project's retention rules changed while this push committed; nothing was stored, \
+         retry the push"
+            .to_owned(),
+    )
+}
+
 /// A validated Push header.
 #[derive(Debug, Clone)]
 pub struct PushSpec {
@@ -192,8 +204,26 @@ impl ArtifactService {
         // retention rule, else the project's setting, else the plan's maximum: nothing
         // outlives its plan.
         let kind = spec.target.scope.kind();
+        // A push that commits with a group has its rules checked by its commit, so it may
+        // take them from the cache (see `service::retention`).
+        let grouped = resumable.is_none()
+            && !spec.force
+            && spec.idempotency_key.is_none()
+            && spec
+                .expected_size
+                .is_some_and(|size| size <= self.inline_blob_bytes)
+            && self.store.commits_in_groups();
+        let mut rules_stamp = None;
         let rule_age = match spec.expire_in_micros {
             Some(_) => None,
+            None if grouped => {
+                let (age, stamp) = self
+                    .retention
+                    .rule_age_stamped(project, kind, spec.target.path.as_str(), false)
+                    .await?;
+                rules_stamp = Some(stamp);
+                age
+            }
             None => {
                 self.retention
                     .rule_age(project, kind, spec.target.path.as_str())
@@ -312,7 +342,7 @@ impl ArtifactService {
         };
 
         let created_at = self.clock.now();
-        let new = NewArtifact {
+        let mut new = NewArtifact {
             scope: spec.target.scope.clone(),
             path: spec.target.path.clone(),
             size,
@@ -327,10 +357,17 @@ impl ArtifactService {
         // bytes and stores them again; a large one has handed its upload over and fails
         // with ABORTED (nothing stored), for the client to retry.
         let mut attempts = 1;
+        let mut rule_reads = 1;
         let commit = loop {
             let committed = self
                 .store
-                .commit_push(&new, spec.force, spec.idempotency_key.as_deref(), &blob)
+                .commit_push_stamped(
+                    &new,
+                    spec.force,
+                    spec.idempotency_key.as_deref(),
+                    &blob,
+                    rules_stamp.as_ref(),
+                )
                 .await;
             let committed = match committed {
                 // Another Push of this resumable upload committed it first (possible only
@@ -358,6 +395,20 @@ impl ArtifactService {
                     }
                     _ => return Err(crate::store::content_collected(&new.sha256)),
                 },
+                // The rules changed since they were read (or cached): the lifetime comes
+                // from the rules stored now.
+                PushCommit::RulesChanged if rule_reads < RULES_READS => {
+                    rule_reads += 1;
+                    let (age, stamp) = self
+                        .retention
+                        .rule_age_stamped(project, kind, new.path.as_str(), true)
+                        .await?;
+                    let lifetime =
+                        resolve_lifetime(None, age, &record.controls, kind, &record.plan)?;
+                    new.expires_at = Some(created_at.saturating_add_micros(lifetime));
+                    rules_stamp = Some(stamp);
+                }
+                PushCommit::RulesChanged => return Err(rules_changed()),
                 commit => break commit,
             }
         };
@@ -396,6 +447,7 @@ impl ArtifactService {
                 deduplicated,
             } => self.replayed(replay(&spec, artifact, deduplicated)),
             PushCommit::ContentCollected => Err(crate::store::content_collected(&new.sha256)),
+            PushCommit::RulesChanged => Err(rules_changed()),
         }
     }
 

@@ -1,11 +1,14 @@
 //! Retention rules in use: the rule a push gets, the policy RPCs, the dry run, and applying
 //! rules or settings to the artifacts live now.
 //!
-//! A push reads its scope kind's rules from the database (one primary-key range, usually
-//! empty), so a policy set through any replica applies to the very next push everywhere. Only
-//! the compiled matcher is cached, keyed by the rules' content: a cached matcher is reused
-//! exactly when the stored rules are equal to the ones it was compiled from, so the cache
-//! needs no invalidation.
+//! A policy set through any replica applies to the very next push everywhere. A push that
+//! commits with a group (small, inline, on Postgres) takes its scope kind's rules from this
+//! process's cache and carries their stamp into the group's statement, which commits it only
+//! if the rules stored then have the same stamp (`store::push_batch`); otherwise the push
+//! reads the rules again and retries. Every other push reads its rules from the database
+//! (one primary-key range, usually empty). Either way the cache needs no invalidation: a
+//! cached matcher is reused by a reading push exactly when the stored rules are equal to the
+//! ones it was compiled from, and a stale one is caught at the grouped push's commit.
 //!
 //! [`Retention::policy_expired`] is the one computation of "live artifacts whose
 //! policy-derived expiry has passed": the dry run counts it, applying the policy ends exactly
@@ -20,7 +23,7 @@ use crate::domain::{
     Clock, Error, Plan, ProjectId, RetentionPolicy, RetentionRule, ScopeKind, Timestamp,
 };
 use crate::service::Metering;
-use crate::store::{LiveArtifact, Store};
+use crate::store::{LiveArtifact, RulesStamp, Store};
 
 /// Artifacts read per page by a retention scan.
 const SCAN_PAGE_ROWS: u64 = 1000;
@@ -50,8 +53,9 @@ pub struct RuleFigures {
     pub bytes: i64,
 }
 
-/// Compiled matchers by (project, scope kind), each valid for the rules it holds.
-type CompiledCache = HashMap<(ProjectId, ScopeKind), Arc<CompiledRules>>;
+/// Compiled matchers by (project, scope kind), each valid for the rules it holds, with their
+/// stamp.
+type CompiledCache = HashMap<(ProjectId, ScopeKind), (Arc<CompiledRules>, RulesStamp)>;
 
 #[derive(Debug, Clone)]
 pub struct Retention {
@@ -83,34 +87,68 @@ impl Retention {
         if rules.is_empty() {
             return Ok(None);
         }
-        let compiled = self.compile(project, kind, rules)?;
+        let (compiled, _) = self.compile(project, kind, rules)?;
         Ok(compiled
             .first_match(path)
             .map(|(_, rule)| rule.max_age_micros))
     }
 
-    /// A matcher for `rules`: the cached one if it was compiled from equal rules.
+    /// For a push whose commit checks the rules' stamp (see the module documentation): the
+    /// maximum age the first of the project's `kind` rules matching `path` gives, from the
+    /// cached rules (read from the database when none are cached, or with `reread`), and
+    /// the stamp of the rules it came from.
+    pub async fn rule_age_stamped(
+        &self,
+        project: &ProjectId,
+        kind: ScopeKind,
+        path: &str,
+        reread: bool,
+    ) -> Result<(Option<i64>, RulesStamp), Error> {
+        let cached = if reread {
+            None
+        } else {
+            self.compiled
+                .lock()
+                .ok()
+                .and_then(|cache| cache.get(&(project.clone(), kind)).cloned())
+        };
+        let (compiled, stamp) = match cached {
+            Some(entry) => entry,
+            None => {
+                let rules = self.store.retention_rules(project, kind).await?;
+                self.compile(project, kind, rules)?
+            }
+        };
+        let age = compiled
+            .first_match(path)
+            .map(|(_, rule)| rule.max_age_micros);
+        Ok((age, stamp))
+    }
+
+    /// A matcher for `rules` and their stamp: the cached one if it was compiled from equal
+    /// rules.
     fn compile(
         &self,
         project: &ProjectId,
         kind: ScopeKind,
         rules: Vec<RetentionRule>,
-    ) -> Result<Arc<CompiledRules>, Error> {
+    ) -> Result<(Arc<CompiledRules>, RulesStamp), Error> {
         let key = (project.clone(), kind);
         if let Ok(cache) = self.compiled.lock()
-            && let Some(compiled) = cache.get(&key)
-            && compiled.rules() == rules.as_slice()
+            && let Some(entry) = cache.get(&key)
+            && entry.0.rules() == rules.as_slice()
         {
-            return Ok(compiled.clone());
+            return Ok(entry.clone());
         }
-        let compiled = Arc::new(CompiledRules::compile(rules)?);
+        let stamp = RulesStamp::of(&rules);
+        let entry = (Arc::new(CompiledRules::compile(rules)?), stamp);
         if let Ok(mut cache) = self.compiled.lock() {
             if cache.len() >= COMPILED_ENTRIES {
                 cache.clear();
             }
-            cache.insert(key, compiled.clone());
+            cache.insert(key, entry.clone());
         }
-        Ok(compiled)
+        Ok(entry)
     }
 
     pub async fn policy(&self, project: &ProjectId) -> Result<RetentionPolicy, Error> {
@@ -268,7 +306,7 @@ impl Retention {
             self,
             project,
             kind,
-            self.compile(project, kind, rules)?,
+            self.compile(project, kind, rules)?.0,
             now,
         );
         let mut changed = 0;
@@ -294,7 +332,7 @@ impl Retention {
             .into_iter()
             .filter(|&kind| !policy.rules(kind).is_empty())
             .map(|kind| {
-                let rules = self.compile(project, kind, policy.rules(kind).to_vec())?;
+                let (rules, _) = self.compile(project, kind, policy.rules(kind).to_vec())?;
                 Ok(Scan::new(self, project, kind, rules, now))
             })
             .collect()

@@ -20,6 +20,7 @@ use sea_orm::{
 use super::entities::{artifact, blob, push_idempotency, usage_event};
 use super::lifecycle::{expired_at, live_at, mark_expired};
 use super::push_batch::Grouped;
+use super::retention::RulesStamp;
 use super::{Store, db_error};
 use crate::domain::{
     Artifact, ArtifactPath, Error, Scope, ScopeKind, Sha256, Timestamp, scope::prefix_upper_bound,
@@ -97,6 +98,10 @@ pub enum PushCommit {
     /// Nothing was stored: the blob's lease no longer held (the sweeper collected the
     /// content after the push checked it). The bytes must be stored again before a retry.
     ContentCollected,
+    /// Nothing was stored: the retention rules named by the push's stamp are no longer the
+    /// stored ones (see [`Store::commit_push_stamped`]). Its lifetime must be resolved again
+    /// from the rules stored now before a retry.
+    RulesChanged,
 }
 
 impl Store {
@@ -111,12 +116,34 @@ impl Store {
         idempotency_key: Option<&str>,
         blob: &PushedBlob,
     ) -> Result<PushCommit, Error> {
+        self.commit_push_stamped(new, force, idempotency_key, blob, None)
+            .await
+    }
+
+    /// Whether small inline pushes (declared, unforced, without an idempotency key) commit
+    /// in groups, where a rule stamp costs the push no statement of its own.
+    pub fn commits_in_groups(&self) -> bool {
+        self.groups.is_some()
+    }
+
+    /// [`Store::commit_push`] for a push whose lifetime came from retention rules with stamp
+    /// `rules` (perhaps cached): it commits only while its scope kind's stored rules still
+    /// have that stamp, and answers [`PushCommit::RulesChanged`] otherwise. The check is in
+    /// the group's statement; a push that commits alone reads the stamp first.
+    pub async fn commit_push_stamped(
+        &self,
+        new: &NewArtifact,
+        force: bool,
+        idempotency_key: Option<&str>,
+        blob: &PushedBlob,
+        rules: Option<&RulesStamp>,
+    ) -> Result<PushCommit, Error> {
         // A concurrent forced push can end the row we were about to end and insert its own;
         // our insert then conflicts and a retry ends theirs. A few rounds settle any race.
         const FORCE_ATTEMPTS: usize = 5;
         for attempt in 1..=FORCE_ATTEMPTS {
             match self
-                .try_commit_push(new, force, idempotency_key, blob)
+                .try_commit_push(new, force, idempotency_key, blob, rules)
                 .await
             {
                 Ok(Some(commit)) => return Ok(commit),
@@ -141,13 +168,31 @@ impl Store {
         Err(already_exists(&new.scope, &new.path))
     }
 
+    /// Whether the push's scope kind's stored rules have the stamp `rules` (always, for
+    /// none). Stamps are only given with group commit, so on Postgres.
+    async fn rules_hold(
+        &self,
+        new: &NewArtifact,
+        rules: Option<&RulesStamp>,
+    ) -> Result<bool, DbErr> {
+        let Some(stamp) = rules else {
+            return Ok(true);
+        };
+        let stored = self
+            .stored_stamp(new.scope.project(), new.scope.kind())
+            .await?;
+        Ok(stored == *stamp)
+    }
+
     async fn try_commit_push(
         &self,
         new: &NewArtifact,
         force: bool,
         idempotency_key: Option<&str>,
         blob: &PushedBlob,
+        rules: Option<&RulesStamp>,
     ) -> Result<Option<PushCommit>, DbErr> {
+        let mut rules_checked = false;
         if !force
             && idempotency_key.is_none()
             && self.db.get_database_backend() == DbBackend::Postgres
@@ -156,10 +201,12 @@ impl Store {
                 (Some(groups), PushedBlob::Inline(content)) => {
                     self.forget_snapshots(&self.db, new.scope.project(), new.created_at)
                         .await?;
-                    groups.commit(new, content).await
+                    groups.commit(new, content, rules).await
                 }
                 _ => Grouped::Alone,
             };
+            // The group's statement checked the stamp, unless it failed as a whole.
+            rules_checked = !matches!(grouped, Grouped::Alone);
             match grouped {
                 Grouped::Created {
                     id,
@@ -173,16 +220,26 @@ impl Store {
                         deduplicated,
                     }));
                 }
+                Grouped::RulesChanged => return Ok(Some(PushCommit::RulesChanged)),
                 // Settled alone by the transaction below, as after a unique violation.
                 Grouped::PathTaken => {}
-                Grouped::Alone => match self.commit_new_in_one_statement(new, blob).await {
-                    // The path is taken, perhaps by an expired row nothing has marked yet:
-                    // the transaction below marks it and inserts, or conflicts again if it
-                    // is live.
-                    Err(err) if is_unique_violation(&err) => {}
-                    other => return other,
-                },
+                Grouped::Alone => {
+                    if !self.rules_hold(new, rules).await? {
+                        return Ok(Some(PushCommit::RulesChanged));
+                    }
+                    rules_checked = true;
+                    match self.commit_new_in_one_statement(new, blob).await {
+                        // The path is taken, perhaps by an expired row nothing has marked
+                        // yet: the transaction below marks it and inserts, or conflicts
+                        // again if it is live.
+                        Err(err) if is_unique_violation(&err) => {}
+                        other => return other,
+                    }
+                }
             }
+        }
+        if !rules_checked && !self.rules_hold(new, rules).await? {
+            return Ok(Some(PushCommit::RulesChanged));
         }
         let now = new.created_at.as_micros();
         let txn = self.db.begin().await?;

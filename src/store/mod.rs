@@ -35,7 +35,7 @@ pub use jobs::LatestPins;
 pub use lifecycle::PinChange;
 pub use locations::KeyLock;
 pub use quota::{QuotaBase, QuotaCheck};
-pub use retention::LiveArtifact;
+pub use retention::{LiveArtifact, RulesStamp};
 pub use sweep::{BlobCollection, BlobLease, BlobPage, Ended, EndedRow, StoredBlob, SweepLock};
 pub use uploads::UploadRecord;
 pub use usage::{NetworkPiece, UsageAlert};

@@ -18,13 +18,20 @@
 //! answered [`Grouped::Alone`]: each commits alone, as it would have without grouping, and
 //! gets its own precise outcome.
 //!
+//! A push may carry the stamp of the retention rules its lifetime came from (read from a
+//! cache, see `service::retention`): the statement compares it with the stamp of the rules
+//! stored when it runs, and commits nothing of a push whose rules changed, answering it
+//! [`Grouped::RulesChanged`] for its caller to resolve the lifetime again. The statement's
+//! snapshot is taken after every policy change acknowledged before the push began, so no
+//! push commits a lifetime from rules replaced before it started, on any replica.
+//!
 //! Blob rows come first, in content order, as in every other push transaction, so groups
 //! and single pushes take row locks in one order. A push whose path was taken has still
 //! written (or refreshed) its content's blob row: it is an unreferenced blob, which the
 //! sweeper collects after the grace period like the content of any push that lost a race.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use bytes::Bytes;
 use sea_orm::sea_query::ArrayType;
@@ -33,6 +40,7 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
 use super::artifacts::NewArtifact;
+use super::retention::{RulesStamp, rules_stamp_sql};
 use crate::domain::Timestamp;
 
 /// The most pushes one group commits: a bound on the statement's size and on how long its
@@ -54,12 +62,16 @@ pub(super) enum Grouped {
     /// The group's statement failed as a whole and was rolled back: the caller commits the
     /// push alone.
     Alone,
+    /// The retention rules stored now are not the ones the push's stamp names: nothing of
+    /// it was written.
+    RulesChanged,
 }
 
 struct Pending {
     new: NewArtifact,
     expires_at: i64,
     content: Bytes,
+    rules: Option<RulesStamp>,
     /// Queued behind busy groups (counted in `artifactd_push_group_waiting`).
     waited: bool,
     reply: oneshot::Sender<Grouped>,
@@ -107,8 +119,14 @@ impl PushGroups {
 
     /// Commits an inline push with whichever group it joins; answers once the group's
     /// statement has returned. The group runs on a task of its own, so a caller that goes
-    /// away (a client disconnecting) never cuts the others' commit short.
-    pub(super) async fn commit(self: &Arc<Self>, new: &NewArtifact, content: &Bytes) -> Grouped {
+    /// away (a client disconnecting) never cuts the others' commit short. With `rules`, the
+    /// push commits only if its scope kind's stored rules still have that stamp.
+    pub(super) async fn commit(
+        self: &Arc<Self>,
+        new: &NewArtifact,
+        content: &Bytes,
+        rules: Option<&RulesStamp>,
+    ) -> Grouped {
         let Some(expires_at) = new.expires_at.map(Timestamp::as_micros) else {
             return Grouped::Alone;
         };
@@ -126,6 +144,7 @@ impl PushGroups {
                 new: new.clone(),
                 expires_at,
                 content: content.clone(),
+                rules: rules.cloned(),
                 waited: !start,
                 reply,
             });
@@ -180,6 +199,7 @@ impl PushGroups {
         let mut content_new: HashMap<String, bool> = HashMap::new();
         for pending in group {
             let answer = match rows.remove(&pending.new.upload_id) {
+                Some(row) if row.rules_changed => Grouped::RulesChanged,
                 Some(row) => {
                     let first = content_new
                         .entry(pending.new.sha256.as_str().to_owned())
@@ -209,20 +229,28 @@ struct Row {
     id: i64,
     pinned: bool,
     inserted: bool,
+    /// Not committed: the push's rule stamp no longer held.
+    rules_changed: bool,
 }
 
 /// The group's statement: blob rows (one per content, in content order), the artifacts
 /// whose path is free (in path order), and their ingress events, one statement and so one
-/// transaction. `pin` counts the blob rows first, which runs the blob insert to its end
-/// before any artifact goes in (a data-modifying CTE otherwise runs as its rows are read).
-/// Returns the committed artifacts by upload id.
-const GROUP_SQL: &str = "\
-WITH r AS (\
+/// transaction. Pushes whose rule stamp (`rules`, when `checks_rules`) differs from the stored
+/// rules' are left out of all of it (`checked`). `pin` counts the blob rows first, which
+/// runs the blob insert to its end before any artifact goes in (a data-modifying CTE
+/// otherwise runs as its rows are read). Returns the committed artifacts by upload id, then
+/// the upload ids of the pushes left out for their rules (`rules_changed`).
+static GROUP_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "\
+WITH r0 AS (\
   SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], \
     $6::text[], $7::text[], $8::int[], $9::bigint[], $10::text[], $11::bool[], $12::bytea[], \
-    $13::int[]) \
-  AS r(sha256, size, now, project_id, scope_kind, scope_id, path, mode, expires, upload_id, \
-    ingress, content, ord)), \
+    $13::int[], $14::text[], $15::bool[]) \
+  AS r0(sha256, size, now, project_id, scope_kind, scope_id, path, mode, expires, upload_id, \
+    ingress, content, ord, rules, checks_rules)), \
+checked AS (SELECT r0.*, (NOT r0.checks_rules OR r0.rules = {stamp}) AS rules_hold FROM r0), \
+r AS (SELECT * FROM checked WHERE rules_hold), \
 blob AS (INSERT INTO blobs (sha256, size, created_at, content, last_ref_at) \
   SELECT DISTINCT ON (sha256) sha256, size, now, content, now FROM r ORDER BY sha256, ord \
   ON CONFLICT (sha256) DO UPDATE SET last_ref_at = EXCLUDED.last_ref_at, \
@@ -242,8 +270,12 @@ artifact AS (INSERT INTO artifacts (project_id, scope_kind, scope_id, path, size
 ingress AS (INSERT INTO usage_events (id, project_id, meter, bytes, occurred_at) \
   SELECT 'push:' || r.upload_id, r.project_id, 'ingress', r.size, r.now \
   FROM r JOIN artifact USING (upload_id) WHERE r.ingress) \
-SELECT artifact.upload_id, artifact.id, artifact.kept_latest, blob.inserted \
-FROM artifact JOIN blob USING (sha256)";
+SELECT artifact.upload_id, artifact.id, artifact.kept_latest, blob.inserted, false \
+FROM artifact JOIN blob USING (sha256) \
+UNION ALL SELECT upload_id, 0, false, false, true FROM checked WHERE NOT rules_hold",
+        stamp = rules_stamp_sql("r0.project_id", "r0.scope_kind")
+    )
+});
 
 async fn commit_rows(
     db: &DatabaseConnection,
@@ -281,11 +313,18 @@ async fn commit_rows(
             ArrayType::Int,
             Some(Box::new((0..group.len() as i32).map(Value::from).collect())),
         ),
+        // No NULL elements: the driver binds none in a text array.
+        column(group, ArrayType::String, |p| {
+            p.rules
+                .as_ref()
+                .map_or_else(String::new, |stamp| stamp.as_str().to_owned())
+        }),
+        column(group, ArrayType::Bool, |p| p.rules.is_some()),
     ];
     let rows = db
         .query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            GROUP_SQL,
+            GROUP_SQL.as_str(),
             values,
         ))
         .await?;
@@ -298,6 +337,7 @@ async fn commit_rows(
                 id: row.try_get_by_index(1)?,
                 pinned: row.try_get_by_index(2)?,
                 inserted: row.try_get_by_index(3)?,
+                rules_changed: row.try_get_by_index(4)?,
             },
         );
     }

@@ -13,6 +13,49 @@ use super::lifecycle::{lifetime_end, live_at, unpinned};
 use super::{Store, db_error};
 use crate::domain::{Error, ProjectId, RetentionPolicy, RetentionRule, ScopeKind, Timestamp};
 
+/// What one scope kind's stored rules were when a push read them: a string equal for equal
+/// rule lists and different for different ones (each rule as `<selector bytes>:<selector>:
+/// <max age>`, joined by `;`; the selector's length makes it unambiguous). A grouped push
+/// carries the stamp of the rules its lifetime came from, and its group's statement commits
+/// it only if [`rules_stamp_sql`] computes the same stamp from the rules stored then (see
+/// `push_batch`), so a lifetime from cached rules is never one a changed policy no longer
+/// gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RulesStamp(String);
+
+impl RulesStamp {
+    pub fn of(rules: &[RetentionRule]) -> Self {
+        let mut stamp = String::new();
+        for (i, rule) in rules.iter().enumerate() {
+            if i > 0 {
+                stamp.push(';');
+            }
+            stamp.push_str(&format!(
+                "{}:{}:{}",
+                rule.selector.len(),
+                rule.selector,
+                rule.max_age_micros
+            ));
+        }
+        Self(stamp)
+    }
+
+    pub(super) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// SQL for the stamp of the rules stored now for the project and scope kind that the SQL
+/// expressions `project` and `kind` give (Postgres), built exactly as [`RulesStamp::of`]
+/// builds it.
+pub(super) fn rules_stamp_sql(project: &str, kind: &str) -> String {
+    format!(
+        "coalesce((SELECT string_agg(octet_length(rr.selector)::text || ':' || rr.selector \
+         || ':' || rr.max_age_micros::text, ';' ORDER BY rr.position) FROM retention_rules rr \
+         WHERE rr.project_id = {project} AND rr.scope_kind = {kind}), '')"
+    )
+}
+
 /// A live, unpinned artifact as a retention scan sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveArtifact {
@@ -72,6 +115,25 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// The stamp of one scope kind's rules as stored now (Postgres), to check the stamp of
+    /// a push that commits without its group's statement.
+    pub(super) async fn stored_stamp(
+        &self,
+        project: &ProjectId,
+        kind: ScopeKind,
+    ) -> Result<RulesStamp, sea_orm::DbErr> {
+        let row = self
+            .db
+            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                format!("SELECT {}", rules_stamp_sql("$1", "$2")),
+                vec![project.as_str().into(), kind.as_str().into()],
+            ))
+            .await?
+            .ok_or_else(|| sea_orm::DbErr::RecordNotFound("the rules' stamp".into()))?;
+        Ok(RulesStamp(row.try_get_by_index(0)?))
     }
 
     /// Replaces the project's whole policy in one transaction: a push sees the old policy or
