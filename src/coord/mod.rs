@@ -17,11 +17,13 @@
 //! until they are settled. Check-and-reserve is atomic (a Lua script in Redis, a mutex in
 //! process), so two requests can never both squeeze under a limit.
 //!
+//! Reservations and settlements in flight at once go to Redis in one call (`batch.rs`).
 //! Named leases with their own expiry (the sweeper's, across replicas) are in `lease.rs`.
 //!
 //! Spawned work that must outlive a request (releasing a reservation from `Drop`, recording
 //! egress) goes through [`Counters::spawn`]: one task tracker that shutdown drains.
 
+mod batch;
 mod lease;
 
 pub use lease::Lease;
@@ -109,6 +111,8 @@ struct Inner {
     on_drain: std::sync::Mutex<HashMap<u64, DrainHook>>,
     next_hook: std::sync::atomic::AtomicU64,
     redis_down_logged: AtomicBool,
+    /// Reservations and settlements on their way to Redis.
+    batches: Arc<batch::Batches>,
 }
 
 /// A callback run once at drain.
@@ -124,42 +128,6 @@ struct Local {
     reservations: HashMap<String, HashMap<String, (i64, Instant)>>,
 }
 
-/// KEYS: figure, deadlines (ZSET id → deadline ms), amounts (HASH id → bytes).
-/// ARGV: id, total wanted for this id, limit (-1: none), ttl ms.
-/// Returns {granted 1 | denied 0 | miss -1, figure, reserved by others}.
-static RESERVE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r#"
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms)
-if #lapsed > 0 then
-  redis.call('HDEL', KEYS[3], unpack(lapsed))
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
-end
-local stored = redis.call('GET', KEYS[1])
-if not stored then return {-1, 0, 0} end
-stored = tonumber(stored)
-local want = tonumber(ARGV[2])
-local limit = tonumber(ARGV[3])
-local others = 0
-local entries = redis.call('HGETALL', KEYS[3])
-for i = 1, #entries, 2 do
-  if entries[i] ~= ARGV[1] then others = others + tonumber(entries[i + 1]) end
-end
-if limit >= 0 and stored + others + want > limit then
-  return {0, stored, others}
-end
-local ttl = tonumber(ARGV[4])
-redis.call('HSET', KEYS[3], ARGV[1], want)
-redis.call('ZADD', KEYS[2], now_ms + ttl, ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ttl)
-redis.call('PEXPIRE', KEYS[3], ttl)
-return {1, stored, others}
-"#,
-    )
-});
-
 /// KEYS: figure, deadlines, amounts, generation. ARGV: id ('' for none), generation ttl.
 /// The idempotent form of a settle that could not reach Redis: the entry (if named) goes,
 /// and the figure is forgotten, so the next reservation rebuilds it from the database.
@@ -173,39 +141,6 @@ end
 redis.call('DEL', KEYS[1])
 redis.call('INCR', KEYS[4])
 redis.call('EXPIRE', KEYS[4], ARGV[2])
-return 1
-"#,
-    )
-});
-
-/// KEYS: figure, deadlines, amounts, generation. ARGV: id, bytes taken out of the entry
-/// (-1: all), delta for the figure (applied only when the figure is known), generation ttl.
-static SETTLE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r#"
-local take = tonumber(ARGV[2])
-if take < 0 then
-  redis.call('HDEL', KEYS[3], ARGV[1])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-elseif take > 0 then
-  local held = redis.call('HGET', KEYS[3], ARGV[1])
-  if held then
-    local left = tonumber(held) - take
-    if left > 0 then
-      redis.call('HSET', KEYS[3], ARGV[1], left)
-    else
-      redis.call('HDEL', KEYS[3], ARGV[1])
-      redis.call('ZREM', KEYS[2], ARGV[1])
-    end
-  end
-end
-if tonumber(ARGV[3]) ~= 0 then
-  redis.call('INCR', KEYS[4])
-  redis.call('EXPIRE', KEYS[4], ARGV[4])
-  if redis.call('EXISTS', KEYS[1]) == 1 then
-    redis.call('INCRBY', KEYS[1], ARGV[3])
-  end
-end
 return 1
 "#,
     )
@@ -313,6 +248,7 @@ impl Counters {
             on_drain: std::sync::Mutex::new(HashMap::new()),
             next_hook: std::sync::atomic::AtomicU64::new(0),
             redis_down_logged: AtomicBool::new(false),
+            batches: Arc::default(),
         });
         // Outside a runtime (never in the service) nothing refreshes: reservations then
         // simply lapse after their lifetime.
@@ -414,16 +350,21 @@ impl Counters {
         let ttl = self.inner.reservation_ttl;
         let outcome = 'outcome: {
             if let Some(redis) = self.connection() {
-                let result: redis::RedisResult<(i64, i64, i64)> = RESERVE
-                    .key(&figure)
-                    .key(&deadlines)
-                    .key(&amounts)
-                    .arg(id)
-                    .arg(total)
-                    .arg(limit.unwrap_or(-1))
-                    .arg(millis(ttl))
-                    .invoke_async(&mut redis.clone())
-                    .await;
+                let op = batch::Op {
+                    keys: [
+                        figure.clone(),
+                        deadlines.clone(),
+                        amounts.clone(),
+                        self.generation_key(project, pool),
+                    ],
+                    kind: batch::OpKind::Reserve {
+                        id: id.to_owned(),
+                        total,
+                        limit: limit.unwrap_or(-1),
+                        ttl_ms: millis(ttl),
+                    },
+                };
+                let result = self.inner.batches.run(redis, &self.inner.tasks, op).await;
                 if result.is_ok() {
                     self.redis_answered();
                 }
@@ -487,17 +428,21 @@ impl Counters {
             self.held().remove(&(amounts.clone(), id.to_owned()));
         }
         if let Some(redis) = self.connection() {
-            let result: redis::RedisResult<i64> = SETTLE
-                .key(&figure)
-                .key(&deadlines)
-                .key(&amounts)
-                .key(self.generation_key(project, pool))
-                .arg(id)
-                .arg(take)
-                .arg(figure_delta)
-                .arg(GENERATION_TTL.as_secs())
-                .invoke_async(&mut redis.clone())
-                .await;
+            let op = batch::Op {
+                keys: [
+                    figure.clone(),
+                    deadlines.clone(),
+                    amounts.clone(),
+                    self.generation_key(project, pool),
+                ],
+                kind: batch::OpKind::Settle {
+                    id: id.to_owned(),
+                    take,
+                    delta: figure_delta,
+                    generation_ttl_s: GENERATION_TTL.as_secs(),
+                },
+            };
+            let result = self.inner.batches.run(redis, &self.inner.tasks, op).await;
             if let Err(e) = result {
                 self.redis_failed(&e);
                 let entry = (release == Release::All).then(|| id.to_owned());
@@ -975,6 +920,59 @@ pub(crate) mod tests {
             assert_eq!(nodelay, Some(true), "socket {inode} to Redis' port {port}");
         }
         counters.settle("p", s, "r", Release::All, 0).await;
+    }
+
+    /// Reservations and settlements sent together (one call for those in flight at once)
+    /// each keep their own outcome: of 50 racing for 20 places exactly 20 are granted, and
+    /// settling them all at once moves exactly their bytes into the figure.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_reservations_and_settlements_in_redis_are_exact() {
+        let Some(url) = crate::coord::tests::redis_url() else {
+            return;
+        };
+        let prefix = format!("unit-{}:", uuid::Uuid::new_v4().simple());
+        let counters = Counters::redis(&url, &prefix).unwrap();
+        let s = Pool::Storage;
+        counters.prime("p", s, 0, 0).await;
+        let racers: Vec<_> = (0..50)
+            .map(|i| {
+                let counters = counters.clone();
+                tokio::spawn(async move {
+                    let id = format!("r{i}");
+                    let outcome = counters.try_reserve("p", s, &id, 10, Some(200)).await;
+                    (id, outcome)
+                })
+            })
+            .collect();
+        let mut granted = Vec::new();
+        for racer in racers {
+            match racer.await.unwrap() {
+                (id, Reserve::Granted) => granted.push(id),
+                (
+                    _,
+                    Reserve::Denied {
+                        stored: 0,
+                        reserved,
+                    },
+                ) => assert_eq!(reserved, 200),
+                (_, other) => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(granted.len(), 20);
+        assert_eq!(counters.reserved("p", s).await, 200);
+        let settles: Vec<_> = granted
+            .into_iter()
+            .map(|id| {
+                let counters = counters.clone();
+                tokio::spawn(async move { counters.settle("p", s, &id, Release::All, 7).await })
+            })
+            .collect();
+        for settle in settles {
+            settle.await.unwrap();
+        }
+        assert_eq!(counters.reserved("p", s).await, 0);
+        assert_eq!(counters.figure("p", s).await, Some(140));
+        counters.forget_stored("p").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
