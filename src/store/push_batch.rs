@@ -31,7 +31,7 @@
 //! sweeper collects after the grace period like the content of any push that lost a race.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use bytes::Bytes;
 use sea_orm::sea_query::ArrayType;
@@ -92,6 +92,9 @@ pub(super) struct PushGroups {
     concurrent: usize,
     /// The group commits in progress; [`PushGroups::drain`] waits for them.
     tasks: TaskTracker,
+    /// Makes the next group's task panic, as a driver bug once did.
+    #[cfg(test)]
+    panic_next: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PushGroups {
@@ -114,6 +117,8 @@ impl PushGroups {
             queue: Mutex::new(Queue::default()),
             concurrent: concurrent.max(1),
             tasks: TaskTracker::new(),
+            #[cfg(test)]
+            panic_next: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -163,6 +168,10 @@ impl PushGroups {
 
     /// Commits groups until nothing waits, then gives its slot back.
     async fn run(&self) {
+        let mut slot = Slot {
+            groups: self,
+            held: true,
+        };
         loop {
             let group = {
                 let Ok(mut queue) = self.queue.lock() else {
@@ -170,6 +179,7 @@ impl PushGroups {
                 };
                 if queue.waiting.is_empty() {
                     queue.committing -= 1;
+                    slot.held = false;
                     return;
                 }
                 let take = queue.waiting.len().min(MAX_GROUP);
@@ -182,6 +192,13 @@ impl PushGroups {
     }
 
     async fn commit_group(&self, group: Vec<Pending>) {
+        #[cfg(test)]
+        if self
+            .panic_next
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("injected: the group's task panics");
+        }
         let outcome = commit_rows(&self.db, &group).await;
         self.metrics.push_group(group.len(), outcome.is_ok());
         let mut rows = match outcome {
@@ -222,6 +239,40 @@ impl PushGroups {
     pub(super) async fn drain(&self) {
         self.tasks.close();
         self.tasks.wait().await;
+    }
+}
+
+/// A group task's slot, given back however the task ends. A task that panicked mid-commit (a
+/// driver bug once did, on a value it could not bind) or was cancelled would otherwise hold
+/// its slot for ever, and once every slot was held, each push queued behind them would wait
+/// for ever. Dropped while still held, it frees the slot and lets every waiting push go:
+/// their replies are dropped, which answers them [`Grouped::Alone`], so each commits alone
+/// as after any failed group (the pushes of the group that panicked are answered so too).
+struct Slot<'a> {
+    groups: &'a PushGroups,
+    held: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        let waiting = {
+            let mut queue = self
+                .groups
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            queue.committing -= 1;
+            std::mem::take(&mut queue.waiting)
+        };
+        let waited = waiting.iter().filter(|p| p.waited).count();
+        self.groups.metrics.push_group_waiting(-(waited as i64));
+        tracing::error!(
+            pushes = waiting.len(),
+            "a group commit ended without finishing; the pushes waiting for it commit alone"
+        );
     }
 }
 
@@ -342,4 +393,62 @@ async fn commit_rows(
         );
     }
     Ok(committed)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::domain::{ArtifactPath, Scope, ScopeKind, Sha256};
+
+    fn push(n: u8) -> NewArtifact {
+        NewArtifact {
+            scope: Scope::parse("scope", "p", ScopeKind::Job, "j").unwrap(),
+            path: ArtifactPath::parse("path", &format!("f{n}")).unwrap(),
+            size: 1,
+            sha256: Sha256::from_digest(&[n; 32]),
+            mode: 0o644,
+            created_at: Timestamp::from_micros(1),
+            expires_at: Some(Timestamp::from_micros(2)),
+            upload_id: format!("u{n}"),
+            record_ingress: false,
+        }
+    }
+
+    /// A group whose task panics gives its slot back: with one slot, the next push's group
+    /// still runs (and, with no database behind it, fails as a whole: each push alone)
+    /// instead of waiting for ever behind the dead task.
+    #[tokio::test]
+    async fn a_panicking_group_gives_its_slot_back() {
+        let groups = PushGroups::new(
+            DatabaseConnection::default(),
+            crate::metrics::Metrics::new(),
+            1,
+        );
+        let content = Bytes::from_static(b"x");
+        groups.panic_next.store(true, Ordering::SeqCst);
+        let first = tokio::time::timeout(
+            Duration::from_secs(5),
+            groups.commit(&push(1), &content, None),
+        )
+        .await
+        .expect("the push whose group panicked is answered");
+        assert!(matches!(first, Grouped::Alone), "{first:?}");
+        for n in 2..5 {
+            let next = tokio::time::timeout(
+                Duration::from_secs(5),
+                groups.commit(&push(n), &content, None),
+            )
+            .await
+            .expect("a push after the panic is answered, not queued for ever");
+            assert!(matches!(next, Grouped::Alone), "{next:?}");
+        }
+        assert_eq!(
+            groups.queue.lock().unwrap().committing,
+            0,
+            "every slot is free"
+        );
+    }
 }
