@@ -470,7 +470,7 @@ fn print_throughput(args: &ThroughputArgs, best: &Best, (hash, hash_cpu): (f64, 
     println!("{:<14} {:>8.1}", "SHA-256 1 core", hash);
     println!("{:<14} {:>8.1}", "bare push", best.bare_push);
     println!(
-        "{:<14} {:>8.1}   1 GiB written and fdatasync'd through the page cache",
+        "{:<14} {:>8.1}   the same bytes written through the page cache, then fdatasync",
         "disk write", best.disk_write
     );
     println!(
