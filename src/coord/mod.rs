@@ -323,6 +323,21 @@ impl Counters {
         format!("{figure}:gen")
     }
 
+    /// A reservation or settlement of `pool` for the batch script, with the keys it touches:
+    /// the figure, the entries' deadlines and amounts, and the figure's change count.
+    fn batch_op(&self, project: &str, pool: Pool<'_>, kind: batch::OpKind) -> batch::Op {
+        let (deadlines, amounts) = self.entry_keys(project, pool);
+        batch::Op {
+            keys: [
+                self.figure_key(project, pool),
+                deadlines,
+                amounts,
+                self.generation_key(project, pool),
+            ],
+            kind,
+        }
+    }
+
     /// The keys of a pool's reservation entries: deadlines (ZSET) and amounts (HASH).
     fn entry_keys(&self, project: &str, pool: Pool<'_>) -> (String, String) {
         let pool = match pool {
@@ -346,24 +361,20 @@ impl Counters {
         limit: Option<i64>,
     ) -> Reserve {
         let figure = self.figure_key(project, pool);
-        let (deadlines, amounts) = self.entry_keys(project, pool);
+        let (_, amounts) = self.entry_keys(project, pool);
         let ttl = self.inner.reservation_ttl;
         let outcome = 'outcome: {
             if let Some(redis) = self.connection() {
-                let op = batch::Op {
-                    keys: [
-                        figure.clone(),
-                        deadlines.clone(),
-                        amounts.clone(),
-                        self.generation_key(project, pool),
-                    ],
-                    kind: batch::OpKind::Reserve {
+                let op = self.batch_op(
+                    project,
+                    pool,
+                    batch::OpKind::Reserve {
                         id: id.to_owned(),
                         total,
                         limit: limit.unwrap_or(-1),
                         ttl_ms: millis(ttl),
                     },
-                };
+                );
                 let result = self.inner.batches.run(redis, &self.inner.tasks, op).await;
                 if result.is_ok() {
                     self.redis_answered();
@@ -419,7 +430,7 @@ impl Counters {
         figure_delta: i64,
     ) {
         let figure = self.figure_key(project, pool);
-        let (deadlines, amounts) = self.entry_keys(project, pool);
+        let (_, amounts) = self.entry_keys(project, pool);
         let take = match release {
             Release::All => -1,
             Release::Part(bytes) => bytes.max(0),
@@ -428,20 +439,16 @@ impl Counters {
             self.held().remove(&(amounts.clone(), id.to_owned()));
         }
         if let Some(redis) = self.connection() {
-            let op = batch::Op {
-                keys: [
-                    figure.clone(),
-                    deadlines.clone(),
-                    amounts.clone(),
-                    self.generation_key(project, pool),
-                ],
-                kind: batch::OpKind::Settle {
+            let op = self.batch_op(
+                project,
+                pool,
+                batch::OpKind::Settle {
                     id: id.to_owned(),
                     take,
                     delta: figure_delta,
                     generation_ttl_s: GENERATION_TTL.as_secs(),
                 },
-            };
+            );
             let result = self.inner.batches.run(redis, &self.inner.tasks, op).await;
             if let Err(e) = result {
                 self.redis_failed(&e);
