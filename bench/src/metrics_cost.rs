@@ -23,22 +23,16 @@ use crate::content::ChunkPool;
 use crate::measure::cpu_seconds;
 use crate::process::{Server, artifactd_exe};
 use crate::pushrate::measure_pushes;
-use crate::scratch::{ScratchDatabase, ScratchDir, ScratchRedisPrefix};
-use crate::{
-    DEFAULT_ADMIN_URL, DEFAULT_REDIS_URL, KIB, MAX_ARTIFACT_BYTES, MIB, runtime, warn_if_debug,
-};
+use crate::scratch::{ScratchDatabase, ScratchDir, ScratchRedisPrefix, ScratchServices};
+use crate::{KIB, MAX_ARTIFACT_BYTES, MIB, runtime, warn_if_debug};
 
 const PULL_PATH: &str = "metrics-cost/pull.bin";
 
 #[derive(Debug, Clone, Args)]
 pub(crate) struct MetricsCostArgs {
-    /// Postgres URL with the right to create and drop databases.
-    #[arg(long, env = "TEST_DATABASE_URL", default_value = DEFAULT_ADMIN_URL, hide_env_values = true)]
-    database_admin_url: String,
-
-    /// Redis for artifactd's hot quota figures (keys under fresh prefixes, removed at the end).
-    #[arg(long, env = "TEST_REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
-    redis_url: String,
+    /// Where the scratch databases and Redis key prefixes go.
+    #[command(flatten)]
+    services: ScratchServices,
 
     /// Concurrent pushing clients, each with its own connection.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -84,12 +78,13 @@ pub(crate) fn metrics_cost(args: &MetricsCostArgs) -> anyhow::Result<()> {
     let mut scratch = Vec::new();
     let mut servers = Vec::new();
     for layer in [true, false] {
-        let database = runtime.block_on(ScratchDatabase::create(&args.database_admin_url))?;
-        let redis = runtime.block_on(ScratchRedisPrefix::create(&args.redis_url))?;
+        let database =
+            runtime.block_on(ScratchDatabase::create(&args.services.database_admin_url))?;
+        let redis = runtime.block_on(ScratchRedisPrefix::create(&args.services.redis_url))?;
         let dir = ScratchDir::create()?;
         let env = [
             ("DATABASE_URL", database.url.clone()),
-            ("REDIS_URL", args.redis_url.clone()),
+            ("REDIS_URL", args.services.redis_url.clone()),
             ("ARTIFACTD_REDIS_PREFIX", redis.prefix.clone()),
             ("ARTIFACTD_GRPC_METRICS", layer.to_string()),
             ("ARTIFACTD_DEFAULT_PLAN", "enterprise".to_owned()),

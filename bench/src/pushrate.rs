@@ -42,8 +42,8 @@ use crate::client::{artifact_client, connect};
 use crate::content::pseudo_random;
 use crate::measure::{millis, percentile, verdict};
 use crate::process::{Server, artifactd_exe};
-use crate::scratch::{ScratchDatabase, ScratchDir, ScratchRedisPrefix, redact};
-use crate::{DEFAULT_ADMIN_URL, DEFAULT_REDIS_URL, PROJECT, runtime, warn_if_debug};
+use crate::scratch::{ScratchDatabase, ScratchDir, ScratchRedisPrefix, ScratchServices, redact};
+use crate::{PROJECT, runtime, warn_if_debug};
 
 /// pushrate target with metering on, in pushes per second: at least this, or at least
 /// `PUSHRATE_TARGET_OF_BARE` of the bare loop's rate when that is lower.
@@ -58,14 +58,9 @@ const BARE_LIFETIME_MICROS: i64 = 7 * 86_400 * 1_000_000;
 
 #[derive(Debug, Clone, Args)]
 pub(crate) struct PushRateArgs {
-    /// Postgres URL with the right to create and drop databases; the benchmark's own databases
-    /// are created next to the one it names.
-    #[arg(long, env = "TEST_DATABASE_URL", default_value = DEFAULT_ADMIN_URL, hide_env_values = true)]
-    database_admin_url: String,
-
-    /// Redis for artifactd's hot quota figures (keys under a fresh prefix, removed at the end).
-    #[arg(long, env = "TEST_REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
-    redis_url: String,
+    /// Where the scratch databases and Redis key prefixes go.
+    #[command(flatten)]
+    services: ScratchServices,
 
     /// Concurrent clients, each with its own connection (the bare loop: tasks sharing 32
     /// database connections, the pool artifactd opens).
@@ -238,12 +233,12 @@ fn pushrate_mode(
     mode: PushMode,
 ) -> anyhow::Result<PushTally> {
     // Declared first so that they are cleaned up last, after the server is gone.
-    let database = runtime.block_on(ScratchDatabase::create(&args.database_admin_url))?;
+    let database = runtime.block_on(ScratchDatabase::create(&args.services.database_admin_url))?;
     if mode == PushMode::Bare {
         return runtime.block_on(measure_bare_pushrate(args, &database.url));
     }
     let metering = mode != PushMode::Unmetered;
-    let redis = runtime.block_on(ScratchRedisPrefix::create(&args.redis_url))?;
+    let redis = runtime.block_on(ScratchRedisPrefix::create(&args.services.redis_url))?;
     let scratch = ScratchDir::create()?;
     let group_commits = if mode == PushMode::MeteredAlone {
         0
@@ -252,7 +247,7 @@ fn pushrate_mode(
     };
     let env = [
         ("DATABASE_URL", database.url.clone()),
-        ("REDIS_URL", args.redis_url.clone()),
+        ("REDIS_URL", args.services.redis_url.clone()),
         ("ARTIFACTD_REDIS_PREFIX", redis.prefix.clone()),
         ("ARTIFACTD_METERING", metering.to_string()),
         ("ARTIFACTD_BLOB_FSYNC", args.fsync.to_string()),
@@ -268,7 +263,7 @@ fn pushrate_mode(
         mode.label(),
         database.name,
         redact(&database.url),
-        redact(&args.redis_url),
+        redact(&args.services.redis_url),
         redis.prefix,
         scratch.path().display()
     );
@@ -539,8 +534,8 @@ fn print_pushrate(args: &PushRateArgs, figures: &[(PushMode, Vec<PushFigures>)],
          run), default plan {PUSHRATE_PLAN} (block overage, 2 GiB storage limit), local blob \
          directory under {}, ARTIFACTD_PUSH_GROUP_COMMITS={} (but \"on, alone\"), every other \
          setting default (blob fsync on)",
-        redact(&args.database_admin_url),
-        redact(&args.redis_url),
+        redact(&args.services.database_admin_url),
+        redact(&args.services.redis_url),
         std::env::temp_dir().display(),
         args.group_commits
     );

@@ -219,3 +219,17 @@ impl Drop for ScratchRedisPrefix {
         }
     }
 }
+
+/// The Postgres and Redis servers a benchmark makes its scratch databases and key prefixes on
+/// (the `pushrate` and `metrics-cost` arguments).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ScratchServices {
+    /// Postgres URL with the right to create and drop databases; the benchmark's own databases
+    /// are created next to the one it names.
+    #[arg(long, env = "TEST_DATABASE_URL", default_value = crate::DEFAULT_ADMIN_URL, hide_env_values = true)]
+    pub(crate) database_admin_url: String,
+
+    /// Redis for artifactd's hot quota figures (keys under fresh prefixes, removed at the end).
+    #[arg(long, env = "TEST_REDIS_URL", default_value = crate::DEFAULT_REDIS_URL, hide_env_values = true)]
+    pub(crate) redis_url: String,
+}
