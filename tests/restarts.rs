@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use artifactd::pb::v1::{self as pb, PushRequest, push_request};
 use common::binary::{BinaryServer, local_stores};
-use common::{content, header, job, pull, push, push_messages, stat};
+use common::{await_sample, content, header, job, pull, push, push_messages, stat};
 use tonic::Code;
 
 fn free_port() -> u16 {
@@ -82,6 +82,7 @@ async fn push_in_flight(
         pb::artifact_service_client::ArtifactServiceClient::new(server.channel().await);
     let mut h = header(job("r", "j"), path);
     h.expected_size = Some(data.len() as i64);
+    let held = reservations(server).await;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let mut messages = push_messages(h, data, data.len() / 2).into_iter();
     tx.send(messages.next().unwrap()).await.unwrap();
@@ -92,9 +93,25 @@ async fn push_in_flight(
             .await
             .map(tonic::Response::into_inner)
     });
-    // The reservation is taken before the first chunk is read: wait until the upload exists.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The reservation is taken before the first chunk is read: wait until this one is held.
+    await_sample(
+        server.http,
+        "artifactd_quota_reservations_outstanding",
+        &[],
+        |n| n > held,
+    )
+    .await;
     (tx, call)
+}
+
+async fn reservations(server: &BinaryServer) -> f64 {
+    await_sample(
+        server.http,
+        "artifactd_quota_reservations_outstanding",
+        &[],
+        |_| true,
+    )
+    .await
 }
 
 async fn finish(

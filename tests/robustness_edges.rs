@@ -484,6 +484,7 @@ async fn try_http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, St
 /// drain waits for it) until the returned sender sends the rest and is dropped.
 async fn push_in_flight(
     channel: tonic::transport::Channel,
+    http: std::net::SocketAddr,
 ) -> (
     tokio::sync::mpsc::Sender<artifactd::pb::v1::PushRequest>,
     tokio::task::JoinHandle<
@@ -513,6 +514,18 @@ async fn push_in_flight(
     })
     .await
     .unwrap();
+    // The sends above only queue locally: wait until the server has the call, or a shutdown
+    // signalled now could find nothing in flight and (rightly) exit at once.
+    await_sample(
+        http,
+        "artifactd_grpc_requests_in_flight",
+        &[
+            ("service", "artifactd.v1.ArtifactService"),
+            ("method", "Push"),
+        ],
+        |n| n == 1.0,
+    )
+    .await;
     (tx, call)
 }
 
@@ -561,7 +574,7 @@ async fn drain_reports_not_serving_and_readyz_503() {
             .status;
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
     }
-    let (tx, call) = push_in_flight(channel).await;
+    let (tx, call) = push_in_flight(channel, server.http_addr).await;
     // Existing streams hear the change (new calls on a draining connection are refused, so
     // watch every service from before the shutdown).
     let mut watches = Vec::new();
@@ -608,7 +621,7 @@ async fn binary_drains_with_readyz_503_and_exits_zero() {
         try_http_get(http, "/readyz").await,
         Some((200, "ready\n".into()))
     );
-    let (tx, call) = push_in_flight(channel).await;
+    let (tx, call) = push_in_flight(channel, http).await;
 
     server.terminate();
     // Readiness flips to 503 promptly, and stays answering (not refused) while draining.

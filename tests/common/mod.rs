@@ -649,3 +649,23 @@ pub fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> 
             (metric == name && have == wanted).then(|| value.parse().ok())?
         })
 }
+
+/// Scrapes `/metrics` until the sample `name{labels}` (0 when absent) satisfies `ready`, and
+/// returns it; panics after ten seconds. For tests that must know the server has reached a
+/// state (a call in flight, a reservation held) before they act, without guessing a sleep.
+pub async fn await_sample(
+    http: SocketAddr,
+    name: &str,
+    labels: &[(&str, &str)],
+    ready: impl Fn(f64) -> bool,
+) -> f64 {
+    let mut value = 0.0;
+    for _ in 0..400 {
+        value = sample(&http_get(http, "/metrics").await.1, name, labels).unwrap_or(0.0);
+        if ready(value) {
+            return value;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("{name}{labels:?} stayed at {value}");
+}
