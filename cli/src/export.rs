@@ -293,8 +293,21 @@ async fn copy_body(
     }
 }
 
-/// The body into a temporary file beside `path`, renamed to `path` once complete.
+/// The body into a temporary file beside `path`, renamed to `path` once complete; or
+/// straight into `path` when it is a device or a FIFO (`/dev/null`), never renamed over.
 async fn to_file(response: reqwest::Response, path: &Path, what: &str) -> Result<u64> {
+    if crate::pull::is_stream(path) {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| CliError::io("cannot write", path, &e))?;
+        let mut writer = std::io::BufWriter::with_capacity(256 * 1024, file);
+        let written = copy_body(response, &mut writer, what).await?;
+        writer
+            .into_inner()
+            .map_err(|e| CliError::io("cannot write", path, e.error()))?;
+        return Ok(written);
+    }
     let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -9,8 +9,12 @@
 //!
 //! A file is written to a temporary file beside its destination, hashed as it arrives,
 //! checked against the artifact's SHA-256 and size, given its mode and only then renamed into
-//! place: a pull never leaves a truncated file under the real name. Without `--force` every
-//! local target is checked before anything is downloaded. A download cut mid-stream
+//! place: a pull never leaves a truncated file under the real name. A destination that
+//! exists and is not a regular file (`/dev/null`, a FIFO, a terminal) is written into
+//! directly, as a shell's `>` would, never renamed over (that once replaced `/dev/null` with
+//! a regular file), and needs no `--force` since nothing is replaced; its bytes are still
+//! checked against the SHA-256, like stdout's. Without `--force` every other existing local
+//! target is refused before anything is downloaded. A download cut mid-stream
 //! (UNAVAILABLE, reset) resumes at the byte it stopped, with backoff and jitter.
 
 use std::os::unix::fs::PermissionsExt;
@@ -112,7 +116,7 @@ pub async fn run(
     };
     if !force && !to_stdout {
         for (_, local) in &files {
-            if std::fs::symlink_metadata(local).is_ok() {
+            if std::fs::symlink_metadata(local).is_ok() && !is_stream(local) {
                 return Err(CliError::new(
                     Exit::Exists,
                     format!(
@@ -386,13 +390,31 @@ async fn to_stdout_file(client: &Client, artifact: &pb::Artifact, bar: &Progress
     fetch(client, artifact, sink, bar).await.map(|_| ())
 }
 
-/// Downloads into a temporary file beside `local`, verifies, sets the mode, renames.
+/// Whether `local` exists and is something to write into rather than a file to replace: a
+/// character or block device, a FIFO or a socket (links followed, as `>` follows them).
+pub(crate) fn is_stream(local: &Path) -> bool {
+    std::fs::metadata(local).is_ok_and(|m| !m.is_file() && !m.is_dir())
+}
+
+/// Downloads into a temporary file beside `local`, verifies, sets the mode, renames; or
+/// straight into `local` when it is a device or a FIFO ([`is_stream`]).
 async fn to_file(
     client: &Client,
     artifact: &pb::Artifact,
     local: &Path,
     bar: &ProgressBar,
 ) -> Result<()> {
+    if is_stream(local) {
+        let path = local.to_owned();
+        // Opening a FIFO waits for its reader: not on a runtime thread.
+        let file = tokio::task::spawn_blocking(move || {
+            std::fs::OpenOptions::new().write(true).open(&path)
+        })
+        .await
+        .map_err(|e| CliError::usage(format!("opening failed: {e}")))?
+        .map_err(|e| CliError::io("cannot write", local, &e))?;
+        return download_to(client, artifact, file, local, bar).await;
+    }
     let parent = local
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -403,7 +425,13 @@ async fn to_file(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "artifact".into());
     let temp = parent.join(format!(".{name}.{:016x}.artifact-part", fastrand::u64(..)));
-    let result = download_to(client, artifact, &parent, &temp, bar).await;
+    tokio::fs::create_dir_all(&parent)
+        .await
+        .map_err(|e| CliError::io("cannot create the folder", &parent, &e))?;
+    let result = match std::fs::File::create(&temp) {
+        Ok(file) => download_to(client, artifact, file, &temp, bar).await,
+        Err(e) => Err(CliError::io("cannot write", &temp, &e)),
+    };
     let result = result.and_then(|()| {
         std::fs::set_permissions(
             &temp,
@@ -427,33 +455,32 @@ async fn to_file(
     result
 }
 
+/// Downloads `artifact` into `file` (opened for writing; `path` names it in errors), checking
+/// its size and SHA-256.
 async fn download_to(
     client: &Client,
     artifact: &pb::Artifact,
-    parent: &Path,
-    temp: &Path,
+    mut file: std::fs::File,
+    path: &Path,
     bar: &ProgressBar,
 ) -> Result<()> {
-    tokio::fs::create_dir_all(parent)
-        .await
-        .map_err(|e| CliError::io("cannot create the folder", parent, &e))?;
     if artifact.size <= IN_MEMORY {
         let data = fetch(client, artifact, Sink::Memory(Vec::new()), bar).await?;
-        let temp = temp.to_owned();
+        let path = path.to_owned();
         return tokio::task::spawn_blocking(move || {
-            std::fs::write(&temp, data).map_err(|e| CliError::io("cannot write", &temp, &e))
+            std::io::Write::write_all(&mut file, &data)
+                .map_err(|e| CliError::io("cannot write", &path, &e))
         })
         .await
         .map_err(|e| CliError::usage(format!("writing failed: {e}")))?;
     }
-    let file = std::fs::File::create(temp).map_err(|e| CliError::io("cannot write", temp, &e))?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(16);
     let writer = tokio::task::spawn_blocking(move || write_and_hash(file, receiver));
     let fetched = fetch(client, artifact, Sink::Writer(sender), bar).await;
     let written = writer
         .await
         .map_err(|e| CliError::usage(format!("writing failed: {e}")))?
-        .map_err(|e| CliError::io("cannot write", temp, &e));
+        .map_err(|e| CliError::io("cannot write", path, &e));
     fetched?;
     let (size, digest) = written?;
     if i64::try_from(size).ok() != Some(artifact.size) {

@@ -253,6 +253,57 @@ async fn stdin_and_stdout() {
     server.stop().await;
 }
 
+/// A destination that is a FIFO (or `/dev/null`, a terminal) is written into, not replaced:
+/// the pull once renamed its temporary file over `-d /dev/null`, leaving a regular file
+/// there. Small (gathered in memory) and large (streamed) artifacts alike, without --force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_destination_is_written_into_not_replaced() {
+    use std::os::unix::fs::FileTypeExt;
+    let server = Server::start().await;
+    let cli = Cli::new(&server.url());
+    let big = content(3 * 1024 * 1024 + 5, 21);
+    cli.write("big.bin", &big, 0o644);
+    cli.write("small.txt", b"small artifact", 0o644);
+    cli.ok(&["push", "job", "big.bin"]).await;
+    cli.ok(&["push", "job", "small.txt"]).await;
+    let fifo = cli.path("pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    for (remote, want) in [
+        ("big.bin", big.clone()),
+        ("small.txt", b"small artifact".to_vec()),
+    ] {
+        let reading = fifo.clone();
+        let reader = std::thread::spawn(move || std::fs::read(reading).unwrap());
+        cli.ok(&["pull", "job", remote, "-d", "pipe"]).await;
+        // Checked before joining: a pull that replaced the FIFO never opened it, and its
+        // reader would wait for ever.
+        assert!(
+            std::fs::symlink_metadata(&fifo)
+                .unwrap()
+                .file_type()
+                .is_fifo(),
+            "{remote}: the FIFO was replaced"
+        );
+        let got = reader.join().unwrap();
+        assert!(
+            got == want,
+            "{remote}: the FIFO's reader got {} bytes",
+            got.len()
+        );
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(cli.path("."))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".artifact-part"))
+        .collect();
+    assert_eq!(leftovers, Vec::<String>::new());
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn existing_targets_are_refused_without_force() {
     let server = Server::start().await;
