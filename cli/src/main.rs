@@ -32,6 +32,13 @@ pub mod pb {
     tonic::include_proto!("artifactd.v1");
 }
 
+/// jemalloc keeps the pages of freed download buffers for the next ones; glibc's malloc
+/// returned and refaulted them. A 1 GiB pull to disk, three runs each, same minutes: glibc
+/// 1.78–2.37 CPU-s and 23,000–112,000 page faults, jemalloc 1.66–1.82 CPU-s and ~6,000.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Push, pull and manage CI artifacts on an artifactd server.
 ///
 /// Exit codes: 0 ok, 1 usage or other error, 2 not found, 3 already exists, 4 quota or
