@@ -20,6 +20,15 @@
 //!   median of the rounds' ratios, beside the median rates.
 //!
 //! The CLI's figures include starting the process and connecting.
+//!
+//! **The pull's ceiling on this machine.** The CLI and the server share the machine's cores,
+//! and a CLI pull does more than the bench's Pull (which only counts bytes): it also hashes
+//! every byte and copies it into the page cache. So the bench measures, in the same run, the
+//! least CPU a pull to disk needs per GiB — the server's and the bench client's CPU during
+//! its own Pull, plus one core's SHA-256 and page-cache write of the same bytes — and the
+//! rate the cores allow for that work (cores ÷ CPU-s per byte). The CLI's pull is printed
+//! against min(bench Pull, that rate) beside the 0.9× of bench Pull target, with the CPU
+//! the CLI and the server actually used.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,10 +40,11 @@ use clap::Args;
 
 use crate::client::{artifact_client, artifact_pull, artifact_push, connect, mb_per_s};
 use crate::content::{ChunkPool, pseudo_random};
+use crate::measure::cpu_seconds;
 use crate::process::{Server, artifactd_exe};
 use crate::scratch::{ScratchDatabase, ScratchDir};
 use crate::{
-    DEFAULT_ADMIN_URL, JOB, KIB, MAX_ARTIFACT_BYTES, MIB, PROJECT, runtime, warn_if_debug,
+    DEFAULT_ADMIN_URL, GIB, JOB, KIB, MAX_ARTIFACT_BYTES, MIB, PROJECT, runtime, warn_if_debug,
 };
 
 const FILES_TARGET: f64 = 1000.0;
@@ -187,6 +197,7 @@ pub fn cli(args: &CliArgs) -> anyhow::Result<()> {
     let big = work.join("big.bin");
     let (mut push, mut pull, mut cli_push, mut cli_pull) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut own_cpu, mut cli_cpu, mut floors) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         // The file the CLI pushes, written and made durable first: its write-back must not
         // compete with the pushes that follow (it stays in the page cache).
@@ -225,14 +236,31 @@ pub fn cli(args: &CliArgs) -> anyhow::Result<()> {
             cli_push.push(push_cli()?);
             push.push(own_push()?);
         }
+        // The extra work of a pull to disk, measured just before the pulls, on the same
+        // disk and memory state (it moves from minute to minute).
+        floors.push(PullFloor::measure(&pool, total, &work)?);
+        let gib = total as f64 / GIB as f64;
+        // CPU-s per GiB: (server, bench client) during the bench's Pull.
         let own_pull = || {
-            runtime.block_on(async {
+            let (server_before, own_before) =
+                (cpu_seconds(server.pid()), rusage_seconds(libc::RUSAGE_SELF));
+            let rate = runtime.block_on(async {
                 let mut client = artifact_client(connect(port).await?);
                 artifact_pull(&mut client, &own_path, total).await
-            })
+            })?;
+            let cpu = (
+                (cpu_seconds(server.pid()) - server_before) / gib,
+                (rusage_seconds(libc::RUSAGE_SELF) - own_before) / gib,
+            );
+            Ok::<_, anyhow::Error>((rate, cpu))
         };
+        // CPU-s per GiB: (server, CLI) during the CLI's pull.
         let pull_cli = || {
             let _ = std::fs::remove_file(work.join("pulled.bin"));
+            let (server_before, cli_before) = (
+                cpu_seconds(server.pid()),
+                rusage_seconds(libc::RUSAGE_CHILDREN),
+            );
             let secs = run_cli(
                 &cli_exe,
                 port,
@@ -240,24 +268,37 @@ pub fn cli(args: &CliArgs) -> anyhow::Result<()> {
                 &["pull", "job", &remote, "-d", "pulled.bin"],
                 args.parallel,
             )?;
+            let cpu = (
+                (cpu_seconds(server.pid()) - server_before) / gib,
+                (rusage_seconds(libc::RUSAGE_CHILDREN) - cli_before) / gib,
+            );
             let pulled = std::fs::metadata(work.join("pulled.bin"))?.len();
             ensure!(pulled == total, "the CLI pulled {pulled} of {total} bytes");
-            Ok(mb_per_s(total, std::time::Duration::from_secs_f64(secs)))
+            Ok((
+                mb_per_s(total, std::time::Duration::from_secs_f64(secs)),
+                cpu,
+            ))
         };
-        if own_first {
-            pull.push(own_pull()?);
-            cli_pull.push(pull_cli()?);
+        let ((own_rate, own), (cli_rate, cli)) = if own_first {
+            let own = own_pull()?;
+            (own, pull_cli()?)
         } else {
-            cli_pull.push(pull_cli()?);
-            pull.push(own_pull()?);
-        }
+            let cli = pull_cli()?;
+            (own_pull()?, cli)
+        };
+        pull.push(own_rate);
+        cli_pull.push(cli_rate);
+        own_cpu.push(own);
+        cli_cpu.push(cli);
         eprintln!(
-            "round {round}/{}: bench Push {:.0} MB/s, artifact push {:.0} MB/s; bench Pull {:.0} MB/s, artifact pull {:.0} MB/s",
+            "round {round}/{}: bench Push {:.0} MB/s, artifact push {:.0} MB/s; bench Pull {own_rate:.0} MB/s (CPU-s/GiB server {:.2}, client {:.2}), artifact pull {cli_rate:.0} MB/s (server {:.2}, CLI {:.2})",
             args.rounds,
             push[push.len() - 1],
             cli_push[cli_push.len() - 1],
-            pull[pull.len() - 1],
-            cli_pull[cli_pull.len() - 1],
+            own.0,
+            own.1,
+            cli.0,
+            cli.1,
         );
     }
     let ratios = |cli: &[f64], own: &[f64]| -> Vec<f64> {
@@ -268,6 +309,24 @@ pub fn cli(args: &CliArgs) -> anyhow::Result<()> {
         crate::hash::median(ratios(&cli_pull, &pull)),
     );
     let median = |v: &[f64]| crate::hash::median(v.to_vec());
+    // The least CPU a pull to disk needs per GiB, and the rate the cores allow for it.
+    let (own_server, own_client) = (
+        median(&own_cpu.iter().map(|c| c.0).collect::<Vec<_>>()),
+        median(&own_cpu.iter().map(|c| c.1).collect::<Vec<_>>()),
+    );
+    let (cli_server, cli_client) = (
+        median(&cli_cpu.iter().map(|c| c.0).collect::<Vec<_>>()),
+        median(&cli_cpu.iter().map(|c| c.1).collect::<Vec<_>>()),
+    );
+    let floor = PullFloor {
+        hash: median(&floors.iter().map(|f| f.hash).collect::<Vec<_>>()),
+        write: median(&floors.iter().map(|f| f.write).collect::<Vec<_>>()),
+    };
+    let least = own_server + own_client + floor.hash + floor.write;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let cores_rate = cores * GIB as f64 / least / 1e6;
+    let ceilings: Vec<f64> = pull.iter().map(|own| own.min(cores_rate)).collect();
+    let ceiling_ratio = crate::hash::median(ratios(&cli_pull, &ceilings));
     let (push, pull, cli_push, cli_pull) = (
         median(&push),
         median(&pull),
@@ -298,6 +357,17 @@ pub fn cli(args: &CliArgs) -> anyhow::Result<()> {
         args.rounds,
         verdict(pull_ratio >= RATIO_TARGET)
     );
+    println!(
+        "  pull's ceiling here: least CPU per GiB pulled to disk = server {own_server:.2} + \
+         client {own_client:.2} (bench Pull) + SHA-256 {:.2} + page-cache write {:.2} = \
+         {least:.2} CPU-s/GiB; {cores:.0} cores allow {cores_rate:.0} MB/s; the CLI used server \
+         {cli_server:.2} + CLI {cli_client:.2} = {:.2} CPU-s/GiB ({:.1} cores busy); artifact \
+         pull ÷ min(bench Pull, {cores_rate:.0} MB/s), median of the rounds: {ceiling_ratio:.2}×",
+        floor.hash,
+        floor.write,
+        cli_server + cli_client,
+        (cli_server + cli_client) * cli_pull * 1e6 / GIB as f64,
+    );
     server.stop();
     drop(scratch);
     drop(database);
@@ -321,4 +391,74 @@ fn walk_count(dir: &Path) -> anyhow::Result<u64> {
         }
     }
     Ok(count)
+}
+
+/// One core's CPU-seconds per GiB for the work a pull to disk adds to the bench's Pull:
+/// SHA-256 of the bytes (the server's hasher, aws-lc-rs, as the CLI uses) and their copy
+/// into the page cache (a file written and then deleted, so it is never written back; the
+/// cheaper of two writes).
+struct PullFloor {
+    hash: f64,
+    write: f64,
+}
+
+impl PullFloor {
+    fn measure(pool: &ChunkPool, total: u64, work: &Path) -> anyhow::Result<Self> {
+        let gib = total as f64 / GIB as f64;
+        let started = thread_cpu_seconds();
+        let mut hasher = artifactd::domain::Hasher::new();
+        for chunk in pool.upload(17_000, total) {
+            hasher.update(&chunk);
+        }
+        std::hint::black_box(hasher.finish());
+        let hash = (thread_cpu_seconds() - started) / gib;
+        // Written twice, the cheaper kept: on this VM the first large write after the
+        // pushes cost 2-5× the next one (kernel time in ext4's block allocation), a one-off
+        // the CLI's own write, right after the probe, did not pay.
+        let path = work.join("page-cache-write.bin");
+        let mut writes = Vec::new();
+        for variant in [17_001, 17_002] {
+            let mut file = std::fs::File::create(&path).context("creating the write probe")?;
+            let started = thread_cpu_seconds();
+            for chunk in pool.upload(variant, total) {
+                file.write_all(&chunk).context("writing the write probe")?;
+            }
+            writes.push((thread_cpu_seconds() - started) / gib);
+            drop(file);
+            std::fs::remove_file(&path).context("removing the write probe")?;
+        }
+        let write = writes.iter().copied().fold(f64::INFINITY, f64::min);
+        eprintln!(
+            "  one core, CPU-s per GiB: SHA-256 {hash:.2}, page-cache write {:.2} then {:.2}",
+            writes[0], writes[1]
+        );
+        Ok(Self { hash, write })
+    }
+}
+
+/// CPU-seconds (user + system) of this thread so far.
+fn thread_cpu_seconds() -> f64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    #[allow(unsafe_code)]
+    let done = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    assert_eq!(done, 0, "CLOCK_THREAD_CPUTIME_ID is always there on Linux");
+    now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
+}
+
+/// CPU-seconds (user + system) of this process (`RUSAGE_SELF`, every thread) or of its
+/// children waited for so far (`RUSAGE_CHILDREN`).
+fn rusage_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: all-zero bytes are a valid `rusage` (integers and timevals).
+    #[allow(unsafe_code)]
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage through a valid pointer.
+    #[allow(unsafe_code)]
+    let done = unsafe { libc::getrusage(who, &mut usage) };
+    assert_eq!(done, 0, "getrusage with a valid `who` cannot fail");
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
