@@ -863,6 +863,41 @@ async fn usage_export_is_the_servers_byte_for_byte() {
     );
     assert_eq!(run.stderr(), "");
 
+    // `-o` naming a FIFO: the export is written into it (a temporary file renamed over it
+    // would replace the FIFO and leave its reader waiting for ever).
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let fifo = cli.path("usage.pipe");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let reading = fifo.clone();
+        let reader = std::thread::spawn(move || std::fs::read(reading).unwrap());
+        let run = cli
+            .run(&[
+                "usage",
+                "--export",
+                "--month",
+                "2026-11",
+                "-o",
+                "usage.pipe",
+            ])
+            .await;
+        run.assert_code(0);
+        assert!(
+            std::fs::symlink_metadata(&fifo)
+                .unwrap()
+                .file_type()
+                .is_fifo(),
+            "the FIFO was replaced"
+        );
+        let got = reader.join().unwrap();
+        assert!(got == csv, "the FIFO's reader got {} bytes", got.len());
+        std::fs::remove_file(&fifo).unwrap();
+    }
+
     let jsonl = direct(reader.clone(), "month=2026-11&format=jsonl&project=p1").await;
     let text = cli
         .ok(&[
