@@ -899,10 +899,13 @@ impl pipeline::Work for FileWriter {
     }
 }
 
-/// Reads `range` of an open local file, a chunk per blocking task: the first chunk is
-/// [`FIRST_READ_CHUNK_BYTES`] and each next one twice as large up to [`READ_CHUNK_BYTES`].
-/// Once at full size, the next chunk is read while the consumer sends the current one; a
-/// consumer that stops polling leaves at most that one chunk behind, and no thread.
+/// Reads `range` of an open local file in chunks: the first is [`FIRST_READ_CHUNK_BYTES`] and
+/// each next one twice as large up to [`READ_CHUNK_BYTES`]. What the page cache already holds
+/// is read at once on the polling thread, without waiting for the disk (a warm blob never
+/// leaves the runtime: no blocking-pool task and wake-up per chunk); a chunk the cache does
+/// not hold whole is finished on a blocking-pool task, and while such chunks flow (a cold
+/// blob) the next one is read there while the consumer sends the current one. A consumer
+/// that stops polling leaves at most that one chunk behind, and no thread.
 struct LocalRead {
     file: Arc<std::fs::File>,
     sha256: Sha256,
@@ -926,26 +929,60 @@ impl LocalRead {
         }
     }
 
-    /// Starts reading the next chunk on the pool. The chunk's position is `self.next`, which
-    /// only moves when the chunk comes back, so reads are strictly sequential.
-    fn start(&mut self) {
-        let want = (self.end - self.next).min(self.chunk as u64);
+    fn want(&self) -> usize {
+        // The chunk is at most READ_CHUNK_BYTES, so the minimum fits a usize.
+        (self.end - self.next).min(self.chunk as u64) as usize
+    }
+
+    /// The next chunk straight from the page cache: `Ok(Err(buf))` with what it held when it
+    /// did not hold the whole chunk (or nothing), for [`Self::start`] to finish.
+    fn read_cached(&self) -> std::io::Result<Result<Vec<u8>, Vec<u8>>> {
+        let want = self.want();
+        let mut buf = Vec::with_capacity(want);
+        while buf.len() < want {
+            let (at, rest) = (self.next + buf.len() as u64, want - buf.len());
+            match pagecache::read_cached(&self.file, at, &mut buf, rest)? {
+                Some(0) => return Err(short_blob(&self.sha256, at, self.next + want as u64)),
+                Some(_) => {}
+                None => return Ok(Err(buf)),
+            }
+        }
+        Ok(Ok(buf))
+    }
+
+    /// Starts reading the rest of the next chunk on the pool, after the `buf` already read.
+    /// The chunk's position is `self.next`, which only moves when the chunk comes back, so
+    /// reads are strictly sequential.
+    fn start(&mut self, mut buf: Vec<u8>) {
+        let want = self.want();
         let (file, offset, sha256) = (self.file.clone(), self.next, self.sha256.clone());
         self.reading = Some(tokio::task::spawn_blocking(move || {
             let mut file = &*file;
-            file.seek(SeekFrom::Start(offset))?;
+            let at = offset + buf.len() as u64;
+            file.seek(SeekFrom::Start(at))?;
             // read_to_end fills spare capacity without zeroing it first.
-            let mut buf = Vec::with_capacity(want as usize);
-            file.take(want).read_to_end(&mut buf)?;
-            if (buf.len() as u64) < want {
+            file.take((want - buf.len()) as u64).read_to_end(&mut buf)?;
+            if buf.len() < want {
                 return Err(short_blob(
                     &sha256,
                     offset + buf.len() as u64,
-                    offset + want,
+                    offset + want as u64,
                 ));
             }
             Ok(buf)
         }));
+    }
+
+    fn fail(&mut self, error: Error) -> Poll<Option<Result<Bytes, Error>>> {
+        self.done = true;
+        Poll::Ready(Some(Err(error)))
+    }
+
+    /// Moves past a chunk read whole and hands it on.
+    fn deliver(&mut self, buf: Vec<u8>) -> Poll<Option<Result<Bytes, Error>>> {
+        self.next += buf.len() as u64;
+        self.chunk = (self.chunk * 2).min(READ_CHUNK_BYTES);
+        Poll::Ready(Some(Ok(Bytes::from(buf))))
     }
 }
 
@@ -961,33 +998,28 @@ impl Stream for LocalRead {
                 self.done = true;
                 return Poll::Ready(None);
             }
-            self.start();
+            match self.read_cached() {
+                Ok(Ok(buf)) => return self.deliver(buf),
+                Ok(Err(partial)) => self.start(partial),
+                Err(e) => {
+                    let error = io_read_error(&self.sha256, e);
+                    return self.fail(error);
+                }
+            }
         }
         let Some(reading) = self.reading.as_mut() else {
             return Poll::Ready(None);
         };
         let read = std::task::ready!(Pin::new(reading).poll(cx));
         self.reading = None;
-        let buf = match read {
-            Ok(Ok(buf)) => buf,
+        match read {
+            Ok(Ok(buf)) => self.deliver(buf),
             Ok(Err(e)) => {
-                self.done = true;
-                return Poll::Ready(Some(Err(io_read_error(&self.sha256, e))));
+                let error = io_read_error(&self.sha256, e);
+                self.fail(error)
             }
-            Err(e) => {
-                self.done = true;
-                return Poll::Ready(Some(Err(Error::Internal(format!(
-                    "blob read task failed: {e}"
-                )))));
-            }
-        };
-        self.next += buf.len() as u64;
-        let flowing = self.chunk == READ_CHUNK_BYTES;
-        self.chunk = (self.chunk * 2).min(READ_CHUNK_BYTES);
-        if flowing && self.next < self.end {
-            self.start(); // read ahead: the consumer is keeping up
+            Err(e) => self.fail(Error::Internal(format!("blob read task failed: {e}"))),
         }
-        Poll::Ready(Some(Ok(Bytes::from(buf))))
     }
 }
 
@@ -1336,6 +1368,85 @@ mod tests {
             let (start, end) = (range.start as usize, range.end as usize);
             assert!(pulled.concat() == data[start..end], "{range:?} differs");
         }
+    }
+
+    /// A blob the page cache holds only in parts (pages dropped here and there, as memory
+    /// pressure does) pulls back byte for byte in the usual chunks: what is cached is read at
+    /// once, the rest of each chunk from the disk. A blob cut short behind the server's back
+    /// while it is read warm is DATA_LOSS at the cut.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partly_cached_blob_pulls_back_in_whole_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(&format!("file://{}", dir.path().display()), false).unwrap();
+        let len = 5 * READ_CHUNK_BYTES + 12_345;
+        let data = Bytes::from((0..len).map(|b| (b * 7 % 251) as u8).collect::<Vec<u8>>());
+        let sha = digest(&data);
+        store
+            .put_small("partly", data.clone(), &sha, None)
+            .await
+            .unwrap();
+        let path = store
+            .local
+            .as_ref()
+            .unwrap()
+            .path_to_filesystem(&blob_key(&sha))
+            .unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let page = 4096_i64;
+        for range in [0..len as u64, 70_000..len as u64 - 5] {
+            // Warm the whole file, then drop a page inside the first chunk, two pages across
+            // the third chunk's start and everything from the middle of the fifth chunk on.
+            std::fs::read(&path).unwrap();
+            pagecache::evict_range(&file, 5 * page, page).unwrap();
+            let third = (FIRST_READ_CHUNK_BYTES * 3) as i64;
+            pagecache::evict_range(&file, third - page, 2 * page).unwrap();
+            pagecache::evict_range(&file, 4 * READ_CHUNK_BYTES as i64 + 12 * page, 0).unwrap();
+            let chunks: Vec<Bytes> = store
+                .read(&sha, None, range.clone())
+                .await
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect()
+                .await;
+            let (start, end) = (range.start as usize, range.end as usize);
+            assert!(chunks.concat() == data[start..end], "{range:?} differs");
+            // 64 KiB, 128 KiB, then 256 KiB chunks, the last one what is left.
+            let mut want = Vec::new();
+            let (mut at, mut chunk) = (start, FIRST_READ_CHUNK_BYTES);
+            while at < end {
+                want.push(chunk.min(end - at));
+                at += chunk.min(end - at);
+                chunk = (chunk * 2).min(READ_CHUNK_BYTES);
+            }
+            let sizes: Vec<usize> = chunks.iter().map(Bytes::len).collect();
+            assert_eq!(sizes, want, "{range:?}");
+        }
+
+        // Cut short after the read began, while its pages are cached.
+        std::fs::read(&path).unwrap();
+        let mut stream = store.read(&sha, None, 0..len as u64).await.unwrap();
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(first.len(), FIRST_READ_CHUNK_BYTES);
+        let cut = 3 * READ_CHUNK_BYTES as u64 + 10;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        let mut got = first.len() as u64;
+        let error = loop {
+            match stream.next().await.unwrap() {
+                Ok(chunk) => got += chunk.len() as u64,
+                Err(e) => break e,
+            }
+        };
+        assert!(got <= cut, "{got} bytes read from a {cut}-byte file");
+        assert!(
+            matches!(&error, Error::DataLoss(m) if m.contains(&format!("{cut}"))),
+            "{error:?}"
+        );
+        assert!(stream.next().await.is_none());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

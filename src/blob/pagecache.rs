@@ -1,5 +1,6 @@
 //! What the local blob path asks of the kernel's page cache: that an upload written with
-//! fsync on is written back as it goes rather than all at its final `fdatasync`.
+//! fsync on is written back as it goes rather than all at its final `fdatasync`, and what of
+//! a pulled blob it already holds, read without waiting for the disk.
 //! (`posix_fadvise(SEQUENTIAL)` on pulled blobs was measured and dropped: this VM's 8 MiB
 //! default read-ahead already keeps a cold Pull ahead of the network.)
 //!
@@ -28,6 +29,43 @@ pub(super) fn wait_writeback(file: &File, offset: u64, len: u64) -> std::io::Res
     )
 }
 
+/// Appends to `buf` up to `want` bytes of `file` from `offset`, but only what the page cache
+/// already holds (`preadv2(RWF_NOWAIT)`): it never waits for the disk, so it may run on an
+/// async runtime thread. `None` when not even the first page is cached (the kernel starts
+/// reading it ahead) or the filesystem cannot tell; `Some(0)` at the end of the file.
+pub(super) fn read_cached(
+    file: &File,
+    offset: u64,
+    buf: &mut Vec<u8>,
+    want: usize,
+) -> std::io::Result<Option<usize>> {
+    let offset = libc::off64_t::try_from(offset).map_err(std::io::Error::other)?;
+    buf.reserve(want);
+    let spare = buf.spare_capacity_mut();
+    let iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: want.min(spare.len()),
+    };
+    // SAFETY: the kernel writes at most `iov_len` bytes into `buf`'s spare capacity, which
+    // `iov` points at and which outlives the call; `file` keeps the descriptor open.
+    #[allow(unsafe_code)]
+    let read = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+    if read < 0 {
+        let err = std::io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    let read = usize::try_from(read).map_err(std::io::Error::other)?;
+    // SAFETY: the kernel initialised the first `read` bytes of the spare capacity.
+    #[allow(unsafe_code)]
+    unsafe {
+        buf.set_len(buf.len() + read)
+    };
+    Ok(Some(read))
+}
+
 fn sync_file_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) -> std::io::Result<()> {
     let offset = libc::off64_t::try_from(offset).map_err(std::io::Error::other)?;
     let len = libc::off64_t::try_from(len).map_err(std::io::Error::other)?;
@@ -44,10 +82,18 @@ fn sync_file_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) -> s
 /// Drops `file`'s clean pages from the page cache, so the next read comes from the disk.
 #[cfg(test)]
 pub(super) fn evict(file: &File) -> std::io::Result<()> {
+    evict_range(file, 0, 0)
+}
+
+/// Drops the clean pages of `len` bytes of `file` from `offset` (0: to the end) from the page
+/// cache.
+#[cfg(test)]
+pub(super) fn evict_range(file: &File, offset: i64, len: i64) -> std::io::Result<()> {
     file.sync_data()?;
     // SAFETY: a system call on a descriptor `file` keeps open for the call.
     #[allow(unsafe_code)]
-    let done = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let done =
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
     if done == 0 {
         Ok(())
     } else {
