@@ -1334,6 +1334,25 @@ mod tests {
         );
     }
 
+    /// The chunks a local read of `range` gives, checked to make `data`'s bytes in that range.
+    async fn pull_local(
+        store: &BlobStore,
+        sha: &Sha256,
+        data: &[u8],
+        range: Range<u64>,
+    ) -> Vec<Bytes> {
+        let chunks: Vec<Bytes> = store
+            .read(sha, None, range.clone())
+            .await
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect()
+            .await;
+        let (start, end) = (range.start as usize, range.end as usize);
+        assert!(chunks.concat() == data[start..end], "{range:?} differs");
+        chunks
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_durable_upload_pulls_back_byte_for_byte_from_a_cold_cache() {
         let dir = tempfile::tempdir().unwrap();
@@ -1358,15 +1377,7 @@ mod tests {
         let path = local.path_to_filesystem(&blob_key(&sha)).unwrap();
         for range in [0..len as u64, 12_345..len as u64 - 3] {
             pagecache::evict(&std::fs::File::open(&path).unwrap()).unwrap();
-            let pulled: Vec<Bytes> = store
-                .read(&sha, None, range.clone())
-                .await
-                .unwrap()
-                .map(|c| c.unwrap())
-                .collect()
-                .await;
-            let (start, end) = (range.start as usize, range.end as usize);
-            assert!(pulled.concat() == data[start..end], "{range:?} differs");
+            pull_local(&store, &sha, &data, range).await;
         }
     }
 
@@ -1401,15 +1412,8 @@ mod tests {
             let third = (FIRST_READ_CHUNK_BYTES * 3) as i64;
             pagecache::evict_range(&file, third - page, 2 * page).unwrap();
             pagecache::evict_range(&file, 4 * READ_CHUNK_BYTES as i64 + 12 * page, 0).unwrap();
-            let chunks: Vec<Bytes> = store
-                .read(&sha, None, range.clone())
-                .await
-                .unwrap()
-                .map(|c| c.unwrap())
-                .collect()
-                .await;
+            let chunks = pull_local(&store, &sha, &data, range.clone()).await;
             let (start, end) = (range.start as usize, range.end as usize);
-            assert!(chunks.concat() == data[start..end], "{range:?} differs");
             // 64 KiB, 128 KiB, then 256 KiB chunks, the last one what is left.
             let mut want = Vec::new();
             let (mut at, mut chunk) = (start, FIRST_READ_CHUNK_BYTES);
