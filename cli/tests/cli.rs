@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use std::path::{Path, PathBuf};
 
 fn paths(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| (*s).to_owned()).collect()
@@ -258,7 +259,6 @@ async fn stdin_and_stdout() {
 /// there. Small (gathered in memory) and large (streamed) artifacts alike, without --force.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fifo_destination_is_written_into_not_replaced() {
-    use std::os::unix::fs::FileTypeExt;
     let server = Server::start().await;
     let cli = Cli::new(&server.url());
     let big = content(3 * 1024 * 1024 + 5, 21);
@@ -266,28 +266,16 @@ async fn a_fifo_destination_is_written_into_not_replaced() {
     cli.write("small.txt", b"small artifact", 0o644);
     cli.ok(&["push", "job", "big.bin"]).await;
     cli.ok(&["push", "job", "small.txt"]).await;
-    let fifo = cli.path("pipe");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    let fifo = mkfifo(&cli.path("pipe"));
     for (remote, want) in [
         ("big.bin", big.clone()),
         ("small.txt", b"small artifact".to_vec()),
     ] {
-        let reading = fifo.clone();
-        let reader = std::thread::spawn(move || std::fs::read(reading).unwrap());
+        let reader = read_fifo(&fifo);
         cli.ok(&["pull", "job", remote, "-d", "pipe"]).await;
         // Checked before joining: a pull that replaced the FIFO never opened it, and its
         // reader would wait for ever.
-        assert!(
-            std::fs::symlink_metadata(&fifo)
-                .unwrap()
-                .file_type()
-                .is_fifo(),
-            "{remote}: the FIFO was replaced"
-        );
+        assert!(is_fifo(&fifo), "{remote}: the FIFO was replaced");
         let got = reader.join().unwrap();
         assert!(
             got == want,
@@ -866,15 +854,8 @@ async fn usage_export_is_the_servers_byte_for_byte() {
     // `-o` naming a FIFO: the export is written into it (a temporary file renamed over it
     // would replace the FIFO and leave its reader waiting for ever).
     {
-        use std::os::unix::fs::FileTypeExt;
-        let fifo = cli.path("usage.pipe");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(made.success());
-        let reading = fifo.clone();
-        let reader = std::thread::spawn(move || std::fs::read(reading).unwrap());
+        let fifo = mkfifo(&cli.path("usage.pipe"));
+        let reader = read_fifo(&fifo);
         let run = cli
             .run(&[
                 "usage",
@@ -886,13 +867,7 @@ async fn usage_export_is_the_servers_byte_for_byte() {
             ])
             .await;
         run.assert_code(0);
-        assert!(
-            std::fs::symlink_metadata(&fifo)
-                .unwrap()
-                .file_type()
-                .is_fifo(),
-            "the FIFO was replaced"
-        );
+        assert!(is_fifo(&fifo), "the FIFO was replaced");
         let got = reader.join().unwrap();
         assert!(got == csv, "the FIFO's reader got {} bytes", got.len());
         std::fs::remove_file(&fifo).unwrap();
@@ -1008,6 +983,32 @@ async fn usage_export_is_the_servers_byte_for_byte() {
     );
     assert!(!cli.path("down.csv").exists());
     server.stop().await;
+}
+
+/// Makes a FIFO at `path` and returns the path.
+fn mkfifo(path: &Path) -> PathBuf {
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo {}", path.display());
+    path.to_path_buf()
+}
+
+/// Reads the FIFO at `path` to its end on a thread of its own (opening it waits for a
+/// writer, so a writer that never opens it leaves this thread waiting, not the test).
+fn read_fifo(path: &Path) -> std::thread::JoinHandle<Vec<u8>> {
+    let path = path.to_path_buf();
+    std::thread::spawn(move || std::fs::read(path).unwrap())
+}
+
+/// Whether `path` is (still) a FIFO rather than a file put in its place.
+fn is_fifo(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .file_type()
+        .is_fifo()
 }
 
 /// The CLI's rendering of a byte count (as `human_bytes`).
