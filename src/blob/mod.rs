@@ -903,9 +903,10 @@ impl pipeline::Work for FileWriter {
 /// each next one twice as large up to [`READ_CHUNK_BYTES`]. What the page cache already holds
 /// is read at once on the polling thread, without waiting for the disk (a warm blob never
 /// leaves the runtime: no blocking-pool task and wake-up per chunk); a chunk the cache does
-/// not hold whole is finished on a blocking-pool task, and while such chunks flow (a cold
-/// blob) the next one is read there while the consumer sends the current one. A consumer
-/// that stops polling leaves at most that one chunk behind, and no thread.
+/// not hold whole is finished on a blocking-pool task. Nothing is read ahead on the pool:
+/// the kernel's read-ahead keeps ahead of a cold blob, and the next chunk is tried from the
+/// cache again. A consumer that stops polling leaves at most the one chunk being read, and
+/// no thread waiting on it.
 struct LocalRead {
     file: Arc<std::fs::File>,
     sha256: Sha256,

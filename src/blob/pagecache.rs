@@ -1,8 +1,9 @@
 //! What the local blob path asks of the kernel's page cache: that an upload written with
 //! fsync on is written back as it goes rather than all at its final `fdatasync`, and what of
 //! a pulled blob it already holds, read without waiting for the disk.
-//! (`posix_fadvise(SEQUENTIAL)` on pulled blobs was measured and dropped: this VM's 8 MiB
-//! default read-ahead already keeps a cold Pull ahead of the network.)
+//! (`posix_fadvise(SEQUENTIAL)` on pulled blobs, and a `WILLNEED` of the next 16 MiB from
+//! each read that missed the cache, were measured and dropped: neither moved a cold Pull's
+//! median past this VM's 8 MiB default read-ahead; see the README.)
 //!
 //! Linux-only system calls through `libc`; each is a plain call on a descriptor the caller
 //! owns, so the `unsafe` blocks hold no invariant beyond the descriptor being open.
