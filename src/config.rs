@@ -139,6 +139,19 @@ pub struct Config {
     #[arg(long, env = "ARTIFACTD_BLOB_FSYNC", default_value_t = true, action = ArgAction::Set)]
     pub blob_fsync: bool,
 
+    /// With ARTIFACTD_BLOB_FSYNC on and a local blob directory, write uploads with `O_DIRECT`
+    /// (past the page cache) in aligned 1 MiB blocks: faster to make durable and cheaper in CPU
+    /// on the disks measured, but a blob just pushed is then read from disk by its first
+    /// Pull. At most 16 uploads at once write directly (16 MiB of blocks); the others, and
+    /// filesystems that refuse `O_DIRECT`, go through the page cache.
+    #[arg(
+        long,
+        env = "ARTIFACTD_BLOB_DIRECT_WRITES",
+        default_value_t = true,
+        action = ArgAction::Set
+    )]
+    pub blob_direct_writes: bool,
+
     /// Blobs of at most this many bytes are kept in their database row instead of the blob
     /// store (pushes that declare `expected_size`; 0 turns this off, at most 65536). A small
     /// push then costs one database commit instead of a file or object of its own.
@@ -442,6 +455,7 @@ impl Config {
             database_url: database_url.to_owned(),
             blob_url: blob_url.to_owned(),
             blob_fsync: true,
+            blob_direct_writes: true,
             inline_blob_bytes: 16 * 1024,
             push_group_commits: 1,
             max_artifact_bytes: 5 * GIB,

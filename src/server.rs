@@ -123,7 +123,8 @@ impl App {
         let store = Store::connect(&config.database_url, config.db_idle_timeout)
             .await?
             .with_group_commits(config.push_group_commits);
-        let blobs = BlobStore::open(&config.blob_url, config.blob_fsync)?;
+        let blobs = BlobStore::open(&config.blob_url, config.blob_fsync)?
+            .with_direct_writes(config.blob_direct_writes);
         if store.get_plan(&config.default_plan).await?.is_none() {
             return Err(Error::invalid(
                 "ARTIFACTD_DEFAULT_PLAN",

@@ -1,10 +1,12 @@
 #![allow(clippy::unwrap_used)]
 //! Hostile edges (issue 9): names that would display as something else, timestamps at the
 //! int64 limits, recursive deletes larger than one batch, tokens outside their audience or
-//! lifetime, and health that tells the truth through shutdown.
+//! lifetime, health that tells the truth through shutdown, and durable pushes written past
+//! the page cache that survive a kill.
 
 mod common;
 
+use artifactd::pb::v1::artifact_service_client::ArtifactServiceClient;
 use common::*;
 use tonic::Code;
 
@@ -642,4 +644,95 @@ async fn binary_drains_with_readyz_503_and_exits_zero() {
         None,
         "gone after the drain"
     );
+}
+
+/// Whether the first page of the file at `path` is in the page cache: a read that must not
+/// wait for the disk (`preadv2(RWF_NOWAIT)`) gets it or not.
+fn first_page_cached(path: &std::path::Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: the kernel writes at most `iov_len` bytes into `buf`, which outlives the call.
+    #[allow(unsafe_code)]
+    let read = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
+    read > 0
+}
+
+/// Every file under `dir`, at any depth.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            files.extend(files_under(&entry.path()));
+        } else {
+            files.push(entry.path());
+        }
+    }
+    files
+}
+
+/// The real binary with fsync on (and so, by default, direct writes): 20 large pushes at
+/// once, more than its 16 direct-write blocks, of sizes around the 1 MiB block and the
+/// 4 KiB alignment, are stored byte for byte, at least 16 of them past the page cache; the
+/// server killed (SIGKILL) right after, then started again on the same directory, serves
+/// every one byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_pushes_written_direct_survive_a_kill() {
+    const MIB: usize = 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = common::binary::local_stores(dir.path());
+    env.push(("ARTIFACTD_BLOB_FSYNC", "true".to_owned()));
+    let server = common::binary::BinaryServer::start(&env).await;
+    let channel = server.channel().await;
+    let sizes: Vec<usize> = (0..20)
+        .map(|i| match i % 5 {
+            0 => MIB - 1,
+            1 => MIB,
+            2 => MIB + 1,
+            3 => 3 * MIB + 4096,
+            _ => 2 * MIB + 12_345 + i,
+        })
+        .collect();
+    let files: Vec<(String, Vec<u8>)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| (format!("direct/{i}.bin"), content(len, 700 + i as u64)))
+        .collect();
+    let pushes = files.iter().map(|(path, data)| {
+        let mut client = ArtifactServiceClient::new(channel.clone());
+        let header = header(job("p", "direct"), path);
+        async move { push(&mut client, header, data).await }
+    });
+    for (response, (path, data)) in futures::future::join_all(pushes)
+        .await
+        .into_iter()
+        .zip(&files)
+    {
+        let artifact = response.unwrap().artifact.unwrap();
+        assert_eq!(artifact.sha256, sha256_hex(data), "{path}");
+        assert_eq!(artifact.size, data.len() as i64, "{path}");
+    }
+    let blob_files = files_under(&dir.path().join("blobs/blobs/sha256"));
+    assert_eq!(blob_files.len(), files.len());
+    let uncached = blob_files.iter().filter(|p| !first_page_cached(p)).count();
+    assert!(
+        uncached >= 16,
+        "only {uncached} of {} blobs were written past the page cache",
+        blob_files.len()
+    );
+
+    drop(server); // SIGKILL
+    let server = common::binary::BinaryServer::start(&env).await;
+    let mut client = ArtifactServiceClient::new(server.channel().await);
+    for (path, data) in &files {
+        let pulled = pull(&mut client, job("p", "direct"), path, 0, 0)
+            .await
+            .unwrap();
+        assert!(pulled.data == *data, "{path} differs after the restart");
+    }
 }

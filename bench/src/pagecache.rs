@@ -115,6 +115,12 @@ pub(crate) fn evict(path: &Path) -> anyhow::Result<()> {
 /// ceiling of a cold Pull. Returns MB/s.
 pub(crate) fn read_cold(path: &Path, chunk: usize) -> anyhow::Result<f64> {
     evict(path)?;
+    read_through(path, chunk)
+}
+
+/// Reads `path` whole in `chunk`-byte reads through the page cache, which then holds it (a
+/// blob pushed with direct writes is not cached until read). Returns MB/s.
+pub(crate) fn read_through(path: &Path, chunk: usize) -> anyhow::Result<f64> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut buf = vec![0u8; chunk];
     let started = Instant::now();

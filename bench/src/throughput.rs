@@ -15,8 +15,8 @@
 //!
 //! - **bare push** (`Sink`) against **Push**: artifactd streams to a temporary upload,
 //!   hashes on the side, fsyncs (unless `--fsync false`), promotes and commits a row;
-//! - **bare pull** (`Source`) against **Pull**: artifactd reads the blob from disk (usually
-//!   from the page cache, as it was just written);
+//! - **bare pull** (`Source`) against **Pull**: artifactd reads the blob from the page cache
+//!   (this process reads the file once first: a push with direct writes leaves it uncached);
 //! - **cold Pull** against a **disk read**: the blob file is dropped from the page cache
 //!   (`fdatasync`, then `posix_fadvise(DONTNEED)` on that file only) before artifactd pulls it,
 //!   and before this process reads the same file straight from the disk in chunk-sized reads
@@ -109,6 +109,11 @@ pub(crate) struct ThroughputArgs {
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     fsync: bool,
 
+    /// Have artifactd write durable uploads past the page cache
+    /// (ARTIFACTD_BLOB_DIRECT_WRITES; only with fsync on).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    direct_writes: bool,
+
     /// Size of each file of the concurrent-push memory phase, in MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10240))]
     mem_file_mib: u64,
@@ -161,6 +166,10 @@ pub(crate) fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
             MAX_ARTIFACT_BYTES.to_string(),
         ),
         ("ARTIFACTD_BLOB_FSYNC", args.fsync.to_string()),
+        (
+            "ARTIFACTD_BLOB_DIRECT_WRITES",
+            args.direct_writes.to_string(),
+        ),
         // The bench moves tens of GiB: the enterprise plan's limits let it, `free` would not.
         ("ARTIFACTD_DEFAULT_PLAN", "enterprise".to_owned()),
     ];
@@ -324,13 +333,15 @@ async fn measure_throughput(
             .await
             .context("bare pull")?;
         let bare_pull_cpu = cpu_per_gib(cpu, cpu_seconds(bare_pid), total);
+        let blob = blob_file(blob_dir, &sha256)?;
+        let chunk = pool.chunk_size;
+        // A warm Pull: the page cache holds the blob (which a direct-write push leaves out).
+        pagecache::read_through(&blob, chunk).context("warming the blob")?;
         let cpu = cpu_seconds(server_pid);
         let pull = artifact_pull(&mut artifacts, THROUGHPUT_PATH, total)
             .await
             .context("Pull")?;
         let pull_cpu = cpu_per_gib(cpu, cpu_seconds(server_pid), total);
-        let blob = blob_file(blob_dir, &sha256)?;
-        let chunk = pool.chunk_size;
         // The first cold read after a push ran at a fraction of later ones here (the VM's
         // disk still settling the write), whichever read it was: one unmeasured read first,
         // so that the disk read and the cold Pull meet the same disk.
@@ -463,8 +474,8 @@ fn print_throughput(args: &ThroughputArgs, best: &Best, (hash, hash_cpu): (f64, 
     let pull_ratio = best.pull / best.bare_pull;
     let cpu_bound = PUSH_CPU_TARGET * (best.bare_push_cpu + hash_cpu);
     println!(
-        "artifactd throughput — {} MiB, {} KiB chunks, median of {}, fsync={}",
-        args.total_mib, args.chunk_kib, args.rounds, args.fsync
+        "artifactd throughput — {} MiB, {} KiB chunks, median of {}, fsync={}, direct writes={}",
+        args.total_mib, args.chunk_kib, args.rounds, args.fsync, args.direct_writes
     );
     println!("{:<14} {:>8} {:>9}   target", "", "MB/s", "ratio");
     println!("{:<14} {:>8.1}", "SHA-256 1 core", hash);

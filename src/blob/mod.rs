@@ -47,6 +47,7 @@ use tokio::task::JoinHandle;
 
 use crate::domain::{Error, Hasher, Sha256};
 
+mod direct;
 mod object_read;
 mod pagecache;
 mod pipeline;
@@ -94,6 +95,9 @@ pub struct BlobStore {
     store: Arc<dyn ObjectStore>,
     local: Option<Arc<LocalFileSystem>>,
     fsync: bool,
+    /// Aligned blocks for direct writes of durable local uploads; `None`: every upload is
+    /// written through the page cache (see `direct`).
+    direct: Option<Arc<direct::BlockPool>>,
 }
 
 impl BlobStore {
@@ -105,6 +109,7 @@ impl BlobStore {
                 store: Arc::new(InMemory::new()),
                 local: None,
                 fsync,
+                direct: None,
             });
         }
         if let Some(rest) = url.strip_prefix("s3://") {
@@ -124,6 +129,7 @@ impl BlobStore {
                 store,
                 local: None,
                 fsync,
+                direct: None,
             });
         }
         let dir = match url.split_once("://") {
@@ -147,7 +153,15 @@ impl BlobStore {
             store: local.clone(),
             local: Some(local),
             fsync,
+            direct: None,
         })
+    }
+
+    /// Writes durable uploads to a local directory with `O_DIRECT`, past the page cache (see
+    /// `direct`), when `on`; a store without fsync or not local ignores it.
+    pub fn with_direct_writes(mut self, on: bool) -> Self {
+        self.direct = (on && self.fsync && self.local.is_some()).then(direct::BlockPool::new);
+        self
     }
 
     /// Starts a temporary upload. Dropping the returned [`Upload`] without `finish` removes
@@ -160,7 +174,7 @@ impl BlobStore {
         let sink = match &self.local {
             Some(local) => {
                 let path = local.path_to_filesystem(&key).map_err(Error::blob_store)?;
-                UploadSink::Local(LocalWriter::create(path, self.fsync).await?)
+                UploadSink::Local(LocalWriter::create(path, self.fsync, self.direct.clone()).await?)
             }
             None => {
                 let upload = self
@@ -806,26 +820,46 @@ impl Drop for TempBlob {
 struct LocalWriter {
     file: Arc<std::fs::File>,
     hash: Stage<Hasher>,
-    write: Stage<FileWriter>,
+    write: Stage<DiskWriter>,
     fsync: bool,
 }
 
 impl LocalWriter {
-    async fn create(path: PathBuf, fsync: bool) -> Result<Self, Error> {
-        let file = blocking(move || match std::fs::File::create(&path) {
+    /// `direct`: the store's blocks for direct writes, if it makes them (fsync on).
+    async fn create(
+        path: PathBuf,
+        fsync: bool,
+        direct: Option<Arc<direct::BlockPool>>,
+    ) -> Result<Self, Error> {
+        let want_direct = direct.is_some();
+        let (file, is_direct) = blocking(move || match direct::create(&path, want_direct) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
-                std::fs::File::create(&path)
+                direct::create(&path, want_direct)
             }
             other => other,
         })
         .await?;
         let file = Arc::new(file);
+        let writer = direct
+            .filter(|_| is_direct)
+            .and_then(|pool| direct::DirectWriter::new(file.clone(), &pool));
+        let writer = match writer {
+            Some(writer) => DiskWriter::Direct(writer),
+            None => {
+                if is_direct {
+                    // The pool has no block to lend: this upload goes through the page cache.
+                    direct::set_direct(&file, false)
+                        .map_err(|e| pipeline::write_error(e.kind(), &e.to_string()))?;
+                }
+                DiskWriter::Buffered(FileWriter::new(file.clone(), fsync))
+            }
+        };
         Ok(Self {
             hash: Stage::new(Hasher::new()),
-            write: Stage::new(FileWriter::new(file.clone(), fsync)),
+            write: Stage::new(writer),
             file,
             fsync,
         })
@@ -837,11 +871,35 @@ impl LocalWriter {
     }
 
     async fn finish(self) -> Result<Sha256, Error> {
-        self.write.finish().await?;
+        let mut write = self.write;
+        write.flushed().await?;
+        drop(write.finish().await?);
         if self.fsync {
             sync_data(self.file.clone()).await?;
         }
         Ok(self.hash.finish().await?.finish())
+    }
+}
+
+/// The write stage of a local upload: through the page cache, or direct (see `direct`).
+enum DiskWriter {
+    Buffered(FileWriter),
+    Direct(direct::DirectWriter),
+}
+
+impl pipeline::Work for DiskWriter {
+    fn chunk(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        match self {
+            Self::Buffered(writer) => pipeline::Work::chunk(writer, chunk),
+            Self::Direct(writer) => pipeline::Work::chunk(writer, chunk),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Buffered(_) => Ok(()),
+            Self::Direct(writer) => pipeline::Work::flush(writer),
+        }
     }
 }
 
@@ -1215,6 +1273,7 @@ mod tests {
             store: Arc::new(s3),
             local: None,
             fsync: false,
+            direct: None,
         }
     }
 
@@ -1308,8 +1367,12 @@ mod tests {
 
     /// The error an upload into `path` ends with: the first refused write of 64 × 256 KiB,
     /// else its finish (which must fail).
-    async fn first_write_error(path: &str, fsync: bool) -> Error {
-        let mut writer = LocalWriter::create(PathBuf::from(path), fsync)
+    async fn first_write_error(
+        path: &str,
+        fsync: bool,
+        direct: Option<Arc<direct::BlockPool>>,
+    ) -> Error {
+        let mut writer = LocalWriter::create(PathBuf::from(path), fsync, direct)
             .await
             .unwrap();
         for _ in 0..64 {
@@ -1324,15 +1387,206 @@ mod tests {
     async fn a_full_disk_fails_the_upload_as_resource_exhausted() {
         // /dev/full fails every write with ENOSPC, as a full filesystem does.
         // (Anyone may open it for writing; opening truncates nothing.)
-        let err = first_write_error("/dev/full", false).await;
-        assert!(
-            matches!(&err, Error::ResourceExhausted(m) if m.contains("out of space")),
-            "{err:?}"
-        );
+        // Through the page cache, and with direct writes (durable uploads).
+        for (fsync, direct) in [(false, None), (true, Some(direct::BlockPool::new()))] {
+            let err = first_write_error("/dev/full", fsync, direct).await;
+            assert!(
+                matches!(&err, Error::ResourceExhausted(m) if m.contains("out of space")),
+                "fsync {fsync}: {err:?}"
+            );
+            assert_eq!(
+                tonic::Status::from(err).code(),
+                tonic::Code::ResourceExhausted
+            );
+        }
+    }
+
+    /// Whether the first page of the file at `path` is in the page cache.
+    fn first_page_cached(path: &Path) -> bool {
+        let file = std::fs::File::open(path).unwrap();
+        let mut buf = Vec::new();
+        pagecache::read_cached(&file, 0, &mut buf, 4096)
+            .unwrap()
+            .is_some()
+    }
+
+    /// Whether the filesystem of `dir` opens files with `O_DIRECT`.
+    fn takes_direct_io(dir: &Path) -> bool {
+        let (_, direct) = direct::create(&dir.join("probe"), true).unwrap();
+        std::fs::remove_file(dir.join("probe")).unwrap();
+        direct
+    }
+
+    /// Durable uploads written with `O_DIRECT` store every size and chunking byte for byte
+    /// (whole blocks, an aligned tail, an odd tail, empty) and leave the page cache alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn direct_uploads_store_every_size_past_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let direct_io = takes_direct_io(dir.path());
+        let store = BlobStore::open(&format!("file://{}", dir.path().display()), true)
+            .unwrap()
+            .with_direct_writes(true);
+        let block = direct::BLOCK_BYTES;
+        for (i, (len, cut)) in [
+            (0, 4096),
+            (1, 4096),
+            (4095, 1000),
+            (4096, 4096),
+            (4097, 65_537),
+            (block - 1, 256 * 1024),
+            (block, 256 * 1024),
+            (block + 1, 300_001),
+            (3 * block + 8192, block), // an aligned tail after whole blocks
+            (5 * block + 12_345, 65_537),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let data = Bytes::from((0..len).map(|b| (b * 11 % 239) as u8).collect::<Vec<u8>>());
+            let mut upload = store.begin_upload(&format!("direct{i}")).await.unwrap();
+            for at in (0..len).step_by(cut) {
+                upload
+                    .write(data.slice(at..(at + cut).min(len)))
+                    .await
+                    .unwrap();
+            }
+            let (temp, sha) = upload.finish().await.unwrap();
+            assert_eq!(sha, digest(&data), "{len} bytes in {cut}-byte chunks");
+            let path = dir.path().join(temp.key());
+            if direct_io && len >= 4096 {
+                assert!(
+                    !first_page_cached(&path),
+                    "{len} bytes: a direct upload went through the page cache"
+                );
+            }
+            assert!(std::fs::read(&path).unwrap() == data, "{len} bytes differ");
+        }
         assert_eq!(
-            tonic::Status::from(err).code(),
-            tonic::Code::ResourceExhausted
+            store.direct.as_ref().unwrap().lent(),
+            0,
+            "blocks given back"
         );
+        if !direct_io {
+            eprintln!(
+                "{} refuses O_DIRECT: only the fallback was tested",
+                dir.path().display()
+            );
+        }
+    }
+
+    /// A resumable upload written directly: each checkpoint (`sync`) puts every byte so far
+    /// in the file, the partial block's included, at any offset; a writer resumed at an
+    /// unaligned checkpoint (after the bytes past it were cut) goes on from there, and the
+    /// file ends byte for byte what was sent, with the SHA-256 of all of it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn resumable_uploads_checkpoint_and_resume_with_direct_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let direct_io = takes_direct_io(dir.path());
+        let store = BlobStore::open(&format!("file://{}", dir.path().display()), true)
+            .unwrap()
+            .with_direct_writes(true);
+        let pool = store.direct.clone().unwrap();
+        let block = direct::BLOCK_BYTES;
+        let len = 4 * block + 77_777;
+        let data = Bytes::from((0..len).map(|b| (b * 3 % 229) as u8).collect::<Vec<u8>>());
+        let open = || async {
+            match store.open_resumable("r1", true).await.unwrap() {
+                Opened::Locked(file) => file,
+                _ => panic!("the upload's file is free"),
+            }
+        };
+        // Checkpoints on a page, inside a block, past a whole block, and one byte on.
+        let mut at = 0;
+        let mut file = open().await;
+        let mut writer = file.resume_at(0).await.unwrap();
+        assert_eq!(pool.lent(), usize::from(direct_io));
+        for checkpoint in [4 * 4096, 100_003, block + 5, block + 6] {
+            upload_range(&mut writer, &data, at, checkpoint).await;
+            at = checkpoint;
+            assert_eq!(writer.sync().await.unwrap(), at as u64);
+            let stored = std::fs::read(dir.path().join("resumable/r1")).unwrap();
+            assert!(stored == data[..at], "the file after a checkpoint at {at}");
+        }
+        // Bytes past the last checkpoint, then the writer is dropped (a cut stream): resumed
+        // at the checkpoint, the file is cut back there.
+        upload_range(&mut writer, &data, at, 2 * block + 999).await;
+        drop(writer);
+        drop(file);
+        for _ in 0..200 {
+            if pool.lent() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(pool.lent(), 0, "a dropped writer's block comes back");
+        file = open().await;
+        let mut writer = file.resume_at(at as u64).await.unwrap();
+        upload_range(&mut writer, &data, at, len).await;
+        let sha = writer.finish().await.unwrap();
+        assert_eq!(sha, digest(&data));
+        assert_eq!(file.stored_len().await.unwrap(), len as u64);
+        let stored = std::fs::read(dir.path().join("resumable/r1")).unwrap();
+        assert!(stored == data, "the resumed upload differs");
+    }
+
+    /// Hands `data[from..to]` to `writer` in odd chunks.
+    async fn upload_range(writer: &mut ResumableWriter, data: &Bytes, from: usize, to: usize) {
+        for at in (from..to).step_by(123_457) {
+            writer
+                .write(data.slice(at..(at + 123_457).min(to)))
+                .await
+                .unwrap();
+        }
+    }
+
+    /// The pool lends at most `POOL_BLOCKS` blocks: the upload beyond them is written through
+    /// the page cache and is as intact; every block comes back, from a finished upload and
+    /// from one dropped mid-stream alike.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uploads_beyond_the_pool_go_through_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let direct_io = takes_direct_io(dir.path());
+        let store = BlobStore::open(&format!("file://{}", dir.path().display()), true)
+            .unwrap()
+            .with_direct_writes(true);
+        let pool = store.direct.clone().unwrap();
+        let len = 2 * direct::BLOCK_BYTES + 100;
+        let data = Bytes::from((0..len).map(|b| (b * 5 % 233) as u8).collect::<Vec<u8>>());
+        let mut uploads = Vec::new();
+        for i in 0..=direct::POOL_BLOCKS {
+            let mut upload = store.begin_upload(&format!("many{i}")).await.unwrap();
+            upload.write(data.slice(..1000)).await.unwrap();
+            uploads.push(upload);
+        }
+        assert_eq!(pool.lent(), if direct_io { direct::POOL_BLOCKS } else { 0 });
+        // One dropped mid-stream gives its block back once its stage lets go of it.
+        drop(uploads.remove(3));
+        for _ in 0..200 {
+            if pool.lent() < direct::POOL_BLOCKS {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        if direct_io {
+            assert_eq!(
+                pool.lent(),
+                direct::POOL_BLOCKS - 1,
+                "a dropped upload's block"
+            );
+        }
+        for (i, mut upload) in uploads.into_iter().enumerate() {
+            upload.write(data.slice(1000..)).await.unwrap();
+            let (temp, sha) = upload.finish().await.unwrap();
+            assert_eq!(sha, digest(&data), "upload {i}");
+            let path = dir.path().join(temp.key());
+            if direct_io {
+                // The last upload found the pool empty: the page cache holds its bytes.
+                let last = i == direct::POOL_BLOCKS - 1;
+                assert_eq!(first_page_cached(&path), last, "upload {i}");
+            }
+            assert!(std::fs::read(&path).unwrap() == data, "upload {i} differs");
+        }
+        assert_eq!(pool.lent(), 0, "every block given back");
     }
 
     /// The chunks a local read of `range` gives, checked to make `data`'s bytes in that range.
@@ -1458,7 +1712,7 @@ mod tests {
     async fn a_failing_writeback_fails_the_upload() {
         // sync_file_range refuses a character device (ESPIPE), as a disk error would fail
         // it: the push must fail, not commit what was never flushed.
-        let err = first_write_error("/dev/null", true).await;
+        let err = first_write_error("/dev/null", true, None).await;
         assert!(
             matches!(
                 &err,

@@ -41,6 +41,12 @@ const WAKE_QUARTERS: u32 = 3;
 /// What a stage does with each chunk, in order, on the blocking pool.
 pub(super) trait Work: Send + 'static {
     fn chunk(&mut self, chunk: &[u8]) -> std::io::Result<()>;
+
+    /// Finishes what the chunks so far started (see [`Stage::flushed`]): a worker that holds
+    /// bytes back, as a direct write's block does, writes them out.
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Work for Hasher {
@@ -159,6 +165,31 @@ impl<W: Work> Stage<W> {
             .map_err(|_| Error::Internal("upload stage closed".into()))?;
         drop(all);
         self.check()
+    }
+
+    /// Waits until every chunk handed over is done, then has the worker flush (on the
+    /// blocking pool): whatever it held back is then written. A failing flush stops the
+    /// stage, as a failing chunk does.
+    pub(super) async fn flushed(&mut self) -> Result<(), Error> {
+        self.drained().await?;
+        let Some(mut worker) = lock(&self.shared).idle.take() else {
+            return Err(Error::Internal("upload stage lost".into()));
+        };
+        let flushed = tokio::task::spawn_blocking(move || {
+            let flushed = worker.flush();
+            (worker, flushed)
+        })
+        .await;
+        let mut shared = lock(&self.shared);
+        let failure = match flushed {
+            Ok((worker, Ok(()))) => {
+                shared.idle = Some(worker);
+                return Ok(());
+            }
+            Ok((_, Err(e))) => Failure::Io(e.kind(), e.to_string()),
+            Err(_) => Failure::Panicked,
+        };
+        Err(shared.failed.get_or_insert(failure).to_error())
     }
 
     /// The worker, once every chunk handed over is done.

@@ -21,8 +21,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
 
+use super::direct::DirectWriter;
 use super::pipeline::Stage;
-use super::{BlobStore, FileWriter, TempBlob, blocking};
+use super::{BlobStore, DiskWriter, FileWriter, TempBlob, blocking};
 use crate::domain::{Error, Hasher, Sha256};
 
 const RESUMABLE_PREFIX: &str = "resumable";
@@ -142,7 +143,8 @@ impl ResumableFile {
     /// a writer that appends from there.
     pub async fn resume_at(&self, offset: u64) -> Result<ResumableWriter, Error> {
         let file = self.file.clone();
-        let hasher = blocking(move || {
+        let pool = self.store.direct.clone();
+        let (hasher, writer) = blocking(move || {
             file.set_len(offset)?;
             let mut reader = &*file;
             reader.seek(SeekFrom::Start(0))?;
@@ -155,14 +157,23 @@ impl ResumableFile {
                 ));
             }
             (&*file).seek(SeekFrom::Start(offset))?;
-            Ok(hasher)
+            // Direct writes (fsync on) while the store has a block to lend; else through the
+            // page cache, where checkpoints sync every few MiB: no background writeback.
+            let direct = match pool {
+                Some(pool) => DirectWriter::resume(file.clone(), &pool, offset)?,
+                None => None,
+            };
+            let writer = match direct {
+                Some(direct) => DiskWriter::Direct(direct),
+                None => DiskWriter::Buffered(FileWriter::new(file, false)),
+            };
+            Ok((hasher, writer))
         })
         .await?;
         Ok(ResumableWriter {
             file: self.file.clone(),
             hash: Stage::new(hasher),
-            // Checkpoints sync every few MiB: no background flush.
-            write: Stage::new(FileWriter::new(self.file.clone(), false)),
+            write: Stage::new(writer),
             written: offset,
             fsync: self.store.fsync,
             unsynced_dir: self.path.parent().map(PathBuf::from),
@@ -195,7 +206,7 @@ impl ResumableFile {
 pub struct ResumableWriter {
     file: Arc<std::fs::File>,
     hash: Stage<Hasher>,
-    write: Stage<FileWriter>,
+    write: Stage<DiskWriter>,
     written: u64,
     fsync: bool,
     /// The directory whose entry for the file is synced at the first sync (fsync on).
@@ -223,14 +234,15 @@ impl ResumableWriter {
         self.sync_later().await?.await
     }
 
-    /// Waits for the chunks handed over to be written, then returns the rest of
+    /// Waits for the chunks handed over to be written (a direct writer's partial block too),
+    /// then returns the rest of
     /// [`Self::sync`] (the fsync, which takes far longer) as a step of its own, to run while
     /// more chunks are written: it makes every byte written so far durable and resolves to
     /// their count.
     pub async fn sync_later(
         &mut self,
     ) -> Result<impl Future<Output = Result<u64, Error>> + Send + 'static, Error> {
-        self.write.drained().await?;
+        self.write.flushed().await?;
         let (file, written) = (self.file.clone(), self.written);
         let sync = self.fsync.then(|| self.unsynced_dir.take());
         Ok(async move {
