@@ -142,7 +142,7 @@ pub struct Config {
     /// With ARTIFACTD_BLOB_FSYNC on and a local blob directory, write uploads with `O_DIRECT`
     /// (past the page cache) in aligned 1 MiB blocks: faster to make durable and cheaper in CPU
     /// on the disks measured, but a blob just pushed is then read from disk by its first
-    /// Pull. At most 16 uploads at once write directly (16 MiB of blocks); the others, and
+    /// Pull. At most 4 uploads at once write directly (4 MiB of blocks); the others, and
     /// filesystems that refuse `O_DIRECT`, go through the page cache.
     #[arg(
         long,
