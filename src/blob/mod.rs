@@ -1417,15 +1417,32 @@ mod tests {
         direct
     }
 
+    /// A durable store in `dir` that writes directly, and whether the filesystem there takes
+    /// `O_DIRECT` (else only the fallback is under test).
+    fn direct_store(dir: &Path) -> (BlobStore, bool) {
+        let store = BlobStore::open(&format!("file://{}", dir.display()), true)
+            .unwrap()
+            .with_direct_writes(true);
+        (store, takes_direct_io(dir))
+    }
+
+    /// Waits (up to a second) until the pool lends at most `lent` blocks: a dropped upload's
+    /// stage lets go of its writer, and so of its block, a moment after the drop.
+    async fn await_lent(pool: &direct::BlockPool, lent: usize) {
+        for _ in 0..200 {
+            if pool.lent() <= lent {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// Durable uploads written with `O_DIRECT` store every size and chunking byte for byte
     /// (whole blocks, an aligned tail, an odd tail, empty) and leave the page cache alone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn direct_uploads_store_every_size_past_the_page_cache() {
         let dir = tempfile::tempdir().unwrap();
-        let direct_io = takes_direct_io(dir.path());
-        let store = BlobStore::open(&format!("file://{}", dir.path().display()), true)
-            .unwrap()
-            .with_direct_writes(true);
+        let (store, direct_io) = direct_store(dir.path());
         let block = direct::BLOCK_BYTES;
         for (i, (len, cut)) in [
             (0, 4096),
@@ -1481,10 +1498,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn resumable_uploads_checkpoint_and_resume_with_direct_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let direct_io = takes_direct_io(dir.path());
-        let store = BlobStore::open(&format!("file://{}", dir.path().display()), true)
-            .unwrap()
-            .with_direct_writes(true);
+        let (store, direct_io) = direct_store(dir.path());
         let pool = store.direct.clone().unwrap();
         let block = direct::BLOCK_BYTES;
         let len = 4 * block + 77_777;
@@ -1512,12 +1526,7 @@ mod tests {
         upload_range(&mut writer, &data, at, 2 * block + 999).await;
         drop(writer);
         drop(file);
-        for _ in 0..200 {
-            if pool.lent() == 0 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        await_lent(&pool, 0).await;
         assert_eq!(pool.lent(), 0, "a dropped writer's block comes back");
         file = open().await;
         let mut writer = file.resume_at(at as u64).await.unwrap();
@@ -1545,10 +1554,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn uploads_beyond_the_pool_go_through_the_page_cache() {
         let dir = tempfile::tempdir().unwrap();
-        let direct_io = takes_direct_io(dir.path());
-        let store = BlobStore::open(&format!("file://{}", dir.path().display()), true)
-            .unwrap()
-            .with_direct_writes(true);
+        let (store, direct_io) = direct_store(dir.path());
         let pool = store.direct.clone().unwrap();
         let len = 2 * direct::BLOCK_BYTES + 100;
         let data = Bytes::from((0..len).map(|b| (b * 5 % 233) as u8).collect::<Vec<u8>>());
@@ -1561,12 +1567,7 @@ mod tests {
         assert_eq!(pool.lent(), if direct_io { direct::POOL_BLOCKS } else { 0 });
         // One dropped mid-stream gives its block back once its stage lets go of it.
         drop(uploads.remove(3));
-        for _ in 0..200 {
-            if pool.lent() < direct::POOL_BLOCKS {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        await_lent(&pool, direct::POOL_BLOCKS - 1).await;
         if direct_io {
             assert_eq!(
                 pool.lent(),
