@@ -1525,6 +1525,11 @@ mod tests {
         // at the checkpoint, the file is cut back there.
         upload_range(&mut writer, &data, at, 2 * block + 999).await;
         drop(writer);
+        // Resumed on the same descriptor, which the writer left direct: the bytes before the
+        // checkpoint are hashed again (buffered reads) and the file is cut back.
+        let again = file.resume_at(at as u64).await.unwrap();
+        assert_eq!(file.stored_len().await.unwrap(), at as u64);
+        drop(again);
         drop(file);
         await_lent(&pool, 0).await;
         assert_eq!(pool.lent(), 0, "a dropped writer's block comes back");

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
 
-use super::direct::DirectWriter;
+use super::direct::{DirectWriter, set_direct};
 use super::pipeline::Stage;
 use super::{BlobStore, DiskWriter, FileWriter, TempBlob, blocking};
 use crate::domain::{Error, Hasher, Sha256};
@@ -145,6 +145,11 @@ impl ResumableFile {
         let file = self.file.clone();
         let pool = self.store.direct.clone();
         let (hasher, writer) = blocking(move || {
+            // An earlier writer on this descriptor may have left it direct, which the
+            // buffered reads below cannot use.
+            if pool.is_some() {
+                set_direct(&file, false)?;
+            }
             file.set_len(offset)?;
             let mut reader = &*file;
             reader.seek(SeekFrom::Start(0))?;
