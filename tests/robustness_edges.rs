@@ -646,20 +646,43 @@ async fn binary_drains_with_readyz_503_and_exits_zero() {
     );
 }
 
-/// Whether the first page of the file at `path` is in the page cache: a read that must not
-/// wait for the disk (`preadv2(RWF_NOWAIT)`) gets it or not.
+/// Whether the first page of the file at `path` (at least a page long) is in the page cache,
+/// from `mincore` on a mapping of it: asking does not read it in, as a `preadv2(RWF_NOWAIT)`
+/// would (its read-ahead sometimes completed before the call returned on this VM's disk).
 fn first_page_cached(path: &std::path::Path) -> bool {
     use std::os::fd::AsRawFd;
     let file = std::fs::File::open(path).unwrap();
-    let mut buf = vec![0u8; 4096];
-    let iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: the kernel writes at most `iov_len` bytes into `buf`, which outlives the call.
+    // SAFETY: a fresh read-only shared mapping of one page of a file `file` keeps open; it
+    // is only passed to mincore and unmapped, never dereferenced.
     #[allow(unsafe_code)]
-    let read = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
-    read > 0
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(
+        page,
+        libc::MAP_FAILED,
+        "{}",
+        std::io::Error::last_os_error()
+    );
+    let mut resident = [0u8; 1];
+    // SAFETY: `page` is the one-page mapping above; mincore writes one byte per page.
+    #[allow(unsafe_code)]
+    let done = unsafe { libc::mincore(page, 4096, resident.as_mut_ptr()) };
+    let error = std::io::Error::last_os_error();
+    // SAFETY: unmaps the mapping made above, which nothing else refers to.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::munmap(page, 4096)
+    };
+    assert_eq!(done, 0, "mincore: {error}");
+    resident[0] & 1 == 1
 }
 
 /// Every file under `dir`, at any depth.
