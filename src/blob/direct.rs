@@ -57,7 +57,7 @@ impl Block {
     }
 }
 
-/// The store's aligned blocks: lent to one upload each, returned when its writer drops.
+/// The store's aligned blocks: lent to one upload each, returned when dropped.
 pub(super) struct BlockPool {
     state: Mutex<PoolState>,
 }
@@ -89,22 +89,21 @@ impl BlockPool {
     }
 
     /// A block, or `None` when [`POOL_BLOCKS`] are lent.
-    fn lend(&self) -> Option<Block> {
+    pub(super) fn lend(self: &Arc<Self>) -> Option<LentBlock> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(block) = state.free.pop() {
-            return Some(block);
-        }
-        if state.made == POOL_BLOCKS {
-            return None;
-        }
-        state.made += 1;
-        drop(state);
-        Some(Block::new())
-    }
-
-    fn give_back(&self, block: Block) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.free.push(block);
+        let block = match state.free.pop() {
+            Some(block) => block,
+            None if state.made == POOL_BLOCKS => return None,
+            None => {
+                state.made += 1;
+                drop(state);
+                Block::new()
+            }
+        };
+        Some(LentBlock {
+            block,
+            pool: self.clone(),
+        })
     }
 
     /// Blocks lent right now.
@@ -112,6 +111,29 @@ impl BlockPool {
     pub(super) fn lent(&self) -> usize {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.made - state.free.len()
+    }
+}
+
+/// A block lent by a [`BlockPool`]: it goes back to the pool when dropped.
+pub(super) struct LentBlock {
+    block: Block,
+    pool: Arc<BlockPool>,
+}
+
+impl LentBlock {
+    fn bytes(&mut self) -> &mut [u8] {
+        self.block.bytes()
+    }
+}
+
+impl Drop for LentBlock {
+    fn drop(&mut self) {
+        let block = Block {
+            buf: std::mem::take(&mut self.block.buf),
+            start: self.block.start,
+        };
+        let mut state = self.pool.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.free.push(block);
     }
 }
 
@@ -140,8 +162,7 @@ pub(super) fn create(path: &Path, direct: bool) -> std::io::Result<(File, bool)>
 /// The write stage of a direct upload (see the module documentation).
 pub(super) struct DirectWriter {
     file: Arc<File>,
-    pool: Arc<BlockPool>,
-    block: Option<Block>,
+    block: LentBlock,
     /// Bytes in the block, not yet written directly.
     filled: usize,
     /// Where the block starts in the file: a multiple of [`ALIGN`].
@@ -151,50 +172,38 @@ pub(super) struct DirectWriter {
 }
 
 impl DirectWriter {
-    /// A writer appending to `file` (opened by [`create`] with `O_DIRECT`), or `None` when
-    /// the pool has no block to lend.
-    pub(super) fn new(file: Arc<File>, pool: &Arc<BlockPool>) -> Option<Self> {
-        let block = pool.lend()?;
-        Some(Self {
+    /// A writer appending to `file`, opened by [`create`] with `O_DIRECT`.
+    pub(super) fn new(file: Arc<File>, block: LentBlock) -> Self {
+        Self {
             file,
-            pool: pool.clone(),
-            block: Some(block),
+            block,
             filled: 0,
             at: 0,
             direct: true,
-        })
+        }
     }
 
     /// A writer appending to `file` (open for reading and writing, without `O_DIRECT`) from
     /// byte `offset`, its end: the bytes between the aligned place before it and `offset` are
     /// read into the block (a direct write must start aligned, so they are written again),
-    /// then the descriptor is switched to `O_DIRECT`. `None` when the pool has no block to
-    /// lend or the filesystem refuses `O_DIRECT`; the descriptor is then as it was.
+    /// then the descriptor is switched to `O_DIRECT`. `None` when the filesystem refuses
+    /// `O_DIRECT`; the descriptor is then as it was.
     pub(super) fn resume(
         file: Arc<File>,
-        pool: &Arc<BlockPool>,
+        mut block: LentBlock,
         offset: u64,
     ) -> std::io::Result<Option<Self>> {
-        let Some(mut block) = pool.lend() else {
-            return Ok(None);
-        };
         let at = offset / ALIGN as u64 * ALIGN as u64;
         let filled = usize::try_from(offset - at).map_err(std::io::Error::other)?;
-        let read = file.read_exact_at(&mut block.bytes()[..filled], at);
-        let mut writer = Self {
-            file,
-            pool: pool.clone(),
-            block: Some(block),
-            filled,
-            at,
-            direct: false,
-        };
-        read?;
-        match set_direct(&writer.file, true) {
-            Ok(()) => {
-                writer.direct = true;
-                Ok(Some(writer))
-            }
+        file.read_exact_at(&mut block.bytes()[..filled], at)?;
+        match set_direct(&file, true) {
+            Ok(()) => Ok(Some(Self {
+                file,
+                block,
+                filled,
+                at,
+                direct: true,
+            })),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
             Err(e) => Err(e),
         }
@@ -207,10 +216,7 @@ impl DirectWriter {
             return Ok(());
         }
         let at = self.at + range.start as u64;
-        let Some(block) = self.block.as_mut() else {
-            return Err(std::io::Error::other("direct writer without its block"));
-        };
-        let bytes = &block.bytes()[range];
+        let bytes = &self.block.bytes()[range];
         match self.file.write_all_at(bytes, at) {
             Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 set_direct(&self.file, false)?;
@@ -225,11 +231,8 @@ impl DirectWriter {
 impl pipeline::Work for DirectWriter {
     fn chunk(&mut self, mut chunk: &[u8]) -> std::io::Result<()> {
         while !chunk.is_empty() {
-            let Some(block) = self.block.as_mut() else {
-                return Err(std::io::Error::other("direct writer without its block"));
-            };
             let n = (BLOCK_BYTES - self.filled).min(chunk.len());
-            block.bytes()[self.filled..self.filled + n].copy_from_slice(&chunk[..n]);
+            self.block.bytes()[self.filled..self.filled + n].copy_from_slice(&chunk[..n]);
             self.filled += n;
             chunk = &chunk[n..];
             if self.filled == BLOCK_BYTES {
@@ -248,10 +251,8 @@ impl pipeline::Work for DirectWriter {
         let aligned = self.filled / ALIGN * ALIGN;
         self.write(0..aligned)?;
         if self.filled > aligned {
-            let Some(block) = self.block.as_mut() else {
-                return Err(std::io::Error::other("direct writer without its block"));
-            };
-            let rest = &block.bytes()[aligned..self.filled];
+            let bytes = self.block.bytes();
+            let rest = &bytes[aligned..self.filled];
             let at = self.at + aligned as u64;
             if self.direct {
                 set_direct(&self.file, false)?;
@@ -261,19 +262,11 @@ impl pipeline::Work for DirectWriter {
             } else {
                 self.file.write_all_at(rest, at)?;
             }
-            block.bytes().copy_within(aligned..self.filled, 0);
+            bytes.copy_within(aligned..self.filled, 0);
         }
         self.at += aligned as u64;
         self.filled -= aligned;
         Ok(())
-    }
-}
-
-impl Drop for DirectWriter {
-    fn drop(&mut self) {
-        if let Some(block) = self.block.take() {
-            self.pool.give_back(block);
-        }
     }
 }
 

@@ -831,7 +831,10 @@ impl LocalWriter {
         fsync: bool,
         direct: Option<Arc<direct::BlockPool>>,
     ) -> Result<Self, Error> {
-        let want_direct = direct.is_some();
+        // A block first: an upload the pool cannot lend one to is written through the page
+        // cache, and so is one whose filesystem refuses O_DIRECT (the block goes back).
+        let block = direct.and_then(|pool| pool.lend());
+        let want_direct = block.is_some();
         let (file, is_direct) = blocking(move || match direct::create(&path, want_direct) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if let Some(dir) = path.parent() {
@@ -843,19 +846,9 @@ impl LocalWriter {
         })
         .await?;
         let file = Arc::new(file);
-        let writer = direct
-            .filter(|_| is_direct)
-            .and_then(|pool| direct::DirectWriter::new(file.clone(), &pool));
-        let writer = match writer {
-            Some(writer) => DiskWriter::Direct(writer),
-            None => {
-                if is_direct {
-                    // The pool has no block to lend: this upload goes through the page cache.
-                    direct::set_direct(&file, false)
-                        .map_err(|e| pipeline::write_error(e.kind(), &e.to_string()))?;
-                }
-                DiskWriter::Buffered(FileWriter::new(file.clone(), fsync))
-            }
+        let writer = match block.filter(|_| is_direct) {
+            Some(block) => DiskWriter::Direct(direct::DirectWriter::new(file.clone(), block)),
+            None => DiskWriter::Buffered(FileWriter::new(file.clone(), fsync)),
         };
         Ok(Self {
             hash: Stage::new(Hasher::new()),

@@ -164,8 +164,8 @@ impl ResumableFile {
             (&*file).seek(SeekFrom::Start(offset))?;
             // Direct writes (fsync on) while the store has a block to lend; else through the
             // page cache, where checkpoints sync every few MiB: no background writeback.
-            let direct = match pool {
-                Some(pool) => DirectWriter::resume(file.clone(), &pool, offset)?,
+            let direct = match pool.and_then(|pool| pool.lend()) {
+                Some(block) => DirectWriter::resume(file.clone(), block, offset)?,
                 None => None,
             };
             let writer = match direct {
