@@ -3,7 +3,7 @@
 //! many small pushes it takes with metering on.
 //!
 //! One module per subcommand (`throughput`, `getbill`, `pushrate`, `projects`, `archive`,
-//! `sweep`, `s3`, `metrics-cost`, `hash`, `cli`, `zip64`), each documented where it is; the
+//! `sweep`, `s3`, `metrics-cost`, `hash`, `coldread`, `cli`, `zip64`), each documented where it is; the
 //! shared parts are `process` (child servers), `scratch` (scratch data), `content`, `client`
 //! and `measure`.
 //!
@@ -28,6 +28,7 @@ mod archive;
 mod bare;
 mod cli;
 mod client;
+mod coldread;
 mod content;
 mod getbill;
 mod hash;
@@ -118,6 +119,10 @@ enum BenchCommand {
     /// The `artifact` command line against the server's own Push/Pull, on Postgres.
     #[command(after_help = USAGE_NOTE)]
     Cli(cli::CliArgs),
+    /// Cold reads of one file (no artifactd) after pauses of given lengths: how much the
+    /// VM's free page reporting costs a read into freshly allocated page cache.
+    #[command(name = "coldread", after_help = USAGE_NOTE)]
+    ColdRead(coldread::ColdReadArgs),
     /// Single-core SHA-256 rate: the server's hasher against the `sha2` crate.
     #[command(after_help = USAGE_NOTE)]
     Hash(hash::HashArgs),
@@ -145,6 +150,7 @@ fn main() -> ExitCode {
         BenchCommand::Archive(args) => archive(&args),
         BenchCommand::Sweep(args) => sweep::sweep(&args),
         BenchCommand::Hash(args) => hash::hash(&args),
+        BenchCommand::ColdRead(args) => coldread::coldread(&args),
         BenchCommand::S3(args) => s3::s3(&args),
         BenchCommand::Cli(args) => cli::cli(&args),
         BenchCommand::Zip64(args) => zip64::zip64(&args),
