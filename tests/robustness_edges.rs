@@ -646,45 +646,6 @@ async fn binary_drains_with_readyz_503_and_exits_zero() {
     );
 }
 
-/// Whether the first page of the file at `path` (at least a page long) is in the page cache,
-/// from `mincore` on a mapping of it: asking does not read it in, as a `preadv2(RWF_NOWAIT)`
-/// would (its read-ahead sometimes completed before the call returned on this VM's disk).
-fn first_page_cached(path: &std::path::Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(path).unwrap();
-    // SAFETY: a fresh read-only shared mapping of one page of a file `file` keeps open; it
-    // is only passed to mincore and unmapped, never dereferenced.
-    #[allow(unsafe_code)]
-    let page = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(
-        page,
-        libc::MAP_FAILED,
-        "{}",
-        std::io::Error::last_os_error()
-    );
-    let mut resident = [0u8; 1];
-    // SAFETY: `page` is the one-page mapping above; mincore writes one byte per page.
-    #[allow(unsafe_code)]
-    let done = unsafe { libc::mincore(page, 4096, resident.as_mut_ptr()) };
-    let error = std::io::Error::last_os_error();
-    // SAFETY: unmaps the mapping made above, which nothing else refers to.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::munmap(page, 4096)
-    };
-    assert_eq!(done, 0, "mincore: {error}");
-    resident[0] & 1 == 1
-}
-
 /// Every file under `dir`, at any depth.
 fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
@@ -742,7 +703,10 @@ async fn durable_pushes_written_direct_survive_a_kill() {
     }
     let blob_files = files_under(&dir.path().join("blobs/blobs/sha256"));
     assert_eq!(blob_files.len(), files.len());
-    let uncached = blob_files.iter().filter(|p| !first_page_cached(p)).count();
+    let uncached = blob_files
+        .iter()
+        .filter(|p| !artifactd::blob::first_page_cached(p).unwrap())
+        .count();
     assert!(
         uncached >= 4,
         "only {uncached} of {} blobs were written past the page cache",

@@ -53,6 +53,8 @@ mod pagecache;
 mod pipeline;
 mod resumable;
 mod scrub;
+
+pub use pagecache::first_page_cached;
 use pipeline::Stage;
 pub use resumable::{Opened, ResumableFile, ResumableWriter};
 pub use scrub::{Pace, Scrubbed};
@@ -1394,45 +1396,8 @@ mod tests {
         }
     }
 
-    /// Whether the first page of the file at `path` (at least a page long) is in the page
-    /// cache, from `mincore` on a mapping of it: asking does not read it in. (A read that
-    /// must not wait for the disk, `preadv2(RWF_NOWAIT)`, starts reading the page ahead, and
-    /// on a fast virtual disk that read sometimes completed before the call returned: the
-    /// Linux 6.18 VM here answered it with data in half of the runs.)
     fn first_page_cached(path: &Path) -> bool {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::File::open(path).unwrap();
-        // SAFETY: a fresh read-only shared mapping of one page of a file `file` keeps open;
-        // it is only passed to mincore and unmapped, never dereferenced.
-        #[allow(unsafe_code)]
-        let page = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(
-            page,
-            libc::MAP_FAILED,
-            "{}",
-            std::io::Error::last_os_error()
-        );
-        let mut resident = [0u8; 1];
-        // SAFETY: `page` is the one-page mapping above; mincore writes one byte per page.
-        #[allow(unsafe_code)]
-        let done = unsafe { libc::mincore(page, 4096, resident.as_mut_ptr()) };
-        let error = std::io::Error::last_os_error();
-        // SAFETY: unmaps the mapping made above, which nothing else refers to.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::munmap(page, 4096)
-        };
-        assert_eq!(done, 0, "mincore: {error}");
-        resident[0] & 1 == 1
+        pagecache::first_page_cached(path).unwrap()
     }
 
     /// Whether the filesystem of `dir` opens files with `O_DIRECT`.

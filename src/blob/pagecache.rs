@@ -1,6 +1,7 @@
 //! What the local blob path asks of the kernel's page cache: that an upload written with
 //! fsync on is written back as it goes rather than all at its final `fdatasync`, and what of
-//! a pulled blob it already holds, read without waiting for the disk.
+//! a pulled blob it already holds, read without waiting for the disk; and, for tests and
+//! diagnostics, whether a file's first page is cached.
 //! (`posix_fadvise(SEQUENTIAL)` on pulled blobs, and a `WILLNEED` of the next 16 MiB from
 //! each read that missed the cache, were measured and dropped: neither moved a cold Pull's
 //! median past this VM's 8 MiB default read-ahead; see the README.)
@@ -65,6 +66,49 @@ pub(super) fn read_cached(
         buf.set_len(buf.len() + read)
     };
     Ok(Some(read))
+}
+
+/// Whether the first page of the file at `path` is in the page cache, from `mincore` on a
+/// mapping of it: asking does not read it in, as a `preadv2(RWF_NOWAIT)` would (that read
+/// starts read-ahead, which on a fast virtual disk sometimes completed in time to answer with
+/// data). For tests and diagnostics: whether an upload went past the page cache. An empty file
+/// has no page, so none cached.
+pub fn first_page_cached(path: &std::path::Path) -> std::io::Result<bool> {
+    const PAGE: usize = 4096;
+    let file = File::open(path)?;
+    if file.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    // SAFETY: a fresh read-only shared mapping of one page of a file `file` keeps open; it is
+    // only passed to mincore and unmapped, never dereferenced.
+    #[allow(unsafe_code)]
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if page == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut resident = [0u8; 1];
+    // SAFETY: `page` is the one-page mapping above; mincore writes one byte per page.
+    #[allow(unsafe_code)]
+    let done = unsafe { libc::mincore(page, PAGE, resident.as_mut_ptr()) };
+    let error = std::io::Error::last_os_error();
+    // SAFETY: unmaps the mapping made above, which nothing else refers to.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::munmap(page, PAGE)
+    };
+    if done != 0 {
+        return Err(error);
+    }
+    Ok(resident[0] & 1 == 1)
 }
 
 fn sync_file_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) -> std::io::Result<()> {
