@@ -211,6 +211,12 @@ pub struct Config {
     #[arg(long, env = "ARTIFACTD_REDIS_PREFIX", default_value = "")]
     pub redis_prefix: String,
 
+    /// How long a Redis command or connection may take before Redis counts as not answering:
+    /// pushes and pulls that need a quota reservation then answer UNAVAILABLE at once rather
+    /// than wait. Raise it for a Redis with slow round trips.
+    #[arg(long, env = "ARTIFACTD_REDIS_TIMEOUT", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+
     /// Meter usage and enforce quotas. `false` records no usage and enforces no quota
     /// (plans still bound artifact size and retention); for benchmarks and comparisons.
     #[arg(long, env = "ARTIFACTD_METERING", default_value_t = true, action = ArgAction::Set)]
@@ -385,6 +391,12 @@ impl Config {
                 "ARTIFACTD_TLS_CERT and ARTIFACTD_TLS_KEY go together",
             ));
         }
+        if self.redis_timeout.is_zero() {
+            return Err(Error::invalid(
+                "ARTIFACTD_REDIS_TIMEOUT",
+                "must be positive",
+            ));
+        }
         if self.jwt_max_ttl.is_zero() {
             return Err(Error::invalid("ARTIFACTD_JWT_MAX_TTL", "must be positive"));
         }
@@ -473,6 +485,7 @@ impl Config {
             default_plan: "free".to_owned(),
             redis_url: None,
             redis_prefix: String::new(),
+            redis_timeout: crate::coord::REDIS_TIMEOUT,
             metering: true,
             grpc_metrics: true,
             stream_idle_timeout: Duration::from_secs(60),
@@ -502,5 +515,29 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    /// `ARTIFACTD_REDIS_TIMEOUT` is read as a duration (500 ms by default), and zero, which
+    /// would make every Redis call time out, is refused by name.
+    #[test]
+    fn redis_timeout_is_a_positive_duration() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["artifactd"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).map(|cli| cli.config)
+        };
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.redis_timeout, Duration::from_millis(500));
+        let config = parse(&["--redis-timeout", "2s"]).unwrap();
+        assert_eq!(config.redis_timeout, Duration::from_secs(2));
+        let mut config = parse(&["--redis-timeout", "0s"]).unwrap();
+        config.insecure_no_auth = true;
+        let err = config.validate().unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("ARTIFACTD_REDIS_TIMEOUT: must be positive"),
+            "{err}"
+        );
+        assert!(parse(&["--redis-timeout", "soon"]).is_err());
     }
 }

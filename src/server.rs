@@ -132,7 +132,7 @@ impl App {
             ));
         }
         let counters = match &config.redis_url {
-            Some(url) => Counters::redis(url, &config.redis_prefix)?,
+            Some(url) => Counters::redis(url, &config.redis_prefix, config.redis_timeout)?,
             None => Counters::in_process(),
         };
         let metering = Metering::new(

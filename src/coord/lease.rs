@@ -182,8 +182,8 @@ mod tests {
         };
         let prefix = format!("unit-{}:", uuid::Uuid::new_v4().simple());
         let (a, b) = (
-            Counters::redis(&url, &prefix).unwrap(),
-            Counters::redis(&url, &prefix).unwrap(),
+            Counters::redis(&url, &prefix, crate::coord::REDIS_TIMEOUT).unwrap(),
+            Counters::redis(&url, &prefix, crate::coord::REDIS_TIMEOUT).unwrap(),
         );
         let ttl = Duration::from_millis(300);
         let held = a.try_lease("sweeper", ttl).await.unwrap().unwrap();

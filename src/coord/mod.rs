@@ -49,6 +49,9 @@ const GENERATION_TTL: Duration = Duration::from_secs(10 * 60);
 /// How long a reservation outlives its holder's last refresh. Holders refresh every third
 /// of it, so only a dead holder's reservations lapse.
 pub const RESERVATION_TTL: Duration = Duration::from_secs(5 * 60);
+/// How long a Redis command or connection may take by default before Redis counts as not
+/// answering (`ARTIFACTD_REDIS_TIMEOUT`).
+pub const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What a reservation is counted against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,12 +202,19 @@ impl Counters {
 
     /// Uses Redis at `url`. Connects lazily, so a Redis that is down at start-up does not stop
     /// the service (it runs on in-process figures until Redis answers).
-    pub fn redis(url: &str, prefix: &str) -> Result<Self, Error> {
-        Self::redis_with_ttl(url, prefix, RESERVATION_TTL)
+    /// A command (or a connection) that takes longer than `timeout` counts as Redis not
+    /// answering ([`REDIS_TIMEOUT`] by default, `ARTIFACTD_REDIS_TIMEOUT`).
+    pub fn redis(url: &str, prefix: &str, timeout: Duration) -> Result<Self, Error> {
+        Self::redis_with_ttl(url, prefix, timeout, RESERVATION_TTL)
     }
 
     /// Like [`Counters::redis`] with another reservation lifetime (tests).
-    pub fn redis_with_ttl(url: &str, prefix: &str, ttl: Duration) -> Result<Self, Error> {
+    pub fn redis_with_ttl(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        ttl: Duration,
+    ) -> Result<Self, Error> {
         // redis-rs leaves Nagle's algorithm on: with many commands in flight on the one
         // multiplexed connection, each small write then waits for the previous one's ACK.
         let info = url
@@ -219,8 +229,8 @@ impl Counters {
             cause: e.to_string(),
         })?;
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
         let manager = ConnectionManager::new_lazy_with_config(client, config).map_err(|e| {
@@ -914,7 +924,7 @@ pub(crate) mod tests {
             }
         };
         let prefix = format!("unit-{}:", uuid::Uuid::new_v4().simple());
-        let counters = Counters::redis(&url, &prefix).unwrap();
+        let counters = Counters::redis(&url, &prefix, REDIS_TIMEOUT).unwrap();
         let s = Pool::Storage;
         counters.prime("p", s, 0, 0).await;
         assert_eq!(
@@ -938,7 +948,7 @@ pub(crate) mod tests {
             return;
         };
         let prefix = format!("unit-{}:", uuid::Uuid::new_v4().simple());
-        let counters = Counters::redis(&url, &prefix).unwrap();
+        let counters = Counters::redis(&url, &prefix, REDIS_TIMEOUT).unwrap();
         let s = Pool::Storage;
         counters.prime("p", s, 0, 0).await;
         let racers: Vec<_> = (0..50)
@@ -989,7 +999,8 @@ pub(crate) mod tests {
         };
         let prefix = format!("unit-{}:", uuid::Uuid::new_v4().simple());
         crashed_holder_lapses(|| {
-            Counters::redis_with_ttl(&url, &prefix, Duration::from_millis(600)).unwrap()
+            Counters::redis_with_ttl(&url, &prefix, REDIS_TIMEOUT, Duration::from_millis(600))
+                .unwrap()
         })
         .await;
     }
