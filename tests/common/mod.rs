@@ -397,6 +397,9 @@ impl TestServer {
             if let Some(url) = redis {
                 config.redis_url = Some(url);
                 config.redis_prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
+                // A loaded CI machine once held a Redis call past the default 500 ms (see
+                // replicas.rs); tests of a Redis that stops answering set their own.
+                config.redis_timeout = std::time::Duration::from_secs(5);
             }
             tweak(config);
         })
