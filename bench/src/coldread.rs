@@ -23,9 +23,9 @@ use clap::Args;
 
 use crate::client::mb_per_s;
 use crate::hash::median;
-use crate::measure::cpu_seconds;
+use crate::measure::{cpu_per_gib, cpu_seconds};
 use crate::scratch::ScratchDir;
-use crate::{GIB, MIB, pagecache};
+use crate::{MIB, pagecache};
 
 #[derive(Debug, Clone, Args)]
 pub struct ColdReadArgs {
@@ -51,10 +51,9 @@ pub fn coldread(args: &ColdReadArgs) -> anyhow::Result<()> {
     let scratch = ScratchDir::create()?;
     let path = scratch.path().join("cold.bin");
     let mut file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    let block: Vec<u8> = (0..MIB).map(|i| (i * 131 % 251) as u8).collect();
+    let mut block: Vec<u8> = (0..MIB).map(|i| (i * 131 % 251) as u8).collect();
     for i in 0..args.total_mib {
         // A different first byte per MiB keeps the file from being all one block.
-        let mut block = block.clone();
         block[0] = i as u8;
         file.write_all(&block)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -75,25 +74,25 @@ pub fn coldread(args: &ColdReadArgs) -> anyhow::Result<()> {
     for round in 1..=args.rounds {
         let cpu = cpu_seconds(me);
         let rate = read_direct(&path)?;
-        let cpu_per_gib = (cpu_seconds(me) - cpu) * GIB as f64 / bytes as f64;
+        let cpu_gib = cpu_per_gib(cpu, cpu_seconds(me), bytes);
         println!(
-            "round {round}/{}: O_DIRECT: {rate:.0} MB/s, {cpu_per_gib:.2} CPU-s/GiB",
+            "round {round}/{}: O_DIRECT: {rate:.0} MB/s, {cpu_gib:.2} CPU-s/GiB",
             args.rounds
         );
         direct.0.push(rate);
-        direct.1.push(cpu_per_gib);
+        direct.1.push(cpu_gib);
         for (pause, (rates, cpus)) in args.pauses.iter().zip(&mut series) {
             pagecache::evict(&path)?;
             std::thread::sleep(Duration::from_secs_f64(*pause));
             let cpu = cpu_seconds(me);
             let rate = pagecache::read_through(&path, READ_BYTES)?;
-            let cpu_per_gib = (cpu_seconds(me) - cpu) * GIB as f64 / bytes as f64;
+            let cpu_gib = cpu_per_gib(cpu, cpu_seconds(me), bytes);
             println!(
-                "round {round}/{}: pause {pause} s: {rate:.0} MB/s, {cpu_per_gib:.2} CPU-s/GiB",
+                "round {round}/{}: pause {pause} s: {rate:.0} MB/s, {cpu_gib:.2} CPU-s/GiB",
                 args.rounds
             );
             rates.push(rate);
-            cpus.push(cpu_per_gib);
+            cpus.push(cpu_gib);
         }
     }
     let labels = args

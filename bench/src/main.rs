@@ -3,8 +3,8 @@
 //! many small pushes it takes with metering on.
 //!
 //! One module per subcommand (`throughput`, `getbill`, `pushrate`, `projects`, `archive`,
-//! `sweep`, `s3`, `metrics-cost`, `hash`, `coldread`, `cli`, `zip64`), each documented where it is; the
-//! shared parts are `process` (child servers), `scratch` (scratch data), `content`, `client`
+//! `sweep`, `s3`, `metrics-cost`, `hash`, `coldread`, `cli`, `zip64`), each documented where
+//! it is; the shared parts are `process` (child servers), `scratch` (scratch data), `content`, `client`
 //! and `measure`.
 //!
 //! Build both binaries first, in release mode:

@@ -26,6 +26,11 @@ pub(crate) fn process_cpu_seconds(stat: &std::path::Path) -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
+/// CPU-seconds per GiB a process spent while `bytes` moved.
+pub(crate) fn cpu_per_gib(before: f64, after: f64, bytes: u64) -> f64 {
+    (after - before) / (bytes as f64 / crate::GIB as f64)
+}
+
 /// CPU seconds of process `pid` so far (0 when it cannot be read, e.g. it has exited).
 pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     process_cpu_seconds(&Path::new("/proc").join(pid.to_string()).join("stat")).unwrap_or(0.0)

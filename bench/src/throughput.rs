@@ -65,7 +65,9 @@ use crate::client::{
     artifact_client, artifact_pull, artifact_push, connect, mb_per_s, push_artifact,
 };
 use crate::content::ChunkPool;
-use crate::measure::{RSS_SAMPLE_EVERY, RssSampler, cpu_seconds, proc_status_kib, verdict};
+use crate::measure::{
+    RSS_SAMPLE_EVERY, RssSampler, cpu_per_gib, cpu_seconds, proc_status_kib, verdict,
+};
 use crate::pagecache::{self, WriteMode};
 use crate::process::{
     artifactd_exe, free_port, spawn_artifactd, spawn_bare, wait_ready_http, wait_ready_tcp,
@@ -280,11 +282,6 @@ fn hash_rate(rounds: u32) -> (f64, f64) {
     let rate = crate::hash::median(rates);
     // CPU-seconds per GiB of hashing alone (one core busy for the duration).
     (rate, GIB as f64 / 1e6 / rate)
-}
-
-/// CPU-seconds per GiB a process spent while `bytes` moved.
-fn cpu_per_gib(before: f64, after: f64, bytes: u64) -> f64 {
-    (after - before) / (bytes as f64 / GIB as f64)
 }
 
 async fn measure_throughput(
