@@ -528,6 +528,11 @@ mod tests {
         };
         let config = parse(&[]).unwrap();
         assert_eq!(config.redis_timeout, Duration::from_millis(500));
+        assert_eq!(
+            config.redis_timeout,
+            crate::coord::REDIS_TIMEOUT,
+            "one default"
+        );
         let config = parse(&["--redis-timeout", "2s"]).unwrap();
         assert_eq!(config.redis_timeout, Duration::from_secs(2));
         let mut config = parse(&["--redis-timeout", "0s"]).unwrap();
