@@ -36,6 +36,47 @@ pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     process_cpu_seconds(&Path::new("/proc").join(pid.to_string()).join("stat")).unwrap_or(0.0)
 }
 
+/// The machine's CPU time so far, from the first line of `/proc/stat` (in ticks): all of it,
+/// and the part the hypervisor gave to other guests (steal).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct HostCpu {
+    total: u64,
+    steal: u64,
+}
+
+impl HostCpu {
+    /// Now (zeros when `/proc/stat` cannot be read).
+    pub(crate) fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        // cpu user nice system idle iowait irq softirq steal guest guest_nice
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .and_then(|line| line.strip_prefix("cpu "))
+            .map(|fields| {
+                fields
+                    .split_whitespace()
+                    .filter_map(|f| f.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        // guest and guest_nice are already counted in user and nice.
+        Self {
+            total: ticks.iter().take(8).sum(),
+            steal: ticks.get(7).copied().unwrap_or(0),
+        }
+    }
+
+    /// The share of the machine's CPU time stolen since `before` (0 to 1).
+    pub(crate) fn steal_since(&self, before: &HostCpu) -> f64 {
+        let total = self.total.saturating_sub(before.total);
+        if total == 0 {
+            return 0.0;
+        }
+        self.steal.saturating_sub(before.steal) as f64 / total as f64
+    }
+}
+
 /// One field of `/proc/<pid>/status` in KiB, e.g. `VmRSS`.
 pub(crate) fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let path = format!("/proc/{pid}/status");

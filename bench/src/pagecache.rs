@@ -20,15 +20,16 @@ use crate::client::mb_per_s;
 pub(crate) enum WriteMode {
     /// Through the page cache, then one `fdatasync`: what `dd conv=fdatasync` does.
     Buffered,
-    /// `O_DIRECT` from 4 KiB-aligned buffers, then `fdatasync` for the file's size.
+    /// `O_DIRECT` in 1 MiB blocks from a 4 KiB-aligned buffer, then `fdatasync` for the
+    /// file's size.
     Direct,
 }
 
 /// Writes `chunks` to a new file at `path` and makes it durable (`fdatasync`), as `mode`
 /// says; returns MB/s over the whole write and sync, then removes the file. For
-/// [`WriteMode::Direct`] every chunk but the last must be a multiple of 4 KiB; each is
-/// copied into an aligned buffer first (the copy is timed too, as a direct write path in the
-/// server would have to make it).
+/// [`WriteMode::Direct`] the chunks are copied into an aligned 1 MiB block and written a
+/// block at a time, the last one padded and the padding cut off again: the copy and the
+/// writes of the server's direct writer, timed together.
 pub(crate) fn write_durable(
     path: &Path,
     chunks: impl Iterator<Item = Bytes>,
@@ -42,19 +43,21 @@ pub(crate) fn write_durable(
     let mut file = options
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-    let mut aligned = AlignedBuf::default();
+    let mut block = AlignedBlock::new();
     let started = Instant::now();
     let mut total: u64 = 0;
     for chunk in chunks {
         match mode {
             WriteMode::Buffered => file.write_all(&chunk),
-            WriteMode::Direct => {
-                let block = aligned.fill(&chunk);
-                file.write_all(block)
-            }
+            WriteMode::Direct => block.write(&mut file, &chunk),
         }
         .with_context(|| format!("writing {}", path.display()))?;
         total += chunk.len() as u64;
+    }
+    if mode == WriteMode::Direct {
+        block
+            .finish(&mut file)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     // A direct write is in whole blocks: cut the padding of the last one off again.
     file.set_len(total)
@@ -67,27 +70,55 @@ pub(crate) fn write_durable(
     Ok(rate)
 }
 
-/// A 4 KiB-aligned buffer for `O_DIRECT` writes, grown as needed: a plain vector with room
-/// to start at an aligned address inside it.
-#[derive(Default)]
-struct AlignedBuf {
-    bytes: Vec<u8>,
-}
-
+/// Bytes per direct write, as the server's direct writer makes them (`blob::direct`).
+const DIRECT_BLOCK: usize = 1024 * 1024;
 const DIRECT_ALIGN: usize = 4096;
 
-impl AlignedBuf {
-    /// Copies `data` in, zero-padded to a whole number of 4 KiB blocks; returns those blocks.
-    fn fill(&mut self, data: &[u8]) -> &[u8] {
-        let len = data.len().div_ceil(DIRECT_ALIGN).max(1) * DIRECT_ALIGN;
-        if self.bytes.len() < len + DIRECT_ALIGN {
-            self.bytes = vec![0; len + DIRECT_ALIGN];
+/// Gathers chunks into [`DIRECT_BLOCK`]s at a 4 KiB-aligned address for `O_DIRECT` writes,
+/// as the server does: the same copy and the same writes.
+struct AlignedBlock {
+    bytes: Vec<u8>,
+    start: usize,
+    filled: usize,
+}
+
+impl AlignedBlock {
+    fn new() -> Self {
+        let bytes = vec![0; DIRECT_BLOCK + DIRECT_ALIGN];
+        let start = bytes.as_ptr().align_offset(DIRECT_ALIGN);
+        Self {
+            bytes,
+            start,
+            filled: 0,
         }
-        let start = self.bytes.as_ptr().align_offset(DIRECT_ALIGN);
-        let block = &mut self.bytes[start..start + len];
-        block[..data.len()].copy_from_slice(data);
-        block[data.len()..].fill(0);
-        block
+    }
+
+    /// Copies `data` in, writing each block that fills to `file`.
+    fn write(&mut self, file: &mut File, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let n = (DIRECT_BLOCK - self.filled).min(data.len());
+            let at = self.start + self.filled;
+            self.bytes[at..at + n].copy_from_slice(&data[..n]);
+            self.filled += n;
+            data = &data[n..];
+            if self.filled == DIRECT_BLOCK {
+                file.write_all(&self.bytes[self.start..self.start + DIRECT_BLOCK])?;
+                self.filled = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what is left, zero-padded to whole 4 KiB blocks.
+    fn finish(&mut self, file: &mut File) -> std::io::Result<()> {
+        if self.filled == 0 {
+            return Ok(());
+        }
+        let len = self.filled.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let block = &mut self.bytes[self.start..self.start + len];
+        block[self.filled..].fill(0);
+        self.filled = 0;
+        file.write_all(block)
     }
 }
 

@@ -26,7 +26,15 @@
 //!
 //! - **disk write**: the same bytes written by this process to a file beside the blob
 //!   directory and made durable (`fdatasync`), once through the page cache and once with
-//!   `O_DIRECT`, alternating which goes first — what a push with fsync on must do.
+//!   `O_DIRECT` in the server's 1 MiB blocks, alternating which goes first — what a push
+//!   with fsync on must do.
+//!
+//! Two more lines say where Push stands against the machine itself. This process's CPU per
+//! GiB during Push (the client's) plus the server's, against the cores (less what the
+//! hypervisor stole meanwhile, from `/proc/stat`), is the rate the two sides could reach at
+//! that cost with every core busy. The **server floor** adds the bare server's CPU, the
+//! hash's and this process's CPU for the direct write (the copy into an aligned block and the
+//! kernel's write, which a direct Push makes too): what a Push cannot cost less than.
 //!
 //! Push's ceiling is min(bare push, SHA-256 rate, and with fsync on the faster disk write):
 //! one artifact's digest is sequential, and a durable push cannot beat the disk. The targets
@@ -66,7 +74,7 @@ use crate::client::{
 };
 use crate::content::ChunkPool;
 use crate::measure::{
-    RSS_SAMPLE_EVERY, RssSampler, cpu_per_gib, cpu_seconds, proc_status_kib, verdict,
+    HostCpu, RSS_SAMPLE_EVERY, RssSampler, cpu_per_gib, cpu_seconds, proc_status_kib, verdict,
 };
 use crate::pagecache::{self, WriteMode};
 use crate::process::{
@@ -103,7 +111,7 @@ pub(crate) struct ThroughputArgs {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1024))]
     chunk_kib: u64,
 
-    /// Rounds of the four throughput measurements; the best of each is reported.
+    /// Rounds of the throughput measurements; the median of each is reported.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
 
@@ -188,19 +196,19 @@ pub(crate) fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
         let hash = hash_rate(args.rounds);
         let pids = (server.pid(), bare.pid());
         eprintln!("load average at start: {}", load_average());
-        let best = runtime.block_on(measure_throughput(
+        let medians = runtime.block_on(measure_throughput(
             args, &pool, total, &blob_dir, grpc_port, bare_port, pids,
         ))?;
-        print_throughput(args, &best, hash);
-        measured = Some((best, hash));
+        print_throughput(args, &medians, hash);
+        measured = Some((medians, hash));
     }
 
-    if let Some((best, hash)) = &measured
+    if let Some((medians, hash)) = &measured
         && args.concurrent_pushes > 0
     {
         let concurrent =
             runtime.block_on(measure_concurrent(args, &pool, grpc_port, server.pid()))?;
-        let (_, bound) = best.push_ceiling(args.fsync, hash.0);
+        let (_, bound) = medians.push_ceiling(args.fsync, hash.0);
         print_concurrent(args, &concurrent, bound == "SHA-256");
     }
 
@@ -226,7 +234,7 @@ pub(crate) fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
 
 /// Median of each measurement over the rounds: MB/s, and the server's CPU-seconds per GiB.
 #[derive(Debug, Default)]
-struct Best {
+struct Medians {
     bare_push: f64,
     push: f64,
     bare_pull: f64,
@@ -242,9 +250,16 @@ struct Best {
     cold_pull_cpu: f64,
     disk_write: f64,
     disk_write_direct: f64,
+    /// This process's CPU-seconds per GiB for the direct write: the kernel's own cost of
+    /// writing a GiB past the page cache, which a direct Push pays too.
+    direct_write_cpu: f64,
+    /// This process's CPU-seconds per GiB during Push: the client's.
+    client_push_cpu: f64,
+    /// Share of the machine's CPU time the hypervisor stole during Push.
+    push_steal: f64,
 }
 
-impl Best {
+impl Medians {
     /// The disk's durable write rate: the faster of a buffered and a direct write.
     fn disk_write_ceiling(&self) -> f64 {
         self.disk_write.max(self.disk_write_direct)
@@ -292,14 +307,14 @@ async fn measure_throughput(
     grpc_port: u16,
     bare_port: u16,
     (server_pid, bare_pid): (u32, u32),
-) -> anyhow::Result<Best> {
+) -> anyhow::Result<Medians> {
     let mut bare = BareStreamClient::new(connect(bare_port).await?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let mut artifacts = artifact_client(connect(grpc_port).await?);
     let chunk_size = i32::try_from(pool.chunk_size).context("chunk size")?;
 
-    let mut rounds: [Vec<f64>; 14] = Default::default();
+    let mut rounds: [Vec<f64>; 17] = Default::default();
     for round in 0..args.rounds {
         // Each round pushes different content, so no push is answered by deduplication.
         let variant = u64::from(round);
@@ -308,19 +323,25 @@ async fn measure_throughput(
             .await
             .context("bare push")?;
         let bare_push_cpu = cpu_per_gib(cpu, cpu_seconds(bare_pid), total);
-        let cpu = cpu_seconds(server_pid);
+        let me = std::process::id();
+        let (cpu, client_cpu, host) = (cpu_seconds(server_pid), cpu_seconds(me), HostCpu::now());
         let (push, sha256) = push_artifact(&mut artifacts, pool, variant, total, THROUGHPUT_PATH)
             .await
             .context("Push")?;
         let push_cpu = cpu_per_gib(cpu, cpu_seconds(server_pid), total);
+        let client_push_cpu = cpu_per_gib(client_cpu, cpu_seconds(me), total);
+        let push_steal = HostCpu::now().steal_since(&host);
         // The disk's durable write rate for the same bytes, buffered and direct, first one
         // then the other, beside the Push that had to make them durable.
         let scratch_file = blob_dir.with_file_name("disk-write.bin");
-        let write = |mode| {
-            pagecache::write_durable(&scratch_file, pool.upload(variant, total), mode)
-                .with_context(|| format!("{mode:?} disk write"))
+        // With this process's CPU per GiB: the kernel's own cost of the write.
+        let write = |mode| -> anyhow::Result<(f64, f64)> {
+            let cpu = cpu_seconds(me);
+            let rate = pagecache::write_durable(&scratch_file, pool.upload(variant, total), mode)
+                .with_context(|| format!("{mode:?} disk write"))?;
+            Ok((rate, cpu_per_gib(cpu, cpu_seconds(me), total)))
         };
-        let (disk_write, disk_write_direct) = if round % 2 == 0 {
+        let ((disk_write, _), (disk_write_direct, direct_write_cpu)) = if round % 2 == 0 {
             let buffered = write(WriteMode::Buffered)?;
             (buffered, write(WriteMode::Direct)?)
         } else {
@@ -349,7 +370,6 @@ async fn measure_throughput(
         // Its CPU shows whether the VM's host had to fault the page-cache pages in (see
         // `coldread`): a cold Pull can meet the same.
         let read_disk = || -> anyhow::Result<(f64, f64)> {
-            let me = std::process::id();
             let cpu = cpu_seconds(me);
             let rate = pagecache::read_cold(&blob, chunk).context("disk read")?;
             Ok((rate, cpu_per_gib(cpu, cpu_seconds(me), total)))
@@ -372,10 +392,12 @@ async fn measure_throughput(
              (direct {disk_write_direct:.1}), bare pull {bare_pull:.1}, Pull {pull:.1}, disk \
              read {disk_read:.1}, cold Pull {cold_pull:.1} MB/s; server \
              CPU-s/GiB: bare push {bare_push_cpu:.2}, Push {push_cpu:.2}, bare pull \
-             {bare_pull_cpu:.2}, Pull {pull_cpu:.2}, cold Pull {cold_pull_cpu:.2}; disk read \
-             (this process) {disk_read_cpu:.2} (load {})",
+             {bare_pull_cpu:.2}, Pull {pull_cpu:.2}, cold Pull {cold_pull_cpu:.2}; this \
+             process: disk read {disk_read_cpu:.2}, direct write {direct_write_cpu:.2}, Push \
+             client {client_push_cpu:.2}; {:.0}% stolen during Push (load {})",
             round + 1,
             args.rounds,
+            push_steal * 100.0,
             load_average()
         );
         for (series, value) in rounds.iter_mut().zip([
@@ -393,12 +415,15 @@ async fn measure_throughput(
             cold_pull_cpu,
             disk_write,
             disk_write_direct,
+            direct_write_cpu,
+            client_push_cpu,
+            push_steal,
         ]) {
             series.push(value);
         }
     }
-    let [a, b, c, d, e, f, g, h, i, n, j, k, l, m] = rounds.map(crate::hash::median);
-    Ok(Best {
+    let [a, b, c, d, e, f, g, h, i, n, j, k, l, m, o, p, q] = rounds.map(crate::hash::median);
+    Ok(Medians {
         bare_push: a,
         push: b,
         bare_pull: c,
@@ -413,6 +438,9 @@ async fn measure_throughput(
         cold_pull_cpu: k,
         disk_write: l,
         disk_write_direct: m,
+        direct_write_cpu: o,
+        client_push_cpu: p,
+        push_steal: q,
     })
 }
 
@@ -478,25 +506,25 @@ async fn bare_pull(
     Ok(mb_per_s(total, elapsed))
 }
 
-fn print_throughput(args: &ThroughputArgs, best: &Best, (hash, hash_cpu): (f64, f64)) {
-    let (ceiling, bound) = best.push_ceiling(args.fsync, hash);
-    let push_ratio = best.push / ceiling;
-    let pull_ratio = best.pull / best.bare_pull;
-    let cpu_bound = PUSH_CPU_TARGET * (best.bare_push_cpu + hash_cpu);
+fn print_throughput(args: &ThroughputArgs, medians: &Medians, (hash, hash_cpu): (f64, f64)) {
+    let (ceiling, bound) = medians.push_ceiling(args.fsync, hash);
+    let push_ratio = medians.push / ceiling;
+    let pull_ratio = medians.pull / medians.bare_pull;
+    let cpu_bound = PUSH_CPU_TARGET * (medians.bare_push_cpu + hash_cpu);
     println!(
         "artifactd throughput — {} MiB, {} KiB chunks, median of {}, fsync={}, direct writes={}",
         args.total_mib, args.chunk_kib, args.rounds, args.fsync, args.direct_writes
     );
     println!("{:<14} {:>8} {:>9}   target", "", "MB/s", "ratio");
     println!("{:<14} {:>8.1}", "SHA-256 1 core", hash);
-    println!("{:<14} {:>8.1}", "bare push", best.bare_push);
+    println!("{:<14} {:>8.1}", "bare push", medians.bare_push);
     println!(
         "{:<14} {:>8.1}   the same bytes written through the page cache, then fdatasync",
-        "disk write", best.disk_write
+        "disk write", medians.disk_write
     );
     println!(
         "{:<14} {:>8.1}   the same with O_DIRECT",
-        "direct write", best.disk_write_direct
+        "direct write", medians.disk_write_direct
     );
     let parts = if args.fsync {
         "bare push, SHA-256, disk write"
@@ -507,51 +535,75 @@ fn print_throughput(args: &ThroughputArgs, best: &Best, (hash, hash_cpu): (f64, 
     println!(
         "{:<14} {:>8.1} {:>8.2}×   ≥ {PUSH_TARGET:.2}× ceiling  {}",
         "Push",
-        best.push,
+        medians.push,
         push_ratio,
         verdict(push_ratio >= PUSH_TARGET)
     );
-    println!("{:<14} {:>8.1}", "bare pull", best.bare_pull);
+    println!("{:<14} {:>8.1}", "bare pull", medians.bare_pull);
     println!(
         "{:<14} {:>8.1} {:>8.2}×   ≥ {PULL_TARGET:.2}× bare (warm)  {}",
         "Pull",
-        best.pull,
+        medians.pull,
         pull_ratio,
         verdict(pull_ratio >= PULL_TARGET)
     );
     // A cold Pull can go no faster than the disk reads or the bare stream pulls.
-    let cold_ceiling = best.disk_read.min(best.bare_pull);
-    let cold_ratio = best.cold_pull / cold_ceiling;
+    let cold_ceiling = medians.disk_read.min(medians.bare_pull);
+    let cold_ratio = medians.cold_pull / cold_ceiling;
     // Fast rounds cost 0.1 CPU-s/GiB here; slow ones, whose page-cache pages the host had to
     // fault in, 0.5–2.7 (README, "Cold reads on a VM that gives its free memory back").
-    let faulted = if best.disk_read_cpu > 0.3 {
+    let faulted = if medians.disk_read_cpu > 0.3 {
         "; the host faulted its page-cache pages in, see `artifactd-bench coldread`"
     } else {
         ""
     };
     println!(
         "{:<14} {:>8.1}   cold, straight from the file ({:.2} CPU-s/GiB{faulted})",
-        "disk read", best.disk_read, best.disk_read_cpu
+        "disk read", medians.disk_read, medians.disk_read_cpu
     );
     println!(
         "{:<14} {:>8.1} {:>8.2}×   ≥ {COLD_PULL_TARGET:.2}× min(disk read, bare pull) (cold; {:.2}× \
          the disk read alone)  {}",
         "cold Pull",
-        best.cold_pull,
+        medians.cold_pull,
         cold_ratio,
-        best.cold_pull / best.disk_read,
+        medians.cold_pull / medians.disk_read,
         verdict(cold_ratio >= COLD_PULL_TARGET)
     );
     println!(
         "server CPU-s/GiB: Push {:.2} (bare {:.2} + hash {hash_cpu:.2}; target ≤ {cpu_bound:.2}) {}; \
          Pull {:.2} (bare {:.2}); cold Pull {:.2}",
-        best.push_cpu,
-        best.bare_push_cpu,
-        verdict(best.push_cpu <= cpu_bound),
-        best.pull_cpu,
-        best.bare_pull_cpu,
-        best.cold_pull_cpu
+        medians.push_cpu,
+        medians.bare_push_cpu,
+        verdict(medians.push_cpu <= cpu_bound),
+        medians.pull_cpu,
+        medians.bare_pull_cpu,
+        medians.cold_pull_cpu
     );
+    // What this machine's cores allow: Push, its client and everything else share them, so
+    // at the CPU a GiB costs both sides, they carry at most this rate.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let per_gib = medians.push_cpu + medians.client_push_cpu;
+    let cpu_ceiling = cores * (1.0 - medians.push_steal) / per_gib * GIB as f64 / 1e6;
+    println!(
+        "Push on {cores} cores: server {:.2} + client {:.2} = {per_gib:.2} core-s/GiB; with \
+         {:.0}% of the time stolen they carry {cpu_ceiling:.1} MB/s at that cost (Push at \
+         {:.2}× of it)",
+        medians.push_cpu,
+        medians.client_push_cpu,
+        medians.push_steal * 100.0,
+        medians.push / cpu_ceiling
+    );
+    let floor = medians.bare_push_cpu + hash_cpu + medians.direct_write_cpu;
+    if args.fsync && args.direct_writes {
+        println!(
+            "server floor: bare {:.2} + hash {hash_cpu:.2} + the direct write's own {:.2} = \
+             {floor:.2} core-s/GiB (Push at {:.2}× of it)",
+            medians.bare_push_cpu,
+            medians.direct_write_cpu,
+            medians.push_cpu / floor
+        );
+    }
 }
 
 /// Medians of the concurrency phase.
