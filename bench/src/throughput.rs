@@ -250,8 +250,8 @@ struct Medians {
     cold_pull_cpu: f64,
     disk_write: f64,
     disk_write_direct: f64,
-    /// This process's CPU-seconds per GiB for the direct write: the kernel's own cost of
-    /// writing a GiB past the page cache, which a direct Push pays too.
+    /// This process's CPU-seconds per GiB for the direct write: the copy into an aligned
+    /// block and the kernel's write past the page cache, which a direct Push pays too.
     direct_write_cpu: f64,
     /// This process's CPU-seconds per GiB during Push: the client's.
     client_push_cpu: f64,
@@ -334,7 +334,7 @@ async fn measure_throughput(
         // The disk's durable write rate for the same bytes, buffered and direct, first one
         // then the other, beside the Push that had to make them durable.
         let scratch_file = blob_dir.with_file_name("disk-write.bin");
-        // With this process's CPU per GiB: the kernel's own cost of the write.
+        // With this process's CPU per GiB: the cost of the write itself.
         let write = |mode| -> anyhow::Result<(f64, f64)> {
             let cpu = cpu_seconds(me);
             let rate = pagecache::write_durable(&scratch_file, pool.upload(variant, total), mode)
