@@ -119,16 +119,13 @@ pub fn coldread(args: &ColdReadArgs) -> anyhow::Result<()> {
 /// Reads `path` whole with `O_DIRECT` into one reused 4 KiB-aligned 1 MiB buffer: the disk's
 /// rate with no page-cache page allocated. Returns MB/s.
 fn read_direct(path: &Path) -> anyhow::Result<f64> {
-    const BLOCK: usize = 1024 * 1024;
-    const ALIGN: usize = 4096;
     let mut file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
         .open(path)
         .with_context(|| format!("opening {} with O_DIRECT", path.display()))?;
-    let mut buf = vec![0u8; BLOCK + ALIGN];
-    let start = buf.as_ptr().align_offset(ALIGN);
-    let block = &mut buf[start..start + BLOCK];
+    let mut buf = pagecache::AlignedBlock::new();
+    let block = buf.bytes_mut();
     let started = Instant::now();
     let mut total: u64 = 0;
     loop {

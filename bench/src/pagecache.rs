@@ -75,15 +75,15 @@ const DIRECT_BLOCK: usize = 1024 * 1024;
 const DIRECT_ALIGN: usize = 4096;
 
 /// Gathers chunks into [`DIRECT_BLOCK`]s at a 4 KiB-aligned address for `O_DIRECT` writes,
-/// as the server does: the same copy and the same writes.
-struct AlignedBlock {
+/// as the server does: the same copy and the same writes. Also the buffer of direct reads.
+pub(crate) struct AlignedBlock {
     bytes: Vec<u8>,
     start: usize,
     filled: usize,
 }
 
 impl AlignedBlock {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let bytes = vec![0; DIRECT_BLOCK + DIRECT_ALIGN];
         let start = bytes.as_ptr().align_offset(DIRECT_ALIGN);
         Self {
@@ -91,6 +91,11 @@ impl AlignedBlock {
             start,
             filled: 0,
         }
+    }
+
+    /// The whole aligned block, to read into with `O_DIRECT`.
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes[self.start..self.start + DIRECT_BLOCK]
     }
 
     /// Copies `data` in, writing each block that fills to `file`.
