@@ -103,6 +103,23 @@ pub(crate) async fn artifact_pull(
     path: &str,
     total: u64,
 ) -> anyhow::Result<f64> {
+    let times = artifact_pull_timed(client, path, total).await?;
+    Ok(mb_per_s(total, times.whole))
+}
+
+/// How long a Pull took, whole and until its first content chunk arrived.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PullTimes {
+    pub(crate) whole: Duration,
+    pub(crate) first_chunk: Duration,
+}
+
+/// Pulls `path` whole and checks its size.
+pub(crate) async fn artifact_pull_timed(
+    client: &mut ArtifactServiceClient<Channel>,
+    path: &str,
+    total: u64,
+) -> anyhow::Result<PullTimes> {
     let request = PullRequest {
         scope: Some(bench_scope()),
         path: path.into(),
@@ -119,17 +136,24 @@ pub(crate) async fn artifact_pull(
         bail!("the first Pull message was not the artifact");
     };
     let mut received: u64 = 0;
+    let mut first_chunk = None;
     while let Some(message) = messages.message().await? {
         match message.msg {
-            Some(pull_response::Msg::Chunk(chunk)) => received += chunk.len() as u64,
+            Some(pull_response::Msg::Chunk(chunk)) => {
+                first_chunk.get_or_insert_with(|| started.elapsed());
+                received += chunk.len() as u64;
+            }
             _ => bail!("a Pull message after the first was not a chunk"),
         }
     }
-    let elapsed = started.elapsed();
+    let whole = started.elapsed();
     ensure!(
         u64::try_from(artifact.size) == Ok(total) && received == total,
         "pulled {received} bytes of a {}-byte artifact, expected {total}",
         artifact.size
     );
-    Ok(mb_per_s(total, elapsed))
+    Ok(PullTimes {
+        whole,
+        first_chunk: first_chunk.unwrap_or(whole),
+    })
 }

@@ -15,10 +15,18 @@
 //! artifactd runs as its own process (SQLite metadata in a scratch directory, blobs under a
 //! fresh prefix of the bucket). Each round pushes distinct content (no deduplication), pulls
 //! it back whole, then PUTs and GETs the same number of bytes directly; medians are reported.
+//!
+//! A Pull cannot send a byte before the S3 server sends its first one, and then cannot move
+//! the bytes faster than a gRPC stream alone does on this machine. Each round also pulls the
+//! same number of bytes from a bare gRPC stream (this binary's `serve-bare`, no storage, no
+//! S3), so the run prints that ceiling of the Pull ratio: the GET's time over its first byte's
+//! wait plus the bare stream's time. Some S3 servers (moto) read an object's whole value
+//! before they answer, so their first byte is most of a GET's time.
 
 use std::time::Instant;
 
 use anyhow::Context;
+use artifactd::pb::bench::bare_stream_client::BareStreamClient;
 use bytes::Bytes;
 use clap::Args;
 use futures::StreamExt;
@@ -26,15 +34,20 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, WriteMultipart};
 
-use crate::client::{artifact_client, artifact_pull, artifact_push, connect, mb_per_s};
+use crate::client::{
+    PullTimes, artifact_client, artifact_pull_timed, artifact_push, connect, mb_per_s,
+};
 use crate::content::ChunkPool;
 use crate::measure::cpu_seconds;
-use crate::process::{Server, artifactd_exe};
+use crate::process::{Server, artifactd_exe, free_port, spawn_bare, wait_ready_tcp};
 use crate::scratch::{ScratchDir, random_tag};
-use crate::{KIB, MAX_ARTIFACT_BYTES, MIB, runtime, warn_if_debug};
+use crate::throughput::bare_pull;
+use crate::{KIB, MAX_ARTIFACT_BYTES, MAX_MESSAGE_BYTES, MIB, runtime, warn_if_debug};
 
 /// Part size of the direct multipart upload: the server's own (S3's minimum).
 const PART_BYTES: usize = 5 * 1024 * 1024;
+/// Chunk size of the bare stream: what artifactd sends from an S3 body at most.
+const BARE_CHUNK_BYTES: i32 = 256 * 1024;
 const TARGET: f64 = 0.8;
 
 #[derive(Debug, Clone, Args)]
@@ -167,6 +180,9 @@ pub fn s3(args: &S3Args) -> anyhow::Result<()> {
         .context("the S3 server from AWS_* variables")?;
     let server = Server::start(&artifactd_exe()?, &env)?;
     let artifactd_pid = server.pid();
+    let bare_port = free_port()?;
+    let mut bare_server = spawn_bare(bare_port)?;
+    wait_ready_tcp(&mut bare_server, bare_port)?;
     let s3_server_pid = std::env::var("AWS_ENDPOINT")
         .ok()
         .and_then(|endpoint| {
@@ -182,13 +198,26 @@ pub fn s3(args: &S3Args) -> anyhow::Result<()> {
     let pool = ChunkPool::new(256 * KIB as usize);
     let runtime = runtime()?;
     let (mut push, mut pull, mut put, mut get) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Per round: seconds to the Pull's first chunk and to the GET's first byte, MB/s after
+    // them, the bare stream's MB/s, and the ceiling of Pull/GET they give.
+    let (mut pull_first, mut get_first) = (Vec::new(), Vec::new());
+    let (mut pull_after, mut get_after) = (Vec::new(), Vec::new());
+    let (mut bare, mut ceiling) = (Vec::new(), Vec::new());
     runtime.block_on(async {
         let mut client = artifact_client(connect(server.grpc_port).await?);
+        let mut bare_client = BareStreamClient::new(connect(bare_port).await?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
         for round in 1..=args.rounds {
             let path = format!("s3/round-{round}.bin");
-            push.push(artifact_push(&mut client, &pool, 7_000 + u64::from(round), total, &path).await?);
+            push.push(
+                artifact_push(&mut client, &pool, 7_000 + u64::from(round), total, &path).await?,
+            );
             let before = Cpu::now(s3_server_pid, artifactd_pid);
-            pull.push(artifact_pull(&mut client, &path, total).await?);
+            let PullTimes { whole, first_chunk } =
+                artifact_pull_timed(&mut client, &path, total).await?;
+            pull.push(mb_per_s(total, whole));
+            pull_first.push(first_chunk.as_secs_f64());
+            pull_after.push(mb_per_s(total, whole - first_chunk));
             let used = Cpu::now(s3_server_pid, artifactd_pid).since(before);
             pull_cpu = Cpu {
                 s3_server: pull_cpu.s3_server + used.s3_server,
@@ -198,10 +227,8 @@ pub fn s3(args: &S3Args) -> anyhow::Result<()> {
 
             let key = ObjectPath::from(format!("{prefix}/direct/round-{round}.bin"));
             let started = Instant::now();
-            let mut upload = WriteMultipart::new_with_chunk_size(
-                direct.put_multipart(&key).await?,
-                PART_BYTES,
-            );
+            let mut upload =
+                WriteMultipart::new_with_chunk_size(direct.put_multipart(&key).await?, PART_BYTES);
             for chunk in pool.upload(9_000 + u64::from(round), total) {
                 upload.wait_for_capacity(2).await?;
                 upload.put(chunk);
@@ -213,12 +240,21 @@ pub fn s3(args: &S3Args) -> anyhow::Result<()> {
             let started = Instant::now();
             let mut stream = direct.get(&key).await?.into_stream();
             let mut received = 0u64;
+            let mut first_byte = None;
             while let Some(chunk) = stream.next().await {
                 let chunk: Bytes = chunk?;
+                first_byte.get_or_insert_with(|| started.elapsed());
                 received += chunk.len() as u64;
             }
-            anyhow::ensure!(received == total, "GET returned {received} of {total} bytes");
-            get.push(mb_per_s(total, started.elapsed()));
+            let whole = started.elapsed();
+            anyhow::ensure!(
+                received == total,
+                "GET returned {received} of {total} bytes"
+            );
+            let first_byte = first_byte.unwrap_or(whole);
+            get.push(mb_per_s(total, whole));
+            get_first.push(first_byte.as_secs_f64());
+            get_after.push(mb_per_s(total, whole - first_byte));
             let used = Cpu::now(s3_server_pid, artifactd_pid).since(before);
             get_cpu = Cpu {
                 s3_server: get_cpu.s3_server + used.s3_server,
@@ -226,19 +262,30 @@ pub fn s3(args: &S3Args) -> anyhow::Result<()> {
                 client: get_cpu.client + used.client,
             };
             direct.delete(&key).await?;
+
+            // The gRPC stream alone, while the S3 server and artifactd are idle.
+            let bare_rate = bare_pull(&mut bare_client, BARE_CHUNK_BYTES, total).await?;
+            bare.push(bare_rate);
+            let bare_seconds = total as f64 / 1e6 / bare_rate;
+            ceiling.push(whole.as_secs_f64() / (first_byte.as_secs_f64() + bare_seconds));
             eprintln!(
-                "round {round}/{}: Push {:.0} MB/s, Pull {:.0} MB/s; direct PUT {:.0} MB/s, GET {:.0} MB/s",
+                "round {round}/{}: Push {:.0} MB/s, Pull {:.0} MB/s (first chunk after {:.2} s); \
+                 direct PUT {:.0} MB/s, GET {:.0} MB/s (first byte after {:.2} s); bare stream \
+                 {bare_rate:.0} MB/s",
                 args.rounds,
                 push[push.len() - 1],
                 pull[pull.len() - 1],
+                first_chunk.as_secs_f64(),
                 put[put.len() - 1],
-                get[get.len() - 1]
+                get[get.len() - 1],
+                first_byte.as_secs_f64(),
             );
         }
         anyhow::Ok(())
     })?;
     drop(runtime);
     server.stop();
+    drop(bare_server);
     // Seconds spent in each kind of transfer, over every round.
     let seconds =
         |rates: &[f64]| -> f64 { rates.iter().map(|rate| total as f64 / 1e6 / rate).sum() };
@@ -273,15 +320,43 @@ pub fn s3(args: &S3Args) -> anyhow::Result<()> {
             ""
         }
     );
-    if pull_cpu.total() > 0.0 {
-        // The most a Pull could do if it kept every core busy at its measured CPU per byte.
-        let ceiling = cores as f64 * gib / pull_cpu.total() * f64::from(1u32 << 30) / 1e6;
+    // The most a Pull could do if it kept every core busy at its measured CPU per byte.
+    let cpu_ceiling = (pull_cpu.total() > 0.0)
+        .then(|| cores as f64 * gib / pull_cpu.total() * f64::from(1u32 << 30) / 1e6 / get);
+    if let Some(cpu_ceiling) = cpu_ceiling {
         println!(
-            "  with every core busy at that CPU per byte, a Pull could reach {ceiling:.0} MB/s \
-             = {:.2}× the direct GET: the physical ceiling of this machine for this ratio",
-            ceiling / get
+            "  with every core busy at that CPU per byte, a Pull could reach {:.0} MB/s = \
+             {cpu_ceiling:.2}× the direct GET",
+            cpu_ceiling * get
         );
     }
+    let stream_ceiling = median(ceiling);
+    println!(
+        "First byte: the Pull's first chunk after {:.2} s, the GET's first byte after {:.2} s; \
+         after it, Pull {:.0} MB/s vs GET {:.0} MB/s (medians)",
+        median(pull_first),
+        median(get_first),
+        median(pull_after),
+        median(get_after)
+    );
+    println!(
+        "  a bare gRPC stream of the same bytes (no storage, no S3) ran at {:.0} MB/s: a Pull \
+         cannot end before the S3 server's first byte plus that stream, so it can reach at \
+         most {stream_ceiling:.2}× the direct GET (median of the rounds)",
+        median(bare)
+    );
+    let (bound, why) = match cpu_ceiling {
+        Some(cpu) if cpu < stream_ceiling => (cpu, "every core busy"),
+        _ => (stream_ceiling, "first byte + bare stream"),
+    };
+    println!(
+        "Ceiling of Pull/GET on this machine and S3 server: {bound:.2}× ({why}); target {TARGET}×{}",
+        if bound < TARGET {
+            ": out of reach here"
+        } else {
+            ""
+        }
+    );
     println!(
         "(artifactd's blobs are left under s3://{}/{prefix}/)",
         args.bucket

@@ -483,7 +483,8 @@ async fn bare_push(
     Ok(mb_per_s(total, elapsed))
 }
 
-async fn bare_pull(
+/// A pull of `total` bytes from the bare stream server, in chunks of `chunk_size`. Returns MB/s.
+pub(crate) async fn bare_pull(
     client: &mut BareStreamClient<Channel>,
     chunk_size: i32,
     total: u64,
