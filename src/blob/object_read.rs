@@ -17,8 +17,10 @@
 //!   the S3 server CI and the bench run, reads an object's whole value for every GET, so
 //!   8 MiB parts of a 1 GiB object cost it 84 core-seconds per GiB and the Pull fell to
 //!   9 MB/s.
-//! - A plain GET when the whole blob is read: moto took longer to serve 1 GiB without a range
-//!   than with one (1.34–1.50 s against 1.14–1.25 s with curl), and Pull/GET did not move.
+//! - A plain GET when the whole blob is read: moto served 1 GiB no faster without a range
+//!   than with one (`curl`, six GETs each: 1.21–1.50 s against 1.14–1.43 s, moto's CPU
+//!   1.13–1.27 s against 1.01–1.09 s), and Pull/GET on moto showed no difference through
+//!   the noise.
 
 use std::ops::Range;
 use std::pin::Pin;
