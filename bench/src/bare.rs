@@ -2,15 +2,19 @@
 //! (the hidden `serve-bare` subcommand `throughput` starts).
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{Context, ensure};
+use artifactd::pb::bench::bare_stream_client::BareStreamClient;
 use artifactd::pb::bench::bare_stream_server::{BareStream, BareStreamServer};
 use artifactd::pb::bench::{Chunk, SinkResult, SourceRequest};
 use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
+use tonic::transport::Channel;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::client::mb_per_s;
 use crate::content::{chunk_lengths, pseudo_random};
 use crate::{MAX_CHUNK_KIB, MAX_MESSAGE_BYTES, runtime};
 
@@ -93,4 +97,28 @@ pub(crate) fn serve_bare(listen: SocketAddr) -> anyhow::Result<()> {
             .await
             .context("serving the bare stream")
     })
+}
+
+/// A pull of `total` bytes from the bare stream server, in chunks of `chunk_size`. Returns MB/s.
+pub(crate) async fn bare_pull(
+    client: &mut BareStreamClient<Channel>,
+    chunk_size: i32,
+    total: u64,
+) -> anyhow::Result<f64> {
+    let request = SourceRequest {
+        bytes: i64::try_from(total).context("size")?,
+        chunk_size,
+    };
+    let started = Instant::now();
+    let mut chunks = client.source(request).await?.into_inner();
+    let mut received: u64 = 0;
+    while let Some(chunk) = chunks.message().await? {
+        received += chunk.data.len() as u64;
+    }
+    let elapsed = started.elapsed();
+    ensure!(
+        received == total,
+        "received {received} bytes from the bare server, asked for {total}"
+    );
+    Ok(mb_per_s(total, elapsed))
 }

@@ -34,6 +34,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, WriteMultipart};
 
+use crate::bare::bare_pull;
 use crate::client::{
     PullTimes, artifact_client, artifact_pull_timed, artifact_push, connect, mb_per_s,
 };
@@ -41,7 +42,6 @@ use crate::content::ChunkPool;
 use crate::measure::cpu_seconds;
 use crate::process::{Server, artifactd_exe, free_port, spawn_bare, wait_ready_tcp};
 use crate::scratch::{ScratchDir, random_tag};
-use crate::throughput::bare_pull;
 use crate::{KIB, MAX_ARTIFACT_BYTES, MAX_MESSAGE_BYTES, MIB, runtime, warn_if_debug};
 
 /// Part size of the direct multipart upload: the server's own (S3's minimum).

@@ -63,12 +63,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, ensure};
+use artifactd::pb::bench::Chunk;
 use artifactd::pb::bench::bare_stream_client::BareStreamClient;
-use artifactd::pb::bench::{Chunk, SourceRequest};
 use clap::{ArgAction, Args};
 use futures::stream;
 use tonic::transport::Channel;
 
+use crate::bare::bare_pull;
 use crate::client::{
     artifact_client, artifact_pull, artifact_push, connect, mb_per_s, push_artifact,
 };
@@ -479,30 +480,6 @@ async fn bare_push(
     ensure!(
         u64::try_from(received) == Ok(total),
         "the bare server counted {received} bytes, {total} were sent"
-    );
-    Ok(mb_per_s(total, elapsed))
-}
-
-/// A pull of `total` bytes from the bare stream server, in chunks of `chunk_size`. Returns MB/s.
-pub(crate) async fn bare_pull(
-    client: &mut BareStreamClient<Channel>,
-    chunk_size: i32,
-    total: u64,
-) -> anyhow::Result<f64> {
-    let request = SourceRequest {
-        bytes: i64::try_from(total).context("size")?,
-        chunk_size,
-    };
-    let started = Instant::now();
-    let mut chunks = client.source(request).await?.into_inner();
-    let mut received: u64 = 0;
-    while let Some(chunk) = chunks.message().await? {
-        received += chunk.data.len() as u64;
-    }
-    let elapsed = started.elapsed();
-    ensure!(
-        received == total,
-        "received {received} bytes from the bare server, asked for {total}"
     );
     Ok(mb_per_s(total, elapsed))
 }
